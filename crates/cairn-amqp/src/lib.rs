@@ -1,1 +1,141 @@
-//! placeholder
+//! RabbitMQ for Cairn: connection settings, the progress topology, and the coalescing burst
+//! [`publisher`] that producers use to report progress.
+//!
+//! Topology (SPEC §2): publishers send to the durable topic exchange `progress` with the progress
+//! key as routing key. With `shards > 1`, a consistent-hash exchange (`{exchange}.shards`, plugin
+//! `rabbitmq_consistent_hash_exchange`) spreads routing keys over `shards` durable queues
+//! `{queue}.{i}`; each queue has a single active consumer, so every routing key is applied by one
+//! aggregator at a time, in publish order, while other replicas stand by. With `shards = 1` one
+//! queue is bound to the topic exchange directly and no plugin is needed. Messages that cannot be
+//! applied go to the dead-letter exchange `{queue}.dead` (fanout) and its queue of the same name.
+
+pub mod publisher;
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio_util::sync::CancellationToken;
+
+pub use publisher::{ProgressPublisher, PublisherConfig};
+
+/// Where RabbitMQ is and the name of the progress exchange.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AmqpConfig {
+    /// AMQP URL (`amqp://user:pass@host:port/vhost`, `%2f` for the default vhost).
+    #[arg(long = "amqp-url", env = "CAIRN_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub url: String,
+    /// Durable topic exchange that progress updates are published to.
+    #[arg(long = "progress-exchange", env = "CAIRN_PROGRESS_EXCHANGE", default_value = "progress")]
+    pub exchange: String,
+}
+
+impl AmqpConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), exchange: "progress".into() }
+    }
+}
+
+/// The exchanges and queues the aggregator consumes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    pub exchange: String,
+    pub queue: String,
+    pub shards: u16,
+}
+
+impl Topology {
+    pub fn shard_exchange(&self) -> String {
+        format!("{}.shards", self.exchange)
+    }
+
+    pub fn shard_queue(&self, shard: u16) -> String {
+        format!("{}.{shard}", self.queue)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        self.dead_letter_exchange()
+    }
+
+    /// Declares everything (idempotent: run again after every reconnect).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel.exchange_declare(name(&self.exchange), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+        let dead = self.dead_letter_exchange();
+        channel.exchange_declare(name(&dead), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
+        let queue_options = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(name(&dead), queue_options, FieldTable::default()).await?;
+        channel
+            .queue_bind(name(&dead), name(&dead), name(""), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+
+        let mut args = FieldTable::default();
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        if self.shards <= 1 {
+            let queue = self.shard_queue(0);
+            channel.queue_declare(name(&queue), queue_options, args).await?;
+            channel
+                .queue_bind(name(&queue), name(&self.exchange), name("#"), QueueBindOptions::default(), FieldTable::default())
+                .await?;
+            return Ok(());
+        }
+        let hash = self.shard_exchange();
+        channel
+            .exchange_declare(name(&hash), ExchangeKind::Custom("x-consistent-hash".into()), durable, FieldTable::default())
+            .await?;
+        channel
+            .exchange_bind(name(&hash), name(&self.exchange), name("#"), ExchangeBindOptions::default(), FieldTable::default())
+            .await?;
+        for shard in 0..self.shards {
+            let queue = self.shard_queue(shard);
+            channel.queue_declare(name(&queue), queue_options, args.clone()).await?;
+            // The binding key of a consistent-hash exchange is the queue's weight on the ring.
+            channel
+                .queue_bind(name(&queue), name(&hash), name("1"), QueueBindOptions::default(), FieldTable::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The queues one aggregator consumes.
+    pub fn queues(&self) -> Vec<String> {
+        (0..self.shards.max(1)).map(|s| self.shard_queue(s)).collect()
+    }
+}
+
+pub fn name(s: &str) -> ShortString {
+    s.into()
+}
+
+/// Explains the errors that have a known cause, so the log says what to do.
+pub fn explain(error: &lapin::Error) -> String {
+    let text = error.to_string();
+    if text.contains("x-consistent-hash") || text.contains("invalid exchange type") {
+        format!("{text} (enable the plugin: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange, or use one shard)")
+    } else {
+        text
+    }
+}
+
+/// Connects, retrying with capped exponential backoff until it succeeds or `cancel` fires.
+pub async fn connect_with_retry(url: &str, cancel: &CancellationToken) -> Option<Connection> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match Connection::connect(url, ConnectionProperties::default()).await {
+            Ok(conn) => return Some(conn),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to rabbitmq"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,1 +1,85 @@
-//! placeholder
+//! Redis for Cairn: connection settings and the server-side scripts that own the progress tree.
+//!
+//! Every Redis key Cairn writes starts with a configurable prefix, so tests and tenants can share a
+//! server. Blocking commands never go through the shared [`ConnectionManager`]; callers that block
+//! (`XREADGROUP … BLOCK`) open their own connection with [`RedisConfig::dedicated`].
+
+pub mod progress;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client};
+
+pub use progress::{ProgressStore, StoreError};
+
+/// Where Redis is and how Cairn names its keys there.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RedisConfig {
+    /// Redis URL (`redis://[user:pass@]host:port/db`).
+    #[arg(long = "redis-url", env = "CAIRN_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub url: String,
+    /// Prefix of every Redis key Cairn writes.
+    #[arg(long = "key-prefix", env = "CAIRN_KEY_PREFIX", default_value = "cairn", value_parser = parse_prefix)]
+    pub prefix: String,
+}
+
+impl RedisConfig {
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self { url: url.into(), prefix: prefix.into() }
+    }
+
+    fn client(&self) -> Result<Client, redis::RedisError> {
+        Client::open(self.url.as_str())
+    }
+
+    /// The shared, reconnecting connection for short commands and scripts. Connects lazily, so a
+    /// service starts (and reports not-ready) while Redis is away.
+    pub fn manager(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            // A burst script may touch thousands of keys; 500 ms (the default) is too tight.
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2));
+        ConnectionManager::new_lazy_with_config(self.client()?, config)
+    }
+
+    /// A connection of its own for one blocking reader: no response timeout, so `BLOCK n` waits.
+    pub async fn dedicated(&self) -> Result<MultiplexedConnection, redis::RedisError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(None);
+        self.client()?.get_multiplexed_async_connection_with_config(&config).await
+    }
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("invalid key prefix {s:?}: use 1-64 characters of A-Z a-z 0-9 _ - : ."))
+    }
+}
+
+/// Answers whether Redis responds, for readiness probes.
+pub async fn ping(conn: &mut ConnectionManager) -> Result<(), String> {
+    let pong: Result<String, _> = redis::cmd("PING").query_async(conn).await;
+    pong.map(drop).map_err(|e| format!("redis: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rejects_spaces_and_empty() {
+        assert!(parse_prefix("cairn").is_ok());
+        assert!(parse_prefix("t:ab12").is_ok());
+        assert!(parse_prefix("").unwrap_err().contains("invalid key prefix"));
+        assert!(parse_prefix("a b").is_err());
+    }
+}

@@ -1,1 +1,179 @@
-//! placeholder
+//! progress-aggregator: owns the progress tree. It consumes progress updates from RabbitMQ and
+//! applies them to Redis (acking only after they are stored), and serves the tree over gRPC
+//! (`cairn.v1.Progress`, `grpc.health.v1`, server reflection) and its admin port.
+
+pub mod consumer;
+pub mod grpc;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_amqp::{AmqpConfig, Topology};
+use cairn_proto::v1::progress_server::ProgressServer;
+use cairn_redis::{ProgressStore, RedisConfig};
+use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration, serve_admin};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::consumer::ConsumerSettings;
+use crate::grpc::ProgressService;
+
+/// Settings of the aggregator: flags, or `CAIRN_*` environment variables.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "progress-aggregator", version, about = "Applies progress updates and serves the tree over gRPC")]
+pub struct Config {
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+    #[command(flatten)]
+    pub log: LogConfig,
+    /// gRPC listen address.
+    #[arg(long, env = "CAIRN_AGGREGATOR_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "CAIRN_AGGREGATOR_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
+    pub admin_addr: SocketAddr,
+    /// Name of the aggregator's queues: `{queue}.{shard}`, dead letters in `{queue}.dead`.
+    #[arg(long, env = "CAIRN_PROGRESS_QUEUE", default_value = "progress")]
+    pub queue: String,
+    /// Number of shard queues (1 = no consistent-hash exchange, no plugin needed). Every replica
+    /// must use the same number.
+    #[arg(long, env = "CAIRN_PROGRESS_SHARDS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub shards: u16,
+    /// Unacknowledged messages RabbitMQ may hand each shard consumer.
+    #[arg(long, env = "CAIRN_AGGREGATOR_PREFETCH", default_value_t = 2000,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+    /// Most messages applied to Redis in one batch.
+    #[arg(long, env = "CAIRN_AGGREGATOR_BATCH", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch: u32,
+    /// How long shutdown waits for in-flight batches and calls.
+    #[arg(long, env = "CAIRN_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+}
+
+impl Config {
+    pub fn topology(&self) -> Topology {
+        Topology { exchange: self.amqp.exchange.clone(), queue: self.queue.clone(), shards: self.shards }
+    }
+}
+
+/// Ready when Redis answers and the AMQP consumers are running.
+struct Ready {
+    redis: ConnectionManager,
+    amqp: Arc<AtomicBool>,
+}
+
+impl Readiness for Ready {
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        async move {
+            cairn_redis::ping(&mut self.redis.clone()).await?;
+            if self.amqp.load(Ordering::SeqCst) { Ok(()) } else { Err("rabbitmq: not consuming".into()) }
+        }
+        .boxed()
+    }
+}
+
+/// A built aggregator, its listeners bound (so tests can use port 0 and ask the address).
+pub struct App {
+    config: Config,
+    store: ProgressStore,
+    redis: ConnectionManager,
+    grpc: TcpListener,
+    admin: TcpListener,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let redis = config.redis.manager().context("invalid CAIRN_REDIS_URL")?;
+        let store = ProgressStore::new(redis.clone(), config.redis.prefix.clone());
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen on CAIRN_AGGREGATOR_GRPC_ADDR={}", config.grpc_addr))?;
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on CAIRN_AGGREGATOR_ADMIN_ADDR={}", config.admin_addr))?;
+        Ok(App { config, store, redis, grpc, admin })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn store(&self) -> &ProgressStore {
+        &self.store
+    }
+
+    /// Runs until `shutdown` fires: then reports not-ready, stops intake, finishes in-flight
+    /// batches and calls within the grace period, and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let App { config, store, redis, grpc, admin } = self;
+        info!(grpc = %grpc.local_addr()?, admin = %admin.local_addr()?, shards = config.shards, "progress-aggregator starting");
+        let connected = Arc::new(AtomicBool::new(false));
+        let settings = ConsumerSettings {
+            url: config.amqp.url.clone(),
+            topology: config.topology(),
+            prefetch: config.prefetch,
+            batch: config.batch as usize,
+        };
+        let consumers = tokio::spawn(consumer::run(store.clone(), settings, connected.clone(), shutdown.clone()));
+
+        let admin_router = Admin::new("progress-aggregator")
+            .readiness(Arc::new(Ready { redis, amqp: connected }))
+            .with_shutdown(shutdown.clone())
+            .router();
+        let admin_server = tokio::spawn(serve_admin(admin, admin_router, shutdown.clone()));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<ProgressServer<ProgressService>>().await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(cairn_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        // Both protocol versions: stock tools still differ in which one they ask for.
+        let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
+        let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
+        let grpc_shutdown = shutdown.clone();
+        let grpc_server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .timeout(Duration::from_secs(30))
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(ProgressServer::new(ProgressService::new(store)))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                    grpc_shutdown.cancelled().await;
+                    health.set_not_serving::<ProgressServer<ProgressService>>().await;
+                }),
+        );
+
+        shutdown.cancelled().await;
+        info!(grace = ?config.grace, "progress-aggregator shutting down");
+        let drained = cairn_runtime::drain("progress-aggregator", config.grace, async {
+            let _ = consumers.await;
+            let _ = grpc_server.await;
+            let _ = admin_server.await;
+        })
+        .await;
+        if drained {
+            info!("progress-aggregator stopped");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,22 @@
+-- Removes the subtree at a key and takes its contribution out of its ancestors.
+-- ARGV: prefix, key, time_ms. Returns the number of nodes removed.
+local k, t = ARGV[2], tonumber(ARGV[3])
+local v = redis.call('HMGET', nkey(k), '_st', 'progress', 'weight', 'status')
+if not v[1] then return 0 end
+local removed = 0
+local stack = { k }
+while #stack > 0 do
+  local x = table.remove(stack)
+  for _, child in ipairs(redis.call('ZRANGE', ckey(x), 0, -1)) do stack[#stack + 1] = child end
+  redis.call('DEL', nkey(x), ckey(x))
+  removed = removed + 1
+end
+local w = tonumber(v[3]) or 1
+local p = tonumber(v[2]) or 0
+if parent_of(k) then
+  local root = propagate(k, false, true, t, -w, -w * p, v[4], false, false, t)
+  redis.call('ZADD', P .. ':proots', t, root)
+else
+  redis.call('ZREM', P .. ':proots', k)
+end
+return removed

@@ -1,0 +1,272 @@
+//! The progress tree in Redis (SPEC §2): every update is one Lua script call that merges the
+//! fields, keeps each parent's running sums Σw and Σw·p, its `_counts` and ordered child index, and
+//! walks only the ancestors, so one update costs O(depth) whatever the number of siblings.
+//!
+//! The scripts are the only writers of progress keys. Applying the same update twice leaves the
+//! same sums, counts and fields (deltas are computed against the stored state), so a redelivered
+//! message never double counts; with the same `time_ms` the node is identical to the last bit.
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use cairn_progress::view::NodeView;
+use cairn_progress::{Key, Update};
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use serde_json::{Map, Value as Json};
+
+const COMMON: &str = include_str!("common.lua");
+const READ: &str = include_str!("read.lua");
+
+static APPLY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[COMMON, READ, include_str!("apply.lua")].concat()));
+static READ_MAIN: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[COMMON, READ, include_str!("read_main.lua")].concat()));
+static DELETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[COMMON, include_str!("delete.lua")].concat()));
+
+/// Largest `depth` a read accepts (SPEC §2).
+pub const MAX_DEPTH: u32 = 8;
+/// Children per page unless the caller asks otherwise, and the most it may ask for.
+pub const DEFAULT_LIMIT: u32 = 100;
+pub const MAX_LIMIT: u32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis is unavailable: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("\"after\" = {after:?} is not a child of {key:?}")]
+    BadCursor { key: String, after: String },
+    #[error("depth must be between 1 and {MAX_DEPTH}, got {0}")]
+    BadDepth(u32),
+    #[error("limit must be between 1 and {MAX_LIMIT}, got {0}")]
+    BadLimit(u32),
+    #[error("unexpected reply from the progress script: {0}")]
+    Protocol(String),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed (Redis away) rather than the request being wrong.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Redis(_))
+    }
+}
+
+/// One update to apply: where, what, and the time it happened (ms since the epoch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub key: Key,
+    pub update: Update,
+    pub time_ms: i64,
+}
+
+/// How to read a node: `depth` levels (1 = the node and its child keys), `limit` children per
+/// parent, children after the key `after` (pagination cursor of the top level).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadOptions {
+    pub depth: u32,
+    pub limit: u32,
+    pub after: Option<Key>,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        Self { depth: 1, limit: DEFAULT_LIMIT, after: None }
+    }
+}
+
+impl ReadOptions {
+    pub fn depth(depth: u32) -> Self {
+        Self { depth, ..Self::default() }
+    }
+
+    fn validate(&self) -> Result<(), StoreError> {
+        if !(1..=MAX_DEPTH).contains(&self.depth) {
+            return Err(StoreError::BadDepth(self.depth));
+        }
+        if !(1..=MAX_LIMIT).contains(&self.limit) {
+            return Err(StoreError::BadLimit(self.limit));
+        }
+        Ok(())
+    }
+}
+
+/// The progress tree of one key prefix.
+#[derive(Clone)]
+pub struct ProgressStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl ProgressStore {
+    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+        Self { conn, prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Applies changes in order in one atomic script call (a burst, or a batch of messages).
+    pub async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = APPLY.prepare_invoke();
+        push_changes(&mut invocation, &self.prefix, changes);
+        invocation.arg(0).arg(0);
+        let _: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Applies one update and returns the node as it is right after, read to `depth` 1.
+    pub async fn apply_and_read(&self, change: &Change) -> Result<NodeView, StoreError> {
+        let mut invocation = APPLY.prepare_invoke();
+        push_changes(&mut invocation, &self.prefix, std::slice::from_ref(change));
+        invocation.arg(1).arg(DEFAULT_LIMIT);
+        let reply: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
+        parse_node(&reply)?.ok_or_else(|| StoreError::Protocol("updated node missing".into()))
+    }
+
+    /// Reads a node, or `None` when the key has no node.
+    pub async fn get(&self, key: &Key, options: &ReadOptions) -> Result<Option<NodeView>, StoreError> {
+        options.validate()?;
+        let after = options.after.as_ref().map_or("", Key::as_str);
+        let reply: Result<Value, redis::RedisError> = READ_MAIN
+            .prepare_invoke()
+            .arg(&self.prefix)
+            .arg(key.as_str())
+            .arg(options.depth)
+            .arg(options.limit)
+            .arg(after)
+            .invoke_async(&mut self.conn.clone())
+            .await;
+        match reply {
+            Ok(value) => parse_node(&value),
+            Err(e) if e.to_string().contains("CAIRN_BAD_CURSOR") => {
+                Err(StoreError::BadCursor { key: key.to_string(), after: after.to_owned() })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the subtree at `key` and fixes its ancestors. Returns the number of nodes removed.
+    pub async fn delete(&self, key: &Key, time_ms: i64) -> Result<u64, StoreError> {
+        let removed: u64 = DELETE
+            .prepare_invoke()
+            .arg(&self.prefix)
+            .arg(key.as_str())
+            .arg(time_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(removed)
+    }
+
+    /// A parent's running sums (Σw, Σw·p over its direct children), for checks and diagnostics.
+    pub async fn sums(&self, key: &Key) -> Result<Option<(f64, f64)>, StoreError> {
+        let (st, sw, swp): (Option<String>, Option<f64>, Option<f64>) = redis::cmd("HMGET")
+            .arg(format!("{}:pn:{key}", self.prefix))
+            .arg("_st")
+            .arg("_sw")
+            .arg("_swp")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(st.map(|_| (sw.unwrap_or(0.0), swp.unwrap_or(0.0))))
+    }
+}
+
+fn push_changes(invocation: &mut redis::ScriptInvocation<'_>, prefix: &str, changes: &[Change]) {
+    invocation.arg(prefix).arg(changes.len());
+    for change in changes {
+        let fields = change.update.fields();
+        invocation.arg(change.key.as_str()).arg(change.time_ms).arg(fields.len());
+        for (name, value) in fields {
+            invocation.arg(name).arg(value.to_string());
+        }
+    }
+}
+
+fn protocol(what: &str) -> StoreError {
+    StoreError::Protocol(what.to_owned())
+}
+
+fn as_text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn as_int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        other => as_text(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+/// Parses `{ key, hgetall, child_count, page, more, tasks }` as the read script returns it.
+fn parse_node(value: &Value) -> Result<Option<NodeView>, StoreError> {
+    let items = match value {
+        Value::Nil => return Ok(None),
+        Value::Array(items) => items,
+        _ => return Err(protocol("node is not an array")),
+    };
+    let [key, hash, count, page, more, tasks] = items.as_slice() else {
+        return Err(protocol("node has the wrong number of parts"));
+    };
+    let mut view = NodeView {
+        key: as_text(key).ok_or_else(|| protocol("node key"))?,
+        child_count: as_int(count).ok_or_else(|| protocol("child count"))?.max(0) as u64,
+        ..NodeView::default()
+    };
+    let Value::Array(hash) = hash else { return Err(protocol("node hash")) };
+    apply_hash(&mut view, hash)?;
+    if let Value::Array(page) = page {
+        view.children = page.iter().filter_map(as_text).collect();
+    }
+    if as_int(more) == Some(1) {
+        view.next_after = view.children.last().cloned();
+    }
+    if let Value::Array(tasks) = tasks {
+        for task in tasks {
+            if let Some(child) = parse_node(task)? {
+                view.tasks.push(child);
+            }
+        }
+    }
+    Ok(Some(view))
+}
+
+fn apply_hash(view: &mut NodeView, hash: &[Value]) -> Result<(), StoreError> {
+    let mut fields = Map::new();
+    let mut counts = BTreeMap::new();
+    for pair in hash.chunks_exact(2) {
+        let (Some(name), Some(raw)) = (as_text(&pair[0]), as_text(&pair[1])) else {
+            return Err(protocol("hash field"));
+        };
+        match name.as_str() {
+            "_st" => view.start_time = raw.parse().map_err(|_| protocol("_st"))?,
+            "_ut" => view.update_time = raw.parse().map_err(|_| protocol("_ut"))?,
+            "_eta" => view.eta = raw.parse().ok(),
+            "_lm" => view.last_msg = serde_json::from_str::<String>(&raw).ok(),
+            other if other.starts_with("_c:") => {
+                let status = serde_json::from_str::<String>(&other[3..]).map_err(|_| protocol("_c"))?;
+                let n: u64 = raw.parse().map_err(|_| protocol("count"))?;
+                if n > 0 {
+                    counts.insert(status, n);
+                }
+            }
+            other if other.starts_with('_') => {}
+            _ => {
+                // Values are stored as JSON text; anything else is shown as the string it is.
+                let value = serde_json::from_str::<Json>(&raw).unwrap_or(Json::String(raw));
+                fields.insert(name, value);
+            }
+        }
+    }
+    view.fields = fields;
+    view.counts = counts;
+    Ok(())
+}

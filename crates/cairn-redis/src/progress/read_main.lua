@@ -1,0 +1,2 @@
+-- ARGV: prefix, key, depth, limit, after ('' for the first page).
+return read_node(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])

@@ -1,0 +1,247 @@
+//! The Lua progress store against the reference model in `cairn_progress::model`, on real Redis.
+
+use cairn_progress::view::NodeView;
+use cairn_progress::{Key, Tree, Update};
+use cairn_redis::progress::{Change, ProgressStore, ReadOptions};
+use cairn_redis::RedisConfig;
+use cairn_testkit::RedisNamespace;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+fn key(s: &str) -> Key {
+    Key::parse(s).expect("valid key")
+}
+
+fn store(ns: &RedisNamespace) -> ProgressStore {
+    let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
+    ProgressStore::new(config.manager().expect("redis url"), ns.prefix.clone())
+}
+
+fn change(k: &str, update: Update, time_ms: i64) -> Change {
+    Change { key: key(k), update, time_ms }
+}
+
+fn close(a: Option<f64>, b: Option<f64>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Asserts that the stored node equals the model's, field by field (progress within 1e-9).
+async fn assert_matches(store: &ProgressStore, tree: &Tree, k: &Key) -> Result<(), TestCaseError> {
+    let stored = store.get(k, &ReadOptions { limit: 1000, ..ReadOptions::default() }).await.unwrap();
+    let Some(model) = tree.get(k) else {
+        prop_assert!(stored.is_none(), "{k} exists in Redis but not in the model");
+        return Ok(());
+    };
+    let stored: NodeView = stored.unwrap_or_else(|| panic!("{k} missing in Redis"));
+    prop_assert!(close(stored.progress(), model.progress()), "{k}: progress {:?} vs model {:?}", stored.progress(), model.progress());
+    let strip = |fields: Vec<(&String, &Value)>| -> Vec<(String, Value)> {
+        fields.into_iter().filter(|(n, _)| *n != "progress").map(|(n, v)| (n.clone(), v.clone())).collect()
+    };
+    prop_assert_eq!(strip(stored.fields.iter().collect()), strip(model.fields.iter().collect()), "{} fields", k);
+    prop_assert_eq!(stored.start_time, model.start_time, "{} start_time", k);
+    prop_assert_eq!(stored.update_time, model.update_time, "{} update_time", k);
+    prop_assert_eq!(&stored.last_msg, &model.last_msg, "{} last_msg", k);
+    prop_assert_eq!(&stored.counts, &model.counts, "{} counts", k);
+    let mut children = stored.children.clone();
+    children.sort();
+    let model_children: Vec<String> = model.children.iter().map(|c| c.to_string()).collect();
+    prop_assert_eq!(children, model_children, "{} children", k);
+    prop_assert_eq!(stored.child_count, model.children.len() as u64);
+    let (sw, swp) = store.sums(k).await.unwrap().expect("sums of an existing node");
+    prop_assert!((sw - model.sum_w).abs() < 1e-6 && (swp - model.sum_wp).abs() < 1e-6, "{k}: sums ({sw}, {swp}) vs model ({}, {})", model.sum_w, model.sum_wp);
+    Ok(())
+}
+
+const KEYS: [&str; 12] = [
+    "a", "a.b", "a.c", "a.b.d", "a.b.e", "a.c.f.g", "_ns.r", "_ns.r.s", "_ns.r.s.t", "_ns.r.u", "a._m.q", "a._m.q.z",
+];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Update(usize, Update),
+    Delete(usize),
+}
+
+fn update_strategy() -> impl Strategy<Value = Update> {
+    (
+        prop::option::of(prop_oneof![Just(0.0), Just(1.0), 0.0f64..=1.0]),
+        prop::option::of(prop_oneof![Just(0.0), Just(1.0), Just(2.0), Just(0.5)]),
+        prop::option::of(prop::sample::select(vec!["waiting", "running", "finished", "failed"])),
+        prop::option::of(prop::sample::select(vec!["m1", "m2"])),
+        prop::option::of(0i64..5),
+    )
+        .prop_map(|(progress, weight, status, msg, extra)| {
+            let mut update = Update::new();
+            if let Some(p) = progress {
+                update = update.progress(p);
+            }
+            if let Some(w) = weight {
+                update = update.weight(w);
+            }
+            if let Some(s) = status {
+                update = update.status(s);
+            }
+            if let Some(m) = msg {
+                update = update.msg(m);
+            }
+            if let Some(n) = extra {
+                update = update.field("n", json!(n));
+            }
+            update
+        })
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..KEYS.len(), update_strategy()).prop_map(|(k, u)| Op::Update(k, u)),
+        1 => (0..KEYS.len()).prop_map(Op::Delete),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random updates (duplicates, weight and status changes, zero weights) and deletes, applied
+    /// one at a time, in bursts, and replayed: Redis always equals the model.
+    #[test]
+    fn redis_store_matches_the_model(ops in prop::collection::vec((op_strategy(), any::<bool>(), 0u8..4), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let ns = RedisNamespace::new();
+            let store = store(&ns);
+            let mut tree = Tree::new();
+            let mut time = 1_000;
+            let mut burst: Vec<Change> = Vec::new();
+            for (op, replay, burst_len) in ops {
+                time += 1;
+                match op {
+                    Op::Update(k, update) => {
+                        let key = key(KEYS[k]);
+                        tree.apply(&key, &update, time);
+                        burst.push(Change { key, update, time_ms: time });
+                        // Sometimes several updates go to Redis in one script call, like a burst.
+                        if burst.len() > usize::from(burst_len) {
+                            store.apply(&burst).await.unwrap();
+                            if replay {
+                                // A redelivered batch: the same changes again leave the same tree.
+                                store.apply(&burst).await.unwrap();
+                            }
+                            burst.clear();
+                        }
+                    }
+                    Op::Delete(k) => {
+                        store.apply(&burst).await.unwrap();
+                        burst.clear();
+                        let key = key(KEYS[k]);
+                        let expected = tree.delete(&key, time);
+                        prop_assert_eq!(store.delete(&key, time).await.unwrap(), expected as u64);
+                    }
+                }
+                prop_assert!(tree.check_invariants().is_ok(), "model invariants: {:?}", tree.check_invariants());
+            }
+            store.apply(&burst).await.unwrap();
+            for k in KEYS {
+                assert_matches(&store, &tree, &key(k)).await?;
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test]
+async fn sca_example_sequence_gives_sca_maths() {
+    let ns = RedisNamespace::new();
+    let store = store(&ns);
+    let steps = [
+        ("_test.scott1", json!({"name": "test instance", "status": "waiting", "msg": "root msg"})),
+        ("_test.scott1.task1", json!({"name": "task1", "status": "running", "msg": "initializing"})),
+        ("_test.scott1.task2", json!({"name": "task2", "status": "running", "msg": "initializing"})),
+        ("_test.scott1.task2.subtask1", json!({"name": "subtask of task2", "status": "running", "msg": "initializing"})),
+        ("_test.scott1.task1.subtask1", json!({"name": "task1", "status": "finished", "progress": 1})),
+    ];
+    for (i, (k, body)) in steps.iter().enumerate() {
+        let update = Update::from_json(body).unwrap();
+        store.apply(&[change(k, update, 1000 + i as i64)]).await.unwrap();
+    }
+    let root = store.get(&key("_test.scott1"), &ReadOptions::depth(3)).await.unwrap().unwrap();
+    assert_eq!(root.progress(), Some(0.5));
+    assert_eq!(root.status(), Some("waiting"), "the root's own fields are kept");
+    assert_eq!(root.fields.get("msg"), Some(&json!("root msg")), "a child's msg never overwrites the node's");
+    assert_eq!(root.last_msg.as_deref(), Some("initializing"));
+    assert_eq!(root.children, vec!["_test.scott1.task1", "_test.scott1.task2"]);
+    assert_eq!(root.counts.get("running"), Some(&2));
+    assert_eq!(root.tasks[0].progress(), Some(1.0));
+    assert_eq!(root.tasks[1].progress(), Some(0.0));
+    assert_eq!(root.tasks[0].counts.get("finished"), Some(&1));
+    assert!(store.get(&key("_test"), &ReadOptions::default()).await.unwrap().is_none(), "namespaces are never nodes");
+}
+
+#[tokio::test]
+async fn eta_follows_the_recent_rate_and_clears_when_finished() {
+    let ns = RedisNamespace::new();
+    let store = store(&ns);
+    store.apply(&[change("_e.job", Update::new().progress(0.1).status("running"), 10_000)]).await.unwrap();
+    store.apply(&[change("_e.job", Update::new().progress(0.2), 11_000)]).await.unwrap();
+    let node = store.get(&key("_e.job"), &ReadOptions::default()).await.unwrap().unwrap();
+    // 0.1 per second, 0.8 to go: eight more seconds.
+    assert_eq!(node.eta, Some(19_000));
+    // Replaying the same update at the same time leaves the estimate as it is.
+    store.apply(&[change("_e.job", Update::new().progress(0.2), 11_000)]).await.unwrap();
+    let replayed = store.get(&key("_e.job"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!(replayed.eta, Some(19_000));
+    store.apply(&[change("_e.job", Update::new().progress(1.0).status("finished"), 12_000)]).await.unwrap();
+    let done = store.get(&key("_e.job"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!(done.eta, None);
+}
+
+#[tokio::test]
+async fn children_page_in_start_time_order_and_bad_cursors_are_named() {
+    let ns = RedisNamespace::new();
+    let store = store(&ns);
+    let changes: Vec<Change> =
+        (0..250).map(|i| change(&format!("_p.parent.c{i}"), Update::new().progress(0.0), 1000 + i)).collect();
+    store.apply(&changes).await.unwrap();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let options = ReadOptions { depth: 2, limit: 100, after: after.clone() };
+        let page = store.get(&key("_p.parent"), &options).await.unwrap().unwrap();
+        assert_eq!(page.child_count, 250);
+        assert_eq!(page.tasks.len(), page.children.len());
+        seen.extend(page.children.clone());
+        match page.next_after {
+            Some(next) => after = Some(key(&next)),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..250).map(|i| format!("_p.parent.c{i}")).collect();
+    assert_eq!(seen, expected, "every child once, in start_time order");
+    let bad = ReadOptions { after: Some(key("_p.other")), ..ReadOptions::default() };
+    let error = store.get(&key("_p.parent"), &bad).await.unwrap_err();
+    assert!(error.to_string().contains("_p.other"), "{error}");
+}
+
+#[tokio::test]
+async fn deleting_a_subtree_fixes_the_parent() {
+    let ns = RedisNamespace::new();
+    let store = store(&ns);
+    store
+        .apply(&[
+            change("_d.job.done", Update::new().progress(1.0).status("finished"), 1),
+            change("_d.job.slow.part", Update::new().progress(0.0).status("running"), 2),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.get(&key("_d.job"), &ReadOptions::default()).await.unwrap().unwrap().progress(), Some(0.5));
+    assert_eq!(store.delete(&key("_d.job.slow"), 3).await.unwrap(), 2);
+    let job = store.get(&key("_d.job"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!(job.progress(), Some(1.0));
+    assert_eq!(job.child_count, 1);
+    assert_eq!(job.counts.get("running"), None);
+    assert!(store.get(&key("_d.job.slow.part"), &ReadOptions::default()).await.unwrap().is_none());
+    assert_eq!(store.delete(&key("_d.job.slow"), 4).await.unwrap(), 0, "deleting again removes nothing");
+}

@@ -1,0 +1,119 @@
+//! The ingress's side of `cairn.v1.Progress`: one lazily-connecting gRPC channel to the progress
+//! aggregator, shared by the progress client and the `grpc.health.v1` client.
+
+use std::time::Duration;
+
+use cairn_progress::view::NodeView;
+use cairn_progress::{Key, Update};
+use cairn_proto::map_to_struct;
+use cairn_proto::v1::progress_client::ProgressClient;
+use cairn_proto::v1::{DeleteRequest, GetRequest, Node, UpdateRequest};
+use cairn_runtime::Readiness;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Upper bound on establishing the connection; a host that drops packets fails this fast rather
+/// than after the whole request timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the aggregator URL cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("expected http://host:port")]
+    Scheme,
+    #[error(transparent)]
+    Invalid(#[from] tonic::transport::Error),
+}
+
+/// A page of children to read: which key, how deep, and where the page starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Read {
+    pub key: Key,
+    pub depth: u32,
+    pub limit: u32,
+    pub after: Option<Key>,
+}
+
+/// Client of the progress aggregator. Cheap to clone: clones share one HTTP/2 connection.
+#[derive(Clone)]
+pub struct Aggregator {
+    progress: ProgressClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+impl Aggregator {
+    /// Prepares a channel to `url` without connecting: the first call connects, and a call made
+    /// while the aggregator is away fails with `UNAVAILABLE` instead of waiting for it.
+    /// `timeout` bounds every call.
+    pub fn connect_lazy(url: &str, timeout: Duration) -> Result<Aggregator, UrlError> {
+        if !url.starts_with("http://") {
+            return Err(UrlError::Scheme);
+        }
+        let channel = Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+            .timeout(timeout)
+            .connect_lazy();
+        Ok(Aggregator { progress: ProgressClient::new(channel.clone()), health: HealthClient::new(channel) })
+    }
+
+    /// The node at `read.key` with a page of its children, or `NOT_FOUND`.
+    pub async fn get(&self, read: &Read) -> Result<NodeView, Status> {
+        let request = GetRequest {
+            key: read.key.to_string(),
+            depth: read.depth,
+            limit: read.limit,
+            after: read.after.as_ref().map(Key::to_string).unwrap_or_default(),
+        };
+        let response = self.progress.clone().get(request).await?.into_inner();
+        node_view(response.node)
+    }
+
+    /// Applies `update` and returns the node as it is right after.
+    pub async fn update(&self, key: &Key, update: &Update) -> Result<NodeView, Status> {
+        let fields: serde_json::Map<String, serde_json::Value> = update.fields().into_iter().collect();
+        let request = UpdateRequest { key: key.to_string(), fields: Some(map_to_struct(&fields)) };
+        let response = self.progress.clone().update(request).await?.into_inner();
+        node_view(response.node)
+    }
+
+    /// Removes the subtree at `key`; the number of nodes removed (0 when there was none).
+    pub async fn delete(&self, key: &Key) -> Result<u64, Status> {
+        let response = self.progress.clone().delete(DeleteRequest { key: key.to_string() }).await?;
+        Ok(response.into_inner().removed)
+    }
+
+    /// Asks the aggregator's `grpc.health.v1` service (the server as a whole) whether it serves.
+    /// `Err` is a message for people: what is wrong, without internals.
+    pub async fn check_health(&self) -> Result<(), String> {
+        let request = HealthCheckRequest { service: String::new() };
+        match self.health.clone().check(request).await {
+            Ok(response) => match response.into_inner().status() {
+                ServingStatus::Serving => Ok(()),
+                status => Err(format!("the progress aggregator reports {}", status.as_str_name())),
+            },
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), message = status.message(), "aggregator health check failed");
+                Err(format!("the progress aggregator did not answer its health check ({:?})", status.code()))
+            }
+        }
+    }
+}
+
+fn node_view(node: Option<Node>) -> Result<NodeView, Status> {
+    node.map(NodeView::from).ok_or_else(|| Status::internal("the aggregator answered without a node"))
+}
+
+impl Readiness for Aggregator {
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        self.check_health().boxed()
+    }
+
+    fn name(&self) -> &str {
+        "progress-aggregator"
+    }
+}

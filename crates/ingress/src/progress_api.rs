@@ -1,0 +1,185 @@
+//! SCA's progress REST API over `cairn.v1.Progress`: `GET`, `POST` and `DELETE /status/{key}` and
+//! `GET /health`. Handlers extract and validate the request, call the aggregator and map the
+//! answer to SCA's wire format; the tree itself lives behind the aggregator.
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use cairn_progress::{Key, MAX_UPDATE_BYTES, Update};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tonic::Code;
+
+use crate::aggregator::{Aggregator, Read};
+use crate::error::ApiError;
+
+/// Read parameters and their bounds, as the `cairn.v1.Progress` contract defines them.
+const DEFAULT_DEPTH: u32 = 1;
+const MAX_DEPTH: u32 = 8;
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+
+pub(crate) fn router(aggregator: Aggregator) -> Router {
+    Router::new()
+        .route("/status/{key}", get(read).post(update).delete(remove))
+        .route("/health", get(health))
+        // The body limit is the update limit, so an oversized body is refused before it is
+        // buffered; the rejection becomes a JSON 413 in `body_rejection`.
+        .layer(DefaultBodyLimit::max(MAX_UPDATE_BYTES))
+        .with_state(aggregator)
+}
+
+/// `GET /status/{key}?depth=N&limit=M&after=K`: the node in SCA's format, or SCA's
+/// `{"key": …, "missing": true}` with 404.
+async fn read(State(aggregator): State<Aggregator>, ReadQuery(read): ReadQuery) -> Result<Json<Value>, ApiError> {
+    match aggregator.get(&read).await {
+        Ok(node) => Ok(Json(node.to_sca_json())),
+        Err(status) if status.code() == Code::NotFound => Err(ApiError::Missing { key: read.key.to_string() }),
+        Err(status) => Err(status.into()),
+    }
+}
+
+/// `POST /status/{key}`: the body is JSON whatever its `Content-Type` (bare `curl -d` sends
+/// `application/x-www-form-urlencoded`), validated here so a bad field is named before any call.
+async fn update(
+    State(aggregator): State<Aggregator>,
+    ProgressKey(key): ProgressKey,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(body_rejection)?;
+    let update = Update::from_slice(&body)?;
+    let node = aggregator.update(&key, &update).await?;
+    Ok(Json(json!({ "status": "published", "node": node.to_sca_json() })))
+}
+
+/// `DELETE /status/{key}`: removes the node and its subtree.
+async fn remove(
+    State(aggregator): State<Aggregator>,
+    ProgressKey(key): ProgressKey,
+) -> Result<Json<Value>, ApiError> {
+    match aggregator.delete(&key).await? {
+        0 => Err(ApiError::Missing { key: key.to_string() }),
+        removed => Ok(Json(json!({ "status": format!("removed {key} and its children"), "removed": removed }))),
+    }
+}
+
+/// `GET /health` (SCA's route): whether the aggregator serves.
+async fn health(State(aggregator): State<Aggregator>) -> Response {
+    let checked =
+        tokio::time::timeout(cairn_runtime::READINESS_TIMEOUT, aggregator.check_health()).await.unwrap_or_else(
+            |_| Err(format!("the progress aggregator did not answer within {:?}", cairn_runtime::READINESS_TIMEOUT)),
+        );
+    match checked {
+        Ok(()) => Json(json!({ "status": "ok" })).into_response(),
+        Err(message) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failed", "message": message }))).into_response()
+        }
+    }
+}
+
+fn body_rejection(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge
+    } else {
+        ApiError::BadRequest(format!("cannot read the request body: {}", rejection.body_text()))
+    }
+}
+
+/// The `{key}` path segment, percent-decoded and validated.
+struct ProgressKey(Key);
+
+impl<S: Send + Sync> FromRequestParts<S> for ProgressKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+        Key::parse(&raw).map(ProgressKey).map_err(|e| ApiError::BadRequest(format!("key {raw:?}: {e}")))
+    }
+}
+
+#[derive(Deserialize)]
+struct ReadParams {
+    depth: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// The key and the query of a read, validated.
+struct ReadQuery(Read);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReadQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let ProgressKey(key) = ProgressKey::from_request_parts(parts, state).await?;
+        let Query(params) = Query::<ReadParams>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+        Ok(ReadQuery(read_options(key, params)?))
+    }
+}
+
+fn read_options(key: Key, params: ReadParams) -> Result<Read, ApiError> {
+    let after = match params.after.as_deref() {
+        None | Some("") => None,
+        Some(raw) => Some(Key::parse(raw).map_err(|e| ApiError::BadRequest(format!("after {raw:?}: {e}")))?),
+    };
+    Ok(Read {
+        key,
+        depth: bounded("depth", params.depth.as_deref(), DEFAULT_DEPTH, MAX_DEPTH)?,
+        limit: bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?,
+        after,
+    })
+}
+
+fn bounded(name: &str, raw: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.parse::<u32>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::BadRequest(format!("{name} must be an integer from 1 to {max}, got {raw:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(depth: Option<&str>, limit: Option<&str>, after: Option<&str>) -> ReadParams {
+        ReadParams { depth: depth.map(Into::into), limit: limit.map(Into::into), after: after.map(Into::into) }
+    }
+
+    fn message(result: Result<Read, ApiError>) -> String {
+        match result.unwrap_err() {
+            ApiError::BadRequest(message) => message,
+            other => panic!("expected a bad request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_defaults_and_bounds() {
+        let key = Key::parse("_test.a").unwrap();
+        let read = read_options(key.clone(), params(None, None, Some(""))).unwrap();
+        assert_eq!(read, Read { key: key.clone(), depth: 1, limit: 100, after: None });
+        let read = read_options(key.clone(), params(Some("8"), Some("1000"), Some("_test.a.b"))).unwrap();
+        assert_eq!((read.depth, read.limit), (8, 1000));
+        assert_eq!(read.after.unwrap().as_str(), "_test.a.b");
+
+        for depth in ["0", "9", "-1", "1.5", "x", ""] {
+            let got = message(read_options(key.clone(), params(Some(depth), None, None)));
+            assert_eq!(got, format!("depth must be an integer from 1 to 8, got {depth:?}"));
+        }
+        for limit in ["0", "1001", "abc"] {
+            let got = message(read_options(key.clone(), params(None, Some(limit), None)));
+            assert_eq!(got, format!("limit must be an integer from 1 to 1000, got {limit:?}"));
+        }
+        let got = message(read_options(key, params(None, None, Some("a..b"))));
+        assert_eq!(got, r#"after "a..b": key segment 1 is empty"#);
+    }
+}

@@ -1,0 +1,346 @@
+//! The aggregator against the real Redis and RabbitMQ, each test in its own key prefix and vhost.
+
+use std::time::Duration;
+
+use cairn_progress::{Key, Update};
+use cairn_proto::v1::progress_client::ProgressClient;
+use cairn_proto::v1::{DeleteRequest, GetRequest, UpdateRequest};
+use cairn_proto::map_to_struct;
+use cairn_redis::progress::ReadOptions;
+use cairn_redis::{ProgressStore, RedisConfig};
+use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
+use clap::Parser;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use progress_aggregator::consumer::{ERROR_HEADER, TIME_HEADER};
+use progress_aggregator::{App, Config};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One running aggregator; stops when dropped.
+struct Running {
+    grpc: String,
+    admin: String,
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("aggregator task").expect("aggregator run");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn start(ns: &RedisNamespace, vhost: &AmqpVhost, shards: u16) -> Running {
+    let config = Config::try_parse_from([
+        "progress-aggregator",
+        "--grpc-addr=127.0.0.1:0",
+        "--admin-addr=127.0.0.1:0",
+        &format!("--redis-url={}", ns.url),
+        &format!("--key-prefix={}", ns.prefix),
+        &format!("--amqp-url={}", vhost.url),
+        &format!("--shards={shards}"),
+        "--grace=5s",
+    ])
+    .expect("valid config");
+    let app = App::build(config).await.expect("aggregator builds");
+    let grpc = format!("http://{}", app.grpc_addr());
+    let admin = format!("http://{}", app.admin_addr());
+    let cancel = CancellationToken::new();
+    let task = Some(tokio::spawn(app.run(cancel.clone())));
+    let running = Running { grpc, admin, cancel, task };
+    let ready = format!("{}/readyz", running.admin);
+    wait_until("aggregator ready", WAIT, || {
+        let ready = ready.clone();
+        async move { cairn_runtime::healthcheck(&ready).await.is_ok() }
+    })
+    .await
+    .expect("aggregator becomes ready");
+    running
+}
+
+fn store(ns: &RedisNamespace) -> ProgressStore {
+    let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
+    ProgressStore::new(config.manager().expect("redis url"), ns.prefix.clone())
+}
+
+fn key(s: &str) -> Key {
+    Key::parse(s).expect("valid key")
+}
+
+async fn publisher(vhost: &AmqpVhost) -> (Connection, Channel) {
+    let conn = Connection::connect(&vhost.url, ConnectionProperties::default()).await.expect("amqp connect");
+    let channel = conn.create_channel().await.expect("channel");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    channel
+        .exchange_declare("progress".into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .await
+        .expect("exchange");
+    (conn, channel)
+}
+
+/// Publishes one message and waits for the broker's confirm.
+async fn publish(channel: &Channel, routing_key: &str, body: &[u8], headers: Option<FieldTable>) {
+    let mut properties = BasicProperties::default().with_content_type("application/json".into());
+    if let Some(headers) = headers {
+        properties = properties.with_headers(headers);
+    }
+    let confirm = channel
+        .basic_publish("progress".into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "broker confirmed the message");
+}
+
+async fn progress_of(store: &ProgressStore, k: &str) -> Option<f64> {
+    store.get(&key(k), &ReadOptions::default()).await.expect("read").and_then(|n| n.progress())
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_while_good_ones_apply() {
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let _aggregator = start(&ns, &vhost, 1).await;
+    let (_conn, channel) = publisher(&vhost).await;
+    let store = store(&ns);
+
+    publish(&channel, "_t.job.a", br#"{"progress": 0.1}"#, None).await;
+    publish(&channel, "_t.job.a", b"{not json", None).await;
+    publish(&channel, "_t.job.a", br#"{"progress": 2}"#, None).await;
+    publish(&channel, "bad..key", br#"{"progress": 0.3}"#, None).await;
+    publish(&channel, "_t.job", br#"[{"key": "_t.other", "progress": 0.3}]"#, None).await;
+    publish(&channel, "_t.job.a", br#"{"progress": 0.5}"#, None).await;
+    publish(&channel, "_t.job.b", br#"{"progress": 1}"#, None).await;
+
+    wait_until("good updates applied", WAIT, || async {
+        progress_of(&store, "_t.job.b").await == Some(1.0) && progress_of(&store, "_t.job.a").await == Some(0.5)
+    })
+    .await
+    .unwrap();
+    assert_eq!(progress_of(&store, "_t.job").await, Some(0.75));
+    assert_eq!(progress_of(&store, "_t.other").await, None, "a burst outside its subtree applies nothing");
+
+    let mut reasons = Vec::new();
+    for _ in 0..4 {
+        let mut message = None;
+        wait_until("dead letter available", WAIT, || async {
+            message = vhost.get_message("progress.dead").await;
+            message.is_some()
+        })
+        .await
+        .unwrap();
+        let message = message.unwrap();
+        let reason = message["properties"]["headers"][ERROR_HEADER].as_str().unwrap_or_default().to_owned();
+        reasons.push(reason);
+    }
+    assert!(reasons[0].contains("JSON"), "reason names the problem: {}", reasons[0]);
+    assert!(reasons[1].contains("progress"), "reason names the field: {}", reasons[1]);
+    assert!(reasons[2].contains("bad..key"), "reason names the routing key: {}", reasons[2]);
+    assert!(reasons[3].contains("_t.other"), "reason names the key outside the subtree: {}", reasons[3]);
+    assert_eq!(vhost.get_message("progress.dead").await, None, "exactly the four poison messages");
+}
+
+#[tokio::test]
+async fn a_duplicated_message_does_not_double_count() {
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let _aggregator = start(&ns, &vhost, 1).await;
+    let (_conn, channel) = publisher(&vhost).await;
+    let store = store(&ns);
+    let mut headers = FieldTable::default();
+    headers.insert(TIME_HEADER.into(), AMQPValue::LongLongInt(1_700_000_000_000));
+    let burst = json!([
+        {"key": "_t.r.a", "progress": 0.5, "weight": 2, "status": "running", "msg": "half"},
+        {"key": "_t.r.b", "progress": 1, "status": "finished"},
+    ])
+    .to_string();
+
+    publish(&channel, "_t.r", burst.as_bytes(), Some(headers.clone())).await;
+    wait_until("burst applied", WAIT, || async { progress_of(&store, "_t.r.b").await == Some(1.0) }).await.unwrap();
+    let once = store.get(&key("_t.r"), &ReadOptions::depth(2)).await.unwrap().unwrap();
+    let sums_once = store.sums(&key("_t.r")).await.unwrap();
+
+    publish(&channel, "_t.r", burst.as_bytes(), Some(headers.clone())).await;
+    publish(&channel, "_t.r.c", br#"{"progress": 0}"#, None).await;
+    wait_until("marker applied", WAIT, || async { progress_of(&store, "_t.r.c").await.is_some() }).await.unwrap();
+    store.delete(&key("_t.r.c"), 1_700_000_000_000).await.unwrap();
+
+    let mut twice = store.get(&key("_t.r"), &ReadOptions::depth(2)).await.unwrap().unwrap();
+    twice.update_time = once.update_time; // only the marker's deletion touched the root's time
+    assert_eq!(twice, once, "the replayed burst left the identical tree");
+    assert_eq!(store.sums(&key("_t.r")).await.unwrap(), sums_once);
+    // (2·0.5 + 1·1) / 3
+    assert!((once.progress().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(once.counts.get("running"), Some(&1));
+    assert_eq!(once.counts.get("finished"), Some(&1));
+}
+
+#[tokio::test]
+async fn survives_the_broker_closing_its_connection_without_losing_confirmed_updates() {
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let aggregator = start(&ns, &vhost, 2).await;
+    let store = store(&ns);
+    let total = 200;
+    for i in 0..total {
+        if i == total / 2 {
+            vhost.close_connections().await;
+        }
+        // A fresh publishing connection each time the broker closed ours.
+        let (conn, channel) = publisher(&vhost).await;
+        publish(&channel, &format!("_t.c.k{i}"), br#"{"progress": 1, "status": "finished"}"#, None).await;
+        conn.close(200, "done".into()).await.ok();
+    }
+    wait_until("every confirmed update applied", Duration::from_secs(60), || async {
+        let node = store.get(&key("_t.c"), &ReadOptions::default()).await.unwrap();
+        node.is_some_and(|n| n.child_count == total && n.counts.get("finished") == Some(&total))
+    })
+    .await
+    .unwrap();
+    assert_eq!(progress_of(&store, "_t.c").await, Some(1.0));
+    let ready = format!("{}/readyz", aggregator.admin);
+    assert!(cairn_runtime::healthcheck(&ready).await.is_ok(), "ready again after reconnecting");
+    aggregator.stop().await;
+}
+
+#[tokio::test]
+async fn two_aggregators_keep_per_key_order_across_a_failover() {
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let first = start(&ns, &vhost, 4).await;
+    let second = start(&ns, &vhost, 4).await;
+    let (_conn, channel) = publisher(&vhost).await;
+    let store = store(&ns);
+    let (keys, steps) = (8, 60);
+    for step in 0..steps {
+        if step == steps / 2 {
+            // The active consumer goes away mid-stream; the standby takes over its shards.
+            first.cancel.cancel();
+        }
+        for k in 0..keys {
+            let body = json!({"seq": step, "progress": f64::from(step) / f64::from(steps - 1)}).to_string();
+            publish(&channel, &format!("_t.o.k{k}"), body.as_bytes(), None).await;
+        }
+    }
+    wait_until("last update of every key applied", Duration::from_secs(60), || async {
+        let mut done = true;
+        for k in 0..keys {
+            let node = store.get(&key(&format!("_t.o.k{k}")), &ReadOptions::default()).await.unwrap();
+            done &= node.is_some_and(|n| n.fields.get("seq") == Some(&json!(steps - 1)));
+        }
+        done
+    })
+    .await
+    .unwrap();
+    // Give a reordered straggler the chance to overwrite a final state, then check again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for k in 0..keys {
+        let node = store.get(&key(&format!("_t.o.k{k}")), &ReadOptions::default()).await.unwrap().unwrap();
+        assert_eq!(node.fields.get("seq"), Some(&json!(steps - 1)), "key k{k} ends at its last update");
+        assert_eq!(node.progress(), Some(1.0));
+    }
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_progress_health_and_reflection() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let aggregator = start(&ns, &vhost, 1).await;
+    let channel = tonic::transport::Endpoint::from_shared(aggregator.grpc.clone()).unwrap().connect().await.unwrap();
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "cairn.v1.Progress"] {
+        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(status.status(), ServingStatus::Serving, "health of {service:?}");
+    }
+
+    let services = reflection_services(channel.clone()).await;
+    assert!(services.contains(&"cairn.v1.Progress".to_string()), "{services:?}");
+    assert!(services.contains(&"grpc.health.v1.Health".to_string()), "{services:?}");
+    let services = reflection_services_v1alpha(channel.clone()).await;
+    assert!(services.contains(&"cairn.v1.Progress".to_string()), "{services:?}");
+
+    let mut client = ProgressClient::new(channel);
+    let fields = |v: Value| Some(map_to_struct(v.as_object().unwrap()));
+    let node = client
+        .update(UpdateRequest { key: "_g.job.step".into(), fields: fields(json!({"progress": 0.5, "n": 3})) })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap();
+    assert_eq!(node.progress, Some(0.5));
+    assert_eq!(node.fields.get("n").and_then(|v| cairn_proto::value_to_json(v).as_i64()), Some(3));
+
+    let bad = client
+        .update(UpdateRequest { key: "_g.job.step".into(), fields: fields(json!({"progress": "x"})) })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("progress"), "{}", bad.message());
+    let bad = client.update(UpdateRequest { key: "a..b".into(), fields: None }).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    let job = client
+        .get(GetRequest { key: "_g.job".into(), depth: 2, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap();
+    assert_eq!(job.progress, Some(0.5));
+    assert_eq!(job.children, vec!["_g.job.step".to_string()]);
+    assert_eq!(job.tasks.len(), 1);
+
+    let missing = client.get(GetRequest { key: "_g.nope".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let removed = client.delete(DeleteRequest { key: "_g.job".into() }).await.unwrap().into_inner().removed;
+    assert_eq!(removed, 2);
+    aggregator.stop().await;
+}
+
+async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut client = ServerReflectionClient::new(channel);
+    let mut stream = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let response = stream.message().await.unwrap().expect("one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+async fn reflection_services_v1alpha(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut client = ServerReflectionClient::new(channel);
+    let mut stream = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let response = stream.message().await.unwrap().expect("one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
