@@ -26,10 +26,10 @@ pub use publisher::{ProgressPublisher, PublisherConfig};
 #[derive(clap::Args, Debug, Clone)]
 pub struct AmqpConfig {
     /// AMQP URL (`amqp://user:pass@host:port/vhost`, `%2f` for the default vhost).
-    #[arg(long = "amqp-url", env = "CAIRN_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(id = "amqp-url", long = "amqp-url", env = "CAIRN_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub url: String,
     /// Durable topic exchange that progress updates are published to.
-    #[arg(long = "progress-exchange", env = "CAIRN_PROGRESS_EXCHANGE", default_value = "progress")]
+    #[arg(id = "progress-exchange", long = "progress-exchange", env = "CAIRN_PROGRESS_EXCHANGE", default_value = "progress")]
     pub exchange: String,
 }
 

@@ -25,9 +25,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cairn_progress::{Key, MAX_BURST_BYTES, MAX_BURST_UPDATES, Update, encode_burst};
 use futures::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -83,9 +83,7 @@ pub enum PublishError {
     },
     #[error("rabbitmq did not answer within {after:?} ({pending} keys stay buffered)")]
     Timeout { after: Duration, pending: usize },
-    #[error(
-        "rabbitmq did not confirm {updates} progress updates ({pending} keys stay buffered): {reason}"
-    )]
+    #[error("rabbitmq did not confirm {updates} progress updates ({pending} keys stay buffered): {reason}")]
     NotConfirmed { updates: usize, pending: usize, reason: String },
     #[error(
         "exchange `{exchange}` has no queue bound for routing key `{routing_key}`, so rabbitmq \
@@ -115,7 +113,10 @@ pub struct ProgressPublisher {
 struct Handle {
     inner: Arc<Inner>,
     task: StdMutex<Option<JoinHandle<()>>>,
+    /// Stops the background task after one last flush (the last handle was dropped).
     stop: CancellationToken,
+    /// Stops the background task after its current flush; `close` sends the rest itself.
+    closing: CancellationToken,
 }
 
 impl Drop for Handle {
@@ -252,9 +253,10 @@ impl ProgressPublisher {
             sender: Mutex::new(Sender { link: None, retry_at: None, backoff: FIRST_BACKOFF }),
             connected: AtomicBool::new(false),
         });
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(run(inner.clone(), stop.clone()));
-        Self { handle: Arc::new(Handle { inner, task: StdMutex::new(Some(task)), stop }) }
+        let (stop, closing) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(run(inner.clone(), stop.clone(), closing.clone()));
+        let task = StdMutex::new(Some(task));
+        Self { handle: Arc::new(Handle { inner, task, stop, closing }) }
     }
 
     /// Buffers the update: merged into the pending state of its key, so only the latest value of
@@ -282,15 +284,20 @@ impl ProgressPublisher {
     /// [`PublishError::Undelivered`]. Either way the connection is closed; updates still
     /// buffered are only sent by a later [`flush`](Self::flush).
     pub async fn close(&self, timeout: Duration) -> Result<(), PublishError> {
+        let deadline = Instant::now() + timeout;
+        self.handle.closing.cancel();
         let task = self.handle.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(task) = task {
-            // Cancel-safe: a flush interrupted here puts its updates back.
-            task.abort();
-            let _ = task.await;
+        if let Some(mut task) = task {
+            // Let a periodic flush in progress finish; past the deadline, interrupting it is
+            // safe: the updates it holds go back to the buffer.
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
         }
         let inner = &self.handle.inner;
         let mut last = None;
-        let result = tokio::time::timeout(timeout, async {
+        let result = tokio::time::timeout_at(deadline, async {
             let mut backoff = FIRST_BACKOFF;
             loop {
                 let mut sender = inner.sender.lock().await;
@@ -330,11 +337,12 @@ impl ProgressPublisher {
     }
 }
 
-async fn run(inner: Arc<Inner>, stop: CancellationToken) {
+async fn run(inner: Arc<Inner>, stop: CancellationToken, closing: CancellationToken) {
     let mut ticker = tokio::time::interval(inner.config.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            () = closing.cancelled() => return,
             () = stop.cancelled() => break,
             _ = ticker.tick() => {}
         }
@@ -402,7 +410,8 @@ impl Inner {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut flight = InFlight { inner: self, confirmed: vec![false; batch.len()], batch: group_by_root(batch) };
+        let mut flight =
+            InFlight { inner: self, confirmed: vec![false; batch.len()], batch: group_by_root(batch) };
         match self.send(link, &mut flight).await {
             Ok(updates) => {
                 metrics::counter!("cairn_progress_published_total").increment(updates as u64);
@@ -447,9 +456,17 @@ impl Inner {
                 .with_delivery_mode(2)
                 .with_message_id(name(&uuid::Uuid::now_v7().to_string()))
                 .with_headers(headers.clone());
-            let published =
-                timeout(wait, link.channel.basic_publish(exchange.clone(), name(burst.root.as_str()), options, &body, properties))
-                    .await;
+            let published = timeout(
+                wait,
+                link.channel.basic_publish(
+                    exchange.clone(),
+                    name(burst.root.as_str()),
+                    options,
+                    &body,
+                    properties,
+                ),
+            )
+            .await;
             match published {
                 Ok(Ok(confirm)) => confirms.push(confirm),
                 Ok(Err(e)) => {
@@ -543,12 +560,18 @@ impl Inner {
     }
 
     async fn connect(&self) -> Result<Link, lapin::Error> {
-        let properties = ConnectionProperties::default().with_connection_name("cairn-progress-publisher".into());
+        let properties =
+            ConnectionProperties::default().with_connection_name("cairn-progress-publisher".into());
         let connection = Connection::connect(&self.config.url, properties).await?;
         let channel = connection.create_channel().await?;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel
-            .exchange_declare(name(&self.config.exchange), ExchangeKind::Topic, durable, FieldTable::default())
+            .exchange_declare(
+                name(&self.config.exchange),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Link { connection, channel })
@@ -710,8 +733,9 @@ mod tests {
     fn splits_bursts_by_bytes() {
         // 200 updates of ~60 KiB each: far more than one body may hold.
         let big = "x".repeat(60 * 1024);
-        let batch: Vec<_> =
-            (0..200).map(|i| (key(&format!("_t.a.k{i}")), Update::new().field("blob", big.as_str()))).collect();
+        let batch: Vec<_> = (0..200)
+            .map(|i| (key(&format!("_t.a.k{i}")), Update::new().field("blob", big.as_str())))
+            .collect();
         let elements: Vec<_> = batch.iter().map(encode_element).collect();
         let bursts = split(&batch, &elements, 1000);
         assert!(bursts.len() > 1);

@@ -29,11 +29,7 @@ fn update_strategy() -> impl Strategy<Value = Update> {
     let progress = prop_oneof![Just(0.0), Just(1.0), Just(0.5), 0.0..=1.0f64];
     let weight = prop_oneof![Just(0.0), Just(1.0), Just(2.0), 0.1..5.0f64];
     let status = prop::sample::select(
-        WELL_KNOWN_STATUSES
-            .iter()
-            .map(|s| s.to_string())
-            .chain(["uploading".to_owned()])
-            .collect::<Vec<_>>(),
+        WELL_KNOWN_STATUSES.iter().map(|s| s.to_string()).chain(["uploading".to_owned()]).collect::<Vec<_>>(),
     );
     let extra = (
         prop::sample::select(vec!["x", "y"]),
@@ -97,22 +93,13 @@ struct NaiveNode {
 
 impl NaiveNode {
     fn new(now: i64) -> NaiveNode {
-        NaiveNode {
-            fields: BTreeMap::new(),
-            start_time: now,
-            update_time: now,
-            last_msg: None,
-        }
+        NaiveNode { fields: BTreeMap::new(), start_time: now, update_time: now, last_msg: None }
     }
 }
 
 impl Naive {
     fn children(&self, key: &Key) -> Vec<&NaiveNode> {
-        self.nodes
-            .iter()
-            .filter(|(k, _)| k.parent().as_ref() == Some(key))
-            .map(|(_, n)| n)
-            .collect()
+        self.nodes.iter().filter(|(k, _)| k.parent().as_ref() == Some(key)).map(|(_, n)| n).collect()
     }
 
     fn sums(&self, key: &Key) -> (f64, f64, BTreeMap<String, u64>) {
@@ -135,10 +122,7 @@ impl Naive {
     fn roll_up(&mut self, key: &Key, msg: Option<&str>, now: i64) {
         for parent in key.ancestors() {
             let (sum_w, sum_wp, _) = self.sums(&parent);
-            let node = self
-                .nodes
-                .entry(parent)
-                .or_insert_with(|| NaiveNode::new(now));
+            let node = self.nodes.entry(parent).or_insert_with(|| NaiveNode::new(now));
             if let Some(p) = rollup(sum_w, sum_wp) {
                 node.fields.insert("progress".into(), json!(p));
             }
@@ -150,10 +134,7 @@ impl Naive {
     }
 
     fn apply(&mut self, key: &Key, update: &Update, now: i64) {
-        let node = self
-            .nodes
-            .entry(key.clone())
-            .or_insert_with(|| NaiveNode::new(now));
+        let node = self.nodes.entry(key.clone()).or_insert_with(|| NaiveNode::new(now));
         node.fields.extend(update.fields());
         node.update_time = now;
         if let Some(msg) = &update.msg {
@@ -161,9 +142,7 @@ impl Naive {
         }
         // Ancestors must exist before they are rescanned.
         for ancestor in key.ancestors() {
-            self.nodes
-                .entry(ancestor)
-                .or_insert_with(|| NaiveNode::new(now));
+            self.nodes.entry(ancestor).or_insert_with(|| NaiveNode::new(now));
         }
         self.roll_up(key, update.msg.as_deref(), now);
     }
@@ -172,12 +151,8 @@ impl Naive {
         if !self.nodes.contains_key(key) {
             return;
         }
-        let doomed: Vec<Key> = self
-            .nodes
-            .keys()
-            .filter(|k| *k == key || k.ancestors().contains(key))
-            .cloned()
-            .collect();
+        let doomed: Vec<Key> =
+            self.nodes.keys().filter(|k| *k == key || k.ancestors().contains(key)).cloned().collect();
         for k in doomed {
             self.nodes.remove(&k);
         }
@@ -223,10 +198,7 @@ fn compare(tree: &Tree, naive: &Naive) -> Result<(), String> {
 
 /// A node with `update_time` blanked, for comparisons that ignore it.
 fn timeless(node: &Node) -> Node {
-    Node {
-        update_time: 0,
-        ..node.clone()
-    }
+    Node { update_time: 0, ..node.clone() }
 }
 
 fn assert_same_but_update_time(a: &Tree, b: &Tree) -> Result<(), TestCaseError> {

@@ -46,8 +46,8 @@ impl AmqpVhost {
     /// `rabbitmqctl close_all_connections`; returns how many were closed.
     ///
     /// The management API learns of a new connection a moment after it opens, so this waits
-    /// (up to 5 s) for at least one connection to be listed, and panics if none shows up: call
-    /// it only when the code under test is connected.
+    /// (up to 5 s) for at least one connection to be listed and returns 0 if none shows up;
+    /// call it when the code under test is connected and assert on the count.
     pub async fn close_connections(&self) -> usize {
         let path = format!("/api/vhosts/{}/connections", encode(&self.name));
         let deadline = Instant::now() + LIST_CONNECTIONS_TIMEOUT;
@@ -55,11 +55,7 @@ impl AmqpVhost {
             match self.api.get(&path).await {
                 Ok(Value::Array(connections)) if !connections.is_empty() => break connections,
                 Ok(_) if Instant::now() < deadline => {}
-                Ok(_) => panic!(
-                    "no connection to vhost {} listed by GET {path} within \
-                     {LIST_CONNECTIONS_TIMEOUT:?}",
-                    self.name
-                ),
+                Ok(_) => return 0,
                 Err(e) => panic!("cannot list connections of vhost {}: {e:#}", self.name),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -179,10 +179,10 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        if self.paused {
-            if let Some(child) = &self.child {
-                let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
-            }
+        if self.paused
+            && let Some(child) = &self.child
+        {
+            let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
         }
         self.stop();
     }

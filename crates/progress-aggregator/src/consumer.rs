@@ -100,7 +100,8 @@ pub async fn handle_batch(
             }
             Err(error) => {
                 warn!(routing_key = %delivery.routing_key, %error, "dead-lettering invalid progress message");
-                dead_letter(dead_letters, topology, delivery, &error.to_string()).await?;
+                let reason = format!("{error} (routing key {:?})", delivery.routing_key.as_str());
+                dead_letter(dead_letters, topology, delivery, &reason).await?;
                 report.dead_lettered += 1;
             }
         }

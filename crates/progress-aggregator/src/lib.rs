@@ -177,3 +177,26 @@ impl App {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn config_is_consistent_and_defaults_work_on_localhost() {
+        Config::command().debug_assert();
+        let config = Config::try_parse_from(["progress-aggregator"]).unwrap();
+        assert_eq!(config.grpc_addr.port(), 50051);
+        assert_eq!(config.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(config.topology().queues().len(), 4);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Config::try_parse_from(["progress-aggregator", "--shards", "0"]).is_err());
+        assert!(Config::try_parse_from(["progress-aggregator", "--key-prefix", "a b"]).is_err());
+        assert!(Config::try_parse_from(["progress-aggregator", "--grace", "soon"]).is_err());
+    }
+}
