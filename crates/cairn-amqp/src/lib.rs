@@ -13,9 +13,7 @@ pub mod publisher;
 
 use std::time::Duration;
 
-use lapin::options::{
-    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
@@ -26,10 +24,20 @@ pub use publisher::{ProgressPublisher, PublisherConfig};
 #[derive(clap::Args, Debug, Clone)]
 pub struct AmqpConfig {
     /// AMQP URL (`amqp://user:pass@host:port/vhost`, `%2f` for the default vhost).
-    #[arg(id = "amqp-url", long = "amqp-url", env = "CAIRN_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        id = "amqp-url",
+        long = "amqp-url",
+        env = "CAIRN_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub url: String,
     /// Durable topic exchange that progress updates are published to.
-    #[arg(id = "progress-exchange", long = "progress-exchange", env = "CAIRN_PROGRESS_EXCHANGE", default_value = "progress")]
+    #[arg(
+        id = "progress-exchange",
+        long = "progress-exchange",
+        env = "CAIRN_PROGRESS_EXCHANGE",
+        default_value = "progress"
+    )]
     pub exchange: String,
 }
 
@@ -67,13 +75,21 @@ impl Topology {
     /// Declares everything (idempotent: run again after every reconnect).
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        channel.exchange_declare(name(&self.exchange), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+        channel
+            .exchange_declare(name(&self.exchange), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
         let dead = self.dead_letter_exchange();
         channel.exchange_declare(name(&dead), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
         let queue_options = QueueDeclareOptions { durable: true, ..Default::default() };
         channel.queue_declare(name(&dead), queue_options, FieldTable::default()).await?;
         channel
-            .queue_bind(name(&dead), name(&dead), name(""), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                name(&dead),
+                name(&dead),
+                name(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
 
         let mut args = FieldTable::default();
@@ -82,23 +98,46 @@ impl Topology {
             let queue = self.shard_queue(0);
             channel.queue_declare(name(&queue), queue_options, args).await?;
             channel
-                .queue_bind(name(&queue), name(&self.exchange), name("#"), QueueBindOptions::default(), FieldTable::default())
+                .queue_bind(
+                    name(&queue),
+                    name(&self.exchange),
+                    name("#"),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
             return Ok(());
         }
         let hash = self.shard_exchange();
         channel
-            .exchange_declare(name(&hash), ExchangeKind::Custom("x-consistent-hash".into()), durable, FieldTable::default())
+            .exchange_declare(
+                name(&hash),
+                ExchangeKind::Custom("x-consistent-hash".into()),
+                durable,
+                FieldTable::default(),
+            )
             .await?;
         channel
-            .exchange_bind(name(&hash), name(&self.exchange), name("#"), ExchangeBindOptions::default(), FieldTable::default())
+            .exchange_bind(
+                name(&hash),
+                name(&self.exchange),
+                name("#"),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         for shard in 0..self.shards {
             let queue = self.shard_queue(shard);
             channel.queue_declare(name(&queue), queue_options, args.clone()).await?;
             // The binding key of a consistent-hash exchange is the queue's weight on the ring.
             channel
-                .queue_bind(name(&queue), name(&hash), name("1"), QueueBindOptions::default(), FieldTable::default())
+                .queue_bind(
+                    name(&queue),
+                    name(&hash),
+                    name("1"),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
         }
         Ok(())
@@ -118,7 +157,9 @@ pub fn name(s: &str) -> ShortString {
 pub fn explain(error: &lapin::Error) -> String {
     let text = error.to_string();
     if text.contains("x-consistent-hash") || text.contains("invalid exchange type") {
-        format!("{text} (enable the plugin: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange, or use one shard)")
+        format!(
+            "{text} (enable the plugin: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange, or use one shard)"
+        )
     } else {
         text
     }

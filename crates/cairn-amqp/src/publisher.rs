@@ -52,7 +52,8 @@ pub struct PublisherConfig {
     pub exchange: String,
     /// Time between two flushes of the background task: at most one burst per root per interval.
     pub interval: Duration,
-    /// Most updates in one message; a root with more pending keys is sent as several messages.
+    /// Most updates in one message; a root with more pending keys is sent as several messages
+    /// (also cut at `cairn_progress`'s `MAX_BURST_UPDATES` and `MAX_BURST_BYTES`).
     pub max_burst: usize,
     /// How long one attempt may wait for the broker (connecting, declaring, confirms) before
     /// its messages count as not delivered and stay buffered.
@@ -75,12 +76,8 @@ impl PublisherConfig {
 /// Why a flush did not deliver everything. The updates concerned stay buffered and are retried.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("cannot reach rabbitmq to publish progress ({pending} keys stay buffered): {source}")]
-    Unavailable {
-        pending: usize,
-        #[source]
-        source: lapin::Error,
-    },
+    #[error("cannot reach rabbitmq to publish progress ({pending} keys stay buffered): {error}")]
+    Unavailable { pending: usize, error: lapin::Error },
     #[error("rabbitmq did not answer within {after:?} ({pending} keys stay buffered)")]
     Timeout { after: Duration, pending: usize },
     #[error("rabbitmq did not confirm {updates} progress updates ({pending} keys stay buffered): {reason}")]
@@ -94,12 +91,7 @@ pub enum PublishError {
     #[error(
         "{undelivered} progress updates were not delivered within the close timeout of {timeout:?}: {last}"
     )]
-    Undelivered {
-        undelivered: usize,
-        timeout: Duration,
-        #[source]
-        last: Box<PublishError>,
-    },
+    Undelivered { undelivered: usize, timeout: Duration, last: Box<PublishError> },
 }
 
 /// Handle to a coalescing publisher; clones share one buffer, one connection and one
@@ -471,7 +463,7 @@ impl Inner {
                 Ok(Ok(confirm)) => confirms.push(confirm),
                 Ok(Err(e)) => {
                     // Nothing from this burst on was sent; settle the ones before it.
-                    let failure = Failure::Broken(PublishError::Unavailable { pending: 0, source: e });
+                    let failure = Failure::Broken(PublishError::Unavailable { pending: 0, error: e });
                     self.settle(flight, &bursts[..confirms.len()], confirms, wait).await?;
                     return Err(failure);
                 }
@@ -548,7 +540,7 @@ impl Inner {
                 let wait = self.config.confirm_timeout;
                 let link = match timeout(wait, self.connect()).await {
                     Ok(Ok(link)) => link,
-                    Ok(Err(source)) => return Err(PublishError::Unavailable { pending: 0, source }),
+                    Ok(Err(error)) => return Err(PublishError::Unavailable { pending: 0, error }),
                     Err(_) => return Err(PublishError::Timeout { after: wait, pending: 0 }),
                 };
                 info!(exchange = %self.config.exchange, "progress publisher connected to rabbitmq");

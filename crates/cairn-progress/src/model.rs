@@ -259,7 +259,7 @@ impl Tree {
             }
             parent.update_time = now_ms;
             if let Some(msg) = msg {
-                parent.last_msg = None;
+                parent.last_msg = Some(msg.to_owned());
             }
             let after = parent.state();
             change = if created { ChildChange::Created(after) } else { ChildChange::Changed(before, after) };

@@ -49,7 +49,9 @@ pub fn json_to_value(value: &Value) -> PbValue {
         Value::Bool(b) => Kind::BoolValue(*b),
         Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
         Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => Kind::ListValue(ListValue { values: items.iter().map(json_to_value).collect() }),
+        Value::Array(items) => {
+            Kind::ListValue(ListValue { values: items.iter().map(json_to_value).collect() })
+        }
         Value::Object(map) => Kind::StructValue(map_to_struct(map)),
     };
     PbValue { kind: Some(kind) }
@@ -93,7 +95,8 @@ impl From<&NodeView> for v1::Node {
 
 impl From<v1::Node> for NodeView {
     fn from(node: v1::Node) -> Self {
-        let mut fields: Map<String, Value> = node.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect();
+        let mut fields: Map<String, Value> =
+            node.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect();
         if let Some(p) = node.progress {
             fields.insert("progress".into(), number_to_json(p));
         }

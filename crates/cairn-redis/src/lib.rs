@@ -17,7 +17,12 @@ pub use progress::{ProgressStore, StoreError};
 #[derive(clap::Args, Debug, Clone)]
 pub struct RedisConfig {
     /// Redis URL (`redis://[user:pass@]host:port/db`).
-    #[arg(id = "redis-url", long = "redis-url", env = "CAIRN_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        id = "redis-url",
+        long = "redis-url",
+        env = "CAIRN_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub url: String,
     /// Prefix of every Redis key Cairn writes.
     #[arg(id = "key-prefix", long = "key-prefix", env = "CAIRN_KEY_PREFIX", default_value = "cairn", value_parser = parse_prefix)]

@@ -2,8 +2,8 @@
 
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Tree, Update};
-use cairn_redis::progress::{Change, ProgressStore, ReadOptions};
 use cairn_redis::RedisConfig;
+use cairn_redis::progress::{Change, ProgressStore, ReadOptions};
 use cairn_testkit::RedisNamespace;
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -37,11 +37,21 @@ async fn assert_matches(store: &ProgressStore, tree: &Tree, k: &Key) -> Result<(
         return Ok(());
     };
     let stored: NodeView = stored.unwrap_or_else(|| panic!("{k} missing in Redis"));
-    prop_assert!(close(stored.progress(), model.progress()), "{k}: progress {:?} vs model {:?}", stored.progress(), model.progress());
+    prop_assert!(
+        close(stored.progress(), model.progress()),
+        "{k}: progress {:?} vs model {:?}",
+        stored.progress(),
+        model.progress()
+    );
     let strip = |fields: Vec<(&String, &Value)>| -> Vec<(String, Value)> {
         fields.into_iter().filter(|(n, _)| *n != "progress").map(|(n, v)| (n.clone(), v.clone())).collect()
     };
-    prop_assert_eq!(strip(stored.fields.iter().collect()), strip(model.fields.iter().collect()), "{} fields", k);
+    prop_assert_eq!(
+        strip(stored.fields.iter().collect()),
+        strip(model.fields.iter().collect()),
+        "{} fields",
+        k
+    );
     prop_assert_eq!(stored.start_time, model.start_time, "{} start_time", k);
     prop_assert_eq!(stored.update_time, model.update_time, "{} update_time", k);
     prop_assert_eq!(&stored.last_msg, &model.last_msg, "{} last_msg", k);
@@ -52,12 +62,28 @@ async fn assert_matches(store: &ProgressStore, tree: &Tree, k: &Key) -> Result<(
     prop_assert_eq!(children, model_children, "{} children", k);
     prop_assert_eq!(stored.child_count, model.children.len() as u64);
     let (sw, swp) = store.sums(k).await.unwrap().expect("sums of an existing node");
-    prop_assert!((sw - model.sum_w).abs() < 1e-6 && (swp - model.sum_wp).abs() < 1e-6, "{k}: sums ({sw}, {swp}) vs model ({}, {})", model.sum_w, model.sum_wp);
+    prop_assert!(
+        (sw - model.sum_w).abs() < 1e-6 && (swp - model.sum_wp).abs() < 1e-6,
+        "{k}: sums ({sw}, {swp}) vs model ({}, {})",
+        model.sum_w,
+        model.sum_wp
+    );
     Ok(())
 }
 
 const KEYS: [&str; 12] = [
-    "a", "a.b", "a.c", "a.b.d", "a.b.e", "a.c.f.g", "_ns.r", "_ns.r.s", "_ns.r.s.t", "_ns.r.u", "a._m.q", "a._m.q.z",
+    "a",
+    "a.b",
+    "a.c",
+    "a.b.d",
+    "a.b.e",
+    "a.c.f.g",
+    "_ns.r",
+    "_ns.r.s",
+    "_ns.r.s.t",
+    "_ns.r.u",
+    "a._m.q",
+    "a._m.q.z",
 ];
 
 #[derive(Debug, Clone)]
@@ -160,7 +186,10 @@ async fn sca_example_sequence_gives_sca_maths() {
         ("_test.scott1", json!({"name": "test instance", "status": "waiting", "msg": "root msg"})),
         ("_test.scott1.task1", json!({"name": "task1", "status": "running", "msg": "initializing"})),
         ("_test.scott1.task2", json!({"name": "task2", "status": "running", "msg": "initializing"})),
-        ("_test.scott1.task2.subtask1", json!({"name": "subtask of task2", "status": "running", "msg": "initializing"})),
+        (
+            "_test.scott1.task2.subtask1",
+            json!({"name": "subtask of task2", "status": "running", "msg": "initializing"}),
+        ),
         ("_test.scott1.task1.subtask1", json!({"name": "task1", "status": "finished", "progress": 1})),
     ];
     for (i, (k, body)) in steps.iter().enumerate() {
@@ -177,7 +206,10 @@ async fn sca_example_sequence_gives_sca_maths() {
     assert_eq!(root.tasks[0].progress(), Some(1.0));
     assert_eq!(root.tasks[1].progress(), Some(0.0));
     assert_eq!(root.tasks[0].counts.get("finished"), Some(&1));
-    assert!(store.get(&key("_test"), &ReadOptions::default()).await.unwrap().is_none(), "namespaces are never nodes");
+    assert!(
+        store.get(&key("_test"), &ReadOptions::default()).await.unwrap().is_none(),
+        "namespaces are never nodes"
+    );
 }
 
 #[tokio::test]
@@ -236,7 +268,10 @@ async fn deleting_a_subtree_fixes_the_parent() {
         ])
         .await
         .unwrap();
-    assert_eq!(store.get(&key("_d.job"), &ReadOptions::default()).await.unwrap().unwrap().progress(), Some(0.5));
+    assert_eq!(
+        store.get(&key("_d.job"), &ReadOptions::default()).await.unwrap().unwrap().progress(),
+        Some(0.5)
+    );
     assert_eq!(store.delete(&key("_d.job.slow"), 3).await.unwrap(), 2);
     let job = store.get(&key("_d.job"), &ReadOptions::default()).await.unwrap().unwrap();
     assert_eq!(job.progress(), Some(1.0));

@@ -7,6 +7,7 @@
 //! services side by side, and tests start many services in parallel.
 
 mod admin;
+mod args;
 mod duration;
 mod healthcheck;
 mod logging;
@@ -14,6 +15,7 @@ mod prometheus;
 mod shutdown;
 
 pub use admin::{Admin, READINESS_TIMEOUT, Readiness, serve_admin};
+pub use args::{parse_args, try_parse_from};
 pub use duration::parse_duration;
 pub use healthcheck::{HEALTHCHECK_TIMEOUT, healthcheck};
 pub use logging::{LogConfig, LogFormat, init_logging};

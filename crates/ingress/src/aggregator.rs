@@ -13,9 +13,9 @@ use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// Upper bound on establishing the connection; a host that drops packets fails this fast rather
 /// than after the whole request timeout.

@@ -28,7 +28,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
-    #[error("request body is larger than {MAX_UPDATE_BYTES} bytes; an update may have at most 64 KiB of JSON")]
+    #[error(
+        "request body is larger than {MAX_UPDATE_BYTES} bytes; an update may have at most 64 KiB of JSON"
+    )]
     PayloadTooLarge,
     #[error("too many requests; retry later")]
     TooManyRequests,
@@ -65,7 +67,9 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, axum::Json(body)).into_response();
         if matches!(self, ApiError::Unavailable | ApiError::TooManyRequests) {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECS));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECS));
         }
         response
     }
@@ -191,7 +195,8 @@ mod tests {
         assert_eq!(got, StatusCode::BAD_REQUEST);
         assert_eq!(json["error"], "invalid JSON: EOF while parsing");
 
-        let (got, _, json) = body(UpdateError::TooLarge { bytes: 70_000, max: MAX_UPDATE_BYTES }.into()).await;
+        let (got, _, json) =
+            body(UpdateError::TooLarge { bytes: 70_000, max: MAX_UPDATE_BYTES }.into()).await;
         assert_eq!(got, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(json["error"].as_str().unwrap().contains("65536"), "{json}");
     }

@@ -100,7 +100,9 @@ impl App {
         info!(addr = %listener.local_addr()?, aggregator = %config.aggregator_url, "ingress starting");
         let stop = CancellationToken::new();
         let mut server = tokio::spawn(
-            axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned()).into_future(),
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
         );
         tokio::select! {
             result = &mut server => {

@@ -36,10 +36,15 @@ pub(crate) fn router(aggregator: Aggregator) -> Router {
 
 /// `GET /status/{key}?depth=N&limit=M&after=K`: the node in SCA's format, or SCA's
 /// `{"key": …, "missing": true}` with 404.
-async fn read(State(aggregator): State<Aggregator>, ReadQuery(read): ReadQuery) -> Result<Json<Value>, ApiError> {
+async fn read(
+    State(aggregator): State<Aggregator>,
+    ReadQuery(read): ReadQuery,
+) -> Result<Json<Value>, ApiError> {
     match aggregator.get(&read).await {
         Ok(node) => Ok(Json(node.to_sca_json())),
-        Err(status) if status.code() == Code::NotFound => Err(ApiError::Missing { key: read.key.to_string() }),
+        Err(status) if status.code() == Code::NotFound => {
+            Err(ApiError::Missing { key: read.key.to_string() })
+        }
         Err(status) => Err(status.into()),
     }
 }
@@ -64,20 +69,27 @@ async fn remove(
 ) -> Result<Json<Value>, ApiError> {
     match aggregator.delete(&key).await? {
         0 => Err(ApiError::Missing { key: key.to_string() }),
-        removed => Ok(Json(json!({ "status": format!("removed {key} and its children"), "removed": removed }))),
+        removed => {
+            Ok(Json(json!({ "status": format!("removed {key} and its children"), "removed": removed })))
+        }
     }
 }
 
 /// `GET /health` (SCA's route): whether the aggregator serves.
 async fn health(State(aggregator): State<Aggregator>) -> Response {
-    let checked =
-        tokio::time::timeout(cairn_runtime::READINESS_TIMEOUT, aggregator.check_health()).await.unwrap_or_else(
-            |_| Err(format!("the progress aggregator did not answer within {:?}", cairn_runtime::READINESS_TIMEOUT)),
-        );
+    let checked = tokio::time::timeout(cairn_runtime::READINESS_TIMEOUT, aggregator.check_health())
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the progress aggregator did not answer within {:?}",
+                cairn_runtime::READINESS_TIMEOUT
+            ))
+        });
     match checked {
         Ok(()) => Json(json!({ "status": "ok" })).into_response(),
         Err(message) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failed", "message": message }))).into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failed", "message": message })))
+                .into_response()
         }
     }
 }
@@ -152,7 +164,11 @@ mod tests {
     use super::*;
 
     fn params(depth: Option<&str>, limit: Option<&str>, after: Option<&str>) -> ReadParams {
-        ReadParams { depth: depth.map(Into::into), limit: limit.map(Into::into), after: after.map(Into::into) }
+        ReadParams {
+            depth: depth.map(Into::into),
+            limit: limit.map(Into::into),
+            after: after.map(Into::into),
+        }
     }
 
     fn message(result: Result<Read, ApiError>) -> String {

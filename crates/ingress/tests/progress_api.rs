@@ -32,7 +32,8 @@ async fn every_validation_rule_is_a_4xx_naming_the_problem() {
     ];
     for (bad, problem) in bad_keys {
         for method in [Method::GET, Method::POST, Method::DELETE] {
-            let request = stack.request(method.clone(), &format!("/status/{bad}")).body(r#"{"progress":0.5}"#);
+            let request =
+                stack.request(method.clone(), &format!("/status/{bad}")).body(r#"{"progress":0.5}"#);
             let reply = stack.send(request).await;
             assert_eq!(reply.status, 400, "{method} {bad}: {}", reply.json);
             assert!(reply.error().contains(problem), "{method} {bad}: {}", reply.error());
@@ -105,8 +106,12 @@ async fn any_content_type_is_read_as_json() {
 #[tokio::test]
 async fn scas_example_sequence() {
     let stack = Stack::start().await;
-    stack.publish("_test.scott1", json!({"name": "test instance", "status": "waiting", "msg": "root msg"})).await;
-    stack.publish("_test.scott1.task1", json!({"name": "task1", "status": "running", "msg": "initializing"})).await;
+    stack
+        .publish("_test.scott1", json!({"name": "test instance", "status": "waiting", "msg": "root msg"}))
+        .await;
+    stack
+        .publish("_test.scott1.task1", json!({"name": "task1", "status": "running", "msg": "initializing"}))
+        .await;
     stack.publish("_test.scott1.task2", json!({"name": "task2", "status": "running"})).await;
     stack.publish("_test.scott1.task2.subtask1", json!({"name": "subtask1", "status": "running"})).await;
     stack
@@ -124,6 +129,9 @@ async fn scas_example_sequence() {
     assert_close(progress(root), 0.5, "root");
     assert_eq!(root["_children"], json!(["_test.scott1.task1", "_test.scott1.task2"]));
     assert_eq!(root["_counts"], json!({"running": 2}));
+    assert_eq!(root["_child_count"], 2);
+    // The latest message below the root, kept apart from the root's own `msg`.
+    assert_eq!(root["_last_msg"], "initializing");
     assert!(root["start_time"].as_i64().unwrap() > 0 && root["update_time"].as_i64().unwrap() > 0);
 
     let tasks = root["tasks"].as_array().expect("tasks at depth 3");
@@ -140,6 +148,8 @@ async fn scas_example_sequence() {
     assert_eq!(subtask["key"], "_test.scott1.task1.subtask1");
     assert_eq!(subtask["status"], "finished");
     assert_close(progress(subtask), 1.0, "task1.subtask1");
+    // The last update touched its ancestors.
+    assert_eq!(root["update_time"], subtask["update_time"]);
     assert!(subtask.get("_children").is_none(), "leaves have no _children: {subtask}");
 
     // Depth 1 (the default) lists the children but does not embed them.
@@ -276,7 +286,7 @@ async fn health_and_readiness_follow_the_aggregator() {
     assert_eq!((ready.status, &ready.json["status"]), (200, &json!("ready")));
     stack.stop().await;
 
-    let lonely = Stack::without_aggregator("http://127.0.0.1:1").await;
+    let lonely = Stack::without_aggregator("http://127.0.0.1:1", "5s").await;
     let alive = lonely.get("/healthz").await;
     assert_eq!(alive.status, 200, "alive does not depend on the aggregator");
     let ready = lonely.get("/readyz").await;
@@ -300,8 +310,33 @@ async fn health_and_readiness_follow_the_aggregator() {
 }
 
 #[tokio::test]
+async fn a_silent_aggregator_is_a_gateway_timeout() {
+    // Accepts connections and never answers: neither the HTTP/2 handshake nor any call completes.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let accepted = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let stack = Stack::without_aggregator(&format!("http://{silent_addr}"), "1s").await;
+
+    let started = std::time::Instant::now();
+    let reply = stack.get("/status/_test.a").await;
+    let elapsed = started.elapsed();
+    assert!(reply.status == 504 || reply.status == 503, "{}: {}", reply.status, reply.json);
+    assert!(reply.error().starts_with("the progress aggregator"), "{}", reply.error());
+    assert!(elapsed < std::time::Duration::from_secs(4), "bounded by the request timeout: {elapsed:?}");
+    let ready = stack.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.json);
+    stack.stop().await;
+    accepted.abort();
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_answer_json() {
-    let stack = Stack::without_aggregator("http://127.0.0.1:1").await;
+    let stack = Stack::without_aggregator("http://127.0.0.1:1", "5s").await;
     let reply = stack.get("/nope").await;
     assert_eq!(reply.status, 404);
     assert_eq!(reply.error(), "no route for GET /nope");
@@ -309,6 +344,7 @@ async fn unknown_routes_and_methods_answer_json() {
     assert_eq!(reply.status, 404);
     let reply = stack.send(stack.request(Method::PUT, "/status/_test.a")).await;
     assert_eq!(reply.status, 405, "{}", reply.json);
+    assert_eq!(reply.headers.get("allow").map(|v| v.to_str().unwrap()), Some("GET,HEAD,POST,DELETE"));
     assert_eq!(reply.error(), "PUT is not allowed on /status/_test.a");
 }
 

@@ -28,7 +28,11 @@ use crate::grpc::ProgressService;
 
 /// Settings of the aggregator: flags, or `CAIRN_*` environment variables.
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "progress-aggregator", version, about = "Applies progress updates and serves the tree over gRPC")]
+#[command(
+    name = "progress-aggregator",
+    version,
+    about = "Applies progress updates and serves the tree over gRPC"
+)]
 pub struct Config {
     #[command(flatten)]
     pub redis: RedisConfig,
@@ -131,7 +135,8 @@ impl App {
             prefetch: config.prefetch,
             batch: config.batch as usize,
         };
-        let consumers = tokio::spawn(consumer::run(store.clone(), settings, connected.clone(), shutdown.clone()));
+        let consumers =
+            tokio::spawn(consumer::run(store.clone(), settings, connected.clone(), shutdown.clone()));
 
         let admin_router = Admin::new("progress-aggregator")
             .readiness(Arc::new(Ready { redis, amqp: connected }))

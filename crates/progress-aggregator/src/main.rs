@@ -1,9 +1,12 @@
 use anyhow::Context;
-use clap::Parser;
 use progress_aggregator::{App, Config};
 
-#[derive(Parser)]
-#[command(name = "progress-aggregator", version, about = "Applies progress updates and serves the tree over gRPC")]
+#[derive(clap::Parser)]
+#[command(
+    name = "progress-aggregator",
+    version,
+    about = "Applies progress updates and serves the tree over gRPC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -19,7 +22,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = cairn_runtime::parse_args();
     if let Some(Command::Healthcheck) = cli.command {
         let url = format!("http://127.0.0.1:{}/healthz", cli.config.admin_addr.port());
         return cairn_runtime::healthcheck(&url).await;

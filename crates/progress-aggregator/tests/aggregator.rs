@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use cairn_progress::Key;
+use cairn_proto::map_to_struct;
 use cairn_proto::v1::progress_client::ProgressClient;
 use cairn_proto::v1::{DeleteRequest, GetRequest, UpdateRequest};
-use cairn_proto::map_to_struct;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
@@ -99,7 +99,13 @@ async fn publish(channel: &Channel, routing_key: &str, body: &[u8], headers: Opt
         properties = properties.with_headers(headers);
     }
     let confirm = channel
-        .basic_publish("progress".into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+        .basic_publish(
+            "progress".into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
         .await
         .expect("publish")
         .await
@@ -127,7 +133,8 @@ async fn poison_messages_are_dead_lettered_while_good_ones_apply() {
     publish(&channel, "_t.job.b", br#"{"progress": 1}"#, None).await;
 
     wait_until("good updates applied", WAIT, || async {
-        progress_of(&store, "_t.job.b").await == Some(1.0) && progress_of(&store, "_t.job.a").await == Some(0.5)
+        progress_of(&store, "_t.job.b").await == Some(1.0)
+            && progress_of(&store, "_t.job.a").await == Some(0.5)
     })
     .await
     .unwrap();
@@ -138,9 +145,8 @@ async fn poison_messages_are_dead_lettered_while_good_ones_apply() {
     let deadline = tokio::time::Instant::now() + WAIT;
     while reasons.len() < 4 && tokio::time::Instant::now() < deadline {
         match vhost.get_message("progress.dead").await {
-            Some(message) => reasons.push(
-                message["properties"]["headers"][ERROR_HEADER].as_str().unwrap_or_default().to_owned(),
-            ),
+            Some(message) => reasons
+                .push(message["properties"]["headers"][ERROR_HEADER].as_str().unwrap_or_default().to_owned()),
             None => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -167,13 +173,17 @@ async fn a_duplicated_message_does_not_double_count() {
     .to_string();
 
     publish(&channel, "_t.r", burst.as_bytes(), Some(headers.clone())).await;
-    wait_until("burst applied", WAIT, || async { progress_of(&store, "_t.r.b").await == Some(1.0) }).await.unwrap();
+    wait_until("burst applied", WAIT, || async { progress_of(&store, "_t.r.b").await == Some(1.0) })
+        .await
+        .unwrap();
     let once = store.get(&key("_t.r"), &ReadOptions::depth(2)).await.unwrap().unwrap();
     let sums_once = store.sums(&key("_t.r")).await.unwrap();
 
     publish(&channel, "_t.r", burst.as_bytes(), Some(headers.clone())).await;
     publish(&channel, "_t.r.c", br#"{"progress": 0}"#, None).await;
-    wait_until("marker applied", WAIT, || async { progress_of(&store, "_t.r.c").await.is_some() }).await.unwrap();
+    wait_until("marker applied", WAIT, || async { progress_of(&store, "_t.r.c").await.is_some() })
+        .await
+        .unwrap();
     store.delete(&key("_t.r.c"), 1_700_000_000_000).await.unwrap();
 
     let mut twice = store.get(&key("_t.r"), &ReadOptions::depth(2)).await.unwrap().unwrap();
@@ -258,7 +268,8 @@ async fn grpc_progress_health_and_reflection() {
 
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
     let aggregator = start(&ns, &vhost, 1).await;
-    let channel = tonic::transport::Endpoint::from_shared(aggregator.grpc.clone()).unwrap().connect().await.unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(aggregator.grpc.clone()).unwrap().connect().await.unwrap();
 
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "cairn.v1.Progress"] {
@@ -312,33 +323,43 @@ async fn grpc_progress_health_and_reflection() {
 }
 
 async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut client = ServerReflectionClient::new(channel);
     let mut stream = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
     let response = stream.message().await.unwrap().expect("one response");
     match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
 
 async fn reflection_services_v1alpha(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
 
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut client = ServerReflectionClient::new(channel);
     let mut stream = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
     let response = stream.message().await.unwrap().expect("one response");
     match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }

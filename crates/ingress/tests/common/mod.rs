@@ -38,7 +38,9 @@ pub struct Reply {
 impl Reply {
     /// The `error` message of an error body.
     pub fn error(&self) -> &str {
-        self.json["error"].as_str().unwrap_or_else(|| panic!("no error message in {}: {}", self.status, self.json))
+        self.json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message in {}: {}", self.status, self.json))
     }
 }
 
@@ -69,7 +71,7 @@ impl Stack {
         let grpc_addr = aggregator.grpc_addr();
         let cancel = CancellationToken::new();
         let aggregator = tokio::spawn(aggregator.run(cancel.clone()));
-        let mut stack = Stack::ingress(&format!("http://{grpc_addr}"), cancel).await;
+        let mut stack = Stack::ingress(&format!("http://{grpc_addr}"), "5s", cancel).await;
         stack._aggregator = Some(aggregator);
         stack._ns = Some(ns);
         stack._vhost = Some(vhost);
@@ -79,12 +81,13 @@ impl Stack {
         stack
     }
 
-    /// An ingress pointed at `aggregator_url`, which need not answer.
-    pub async fn without_aggregator(aggregator_url: &str) -> Stack {
-        Stack::ingress(aggregator_url, CancellationToken::new()).await
+    /// An ingress pointed at `aggregator_url`, which need not answer, with calls to it bounded by
+    /// `request_timeout` (`1s`, `500ms`).
+    pub async fn without_aggregator(aggregator_url: &str, request_timeout: &str) -> Stack {
+        Stack::ingress(aggregator_url, request_timeout, CancellationToken::new()).await
     }
 
-    async fn ingress(aggregator_url: &str, cancel: CancellationToken) -> Stack {
+    async fn ingress(aggregator_url: &str, request_timeout: &str, cancel: CancellationToken) -> Stack {
         let config = ingress::Config::try_parse_from([
             "ingress",
             "--addr",
@@ -92,7 +95,7 @@ impl Stack {
             "--aggregator-url",
             aggregator_url,
             "--request-timeout",
-            "5s",
+            request_timeout,
             "--grace",
             "5s",
         ])
@@ -113,7 +116,8 @@ impl Stack {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let text = response.text().await.expect("response body");
-        let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {text:?}"));
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {text:?}"));
         Reply { status, headers, json }
     }
 

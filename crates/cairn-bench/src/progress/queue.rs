@@ -1,0 +1,144 @@
+//! (b) and (c): how fast one aggregator (`--shards 1`, so one queue as in (a)) applies a backlog.
+//!
+//! Method: start an aggregator once so it declares its topology, stop it, pre-fill `progress.0`
+//! through the `progress` exchange (publisher confirms), then a marker message to
+//! `_bench.done`; start a fresh aggregator on a fresh key prefix and time from its start until
+//! the marker is in Redis. One queue with one consumer applies in order, so the marker lands
+//! last. The time includes the aggregator's start (connecting, declaring: tens of ms).
+
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use cairn_progress::{Key, Update, encode_burst};
+use cairn_testkit::{AmqpVhost, RedisNamespace};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use progress_aggregator::consumer::{TIME_HEADER, now_ms};
+use serde_json::{Map, Value, json};
+
+use super::system::Probe;
+use super::{
+    Aggregator, Args, DEAD_LETTER_QUEUE, DRAIN_TIMEOUT, EXCHANGE, MARKER_BODY, MARKER_KEY, Publisher,
+    SHARD_QUEUE, connect, key, properties, queue_len, rate, round, single_message, store, wait_for_key,
+};
+
+/// One message to pre-fill.
+struct Message {
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+}
+
+/// What a timed drain measured.
+struct Drained {
+    elapsed: Duration,
+    publish_elapsed: Duration,
+    dead_lettered: u64,
+    cpu: Value,
+}
+
+/// (b): the single-update messages of (a), applied into a depth-4 tree.
+pub(super) async fn measure_single(args: &Args) -> anyhow::Result<Map<String, Value>> {
+    let n = args.messages;
+    let messages = (0..n).map(|i| {
+        let (routing_key, body) = single_message(i);
+        Message { routing_key, body, properties: properties() }
+    });
+    let drained = prefill_and_drain(args, "b", n, messages).await?;
+    // The marker is one more single-update message.
+    let per_s = rate(n + 1, drained.elapsed);
+    eprintln!("cairn-bench: (b) {per_s} single updates/s");
+    let mut out = Map::new();
+    out.insert("b_single_updates_per_s".into(), json!(per_s));
+    out.insert("b_drain_s".into(), json!(round(drained.elapsed.as_secs_f64(), 3)));
+    out.insert("b_publish_msgs_per_s".into(), json!(rate(n + 1, drained.publish_elapsed)));
+    out.insert("b_dead_lettered".into(), json!(drained.dead_lettered));
+    out.insert("b_cpu".into(), drained.cpu);
+    Ok(out)
+}
+
+/// (c): bursts from `--burst-producers` producers, each owning a depth-4 subtree
+/// `_bench.c{j}.x{..}.y{..}.z{..}` and sending the latest progress of every one of its leaves
+/// in turn, as a coalescing producer does.
+pub(super) async fn measure_bursts(args: &Args) -> anyhow::Result<Map<String, Value>> {
+    let size = args.burst_size;
+    let bursts = args.burst_updates.div_ceil(size);
+    let updates = bursts * size;
+    let leaves: Vec<Vec<Key>> = (0..args.burst_producers)
+        .map(|j| {
+            (0..size)
+                .map(|u| key(&format!("_bench.c{j}.x{}.y{}.z{}", u / 100, u / 10 % 10, u % 10)))
+                .collect::<anyhow::Result<_>>()
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let rounds = bursts.div_ceil(args.burst_producers);
+    let mut headers = FieldTable::default();
+    // As Cairn's publisher does: the time to store, so a redelivery leaves the same tree.
+    headers.insert(TIME_HEADER.into(), AMQPValue::LongLongInt(now_ms()));
+    let messages = (0..bursts).map(move |m| {
+        let j = m % args.burst_producers;
+        let progress = ((m / args.burst_producers + 1) as f64 / rounds as f64).min(1.0);
+        let burst: Vec<(Key, Update)> =
+            leaves[j as usize].iter().map(|leaf| (leaf.clone(), Update::new().progress(progress))).collect();
+        Message {
+            routing_key: format!("_bench.c{j}"),
+            body: encode_burst(&burst),
+            properties: properties().with_headers(headers.clone()),
+        }
+    });
+    let drained = prefill_and_drain(args, "c", bursts, messages).await?;
+    let per_s = rate(updates + 1, drained.elapsed);
+    eprintln!("cairn-bench: (c) {per_s} burst updates/s");
+    let mut out = Map::new();
+    out.insert("c_burst_updates_per_s".into(), json!(per_s));
+    out.insert("c_burst_msgs_per_s".into(), json!(rate(bursts + 1, drained.elapsed)));
+    out.insert("c_drain_s".into(), json!(round(drained.elapsed.as_secs_f64(), 3)));
+    out.insert("c_updates".into(), json!(updates));
+    out.insert("c_dead_lettered".into(), json!(drained.dead_lettered));
+    out.insert("c_cpu".into(), drained.cpu);
+    Ok(out)
+}
+
+async fn prefill_and_drain(
+    args: &Args,
+    label: &str,
+    count: u64,
+    messages: impl Iterator<Item = Message>,
+) -> anyhow::Result<Drained> {
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let declaring = Aggregator::start(&ns, &vhost, args).await?;
+    declaring.wait_ready().await?;
+    declaring.stop().await?;
+
+    eprintln!("cairn-bench: ({label}) publishing {count} messages and the marker with confirms");
+    let conn = connect(&vhost.url).await?;
+    let mut publisher = Publisher::new(&conn, args.confirm_window).await?;
+    let published = Instant::now();
+    for message in messages {
+        publisher.publish(EXCHANGE, &message.routing_key, &message.body, message.properties).await?;
+    }
+    publisher.publish(EXCHANGE, MARKER_KEY, MARKER_BODY, properties()).await?;
+    publisher.finish().await?;
+    let publish_elapsed = published.elapsed();
+    let check = conn.create_channel().await?;
+    let queued = queue_len(&check, SHARD_QUEUE).await?;
+    ensure!(queued == count + 1, "{SHARD_QUEUE} holds {queued} messages, expected {}", count + 1);
+
+    eprintln!("cairn-bench: ({label}) draining with a fresh aggregator");
+    let store = store(&ns)?;
+    let marker = key(MARKER_KEY)?;
+    let mut probe = Probe::new(&ns.url).await?;
+    let before = probe.sample().await?;
+    let started = Instant::now();
+    let aggregator = Aggregator::start(&ns, &vhost, args).await?;
+    wait_for_key(&store, &marker, DRAIN_TIMEOUT).await?;
+    let elapsed = started.elapsed();
+    let after = probe.sample().await?;
+    aggregator.stop().await?;
+    let dead_lettered = queue_len(&check, DEAD_LETTER_QUEUE).await?;
+    let left = queue_len(&check, SHARD_QUEUE).await?;
+    ensure!(left == 0, "{SHARD_QUEUE} still holds {left} messages after the marker was applied");
+    let _ = conn.close(200, "benchmark done".into()).await;
+    eprintln!("cairn-bench: ({label}) cleaning up the key prefix and vhost");
+    Ok(Drained { elapsed, publish_elapsed, dead_lettered, cpu: after.since(&before) })
+}

@@ -1,0 +1,163 @@
+//! Where the time goes during a timed phase: CPU used by this process (client and in-process
+//! services), by Redis (its own `INFO cpu`) and by RabbitMQ (`beam.smp` found in `/proc`, when
+//! it runs on this machine), and the time Redis spent running scripts (`INFO commandstats`).
+//!
+//! Redis is shared with whatever else runs against it, so its figures are upper bounds for the
+//! benchmark's own load.
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use redis::aio::ConnectionManager;
+use serde_json::{Value, json};
+
+use super::round;
+
+/// Clock ticks per second of `/proc/*/stat` times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+const CLOCK_TICKS: f64 = 100.0;
+
+/// Cores, and the Redis version when Redis answers.
+pub(super) async fn machine(redis_url: &str) -> Value {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let version = match Probe::new(redis_url).await {
+        Ok(mut probe) => probe.info("server").await.ok().and_then(|info| field(&info, "redis_version")),
+        Err(_) => None,
+    };
+    json!({"cores": cores, "redis_version": version})
+}
+
+/// Samples CPU and script time; see [`Sample::since`].
+pub(super) struct Probe {
+    redis: ConnectionManager,
+    rabbitmq: Option<u32>,
+}
+
+/// Cumulative counters at one instant.
+pub(super) struct Sample {
+    at: Instant,
+    bench_s: Option<f64>,
+    redis_s: Option<f64>,
+    rabbitmq_s: Option<f64>,
+    script_calls: u64,
+    script_usec: u64,
+}
+
+impl Probe {
+    pub(super) async fn new(redis_url: &str) -> anyhow::Result<Probe> {
+        let client =
+            redis::Client::open(redis_url).with_context(|| format!("invalid Redis URL {redis_url:?}"))?;
+        let redis = ConnectionManager::new(client)
+            .await
+            .with_context(|| format!("cannot connect to Redis at {redis_url} (CAIRN_TEST_REDIS_URL)"))?;
+        Ok(Probe { redis, rabbitmq: find_process("beam.smp") })
+    }
+
+    async fn info(&mut self, sections: &str) -> anyhow::Result<String> {
+        let mut cmd = redis::cmd("INFO");
+        for section in sections.split_whitespace() {
+            cmd.arg(section);
+        }
+        Ok(cmd.query_async(&mut self.redis).await?)
+    }
+
+    pub(super) async fn sample(&mut self) -> anyhow::Result<Sample> {
+        let info = self.info("cpu commandstats").await?;
+        let cpu = |name| field(&info, name).and_then(|v| v.parse::<f64>().ok());
+        let redis_s = cpu("used_cpu_user").zip(cpu("used_cpu_sys")).map(|(u, s)| u + s);
+        let (mut script_calls, mut script_usec) = (0, 0);
+        for command in ["cmdstat_eval", "cmdstat_evalsha"] {
+            if let Some(stats) = field(&info, command) {
+                script_calls += stat(&stats, "calls");
+                script_usec += stat(&stats, "usec");
+            }
+        }
+        Ok(Sample {
+            at: Instant::now(),
+            bench_s: process_cpu_s("self"),
+            redis_s,
+            rabbitmq_s: self.rabbitmq.and_then(|pid| process_cpu_s(&pid.to_string())),
+            script_calls,
+            script_usec,
+        })
+    }
+}
+
+impl Sample {
+    /// From `earlier` to this sample: wall time, the average number of cores each process kept
+    /// busy, and the number and total time of Redis script calls (how busy Redis's one thread
+    /// was running Cairn's Lua).
+    pub(super) fn since(&self, earlier: &Sample) -> Value {
+        let wall = self.at.duration_since(earlier.at).as_secs_f64();
+        let cores =
+            |now: Option<f64>, then: Option<f64>| now.zip(then).map(|(n, t)| round((n - t) / wall, 2));
+        let calls = self.script_calls.saturating_sub(earlier.script_calls);
+        let usec = self.script_usec.saturating_sub(earlier.script_usec);
+        json!({
+            "wall_s": round(wall, 3),
+            "bench_cores": cores(self.bench_s, earlier.bench_s),
+            "redis_cores": cores(self.redis_s, earlier.redis_s),
+            "rabbitmq_cores": cores(self.rabbitmq_s, earlier.rabbitmq_s),
+            "redis_script_calls": calls,
+            "redis_script_busy": round(usec as f64 / 1e6 / wall, 2),
+            "redis_script_us_per_call": if calls > 0 { Some(round(usec as f64 / calls as f64, 1)) } else { None },
+        })
+    }
+
+    /// Microseconds Redis spent in scripts since `earlier`.
+    pub(super) fn script_usec_since(&self, earlier: &Sample) -> u64 {
+        self.script_usec.saturating_sub(earlier.script_usec)
+    }
+}
+
+/// `name:value` from an `INFO` answer.
+fn field(info: &str, name: &str) -> Option<String> {
+    info.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_owned()))
+}
+
+/// `calls=…` from a `cmdstat_*` line (`calls=3,usec=20,usec_per_call=6.67,…`).
+fn stat(stats: &str, name: &str) -> u64 {
+    stats.split(',').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(0)
+}
+
+/// User plus system CPU seconds of `/proc/{pid}/stat`.
+fn process_cpu_s(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / CLOCK_TICKS)
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
+    // Field 3 (state) is the first; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The pid of the first process whose `comm` is `name`.
+fn find_process(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim() == name).then_some(pid)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_info_and_stat_lines() {
+        let info = "# CPU\r\nused_cpu_sys:1.5\r\nused_cpu_user:2.25\r\n# Commandstats\r\n\
+                    cmdstat_evalsha:calls=10,usec=250,usec_per_call=25.00,rejected_calls=0\r\n";
+        assert_eq!(field(info, "used_cpu_user").as_deref(), Some("2.25"));
+        assert_eq!(field(info, "used_cpu"), None);
+        let stats = field(info, "cmdstat_evalsha").unwrap();
+        assert_eq!((stat(&stats, "calls"), stat(&stats, "usec")), (10, 250));
+        assert_eq!(stat(&stats, "missing"), 0);
+        let proc_stat = "2960 (beam smp) S 1 2960 2960 0 -1 4194560 100 0 0 0 700 55 0 0 20 0 30 0";
+        assert_eq!(parse_cpu_ticks(proc_stat), Some(755));
+    }
+}

@@ -1,0 +1,91 @@
+//! Parsing a service's flags and `CAIRN_*` variables so a bad value names its variable.
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use std::error::Error as _;
+
+use clap::Parser;
+
+/// Parses `T` from the process arguments and environment. A bad value set through an
+/// environment variable exits with a message that names the variable, e.g.
+/// `error: CAIRN_PROGRESS_SHARDS="0" is invalid: 0 is not in 1..=256`.
+pub fn parse_args<T: Parser>() -> T {
+    match try_parse_from::<T, _, _>(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// Like [`parse_args`] but returns the (explained) error text instead of exiting; `--help` and
+/// `--version` come back as their text too.
+pub fn try_parse_from<T, I, S>(args: I) -> Result<T, String>
+where
+    T: Parser,
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    let mut command = T::command();
+    let error = match command.try_get_matches_from_mut(args) {
+        Ok(mut matches) => match T::from_arg_matches_mut(&mut matches) {
+            Ok(parsed) => return Ok(parsed),
+            Err(error) => error,
+        },
+        Err(error) => error,
+    };
+    Err(explain(&command, &error).unwrap_or_else(|| error.render().to_string()))
+}
+
+/// Names the environment variable behind an invalid value, when the value came from one.
+fn explain(command: &clap::Command, error: &clap::Error) -> Option<String> {
+    if !matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else { return None };
+    let long = arg.trim_start_matches("--").split([' ', '=']).next()?;
+    let env = find_env(command, long)?;
+    let value = std::env::var(&env).ok()?;
+    let reason = error
+        .source()
+        .map(ToString::to_string)
+        .or_else(|| error.get(ContextKind::ValidValue).map(|valid| format!("expected one of {valid}")));
+    let reason = reason.unwrap_or_else(|| "not a valid value".into());
+    Some(format!("error: {env}={value:?} is invalid: {reason}"))
+}
+
+fn find_env(command: &clap::Command, long: &str) -> Option<String> {
+    let here = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned());
+    here.or_else(|| command.get_subcommands().find_map(|sub| find_env(sub, long)))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Example {
+        #[arg(long, env = "CAIRN_TEST_ARGS_SHARDS_UNSET_IN_CI", default_value_t = 4,
+              value_parser = clap::value_parser!(u16).range(1..=256))]
+        shards: u16,
+    }
+
+    #[test]
+    fn flag_errors_keep_clap_wording() {
+        let error = try_parse_from::<Example, _, _>(["x", "--shards", "0"]).unwrap_err();
+        assert!(error.contains("--shards"), "{error}");
+    }
+
+    #[test]
+    fn finds_the_variable_of_a_flag() {
+        let command = Example::command();
+        assert_eq!(find_env(&command, "shards").as_deref(), Some("CAIRN_TEST_ARGS_SHARDS_UNSET_IN_CI"));
+        assert_eq!(find_env(&command, "nope"), None);
+    }
+}
