@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 use tracing::{info, warn};
 
-pub use crate::aggregator::Aggregator;
+pub use crate::aggregator::{Aggregator, Read, UrlError};
 pub use crate::error::ApiError;
 
 /// Settings of the ingress: flags, or `CAIRN_*` environment variables.

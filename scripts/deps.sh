@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Makes sure Redis (>= 7) and RabbitMQ (with the management and consistent-hash plugins) are
+# installed and answering on their standard local ports. Installs them with apt where missing
+# (Debian/Ubuntu), starts them where stopped. Idempotent.
+#
+# With CAIRN_STARTED_FILE set, appends "redis" / "rabbitmq" to that file for what it started, so
+# the caller can stop exactly that (scripts/dev.sh does).
+set -euo pipefail
+
+log() { echo "deps: $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  local port=$1 what=$2 tries=${3:-120}
+  for _ in $(seq "$tries"); do port_open "$port" && return 0; sleep 0.5; done
+  log "$what did not open port $port"; return 1
+}
+started() { if [ -n "${CAIRN_STARTED_FILE:-}" ]; then echo "$1" >> "$CAIRN_STARTED_FILE"; fi; }
+
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! command -v redis-server >/dev/null; then log "installing redis"; apt_install redis-server; fi
+if ! port_open 6379; then
+  log "starting redis on 127.0.0.1:6379"
+  as_root mkdir -p /var/lib/redis /var/log/redis
+  as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/cairn.log
+  wait_port 6379 redis
+  started redis
+fi
+
+if ! command -v rabbitmq-server >/dev/null; then log "installing rabbitmq"; apt_install rabbitmq-server; fi
+if ! port_open 5672; then
+  log "starting rabbitmq on 127.0.0.1:5672"
+  as_root rabbitmq-server -detached
+  wait_port 5672 rabbitmq 240
+  started rabbitmq
+fi
+as_root rabbitmqctl -q await_startup >/dev/null
+# The management API isolates tests in vhosts; consistent hashing shards the progress queue.
+as_root rabbitmq-plugins -q enable rabbitmq_management rabbitmq_consistent_hash_exchange >/dev/null
+wait_port 15672 "rabbitmq management" 240
+log "redis on 127.0.0.1:6379, rabbitmq on 127.0.0.1:5672 (management on :15672)"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real Redis and RabbitMQ (installed and started if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cairn-target}"
+scripts/deps.sh
+cargo test --workspace --locked "$@"
