@@ -202,9 +202,8 @@ async fn consume(
     cancel: &CancellationToken,
 ) -> Result<(), ConsumeError> {
     let setup = conn.create_channel().await?;
-    settings.topology.declare(&setup).await.map_err(|e| {
-        warn!(error = %explain(&e), "cannot declare the progress topology");
-        e
+    settings.topology.declare(&setup).await.inspect_err(|e| {
+        warn!(error = %explain(e), "cannot declare the progress topology");
     })?;
     let mut shards = JoinSet::new();
     for queue in settings.topology.queues() {
