@@ -27,6 +27,9 @@ pub enum MessageError {
         "update {index} of the burst: key \"{key}\" is outside the subtree of routing key \"{routing_key}\""
     )]
     OutsideSubtree { index: usize, key: Key, routing_key: Key },
+    /// Namespaces (`_portal`, `a._x`) are boundaries, never nodes: post below them.
+    #[error("{}key \"{key}\" is a namespace; post progress to a key below it", burst_position(*index))]
+    NamespaceKey { index: Option<usize>, key: Key },
     /// `index` is `None` for a single-update (SCA) body.
     #[error("{}{source}", burst_position(*index))]
     Update { index: Option<usize>, source: UpdateError },
@@ -60,6 +63,9 @@ pub fn parse_message(routing_key: &str, body: &[u8]) -> Result<Vec<(Key, Update)
                     index: None,
                     source: UpdateError::TooLarge { bytes: body.len(), max: MAX_UPDATE_BYTES },
                 });
+            }
+            if routing_key.is_namespace() {
+                return Err(MessageError::NamespaceKey { index: None, key: routing_key });
             }
             let update =
                 Update::from_json(&value).map_err(|source| MessageError::Update { index: None, source })?;
@@ -120,6 +126,9 @@ fn parse_burst(routing_key: &Key, items: Vec<Value>) -> Result<Vec<(Key, Update)
         if !routing_key.contains(&key) {
             return Err(MessageError::OutsideSubtree { index, key, routing_key: routing_key.clone() });
         }
+        if key.is_namespace() {
+            return Err(MessageError::NamespaceKey { index: Some(index), key });
+        }
         let update = Update::from_json(&Value::Object(fields)).map_err(update_error)?;
         out.push((key, update));
     }
@@ -172,6 +181,20 @@ pub fn encode_bursts(updates: &[(Key, Update)]) -> Vec<Vec<u8>> {
         bursts.push(current);
     }
     bursts
+}
+
+#[cfg(test)]
+mod namespace_tests {
+    use super::*;
+
+    #[test]
+    fn namespace_keys_are_refused_but_may_route_bursts() {
+        let err = parse_message("_portal", br#"{"progress": 0.5}"#).unwrap_err();
+        assert_eq!(err.to_string(), "key \"_portal\" is a namespace; post progress to a key below it");
+        let err = parse_message("_r", br#"[{"key": "_r.a._b", "progress": 1}]"#).unwrap_err();
+        assert!(matches!(err, MessageError::NamespaceKey { index: Some(0), .. }), "{err}");
+        assert_eq!(parse_message("_r", br#"[{"key": "_r.a", "progress": 1}]"#).unwrap().len(), 1);
+    }
 }
 
 #[cfg(test)]

@@ -97,7 +97,7 @@ impl Aggregator {
                 status => Err(format!("the progress aggregator reports {}", status.as_str_name())),
             },
             Err(status) => {
-                tracing::debug!(code = ?status.code(), message = status.message(), "aggregator health check failed");
+                tracing::debug!(code = ?status.code(), detail = status.message(), "aggregator health check failed");
                 Err(format!("the progress aggregator did not answer its health check ({:?})", status.code()))
             }
         }

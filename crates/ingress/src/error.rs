@@ -83,19 +83,19 @@ impl From<Status> for ApiError {
             Code::InvalidArgument => ApiError::BadRequest(status.message().to_owned()),
             Code::NotFound => ApiError::NotFound(status.message().to_owned()),
             Code::Unavailable => {
-                tracing::warn!(message = status.message(), "progress aggregator unavailable");
+                tracing::warn!(detail = status.message(), "progress aggregator unavailable");
                 ApiError::Unavailable
             }
             Code::DeadlineExceeded => {
-                tracing::warn!(message = status.message(), "progress aggregator call timed out");
+                tracing::warn!(detail = status.message(), "progress aggregator call timed out");
                 ApiError::Timeout
             }
             Code::ResourceExhausted => {
-                tracing::warn!(message = status.message(), "progress aggregator refused a call as too much");
+                tracing::warn!(detail = status.message(), "progress aggregator refused a call as too much");
                 ApiError::TooManyRequests
             }
             code => {
-                tracing::error!(?code, message = status.message(), "progress aggregator call failed");
+                tracing::error!(?code, detail = status.message(), "progress aggregator call failed");
                 ApiError::Internal
             }
         }

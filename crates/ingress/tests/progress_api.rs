@@ -104,6 +104,19 @@ async fn any_content_type_is_read_as_json() {
 }
 
 #[tokio::test]
+async fn namespaces_are_boundaries_never_nodes() {
+    let stack = Stack::start().await;
+    for key in ["_test", "_test.job._inner"] {
+        let reply = stack.post(key, r#"{"progress":0.5}"#).await;
+        assert_eq!(reply.status, 400, "{key}: {}", reply.json);
+        assert!(reply.error().contains("namespace"), "{key}: {}", reply.error());
+    }
+    assert_eq!(stack.get("/status/_test").await.status, 404);
+    assert_eq!(stack.post("_test.job._inner.step", r#"{"progress":0.5}"#).await.status, 200);
+    assert_eq!(stack.get("/status/_test.job._inner").await.status, 404, "not created as an ancestor");
+}
+
+#[tokio::test]
 async fn scas_example_sequence() {
     let stack = Stack::start().await;
     stack

@@ -65,6 +65,12 @@ impl Progress for ProgressService {
     async fn update(&self, request: Request<UpdateRequest>) -> Result<Response<UpdateResponse>, Status> {
         let request = request.into_inner();
         let key = parse_key(&request.key, "key")?;
+        if key.is_namespace() {
+            return Err(Status::invalid_argument(format!(
+                "key {:?} is a namespace; post progress to a key below it",
+                key.as_str()
+            )));
+        }
         let fields = request.fields.map(|s| struct_to_json(&s)).unwrap_or_else(|| serde_json::json!({}));
         let update = Update::from_json(&fields).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let change = Change { key, update, time_ms: now_ms() };

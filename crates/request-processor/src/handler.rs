@@ -1,0 +1,91 @@
+//! What a request runs: the [`Handler`] trait, the [`Context`] a run gets, and how a run fails.
+//!
+//! Build a processor with your own handlers by registering them in a [`HandlerSet`] and passing it
+//! to `App::build_with_handlers` (see `examples/custom_handler.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cairn_amqp::ProgressPublisher;
+use cairn_progress::{Key, Update};
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// Runs one attempt of a request. Return the result, or say whether the failure is worth
+/// retrying. Stop promptly when `ctx.cancel` fires (cancellation, lost lease, shutdown).
+pub trait Handler: Send + Sync + 'static {
+    fn handle<'a>(&'a self, ctx: &'a Context) -> BoxFuture<'a, Result<Value, HandlerError>>;
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth another attempt later (upstream 5xx, timeout, a resource briefly away).
+    #[error("{0}")]
+    Retryable(String),
+    /// Will fail the same way every time (bad payload, upstream 4xx): the request is dead.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Everything a handler knows about the attempt it runs.
+pub struct Context {
+    pub request_id: String,
+    pub handler: String,
+    pub payload: Value,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub progress_key: Key,
+    /// `{ingress}/status/{progress_key}`: where an external program can POST its progress.
+    pub progress_url: String,
+    pub traceparent: Option<String>,
+    /// Fires when the run must stop: cancellation requested, lease lost, or timeout.
+    pub cancel: CancellationToken,
+    pub(crate) publisher: ProgressPublisher,
+}
+
+impl Context {
+    /// Reports progress of this request's own node (coalesced, never blocks, never fails).
+    pub fn report(&self, update: Update) {
+        self.publisher.publish(self.progress_key.clone(), update);
+    }
+
+    /// Reports progress of a sub-step `{progress_key}.{step}`; it rolls up into the request's
+    /// node by its weight. An invalid step name is ignored with a warning.
+    pub fn report_step(&self, step: &str, update: Update) {
+        match Key::parse(&format!("{}.{step}", self.progress_key)) {
+            Ok(key) => self.publisher.publish(key, update),
+            Err(error) => tracing::warn!(%error, step, "ignoring progress of an invalid step name"),
+        }
+    }
+}
+
+/// The handlers a processor knows, by name.
+#[derive(Clone, Default)]
+pub struct HandlerSet {
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+impl HandlerSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, name: impl Into<String>, handler: impl Handler) -> Self {
+        self.handlers.insert(name.into(), Arc::new(handler));
+        self
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, handler: Arc<dyn Handler>) {
+        self.handlers.insert(name.into(), handler);
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(name).cloned()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+}
