@@ -5,6 +5,7 @@
 //! (`XREADGROUP … BLOCK`) open their own connection with [`RedisConfig::dedicated`].
 
 pub mod progress;
+pub mod requests;
 
 use std::time::Duration;
 

@@ -134,13 +134,21 @@ impl Submission {
         }
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|err| SubmitError::InvalidJson { detail: err.to_string() })?;
-        Submission::from_json(&value)
+        Submission::from_value(value)
     }
 
     /// Parses and validates a submission from a JSON value. `null` counts as absent for the
     /// optional fields, as JSON clients commonly send it.
     pub fn from_json(value: &Value) -> Result<Submission, SubmitError> {
-        let Value::Object(map) = value else {
+        if !value.is_object() {
+            return Err(SubmitError::NotAnObject);
+        }
+        Submission::from_value(value.clone())
+    }
+
+    /// [`Submission::from_json`] for an owned value, which saves copying a large payload.
+    pub fn from_value(value: Value) -> Result<Submission, SubmitError> {
+        let Value::Object(mut map) = value else {
             return Err(SubmitError::NotAnObject);
         };
         if let Some(unknown) = map.keys().find(|name| !FIELDS.contains(&name.as_str())) {
@@ -156,7 +164,7 @@ impl Submission {
                 ));
             }
         };
-        let progress_key = match present(map, "progress_key") {
+        let progress_key = match present(&map, "progress_key") {
             None => None,
             Some(Value::String(s)) => {
                 Some(Key::parse(s).map_err(|err| SubmitError::field("progress_key", err.to_string()))?)
@@ -168,7 +176,7 @@ impl Submission {
                 ));
             }
         };
-        let max_attempts = match present(map, "max_attempts") {
+        let max_attempts = match present(&map, "max_attempts") {
             None => None,
             Some(value) => Some(
                 value
@@ -183,7 +191,7 @@ impl Submission {
                     })?,
             ),
         };
-        let timeout_ms = match present(map, "timeout_ms") {
+        let timeout_ms = match present(&map, "timeout_ms") {
             None => None,
             Some(value) => {
                 Some(value.as_u64().filter(|n| (1..=MAX_TIMEOUT_MS).contains(n)).ok_or_else(|| {
@@ -191,7 +199,7 @@ impl Submission {
                 })?)
             }
         };
-        let idempotency_key = match present(map, "idempotency_key") {
+        let idempotency_key = match present(&map, "idempotency_key") {
             None => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(other) => {
@@ -203,7 +211,7 @@ impl Submission {
         };
         let submission = Submission {
             handler,
-            payload: map.get("payload").cloned().unwrap_or(Value::Null),
+            payload: map.remove("payload").unwrap_or(Value::Null),
             progress_key,
             max_attempts,
             timeout_ms,
@@ -287,7 +295,7 @@ impl Serialize for Submission {
 impl<'de> Deserialize<'de> for Submission {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Submission, D::Error> {
         let value = Value::deserialize(deserializer)?;
-        Submission::from_json(&value).map_err(serde::de::Error::custom)
+        Submission::from_value(value).map_err(serde::de::Error::custom)
     }
 }
 

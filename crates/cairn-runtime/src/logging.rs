@@ -20,13 +20,13 @@ pub struct LogConfig {
     #[arg(long = "log-format", env = "CAIRN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Which events to log, as a tracing `EnvFilter` directive (e.g. `info,cairn_redis=debug`).
-    #[arg(long = "log-level", env = "CAIRN_LOG", default_value = "info")]
+    #[arg(long = "log-level", env = "CAIRN_LOG", default_value = "info,lapin=error")]
     pub log_level: String,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { log_format: LogFormat::Text, log_level: "info".to_owned() }
+        Self { log_format: LogFormat::Text, log_level: "info,lapin=error".to_owned() }
     }
 }
 
@@ -70,7 +70,7 @@ mod tests {
     fn flags_parse_and_default() {
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert_eq!(cli.log.log_format, LogFormat::Text);
-        assert_eq!(cli.log.log_level, "info");
+        assert_eq!(cli.log.log_level, "info,lapin=error");
 
         let cli = Cli::try_parse_from(["x", "--log-format", "json", "--log-level", "debug"]).unwrap();
         assert_eq!(cli.log.log_format, LogFormat::Json);

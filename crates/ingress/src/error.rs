@@ -1,7 +1,8 @@
 //! The one place where failures become HTTP answers.
 //!
 //! Every error body is JSON, `{"error": "<message a user can act on>"}`, except a missing progress
-//! node, which answers SCA's `{"key": …, "missing": true}`. Messages from the aggregator are passed
+//! node, which answers SCA's `{"key": …, "missing": true}`, and a missing request, which answers
+//! `{"id": …, "missing": true}` in the same spirit. Messages from the aggregator are passed
 //! on only when they describe the caller's mistake (`INVALID_ARGUMENT`, `NOT_FOUND`); anything
 //! else is logged here and answered with a generic message, so internals never leak.
 
@@ -12,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use cairn_progress::{MAX_UPDATE_BYTES, UpdateError};
 use serde_json::json;
 use tonic::{Code, Status};
+
+use crate::requests::RequestsError;
 
 /// Seconds a client should wait before retrying a 503 or 429.
 const RETRY_AFTER_SECS: &str = "1";
@@ -26,18 +29,33 @@ pub enum ApiError {
     Missing { key: String },
     #[error("{0}")]
     NotFound(String),
+    /// No request with this id.
+    #[error("no request {id}")]
+    RequestMissing { id: String },
+    /// The request conflicts with the state of what it names.
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     MethodNotAllowed(String),
     #[error(
         "request body is larger than {MAX_UPDATE_BYTES} bytes; an update may have at most 64 KiB of JSON"
     )]
     PayloadTooLarge,
+    /// A request body over a limit other than the progress update's; the message names it.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("too many requests; retry later")]
     TooManyRequests,
+    /// Backpressure: the queue is longer than the configured bound.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("the progress aggregator is unavailable; retry shortly")]
     Unavailable,
     #[error("the progress aggregator did not answer in time; retry shortly")]
     Timeout,
+    /// Redis, which holds the request queue, did not answer (in time).
+    #[error("the request queue is unavailable; retry shortly")]
+    QueueUnavailable,
     /// Details are logged where the error is classified, never sent.
     #[error("internal error; the ingress log has the details")]
     Internal,
@@ -47,11 +65,16 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Missing { .. } | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Missing { .. } | ApiError::NotFound(_) | ApiError::RequestMissing { .. } => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::Overloaded(_) | ApiError::QueueUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -63,10 +86,12 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = match &self {
             ApiError::Missing { key } => json!({ "key": key, "missing": true }),
+            ApiError::RequestMissing { id } => json!({ "id": id, "missing": true }),
             other => json!({ "error": other.to_string() }),
         };
         let mut response = (status, axum::Json(body)).into_response();
-        if matches!(self, ApiError::Unavailable | ApiError::TooManyRequests) {
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE || self.status() == StatusCode::TOO_MANY_REQUESTS
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECS));
@@ -121,6 +146,27 @@ impl From<UpdateError> for ApiError {
             UpdateError::TooLarge { .. } => ApiError::PayloadTooLarge,
             UpdateError::InvalidJson { detail } => ApiError::BadRequest(format!("invalid JSON: {detail}")),
             other => ApiError::BadRequest(other.to_string()),
+        }
+    }
+}
+
+/// The request API's failures: the caller's mistakes pass through with their message, Redis
+/// being away is retryable, the rest was logged where it happened.
+impl From<RequestsError> for ApiError {
+    fn from(error: RequestsError) -> ApiError {
+        match error {
+            RequestsError::Invalid(e) if e.is_too_large() => ApiError::TooLarge(e.to_string()),
+            RequestsError::Invalid(_) | RequestsError::UnknownHandler { .. } => {
+                ApiError::BadRequest(error.to_string())
+            }
+            RequestsError::Overloaded { .. } => ApiError::Overloaded(error.to_string()),
+            RequestsError::Missing { id } => ApiError::RequestMissing { id },
+            RequestsError::NotDeadLetter { .. } => ApiError::NotFound(error.to_string()),
+            RequestsError::IdempotencyConflict { .. }
+            | RequestsError::AlreadyFinished { .. }
+            | RequestsError::NotDead { .. } => ApiError::Conflict(error.to_string()),
+            RequestsError::Unavailable => ApiError::QueueUnavailable,
+            RequestsError::Internal => ApiError::Internal,
         }
     }
 }
@@ -182,6 +228,42 @@ mod tests {
         assert!(json["error"].as_str().unwrap().contains("did not answer in time"));
         // A cancellation that is not our timeout stays an internal error.
         assert_eq!(body(ApiError::from(Status::cancelled("x"))).await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[tokio::test]
+    async fn request_errors_map_once() {
+        let cases = [
+            (RequestsError::Invalid(cairn_requests::SubmitError::MissingField("handler")), 400, None),
+            (
+                RequestsError::Invalid(cairn_requests::SubmitError::BodyTooLarge { bytes: 3, max: 2 }),
+                413,
+                None,
+            ),
+            (RequestsError::UnknownHandler { name: "x".into(), known: "echo".into() }, 400, None),
+            (RequestsError::Overloaded { lag: 9, max: 3 }, 503, Some("1")),
+            (RequestsError::IdempotencyConflict { key: "k".into() }, 409, None),
+            (RequestsError::AlreadyFinished { id: "r".into(), state: "succeeded".into() }, 409, None),
+            (RequestsError::NotDead { id: "r".into(), state: "running".into() }, 409, None),
+            (
+                RequestsError::NotDeadLetter { id: "r".into(), state: cairn_requests::RequestState::Running },
+                404,
+                None,
+            ),
+            (RequestsError::Unavailable, 503, Some("1")),
+            (RequestsError::Internal, 500, None),
+        ];
+        for (error, http, retry) in cases {
+            let message = error.to_string();
+            let (got, got_retry, json) = body(error.into()).await;
+            assert_eq!(got.as_u16(), http, "{message}");
+            assert_eq!(got_retry.as_deref(), retry, "{message}");
+            if http != 500 {
+                assert_eq!(json["error"], message);
+            }
+        }
+        let (got, _, json) = body(RequestsError::Missing { id: "r1".into() }.into()).await;
+        assert_eq!(got, StatusCode::NOT_FOUND);
+        assert_eq!(json, json!({"id": "r1", "missing": true}));
     }
 
     #[tokio::test]

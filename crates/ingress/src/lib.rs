@@ -1,21 +1,35 @@
-//! ingress: the public REST face of Cairn. It owns the HTTP routes clients call — SCA's progress
-//! API (`/status/{key}`, `/health`) today — and adapts them onto the services behind it: every
-//! progress read and write is a `cairn.v1.Progress` call to the progress aggregator, so ingress
-//! keeps no state of its own and scales freely. It also serves `/healthz`, `/readyz` and
-//! `/metrics` on the same port.
+//! ingress: the public REST face of Cairn. It owns the HTTP routes clients call and adapts them
+//! onto the services behind it: SCA's progress API (`/status/{key}`, `/health`), where every
+//! progress read and write is a `cairn.v1.Progress` call to the progress aggregator, and the
+//! request API (`/v1/requests`, `/v1/dead-letters`), which submits requests to the Redis request
+//! queue and answers waiting clients from this replica's own reply stream. Ingress keeps no
+//! state of its own beyond those waiters, so it scales freely. It also serves `/healthz`,
+//! `/readyz` and `/metrics` on the same port.
 
 mod aggregator;
 mod error;
+mod handler_names;
 mod http_metrics;
 mod progress_api;
+mod replies;
+mod requests;
+mod requests_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use anyhow::Context as _;
 use axum::Router;
-use cairn_runtime::{Admin, LogConfig, parse_duration};
+use cairn_redis::requests::{QueueNames, RequestQueue};
+use cairn_redis::{ProgressStore, RedisConfig};
+use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
+use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
@@ -23,6 +37,8 @@ use tracing::{info, warn};
 
 pub use crate::aggregator::{Aggregator, Read, UrlError};
 pub use crate::error::ApiError;
+pub use crate::handler_names::{DEFAULT_HANDLERS, HandlersFileError};
+pub use crate::requests::{RequestsError, Settings as RequestSettings};
 
 /// Settings of the ingress: flags, or `CAIRN_*` environment variables.
 #[derive(clap::Parser, Debug, Clone)]
@@ -42,6 +58,59 @@ pub struct Config {
     pub grace: Duration,
     #[command(flatten)]
     pub log: LogConfig,
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    /// Request stream (key `{prefix}:{stream}`), as the processors read it.
+    #[arg(long = "request-stream", env = "CAIRN_REQUEST_STREAM", default_value = "requests")]
+    pub stream: String,
+    /// Consumer group of the processors; its lag is the backpressure signal.
+    #[arg(long = "request-group", env = "CAIRN_REQUEST_GROUP", default_value = "processors")]
+    pub group: String,
+    /// Attempts a request gets when it names no `max_attempts`.
+    #[arg(long, env = "CAIRN_DEFAULT_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAX_ATTEMPTS)))]
+    pub default_max_attempts: u32,
+    /// Backpressure: submissions get 503 while more requests than this wait undelivered.
+    #[arg(long, env = "CAIRN_MAX_LAG", default_value_t = 100_000)]
+    pub max_lag: u64,
+    /// This replica's name, which names its reply stream; unique per replica (default: a random
+    /// tag).
+    #[arg(long, env = "CAIRN_INGRESS_REPLICA", value_parser = parse_replica)]
+    pub replica: Option<String>,
+    /// How long an idempotency key keeps naming its request.
+    #[arg(long, env = "CAIRN_IDEMPOTENCY_TTL", default_value = "24h", value_parser = positive_duration)]
+    pub idempotency_ttl: Duration,
+    /// Longest `Prefer: wait` honoured; longer waits are cut to it.
+    #[arg(long, env = "CAIRN_MAX_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub max_wait: Duration,
+    /// How often a waiting client's request is re-read in case its reply was missed.
+    #[arg(long, env = "CAIRN_REPLY_POLL_INTERVAL", default_value = "500ms", value_parser = positive_duration)]
+    pub reply_poll_interval: Duration,
+    /// The processors' handlers file (TOML); only its `[handlers.NAME]` names are read. Without
+    /// one the known handlers are the processor's default: `echo`.
+    #[arg(long = "handlers", env = "CAIRN_HANDLERS_FILE")]
+    pub handlers: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn queue_names(&self) -> QueueNames {
+        QueueNames::new(&self.redis.prefix, &self.stream, &self.group)
+    }
+}
+
+fn parse_replica(s: &str) -> Result<String, String> {
+    let valid = !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("invalid replica name {s:?}: use 1-64 characters of A-Z a-z 0-9 _ - ."))
+    }
+}
+
+fn random_replica() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
@@ -51,27 +120,77 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// `/readyz` needs Redis, which holds the request queue.
+struct RedisReady(ConnectionManager);
+
+impl Readiness for RedisReady {
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        async move { cairn_redis::ping(&mut self.0.clone()).await }.boxed()
+    }
+
+    fn name(&self) -> &str {
+        "redis"
+    }
+}
+
 /// A built ingress, its listener bound (so tests can use port 0 and ask the address).
 pub struct App {
     config: Config,
     listener: TcpListener,
     aggregator: Aggregator,
-    /// Cancelled when shutdown begins, so `/readyz` answers 503 while requests drain.
+    redis: ConnectionManager,
+    requests: Arc<requests::Requests>,
+    waiters: Arc<replies::Waiters>,
+    replica: String,
+    /// Cancelled when shutdown begins, so `/readyz` answers 503 while requests drain and waiting
+    /// clients get their answer.
     draining: CancellationToken,
 }
 
 impl App {
-    /// Binds the listener and prepares the aggregator channel. The channel connects lazily, so the
-    /// ingress starts (and reports not-ready) while the aggregator is away.
+    /// Binds the listener, reads the handler names and prepares the aggregator channel and the
+    /// Redis connection. Both connect lazily, so the ingress starts (and reports not-ready) while
+    /// either is away.
     pub async fn build(config: Config) -> anyhow::Result<App> {
         // Install the recorder before the first request records anything.
         cairn_runtime::metrics_handle();
         let aggregator = Aggregator::connect_lazy(&config.aggregator_url, config.request_timeout)
             .with_context(|| format!("invalid CAIRN_AGGREGATOR_URL={:?}", config.aggregator_url))?;
+        let handlers =
+            handler_names::load(config.handlers.as_deref()).context("invalid CAIRN_HANDLERS_FILE")?;
+        let redis = config
+            .redis
+            .manager()
+            .with_context(|| format!("invalid CAIRN_REDIS_URL={:?}", config.redis.url))?;
+        let replica = config.replica.clone().unwrap_or_else(random_replica);
+        let names = config.queue_names();
+        let settings = requests::Settings {
+            default_max_attempts: config.default_max_attempts,
+            max_lag: config.max_lag,
+            idempotency_ttl: config.idempotency_ttl,
+            max_wait: config.max_wait,
+            poll_interval: config.reply_poll_interval,
+            reply_stream: names.replies(&replica),
+        };
+        let waiters = Arc::new(replies::Waiters::default());
+        let draining = CancellationToken::new();
+        let requests = Arc::new(requests::Requests::new(
+            RequestQueue::new(redis.clone(), names),
+            ProgressStore::new(redis.clone(), config.redis.prefix.clone()),
+            waiters.clone(),
+            handlers,
+            settings,
+            draining.clone(),
+        ));
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on CAIRN_INGRESS_ADDR={}", config.addr))?;
-        Ok(App { config, listener, aggregator, draining: CancellationToken::new() })
+        Ok(App { config, listener, aggregator, redis, requests, waiters, replica, draining })
+    }
+
+    /// This replica's name (its reply stream is `{prefix}:replies:{replica}`).
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -82,9 +201,11 @@ impl App {
     pub fn router(&self) -> Router {
         let admin = Admin::new("ingress")
             .readiness(Arc::new(self.aggregator.clone()))
+            .readiness(Arc::new(RedisReady(self.redis.clone())))
             .with_shutdown(self.draining.clone())
             .router();
         progress_api::router(self.aggregator.clone())
+            .merge(requests_api::router(self.requests.clone()))
             .merge(admin)
             .fallback(error::route_not_found)
             .method_not_allowed_fallback(error::method_not_allowed)
@@ -92,12 +213,29 @@ impl App {
             .layer(TraceLayer::new_for_http())
     }
 
-    /// Serves until `shutdown` fires, then reports not-ready, stops accepting connections and lets
-    /// in-flight requests finish within the grace period.
+    /// Serves until `shutdown` fires, then reports not-ready, ends client waits, stops accepting
+    /// connections and lets in-flight requests finish within the grace period. The consumer group
+    /// is created in the background, retried until Redis answers: a Redis that is away never
+    /// fails the start.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let router = self.router();
-        let App { config, listener, draining, .. } = self;
-        info!(addr = %listener.local_addr()?, aggregator = %config.aggregator_url, "ingress starting");
+        let App { config, listener, mut redis, requests, waiters, replica, draining, .. } = self;
+        info!(
+            addr = %listener.local_addr()?,
+            aggregator = %config.aggregator_url,
+            redis = %config.redis.url,
+            prefix = %config.redis.prefix,
+            replica = %replica,
+            "ingress starting"
+        );
+        let background = CancellationToken::new();
+        let group = tokio::spawn(ensure_group(requests.clone(), background.clone()));
+        let reader = tokio::spawn(replies::run_reader(
+            config.redis.clone(),
+            requests.settings().reply_stream.clone(),
+            waiters,
+            background.clone(),
+        ));
         let stop = CancellationToken::new();
         let mut server = tokio::spawn(
             axum::serve(listener, router)
@@ -106,6 +244,7 @@ impl App {
         );
         tokio::select! {
             result = &mut server => {
+                background.cancel();
                 // The server only returns by itself when accepting connections failed for good.
                 return result.context("ingress server task failed")?.context("ingress server failed");
             }
@@ -114,13 +253,32 @@ impl App {
         draining.cancel();
         stop.cancel();
         info!(grace = ?config.grace, "ingress shutting down");
-        if cairn_runtime::drain("ingress", config.grace, &mut server).await {
-            info!("ingress stopped");
-        } else {
+        let drained = cairn_runtime::drain("ingress", config.grace, &mut server).await;
+        if !drained {
             warn!("ingress closed connections that were still open after the grace period");
             server.abort();
         }
+        background.cancel();
+        let _ = tokio::join!(group, reader);
+        requests.drop_reply_stream(&mut redis).await;
+        info!("ingress stopped");
         Ok(())
+    }
+}
+
+/// Creates the request group, retrying with backoff until Redis answers or `stop` fires.
+async fn ensure_group(requests: Arc<requests::Requests>, stop: CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match requests.ensure_group().await {
+            Ok(()) => return,
+            Err(error) => warn!(%error, retry_in = ?delay, "cannot create the request group yet"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -137,6 +295,46 @@ mod tests {
         assert_eq!(config.aggregator_url, "http://127.0.0.1:50051");
         assert_eq!(config.request_timeout, Duration::from_secs(10));
         assert_eq!(config.grace, Duration::from_secs(10));
+        assert_eq!(config.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(config.queue_names(), QueueNames::new("cairn", "requests", "processors"));
+        assert_eq!(config.default_max_attempts, 3);
+        assert_eq!(config.max_lag, 100_000);
+        assert_eq!(config.replica, None);
+        assert_eq!(config.idempotency_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(config.max_wait, Duration::from_secs(60));
+        assert_eq!(config.reply_poll_interval, Duration::from_millis(500));
+        assert_eq!(config.handlers, None);
+    }
+
+    #[test]
+    fn request_settings_are_checked() {
+        let err = |args: &[&str]| {
+            let mut argv = vec!["ingress"];
+            argv.extend_from_slice(args);
+            Config::try_parse_from(argv).unwrap_err().to_string()
+        };
+        assert!(err(&["--default-max-attempts", "0"]).contains("--default-max-attempts"));
+        assert!(err(&["--default-max-attempts", "101"]).contains("--default-max-attempts"));
+        assert!(err(&["--replica", "a b"]).contains("invalid replica name"));
+        assert!(err(&["--idempotency-ttl", "0s"]).contains("must be more than 0"));
+        assert!(err(&["--max-lag", "lots"]).contains("--max-lag"));
+        let config = Config::try_parse_from([
+            "ingress",
+            "--replica",
+            "pod-1",
+            "--max-wait",
+            "5s",
+            "--request-stream",
+            "s",
+            "--request-group",
+            "g",
+        ])
+        .unwrap();
+        assert_eq!(config.replica.as_deref(), Some("pod-1"));
+        assert_eq!(config.max_wait, Duration::from_secs(5));
+        assert_eq!(config.queue_names().replies("pod-1"), "cairn:replies:pod-1");
+        assert_eq!(config.queue_names().stream, "cairn:s");
+        assert_eq!(random_replica().len(), 8);
     }
 
     #[test]

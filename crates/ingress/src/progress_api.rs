@@ -151,7 +151,7 @@ fn read_options(key: Key, params: ReadParams) -> Result<Read, ApiError> {
     })
 }
 
-fn bounded(name: &str, raw: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
+pub(crate) fn bounded(name: &str, raw: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
     let Some(raw) = raw else { return Ok(default) };
     match raw.parse::<u32>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),

@@ -1,6 +1,191 @@
-//! request-processor: runs requests from the Redis stream's consumer group through handlers.
+//! request-processor: runs requests from the Redis stream's consumer group through handlers,
+//! keeps their leases alive while they run, stores their outcomes (fenced by lease ownership),
+//! reclaims the requests of dead processors and reports every request's lifecycle as progress.
 
 pub mod handler;
 pub mod handlers;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use cairn_amqp::{AmqpConfig, ProgressPublisher, PublisherConfig};
+use cairn_redis::RedisConfig;
+use cairn_redis::requests::{QueueNames, RequestQueue};
+use cairn_requests::{Backoff, LeaseSettings};
+use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration, serve_admin};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 pub use handler::{Context, Handler, HandlerError, HandlerSet};
+
+/// Settings of the processor: flags, or `CAIRN_*` environment variables.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "request-processor", version, about = "Runs Cairn requests from the Redis stream")]
+pub struct Config {
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+    #[command(flatten)]
+    pub log: LogConfig,
+    /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "CAIRN_PROCESSOR_ADMIN_ADDR", default_value = "0.0.0.0:9092")]
+    pub admin_addr: SocketAddr,
+    /// Request stream (key `{prefix}:{stream}`).
+    #[arg(long, env = "CAIRN_REQUEST_STREAM", default_value = "requests")]
+    pub stream: String,
+    /// Consumer group of the processors.
+    #[arg(long, env = "CAIRN_REQUEST_GROUP", default_value = "processors")]
+    pub group: String,
+    /// This processor's consumer name; unique per process (default: host, pid and a random tag).
+    #[arg(long, env = "CAIRN_PROCESSOR_NAME")]
+    pub name: Option<String>,
+    /// Requests run at once.
+    #[arg(long, env = "CAIRN_PROCESSOR_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// How often a running request's lease is renewed (and cancellation checked).
+    #[arg(long, env = "CAIRN_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Idle time after which another processor takes a request over.
+    #[arg(long, env = "CAIRN_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub lease_timeout: Duration,
+    /// First retry delay cap (exponential, full jitter).
+    #[arg(long, env = "CAIRN_RETRY_BACKOFF", default_value = "200ms", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+    /// Largest retry delay.
+    #[arg(long, env = "CAIRN_RETRY_BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
+    pub retry_backoff_max: Duration,
+    /// Handlers file (TOML); without one the processor offers only `echo`.
+    #[arg(long, env = "CAIRN_HANDLERS_FILE")]
+    pub handlers: Option<PathBuf>,
+    /// Public base URL of the ingress, for the progress URL given to handlers.
+    #[arg(long, env = "CAIRN_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]
+    pub public_url: String,
+    /// How long shutdown waits for in-flight requests to finish.
+    #[arg(long, env = "CAIRN_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+}
+
+impl Config {
+    pub fn lease(&self) -> anyhow::Result<LeaseSettings> {
+        let lease =
+            LeaseSettings { heartbeat_interval: self.heartbeat_interval, lease_timeout: self.lease_timeout };
+        lease.validate().context("CAIRN_LEASE_TIMEOUT / CAIRN_HEARTBEAT_INTERVAL")?;
+        Ok(lease)
+    }
+
+    pub fn queue_names(&self) -> QueueNames {
+        QueueNames::new(&self.redis.prefix, &self.stream, &self.group)
+    }
+}
+
+fn default_consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    format!("{}-{}-{tag}", if host.is_empty() { "processor" } else { host }, std::process::id())
+}
+
+struct Ready(ConnectionManager);
+
+impl Readiness for Ready {
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        async move { cairn_redis::ping(&mut self.0.clone()).await }.boxed()
+    }
+}
+
+/// A built processor, its admin listener bound.
+pub struct App {
+    config: Config,
+    deps: Arc<worker::Deps>,
+    redis: ConnectionManager,
+    admin: TcpListener,
+}
+
+impl App {
+    /// Builds a processor with the handlers of `CAIRN_HANDLERS_FILE` (or just `echo`).
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let handlers = match &config.handlers {
+            Some(path) => handlers::config::load(path)
+                .with_context(|| format!("CAIRN_HANDLERS_FILE={}", path.display()))?,
+            None => handlers::config::default_handlers(),
+        };
+        Self::build_with_handlers(config, handlers).await
+    }
+
+    /// Builds a processor with your own handlers (see `examples/custom_handler.rs`).
+    pub async fn build_with_handlers(config: Config, handlers: HandlerSet) -> anyhow::Result<App> {
+        cairn_runtime::metrics_handle();
+        let lease = config.lease()?;
+        let redis = config.redis.manager().context("invalid CAIRN_REDIS_URL")?;
+        let queue = RequestQueue::new(redis.clone(), config.queue_names());
+        let publisher = ProgressPublisher::start(PublisherConfig::new(
+            config.amqp.url.clone(),
+            config.amqp.exchange.clone(),
+        ));
+        let settings = worker::Settings {
+            consumer: config.name.clone().unwrap_or_else(default_consumer_name),
+            concurrency: config.concurrency as usize,
+            lease,
+            backoff: Backoff {
+                base: config.retry_backoff,
+                max: config.retry_backoff_max,
+                ..Backoff::default()
+            },
+            public_url: config.public_url.clone(),
+        };
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on CAIRN_PROCESSOR_ADMIN_ADDR={}", config.admin_addr))?;
+        let deps = Arc::new(worker::Deps { queue, handlers, publisher, settings });
+        Ok(App { config, deps, redis, admin })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.deps.settings.consumer
+    }
+
+    /// Runs until `shutdown` fires; then stops reading, lets in-flight requests finish within
+    /// the grace period, and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let App { config, deps, redis, admin } = self;
+        let admin_router = Admin::new("request-processor")
+            .readiness(Arc::new(Ready(redis)))
+            .with_shutdown(shutdown.clone())
+            .router();
+        let admin_stop = CancellationToken::new();
+        let admin_server = tokio::spawn(serve_admin(admin, admin_router, admin_stop.clone()));
+        let mut delay = Duration::from_millis(100);
+        loop {
+            // The group must exist before the first read; wait for Redis to come up.
+            match deps.queue.ensure_group().await {
+                Ok(()) => break,
+                Err(error) => tracing::warn!(%error, retry_in = ?delay, "waiting for redis"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => { admin_stop.cancel(); return Ok(()) }
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        info!(consumer = %deps.settings.consumer, stream = %deps.queue.names().stream, "request-processor starting");
+        worker::run(deps, config.redis.clone(), shutdown, config.grace).await;
+        admin_stop.cancel();
+        let _ = admin_server.await;
+        info!("request-processor stopped");
+        Ok(())
+    }
+}

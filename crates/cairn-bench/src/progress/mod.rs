@@ -99,6 +99,10 @@ pub struct Args {
     /// Untimed reads before the timed ones in (f).
     #[arg(long, default_value_t = 50)]
     pub read_warmup: u64,
+    /// Most seconds (f) spends timing one interface; past it, fewer than `--reads` are taken
+    /// (the report says how many), so a slow read path cannot stretch the run without end.
+    #[arg(long, default_value_t = 20.0)]
+    pub read_budget_seconds: f64,
     /// The aggregator's `--batch` (messages per batch); its default when unset.
     #[arg(long)]
     pub aggregator_batch: Option<u32>,
@@ -119,11 +123,14 @@ const MARKER_POLL: Duration = Duration::from_millis(2);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(args: Args) -> anyhow::Result<Value> {
-    ensure!(
-        args.grpc_seconds.is_finite() && args.grpc_seconds > 0.0,
-        "--grpc-seconds must be a positive number, got {}",
-        args.grpc_seconds
-    );
+    for (flag, seconds) in
+        [("--grpc-seconds", args.grpc_seconds), ("--read-budget-seconds", args.read_budget_seconds)]
+    {
+        ensure!(
+            seconds.is_finite() && seconds > 0.0,
+            "{flag} must be a positive number of seconds, got {seconds}"
+        );
+    }
     let mut only = args.only.clone();
     only.sort();
     only.dedup();
@@ -194,6 +201,7 @@ fn params(args: &Args, only: &[Measurement]) -> Value {
         "read_children": args.read_children,
         "reads": args.reads,
         "read_warmup": args.read_warmup,
+        "read_budget_seconds": args.read_budget_seconds,
     })
 }
 

@@ -111,10 +111,12 @@ pub(super) async fn measure(args: &Args) -> anyhow::Result<Map<String, Value>> {
     out.insert("f_store_get_p50_ms".into(), json!(percentile_ms(&direct, 0.5)));
     out.insert("f_store_p99_ms".into(), json!(percentile_ms(&direct, 0.99)));
     out.insert("f_rest_body_bytes".into(), json!(body.to_string().len()));
+    out.insert("f_reads".into(), json!({"rest": rest.len(), "grpc": grpc.len(), "store": direct.len()}));
     Ok(out)
 }
 
-/// `--read-warmup` untimed reads, then `--reads` timed ones, one at a time; sorted latencies.
+/// `--read-warmup` untimed reads, then `--reads` timed ones, one at a time, stopping early once
+/// `--read-budget-seconds` have passed; sorted latencies.
 async fn time_reads<F, Fut>(args: &Args, mut read: F) -> anyhow::Result<Vec<Duration>>
 where
     F: FnMut() -> Fut,
@@ -123,8 +125,14 @@ where
     for _ in 0..args.read_warmup {
         read().await?;
     }
+    let budget = Duration::from_secs_f64(args.read_budget_seconds);
     let mut latencies = Vec::with_capacity(usize::try_from(args.reads)?);
+    let timing = Instant::now();
     for _ in 0..args.reads {
+        if timing.elapsed() > budget {
+            eprintln!("cairn-bench: (f) read budget of {budget:?} spent after {} reads", latencies.len());
+            break;
+        }
         let started = Instant::now();
         read().await?;
         latencies.push(started.elapsed());

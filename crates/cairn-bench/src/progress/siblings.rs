@@ -56,7 +56,7 @@ pub(super) async fn measure(args: &Args) -> anyhow::Result<Map<String, Value>> {
     while done < args.sibling_updates {
         let n = args.sibling_round.min(args.sibling_updates - done);
         // A B, B A, A B …: each parent goes first every other round.
-        let order = if round_index % 2 == 0 {
+        let order = if round_index.is_multiple_of(2) {
             [(&few, &mut a), (&many, &mut b)]
         } else {
             [(&many, &mut b), (&few, &mut a)]

@@ -1,9 +1,10 @@
 //! Where the time goes during a timed phase: CPU used by this process (client and in-process
-//! services), by Redis (its own `INFO cpu`) and by RabbitMQ (`beam.smp` found in `/proc`, when
-//! it runs on this machine), and the time Redis spent running scripts (`INFO commandstats`).
+//! services), by Redis (its own `INFO cpu`), by RabbitMQ (`beam.smp` found in `/proc`, when it
+//! runs on this machine) and by everything else on the machine (`/proc/stat` minus those), and
+//! the time Redis spent running scripts (`INFO commandstats`).
 //!
 //! Redis is shared with whatever else runs against it, so its figures are upper bounds for the
-//! benchmark's own load.
+//! benchmark's own load; `other_cores` shows when something else (a build) competed for the CPU.
 
 use std::time::Instant;
 
@@ -23,7 +24,10 @@ pub(super) async fn machine(redis_url: &str) -> Value {
         Ok(mut probe) => probe.info("server").await.ok().and_then(|info| field(&info, "redis_version")),
         Err(_) => None,
     };
-    json!({"cores": cores, "redis_version": version})
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()));
+    json!({"cores": cores, "redis_version": version, "loadavg_1m_at_start": loadavg})
 }
 
 /// Samples CPU and script time; see [`Sample::since`].
@@ -38,6 +42,7 @@ pub(super) struct Sample {
     bench_s: Option<f64>,
     redis_s: Option<f64>,
     rabbitmq_s: Option<f64>,
+    machine_s: Option<f64>,
     script_calls: u64,
     script_usec: u64,
 }
@@ -76,6 +81,7 @@ impl Probe {
             bench_s: process_cpu_s("self"),
             redis_s,
             rabbitmq_s: self.rabbitmq.and_then(|pid| process_cpu_s(&pid.to_string())),
+            machine_s: machine_cpu_s(),
             script_calls,
             script_usec,
         })
@@ -90,6 +96,16 @@ impl Sample {
         let wall = self.at.duration_since(earlier.at).as_secs_f64();
         let cores =
             |now: Option<f64>, then: Option<f64>| now.zip(then).map(|(n, t)| round((n - t) / wall, 2));
+        let delta = |now: Option<f64>, then: Option<f64>| now.zip(then).map(|(n, t)| n - t);
+        let known = [
+            delta(self.bench_s, earlier.bench_s),
+            delta(self.redis_s, earlier.redis_s),
+            delta(self.rabbitmq_s, earlier.rabbitmq_s),
+        ];
+        let others = delta(self.machine_s, earlier.machine_s).map(|machine| {
+            let known: f64 = known.iter().flatten().sum();
+            round((machine - known).max(0.0) / wall, 2)
+        });
         let calls = self.script_calls.saturating_sub(earlier.script_calls);
         let usec = self.script_usec.saturating_sub(earlier.script_usec);
         json!({
@@ -97,6 +113,7 @@ impl Sample {
             "bench_cores": cores(self.bench_s, earlier.bench_s),
             "redis_cores": cores(self.redis_s, earlier.redis_s),
             "rabbitmq_cores": cores(self.rabbitmq_s, earlier.rabbitmq_s),
+            "other_cores": others,
             "redis_script_calls": calls,
             "redis_script_busy": round(usec as f64 / 1e6 / wall, 2),
             "redis_script_us_per_call": if calls > 0 { Some(round(usec as f64 / calls as f64, 1)) } else { None },
@@ -135,6 +152,21 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Busy CPU seconds of the whole machine, all cores (`/proc/stat`, everything but idle and
+/// iowait).
+fn machine_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_ticks(&stat).map(|ticks| ticks as f64 / CLOCK_TICKS)
+}
+
+fn parse_machine_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    Some(busy)
+}
+
 /// The pid of the first process whose `comm` is `name`.
 fn find_process(name: &str) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
@@ -159,5 +191,7 @@ mod tests {
         assert_eq!(stat(&stats, "missing"), 0);
         let proc_stat = "2960 (beam smp) S 1 2960 2960 0 -1 4194560 100 0 0 0 700 55 0 0 20 0 30 0";
         assert_eq!(parse_cpu_ticks(proc_stat), Some(755));
+        let machine = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 50 2 25 500 10 0 1 1 0 0\n";
+        assert_eq!(parse_machine_ticks(machine), Some(161));
     }
 }

@@ -78,18 +78,24 @@ pub struct Entry {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitOutcome {
-    Created { entry_id: String },
+    Created {
+        entry_id: String,
+    },
     /// The idempotency key was used before with the same body: that request.
-    Existing { id: String },
+    Existing {
+        id: String,
+    },
     /// The idempotency key was used before with a different body.
-    Conflict { id: String },
+    Conflict {
+        id: String,
+    },
 }
 
 /// What `start` decided for one entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Start {
-    /// Run attempt number `attempt` (the record says `running`).
-    Run { attempt: u32 },
+    /// Run attempt number `attempt` (the record, as stored now, says `running`).
+    Run { attempt: u32, record: Box<RequestRecord> },
     /// Already finished or unknown: acked, nothing to do.
     Skip,
     /// Canceled before it ran: stored, answered and acked.
@@ -142,6 +148,9 @@ pub struct DeadLetter {
     pub error: String,
     pub time_ms: i64,
 }
+
+/// One row of `start.lua`'s answer: entry, verdict, attempts, error, record hash.
+type StartRow = (String, String, u32, String, HashMap<String, String>);
 
 /// The request queue of one key prefix.
 #[derive(Clone)]
@@ -217,14 +226,25 @@ impl RequestQueue {
         count: usize,
         block_ms: usize,
     ) -> Result<Vec<Entry>, QueueError> {
-        let options = StreamReadOptions::default().group(&self.names.group, consumer).count(count).block(block_ms);
-        let reply: Option<StreamReadReply> =
-            redis::cmd("XREADGROUP").arg(&options).arg("STREAMS").arg(&self.names.stream).arg(">").query_async(conn).await?;
+        let options =
+            StreamReadOptions::default().group(&self.names.group, consumer).count(count).block(block_ms);
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg(&options)
+            .arg("STREAMS")
+            .arg(&self.names.stream)
+            .arg(">")
+            .query_async(conn)
+            .await?;
         Ok(reply.map(|r| entries(r.keys.into_iter().flat_map(|k| k.ids))).unwrap_or_default())
     }
 
     /// Takes over entries whose lease ran out (idle longer than `min_idle_ms`).
-    pub async fn reclaim(&self, consumer: &str, min_idle_ms: u64, count: usize) -> Result<Vec<Entry>, QueueError> {
+    pub async fn reclaim(
+        &self,
+        consumer: &str,
+        min_idle_ms: u64,
+        count: usize,
+    ) -> Result<Vec<Entry>, QueueError> {
         let mut conn = self.conn.clone();
         let mut cursor = "0-0".to_owned();
         let mut claimed = Vec::new();
@@ -240,8 +260,12 @@ impl RequestQueue {
                 )
                 .await?;
             if !reply.deleted_ids.is_empty() {
-                tracing::error!(deleted = reply.deleted_ids.len(), "pending request entries were trimmed away");
-                metrics::counter!("cairn_requests_pending_trimmed_total").increment(reply.deleted_ids.len() as u64);
+                tracing::error!(
+                    deleted = reply.deleted_ids.len(),
+                    "pending request entries were trimmed away"
+                );
+                metrics::counter!("cairn_requests_pending_trimmed_total")
+                    .increment(reply.deleted_ids.len() as u64);
             }
             claimed.extend(entries(reply.claimed));
             if reply.next_stream_id == "0-0" || claimed.len() >= count {
@@ -252,16 +276,27 @@ impl RequestQueue {
     }
 
     /// Starts attempts for entries just delivered to `consumer`.
-    pub async fn start(&self, consumer: &str, batch: &[Entry], now_ms: i64) -> Result<Vec<Start>, QueueError> {
+    pub async fn start(
+        &self,
+        consumer: &str,
+        batch: &[Entry],
+        now_ms: i64,
+    ) -> Result<Vec<Start>, QueueError> {
         let mut invocation = self.invocation(&START);
         invocation.arg(consumer).arg(now_ms);
         for entry in batch {
             invocation.arg(&entry.entry_id).arg(&entry.request_id);
         }
-        let rows: Vec<(String, String, u32, String)> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let rows: Vec<StartRow> = invocation.invoke_async(&mut self.conn.clone()).await?;
         rows.into_iter()
-            .map(|(_, verdict, attempt, error)| match verdict.as_str() {
-                "run" => Ok(Start::Run { attempt }),
+            .map(|(_, verdict, attempt, error, hash)| match verdict.as_str() {
+                "run" => {
+                    let record = RequestRecord::from_hash(&hash).map_err(|e| QueueError::Record {
+                        id: hash.get("id").cloned().unwrap_or_default(),
+                        detail: e.to_string(),
+                    })?;
+                    Ok(Start::Run { attempt, record: Box::new(record) })
+                }
                 "skip" => Ok(Start::Skip),
                 "canceled" => Ok(Start::Canceled),
                 "dead" => Ok(Start::Dead { error }),
@@ -272,7 +307,12 @@ impl RequestQueue {
     }
 
     /// Renews the leases of running entries and reports cancellation requests.
-    pub async fn heartbeat(&self, consumer: &str, running: &[Entry], now_ms: i64) -> Result<Vec<Heartbeat>, QueueError> {
+    pub async fn heartbeat(
+        &self,
+        consumer: &str,
+        running: &[Entry],
+        now_ms: i64,
+    ) -> Result<Vec<Heartbeat>, QueueError> {
         if running.is_empty() {
             return Ok(Vec::new());
         }
@@ -293,7 +333,12 @@ impl RequestQueue {
     }
 
     /// Stores outcomes; `false` for each one refused because the lease was lost.
-    pub async fn commit(&self, consumer: &str, commits: &[Commit], now_ms: i64) -> Result<Vec<bool>, QueueError> {
+    pub async fn commit(
+        &self,
+        consumer: &str,
+        commits: &[Commit],
+        now_ms: i64,
+    ) -> Result<Vec<bool>, QueueError> {
         if commits.is_empty() {
             return Ok(Vec::new());
         }
@@ -365,7 +410,11 @@ impl RequestQueue {
     /// How many entries the group has not yet received (`XINFO GROUPS` lag; Redis ≥ 7). `None`
     /// when Redis cannot tell (it then counts the stream length minus delivered entries itself).
     pub async fn lag(&self) -> Result<Option<u64>, QueueError> {
-        let groups: Value = redis::cmd("XINFO").arg("GROUPS").arg(&self.names.stream).query_async(&mut self.conn.clone()).await?;
+        let groups: Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.names.stream)
+            .query_async(&mut self.conn.clone())
+            .await?;
         let Value::Array(groups) = groups else { return Ok(None) };
         for group in groups {
             let fields = match group {
@@ -379,7 +428,9 @@ impl RequestQueue {
                 let key: Option<String> = redis::from_redis_value(pair[0].clone()).ok();
                 match key.as_deref() {
                     Some("name") => name = redis::from_redis_value::<String>(pair[1].clone()).ok(),
-                    Some("lag") => lag = redis::from_redis_value::<Option<u64>>(pair[1].clone()).ok().flatten(),
+                    Some("lag") => {
+                        lag = redis::from_redis_value::<Option<u64>>(pair[1].clone()).ok().flatten()
+                    }
                     _ => {}
                 }
             }

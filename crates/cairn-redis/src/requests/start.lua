@@ -1,5 +1,6 @@
 -- Starts attempts. ARGV: prefix, stream, group, consumer, now, then (entry, id) pairs.
--- Per entry returns {entry, verdict, attempts, error}: 'run' (attempts incremented, state running),
+-- Per entry returns {entry, verdict, attempts, error, record}: 'run' (attempts incremented, state
+-- running; `record` is the request's hash as HGETALL gives it, empty for the other verdicts),
 -- 'skip' (terminal or unknown: acked), 'canceled', 'dead' (no attempts left: dead-lettered), or
 -- 'lost' (the lease belongs to another consumer).
 local consumer, now = ARGV[4], tonumber(ARGV[5])
@@ -8,7 +9,7 @@ for i = 6, #ARGV, 2 do
   local entry, id = ARGV[i], ARGV[i + 1]
   local k = rkey(id)
   local v = redis.call('HMGET', k, 'state', 'attempts', 'max_attempts', 'cancel')
-  local verdict, attempts, err = 'run', tonumber(v[2]) or 0, ''
+  local verdict, attempts, err, record = 'run', tonumber(v[2]) or 0, '', {}
   if owner_of(entry) ~= consumer then
     verdict = 'lost'
   elseif not v[1] or TERMINAL[v[1]] then
@@ -26,7 +27,8 @@ for i = 6, #ARGV, 2 do
     attempts = attempts + 1
     redis.call('HSET', k, 'state', 'running', 'attempts', attempts, 'owner', consumer, 'heartbeat_ms', now)
     if not redis.call('HGET', k, 'started_ms') then redis.call('HSET', k, 'started_ms', now) end
+    record = redis.call('HGETALL', k)
   end
-  out[#out + 1] = { entry, verdict, attempts, err }
+  out[#out + 1] = { entry, verdict, attempts, err, record }
 end
 return out

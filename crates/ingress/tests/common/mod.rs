@@ -1,10 +1,14 @@
-//! Spawns an aggregator and an ingress in-process, on port 0, against the real Redis and RabbitMQ,
-//! each stack in its own Redis key prefix and RabbitMQ vhost.
+//! Spawns an aggregator, request processors and an ingress in-process, on port 0, against the
+//! real Redis and RabbitMQ, each stack in its own Redis key prefix and RabbitMQ vhost.
+
+#![allow(dead_code)] // Each test binary uses its own part of the harness.
 
 use std::time::Duration;
 
 use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
 use clap::Parser as _;
+use redis::aio::ConnectionManager;
+use request_processor::HandlerSet;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, RequestBuilder};
 use serde_json::Value;
@@ -14,17 +18,46 @@ use tokio_util::sync::CancellationToken;
 /// Bound on every wait: start-up and each HTTP call.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A running ingress (and the aggregator behind it, when there is one); both stop when dropped,
-/// and the key prefix and vhost are deleted.
+/// A running ingress (and the aggregator and processors behind it, when there are some); all
+/// stop when dropped, and the key prefix and vhost are deleted.
 pub struct Stack {
     /// `http://127.0.0.1:{port}` of the ingress.
     pub base: String,
+    /// The ingress replica's name.
+    pub replica: String,
     http: reqwest::Client,
     cancel: CancellationToken,
     ingress: Option<JoinHandle<anyhow::Result<()>>>,
-    _aggregator: Option<JoinHandle<anyhow::Result<()>>>,
-    _ns: Option<RedisNamespace>,
-    _vhost: Option<AmqpVhost>,
+    /// The aggregator and the processors.
+    services: Vec<JoinHandle<anyhow::Result<()>>>,
+    ns: RedisNamespace,
+    vhost: Option<AmqpVhost>,
+}
+
+/// What a stack runs besides the aggregator and the ingress.
+#[derive(Default)]
+pub struct Options {
+    /// A request processor with these handlers, on the stack's prefix and vhost.
+    pub processor: Option<HandlerSet>,
+    /// More ingress flags, such as `--max-lag 3`.
+    pub ingress_args: Vec<String>,
+}
+
+impl Options {
+    /// A processor with the default handlers (`echo`).
+    pub fn with_processor() -> Options {
+        Options { processor: Some(request_processor::handlers::default_handlers()), ..Options::default() }
+    }
+
+    pub fn handlers(mut self, handlers: HandlerSet) -> Options {
+        self.processor = Some(handlers);
+        self
+    }
+
+    pub fn arg(mut self, flag: &str, value: &str) -> Options {
+        self.ingress_args.extend([flag.to_owned(), value.to_owned()]);
+        self
+    }
 }
 
 /// An HTTP answer whose body is JSON (anything else fails the test).
@@ -47,6 +80,12 @@ impl Reply {
 impl Stack {
     /// An aggregator on its own prefix and vhost, and an ingress in front of it, both ready.
     pub async fn start() -> Stack {
+        Stack::with(Options::default()).await
+    }
+
+    /// An aggregator, the processor `options` ask for and an ingress, on one prefix and vhost;
+    /// the ingress is ready.
+    pub async fn with(options: Options) -> Stack {
         let ns = RedisNamespace::new();
         let vhost = AmqpVhost::new().await;
         let config = progress_aggregator::Config::try_parse_from([
@@ -71,10 +110,13 @@ impl Stack {
         let grpc_addr = aggregator.grpc_addr();
         let cancel = CancellationToken::new();
         let aggregator = tokio::spawn(aggregator.run(cancel.clone()));
-        let mut stack = Stack::ingress(&format!("http://{grpc_addr}"), "5s", cancel).await;
-        stack._aggregator = Some(aggregator);
-        stack._ns = Some(ns);
-        stack._vhost = Some(vhost);
+        let url = format!("http://{grpc_addr}");
+        let mut stack = Stack::ingress(ns, &url, "5s", &options.ingress_args, cancel).await;
+        stack.services.push(aggregator);
+        stack.vhost = Some(vhost);
+        if let Some(handlers) = options.processor {
+            stack.start_processor(handlers).await;
+        }
         wait_until("ingress ready", WAIT, || async { stack.get("/readyz").await.status == 200 })
             .await
             .expect("ingress becomes ready");
@@ -84,11 +126,25 @@ impl Stack {
     /// An ingress pointed at `aggregator_url`, which need not answer, with calls to it bounded by
     /// `request_timeout` (`1s`, `500ms`).
     pub async fn without_aggregator(aggregator_url: &str, request_timeout: &str) -> Stack {
-        Stack::ingress(aggregator_url, request_timeout, CancellationToken::new()).await
+        Stack::ingress(RedisNamespace::new(), aggregator_url, request_timeout, &[], CancellationToken::new())
+            .await
     }
 
-    async fn ingress(aggregator_url: &str, request_timeout: &str, cancel: CancellationToken) -> Stack {
-        let config = ingress::Config::try_parse_from([
+    /// An ingress alone (no aggregator, no processor) on a prefix of the Redis at `redis_url`,
+    /// which need not answer.
+    pub async fn ingress_on(redis_url: &str, args: &[String]) -> Stack {
+        let ns = RedisNamespace::with_url(redis_url);
+        Stack::ingress(ns, "http://127.0.0.1:1", "5s", args, CancellationToken::new()).await
+    }
+
+    async fn ingress(
+        ns: RedisNamespace,
+        aggregator_url: &str,
+        request_timeout: &str,
+        args: &[String],
+        cancel: CancellationToken,
+    ) -> Stack {
+        let mut argv: Vec<String> = [
             "ingress",
             "--addr",
             "127.0.0.1:0",
@@ -98,13 +154,64 @@ impl Stack {
             request_timeout,
             "--grace",
             "5s",
-        ])
-        .expect("valid ingress config");
+            "--redis-url",
+            &ns.url,
+            "--key-prefix",
+            &ns.prefix,
+        ]
+        .map(String::from)
+        .to_vec();
+        argv.extend_from_slice(args);
+        let config = ingress::Config::try_parse_from(argv).expect("valid ingress config");
         let app = ingress::App::build(config).await.expect("ingress builds");
         let base = format!("http://{}", app.local_addr());
+        let replica = app.replica().to_owned();
         let ingress = tokio::spawn(app.run(cancel.clone()));
         let http = reqwest::Client::builder().timeout(WAIT).build().expect("http client");
-        Stack { base, http, cancel, ingress: Some(ingress), _aggregator: None, _ns: None, _vhost: None }
+        Stack { base, replica, http, cancel, ingress: Some(ingress), services: Vec::new(), ns, vhost: None }
+    }
+
+    /// Starts a request processor with `handlers` on the stack's prefix and vhost (fast leases, so
+    /// tests do not wait long), and waits until it is ready.
+    pub async fn start_processor(&mut self, handlers: HandlerSet) {
+        let vhost = self.vhost.as_ref().expect("a stack with a vhost (Stack::with)");
+        let config = request_processor::Config::try_parse_from([
+            "request-processor",
+            "--redis-url",
+            &self.ns.url,
+            "--key-prefix",
+            &self.ns.prefix,
+            "--amqp-url",
+            &vhost.url,
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--heartbeat-interval",
+            "200ms",
+            "--lease-timeout",
+            "1s",
+            "--grace",
+            "2s",
+        ])
+        .expect("valid processor config");
+        let app =
+            request_processor::App::build_with_handlers(config, handlers).await.expect("processor builds");
+        let ready = format!("http://{}/readyz", app.admin_addr());
+        self.services.push(tokio::spawn(app.run(self.cancel.clone())));
+        wait_until("processor ready", WAIT, || async {
+            self.http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await
+        .expect("processor becomes ready");
+    }
+
+    /// The stack's key prefix and Redis.
+    pub fn ns(&self) -> &RedisNamespace {
+        &self.ns
+    }
+
+    /// A connection to the stack's Redis, for looking at keys directly.
+    pub async fn redis(&self) -> ConnectionManager {
+        self.ns.connection().await
     }
 
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
@@ -144,6 +251,24 @@ impl Stack {
 
     pub async fn delete(&self, key: &str) -> Reply {
         self.send(self.request(Method::DELETE, &format!("/status/{key}"))).await
+    }
+
+    /// `POST /v1/requests` with `body`, and `Prefer: wait={wait}` when given.
+    pub async fn submit(&self, body: &Value, wait: Option<u64>) -> Reply {
+        let mut request = self.request(Method::POST, "/v1/requests").json(body);
+        if let Some(wait) = wait {
+            request = request.header("prefer", format!("wait={wait}"));
+        }
+        self.send(request).await
+    }
+
+    /// `GET /v1/requests/{id}`, with `Prefer: wait={wait}` when given.
+    pub async fn request_state(&self, id: &str, wait: Option<u64>) -> Reply {
+        let mut request = self.request(Method::GET, &format!("/v1/requests/{id}"));
+        if let Some(wait) = wait {
+            request = request.header("prefer", format!("wait={wait}"));
+        }
+        self.send(request).await
     }
 
     /// Raw text of `GET path` (for `/metrics`).

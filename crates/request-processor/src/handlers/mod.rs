@@ -1,5 +1,32 @@
 //! Built-in handlers and the handlers file that names and configures them.
 
 pub mod command;
+pub mod config;
 pub mod echo;
 pub mod http;
+
+pub use command::CommandHandler;
+pub use config::{ConfigError, default_handlers};
+pub use echo::Echo;
+pub use http::HttpHandler;
+
+/// A context for running a handler in tests: progress goes to a publisher that never connects.
+#[cfg(test)]
+pub(crate) fn test_context(payload: serde_json::Value) -> crate::handler::Context {
+    use cairn_amqp::{ProgressPublisher, PublisherConfig};
+
+    crate::handler::Context {
+        request_id: "0198c0de-0000-7000-8000-000000000001".into(),
+        handler: "test".into(),
+        payload,
+        attempt: 1,
+        progress_key: cairn_progress::Key::parse("_requests.0198c0de").unwrap(),
+        progress_url: "http://127.0.0.1:8080/status/_requests.0198c0de".into(),
+        traceparent: None,
+        cancel: tokio_util::sync::CancellationToken::new(),
+        publisher: ProgressPublisher::start(PublisherConfig::new(
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+            "progress",
+        )),
+    }
+}

@@ -1,0 +1,551 @@
+//! The request side of the ingress (SPEC §3), free of HTTP: submission with validation,
+//! backpressure and idempotency, waiting for an outcome, reads, cancellation and dead letters.
+//! Every Redis call is bounded by [`REDIS_TIMEOUT`], so a Redis that is away or stalled becomes
+//! [`RequestsError::Unavailable`] within seconds, never a hang.
+
+use std::collections::BTreeSet;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_progress::{Key, Update};
+use cairn_redis::ProgressStore;
+use cairn_redis::progress::{Change, ReadOptions, StoreError};
+use cairn_redis::requests::{
+    CancelOutcome, DeadLetter, QueueError, RequestQueue, RetryOutcome, SubmitOutcome,
+};
+use cairn_requests::{RequestRecord, RequestState, Submission, SubmitError, new_request_id};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::replies::{Waiter, Waiters};
+
+/// Bound on every Redis call made while answering a client.
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Oldest group lag a backpressure decision may use.
+const LAG_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// Why a request operation failed; `crate::error` maps each to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestsError {
+    /// The submission is invalid (or too large: [`SubmitError::is_too_large`]).
+    #[error(transparent)]
+    Invalid(#[from] SubmitError),
+    #[error("unknown handler {name:?}; this deployment has: {known}")]
+    UnknownHandler { name: String, known: String },
+    #[error(
+        "too many requests are waiting to be processed ({lag} queued, the limit is {max}); retry shortly"
+    )]
+    Overloaded { lag: u64, max: u64 },
+    #[error("idempotency key {key:?} was already used with a different request body")]
+    IdempotencyConflict { key: String },
+    #[error("no request {id}")]
+    Missing { id: String },
+    #[error("request {id} already finished: it is {state}")]
+    AlreadyFinished { id: String, state: String },
+    #[error("request {id} is not a dead letter: it is {state}")]
+    NotDeadLetter { id: String, state: RequestState },
+    #[error("request {id} is not dead (it is {state}); only dead requests can be retried")]
+    NotDead { id: String, state: String },
+    /// Redis did not answer, or not in time; details are logged where it happened.
+    #[error("the request queue is unavailable; retry shortly")]
+    Unavailable,
+    /// A stored record or a script reply made no sense; details are logged.
+    #[error("internal error")]
+    Internal,
+}
+
+impl RequestsError {
+    /// The `reason` label of `cairn_requests_rejected_total` for a refused submission.
+    fn rejection_reason(&self) -> &'static str {
+        match self {
+            RequestsError::Invalid(e) if e.is_too_large() => "too_large",
+            RequestsError::Invalid(_) => "invalid",
+            RequestsError::UnknownHandler { .. } => "unknown_handler",
+            RequestsError::Overloaded { .. } => "backpressure",
+            RequestsError::IdempotencyConflict { .. } => "conflict",
+            RequestsError::Unavailable => "unavailable",
+            _ => "internal",
+        }
+    }
+}
+
+/// Counts a refused submission.
+pub fn record_rejection(reason: &'static str) {
+    metrics::counter!("cairn_requests_rejected_total", "reason" => reason).increment(1);
+}
+
+/// Tunables of the request API.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Attempts a request gets when it names none.
+    pub default_max_attempts: u32,
+    /// Backpressure: above this many undelivered entries in the group, submissions get 503.
+    pub max_lag: u64,
+    pub idempotency_ttl: Duration,
+    /// Longest `Prefer: wait` honoured.
+    pub max_wait: Duration,
+    /// How often a waiter re-reads its record in case a reply was missed.
+    pub poll_interval: Duration,
+    /// This replica's reply stream.
+    pub reply_stream: String,
+}
+
+/// A request as a client sees it: the record's public view and its progress.
+#[derive(Debug, Clone)]
+pub struct RequestView {
+    pub record: RequestRecord,
+    /// `progress` of the request's progress node; `None` when there is no node (yet).
+    pub progress: Option<f64>,
+}
+
+impl RequestView {
+    /// `record.to_json()` plus `progress` and `progress_url`.
+    pub fn to_json(&self) -> Value {
+        let mut view = self.record.to_json();
+        if let Value::Object(map) = &mut view {
+            map.insert("progress".into(), json!(self.progress));
+            map.insert("progress_url".into(), json!(progress_url(&self.record.progress_key)));
+        }
+        view
+    }
+}
+
+/// Where the progress of a request is read: the ingress's own progress API.
+pub fn progress_url(key: &Key) -> String {
+    format!("/status/{key}")
+}
+
+/// What a submission led to.
+#[derive(Debug)]
+pub enum Submitted {
+    /// A new request, queued (and, when the client waited, not finished in time).
+    Queued(RequestRecord),
+    /// A request that is finished, or one the idempotency key already named: shown in full.
+    Known(RequestView),
+}
+
+/// What a cancellation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Canceled {
+    /// It had not started and never will.
+    Queued,
+    /// It is running; its processor stops it within one heartbeat interval.
+    Signaled,
+}
+
+/// The request core: queue, progress store, waiters and the group-lag cache of one replica.
+pub struct Requests {
+    queue: RequestQueue,
+    store: ProgressStore,
+    waiters: Arc<Waiters>,
+    handlers: BTreeSet<String>,
+    settings: Settings,
+    lag: tokio::sync::Mutex<Option<LagSample>>,
+    /// Fires when the replica starts draining; waits end early then.
+    draining: CancellationToken,
+}
+
+/// The group's lag as last read (`Err` when Redis did not answer), and when.
+#[derive(Debug, Clone, Copy)]
+struct LagSample {
+    at: Instant,
+    lag: Result<u64, ()>,
+}
+
+impl Requests {
+    pub fn new(
+        queue: RequestQueue,
+        store: ProgressStore,
+        waiters: Arc<Waiters>,
+        handlers: BTreeSet<String>,
+        settings: Settings,
+        draining: CancellationToken,
+    ) -> Requests {
+        Requests { queue, store, waiters, handlers, settings, lag: tokio::sync::Mutex::new(None), draining }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Creates the consumer group unless it exists.
+    pub async fn ensure_group(&self) -> Result<(), RequestsError> {
+        bounded("ensure_group", self.queue.ensure_group()).await
+    }
+
+    /// Validates and queues a submission body, then waits up to `wait` for its outcome.
+    ///
+    /// The request's progress node is written (`status: waiting`) before the request is queued,
+    /// so it exists as soon as the client has an answer and no processor report can be
+    /// overwritten by it. A node at a progress key the client named is left alone when the
+    /// submission carries an idempotency key and the node exists: it belongs to the earlier
+    /// submission. A node written under a fresh default key for a submission that turns out to
+    /// repeat an earlier one is removed again.
+    pub async fn submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
+        let submitted = self.try_submit(body, wait).await;
+        if let Err(error) = &submitted {
+            record_rejection(error.rejection_reason());
+        }
+        submitted
+    }
+
+    async fn try_submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
+        let submission = Submission::from_slice(body)?;
+        self.check_handler(&submission.handler)?;
+        self.check_backpressure().await?;
+
+        let id = new_request_id();
+        let default_key = submission.progress_key.is_none();
+        let idempotent = submission.idempotency_key.is_some();
+        let record =
+            RequestRecord::queued(id.clone(), submission, self.settings.default_max_attempts, now_ms());
+        let waiter = wait.map(|_| self.waiters.register(&id));
+        let announced = self.announce(&record, default_key || !idempotent).await?;
+        let ttl_ms = u64::try_from(self.settings.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
+        let outcome =
+            bounded("submit", self.queue.submit(&record, Some(&self.settings.reply_stream), ttl_ms)).await?;
+        match outcome {
+            SubmitOutcome::Created { entry_id } => {
+                info!(request = %id, handler = %record.handler, entry = %entry_id, "request queued");
+                metrics::counter!("cairn_requests_submitted_total").increment(1);
+                let record = match (wait, &waiter) {
+                    (Some(wait), Some(waiter)) => self.wait_terminal(record, waiter, wait).await,
+                    _ => record,
+                };
+                if record.state.is_terminal() {
+                    Ok(Submitted::Known(self.view(record).await))
+                } else {
+                    Ok(Submitted::Queued(record))
+                }
+            }
+            SubmitOutcome::Existing { id: existing } => {
+                if announced && default_key {
+                    self.forget_node(&record.progress_key).await;
+                }
+                debug!(request = %existing, "idempotent submission answered with the earlier request");
+                let waiter = wait.map(|_| self.waiters.register(&existing));
+                let stored = self.record(&existing).await?;
+                let stored = match (wait, &waiter) {
+                    (Some(wait), Some(waiter)) => self.wait_terminal(stored, waiter, wait).await,
+                    _ => stored,
+                };
+                Ok(Submitted::Known(self.view(stored).await))
+            }
+            SubmitOutcome::Conflict { .. } => {
+                if announced && default_key {
+                    self.forget_node(&record.progress_key).await;
+                }
+                let key = record.idempotency_key.unwrap_or_default();
+                Err(RequestsError::IdempotencyConflict { key })
+            }
+        }
+    }
+
+    fn check_handler(&self, name: &str) -> Result<(), RequestsError> {
+        if self.handlers.contains(name) {
+            return Ok(());
+        }
+        let known = self.handlers.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
+        Err(RequestsError::UnknownHandler { name: name.to_owned(), known })
+    }
+
+    /// Refuses work while the group's lag is above the bound. The lag is read at most every
+    /// [`LAG_MAX_AGE`]; a failed read is remembered as long, so a stalled Redis costs one
+    /// bounded call per interval rather than one per submission.
+    async fn check_backpressure(&self) -> Result<(), RequestsError> {
+        let mut sample = self.lag.lock().await;
+        let lag = match *sample {
+            Some(LagSample { at, lag }) if at.elapsed() <= LAG_MAX_AGE => lag,
+            _ => {
+                let lag = self.read_lag().await.map_err(drop);
+                *sample = Some(LagSample { at: Instant::now(), lag });
+                lag
+            }
+        };
+        drop(sample);
+        match lag {
+            Err(()) => Err(RequestsError::Unavailable),
+            Ok(lag) if lag > self.settings.max_lag => {
+                debug!(lag, max = self.settings.max_lag, "refusing a submission: the queue is too long");
+                Err(RequestsError::Overloaded { lag, max: self.settings.max_lag })
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// The group's lag. A stream or group that does not exist (Redis lost its data, or started
+    /// after this replica) is made again, with no lag.
+    async fn read_lag(&self) -> Result<u64, RequestsError> {
+        let why = match tokio::time::timeout(REDIS_TIMEOUT, self.queue.lag()).await {
+            Ok(Ok(Some(lag))) => return Ok(lag),
+            Ok(Ok(None)) => "no lag reported for the group",
+            Ok(Err(QueueError::Redis(e))) if e.detail().is_some_and(|d| d.contains("no such key")) => {
+                "the request stream does not exist"
+            }
+            Ok(Err(e)) => return Err(classify("lag", e)),
+            Err(_) => return Err(timed_out("lag")),
+        };
+        debug!(why, "the request group's lag is unknown; making sure the group exists");
+        self.ensure_group().await?;
+        Ok(0)
+    }
+
+    /// Writes the new request's progress node, unless `always` is false and a node is there
+    /// already. Whether it wrote.
+    async fn announce(&self, record: &RequestRecord, always: bool) -> Result<bool, RequestsError> {
+        if !always {
+            let existing =
+                bounded("progress get", self.store.get(&record.progress_key, &ReadOptions::default()))
+                    .await?;
+            if existing.is_some() {
+                return Ok(false);
+            }
+        }
+        let update = Update::new()
+            .status(RequestState::Queued.progress_status())
+            .field("state", RequestState::Queued.as_str())
+            .field("request_id", record.id.as_str())
+            .field("handler", record.handler.as_str());
+        self.report(&record.progress_key, update).await?;
+        Ok(true)
+    }
+
+    async fn report(&self, key: &Key, update: Update) -> Result<(), RequestsError> {
+        let change = Change { key: key.clone(), update, time_ms: now_ms() };
+        bounded("progress apply", self.store.apply(std::slice::from_ref(&change))).await
+    }
+
+    /// Removes a progress node written for a request that was not created after all.
+    async fn forget_node(&self, key: &Key) {
+        if let Err(error) = bounded("progress delete", self.store.delete(key, now_ms())).await {
+            warn!(%key, %error, "cannot remove the progress node of a repeated submission");
+        }
+    }
+
+    /// Waits until the request is terminal, `wait` has passed or the replica drains; the record
+    /// as last read. Woken by replies, and re-reads on a timer in case one was missed.
+    async fn wait_terminal(
+        &self,
+        mut record: RequestRecord,
+        waiter: &Waiter,
+        wait: Duration,
+    ) -> RequestRecord {
+        let deadline = Instant::now() + wait;
+        loop {
+            let now = Instant::now();
+            if record.state.is_terminal() || now >= deadline || self.draining.is_cancelled() {
+                return record;
+            }
+            let nap = self.settings.poll_interval.min(deadline - now);
+            tokio::select! {
+                () = waiter.notified() => {}
+                () = tokio::time::sleep(nap) => {}
+                () = self.draining.cancelled() => return record,
+            }
+            match bounded("record", self.queue.record(&record.id)).await {
+                Ok(Some(latest)) => record = latest,
+                // Purged while we waited: what we have is all there is.
+                Ok(None) => return record,
+                // Keep waiting: Redis may be back before the deadline.
+                Err(_) => {}
+            }
+        }
+    }
+
+    async fn record(&self, id: &str) -> Result<RequestRecord, RequestsError> {
+        bounded("record", self.queue.record(id))
+            .await?
+            .ok_or_else(|| RequestsError::Missing { id: id.to_owned() })
+    }
+
+    /// The record with its progress; a progress read that fails shows as no progress.
+    async fn view(&self, record: RequestRecord) -> RequestView {
+        let node =
+            bounded("progress get", self.store.get(&record.progress_key, &ReadOptions::default())).await;
+        let progress = node.ok().flatten().and_then(|node| node.progress());
+        RequestView { record, progress }
+    }
+
+    /// A request by id; with `wait`, once it is terminal or `wait` has passed.
+    pub async fn get(&self, id: &str, wait: Option<Duration>) -> Result<RequestView, RequestsError> {
+        let waiter = wait.map(|_| self.waiters.register(id));
+        let mut record = self.record(id).await?;
+        if let (Some(wait), Some(waiter)) = (wait, &waiter) {
+            record = self.wait_terminal(record, waiter, wait).await;
+        }
+        Ok(self.view(record).await)
+    }
+
+    /// Cancels a request: a queued one never runs (its progress node says so at once), a running
+    /// one is signalled to its processor.
+    pub async fn cancel(&self, id: &str) -> Result<Canceled, RequestsError> {
+        match bounded("cancel", self.queue.cancel(id, now_ms())).await? {
+            CancelOutcome::Missing => Err(RequestsError::Missing { id: id.to_owned() }),
+            CancelOutcome::AlreadyFinished(state) => {
+                Err(RequestsError::AlreadyFinished { id: id.to_owned(), state })
+            }
+            CancelOutcome::Signaled => {
+                info!(request = %id, "cancellation signalled to the running request");
+                Ok(Canceled::Signaled)
+            }
+            CancelOutcome::Canceled => {
+                info!(request = %id, "queued request canceled");
+                // No processor will report on it: the processor that receives it only acks it.
+                let reported = async {
+                    let record = self.record(id).await?;
+                    let update = Update::new()
+                        .status(RequestState::Canceled.progress_status())
+                        .field("state", RequestState::Canceled.as_str())
+                        .msg("canceled before it ran");
+                    self.report(&record.progress_key, update).await
+                };
+                if let Err(error) = reported.await {
+                    warn!(request = %id, %error, "cannot mark the canceled request's progress node");
+                }
+                Ok(Canceled::Queued)
+            }
+        }
+    }
+
+    /// Up to `limit` dead letters after the entry id `after` (`-` for the first), oldest first.
+    pub async fn dead_letters(&self, after: &str, limit: usize) -> Result<Vec<DeadLetter>, RequestsError> {
+        bounded("dead letters", self.queue.dead_letters(after, limit)).await
+    }
+
+    /// A dead request; any other state is [`RequestsError::NotDeadLetter`].
+    pub async fn dead_letter(&self, id: &str) -> Result<RequestView, RequestsError> {
+        let record = self.record(id).await?;
+        if record.state != RequestState::Dead {
+            return Err(RequestsError::NotDeadLetter { id: id.to_owned(), state: record.state });
+        }
+        Ok(self.view(record).await)
+    }
+
+    /// Queues a dead request again with fresh attempts; its progress node shows it waiting.
+    pub async fn retry_dead(&self, id: &str) -> Result<(), RequestsError> {
+        let record = self.record(id).await?;
+        if record.state != RequestState::Dead {
+            return Err(RequestsError::NotDead { id: id.to_owned(), state: record.state.to_string() });
+        }
+        // Before the retry, so the processor's report of the new run comes after it.
+        let update = Update::new()
+            .status(RequestState::Queued.progress_status())
+            .field("state", RequestState::Queued.as_str())
+            .msg("queued again from the dead letters");
+        self.report(&record.progress_key, update).await?;
+        match bounded("retry dead", self.queue.retry_dead(id, now_ms())).await? {
+            RetryOutcome::Queued { entry_id } => {
+                info!(request = %id, entry = %entry_id, "dead request queued again");
+                Ok(())
+            }
+            RetryOutcome::Missing => Err(RequestsError::Missing { id: id.to_owned() }),
+            RetryOutcome::NotDead(state) => Err(RequestsError::NotDead { id: id.to_owned(), state }),
+        }
+    }
+
+    /// Removes this replica's reply stream (at shutdown); replies still on their way recreate it
+    /// and it expires on its own.
+    pub async fn drop_reply_stream(&self, redis: &mut redis::aio::ConnectionManager) {
+        let deleted: Result<Result<(), redis::RedisError>, _> = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            redis::cmd("DEL").arg(&self.settings.reply_stream).query_async(redis),
+        )
+        .await;
+        if !matches!(deleted, Ok(Ok(()))) {
+            debug!(stream = %self.settings.reply_stream, "reply stream not removed at shutdown");
+        }
+    }
+}
+
+/// Errors of the Redis layers, told apart: Redis being away versus a reply that makes no sense.
+trait RedisFailure: Display {
+    fn is_unavailable(&self) -> bool;
+}
+
+impl RedisFailure for QueueError {
+    fn is_unavailable(&self) -> bool {
+        matches!(self, QueueError::Redis(_))
+    }
+}
+
+impl RedisFailure for StoreError {
+    fn is_unavailable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+fn classify(call: &'static str, e: impl RedisFailure) -> RequestsError {
+    if e.is_unavailable() {
+        warn!(call, error = %e, "redis call failed");
+        RequestsError::Unavailable
+    } else {
+        error!(call, error = %e, "redis call answered something unexpected");
+        RequestsError::Internal
+    }
+}
+
+fn timed_out(call: &'static str) -> RequestsError {
+    warn!(call, timeout = ?REDIS_TIMEOUT, "redis did not answer in time");
+    RequestsError::Unavailable
+}
+
+/// Runs one Redis call within [`REDIS_TIMEOUT`].
+async fn bounded<T, E: RedisFailure>(
+    call: &'static str,
+    future: impl Future<Output = Result<T, E>>,
+) -> Result<T, RequestsError> {
+    match tokio::time::timeout(REDIS_TIMEOUT, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(classify(call, e)),
+        Err(_) => Err(timed_out(call)),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_view_adds_progress_and_its_url() {
+        let record = RequestRecord::queued(
+            "0190f5c2-7b8e-4c3d-9a2b-123456789abc".into(),
+            Submission::new("echo", json!({"x": 1})),
+            3,
+            7,
+        );
+        let view = RequestView { record: record.clone(), progress: Some(0.5) }.to_json();
+        assert_eq!(view["progress"], json!(0.5));
+        assert_eq!(view["progress_url"], "/status/_requests.0190f5c2-7b8e-4c3d-9a2b-123456789abc");
+        assert_eq!(view["state"], "queued");
+        assert!(view.get("payload").is_none(), "the payload is not shown");
+        let none = RequestView { record, progress: None }.to_json();
+        assert!(none.as_object().unwrap().contains_key("progress") && none["progress"].is_null());
+    }
+
+    #[test]
+    fn rejections_have_bounded_reasons() {
+        let too_large = RequestsError::Invalid(SubmitError::BodyTooLarge { bytes: 3, max: 2 });
+        assert_eq!(too_large.rejection_reason(), "too_large");
+        assert_eq!(RequestsError::Invalid(SubmitError::NotAnObject).rejection_reason(), "invalid");
+        let unknown = RequestsError::UnknownHandler { name: "x".into(), known: "echo".into() };
+        assert_eq!(unknown.rejection_reason(), "unknown_handler");
+        assert_eq!(unknown.to_string(), "unknown handler \"x\"; this deployment has: echo");
+        assert_eq!(RequestsError::Overloaded { lag: 5, max: 3 }.rejection_reason(), "backpressure");
+        let conflict = RequestsError::IdempotencyConflict { key: "k".into() };
+        assert_eq!(
+            conflict.to_string(),
+            "idempotency key \"k\" was already used with a different request body"
+        );
+    }
+}

@@ -1,0 +1,440 @@
+//! The request API end to end: ingress → Redis request queue → request processor → replies and
+//! progress (processor → AMQP → aggregator → Redis), each test with its own key prefix and vhost.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use cairn_testkit::{RedisServer, wait_until};
+use common::{Options, Reply, Stack, WAIT};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use request_processor::handlers::Echo;
+use request_processor::{Context, Handler, HandlerError, HandlerSet};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn header<'a>(reply: &'a Reply, name: &str) -> Option<&'a str> {
+    reply.headers.get(name).map(|v| v.to_str().expect("ASCII header"))
+}
+
+fn id_of(reply: &Reply) -> String {
+    reply.json["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {}: {}", reply.status, reply.json))
+        .to_owned()
+}
+
+/// Fails every attempt for good, counting them.
+struct Nope(Arc<AtomicU32>);
+
+impl Handler for Nope {
+    fn handle<'a>(&'a self, _ctx: &'a Context) -> BoxFuture<'a, Result<Value, HandlerError>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        async { Err(HandlerError::Permanent("nope".into())) }.boxed()
+    }
+}
+
+/// Runs until it is told to stop.
+struct Block;
+
+impl Handler for Block {
+    fn handle<'a>(&'a self, ctx: &'a Context) -> BoxFuture<'a, Result<Value, HandlerError>> {
+        async {
+            ctx.cancel.cancelled().await;
+            Err(HandlerError::Retryable("stopped".into()))
+        }
+        .boxed()
+    }
+}
+
+/// A handlers file naming `names` (the ingress reads only the names), in a temporary directory.
+fn handlers_file(names: &[&str]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("handlers.toml");
+    let text: String = names.iter().map(|name| format!("[handlers.{name}]\nkind = \"echo\"\n\n")).collect();
+    std::fs::write(&path, text).expect("write handlers file");
+    (dir, path.to_str().expect("UTF-8 path").to_owned())
+}
+
+async fn xlen(stack: &Stack, key: &str) -> u64 {
+    redis::cmd("XLEN").arg(stack.ns().key(key)).query_async(&mut stack.redis().await).await.expect("XLEN")
+}
+
+/// Every key of the stack's prefix matching `{prefix}:{pattern}`.
+async fn keys(stack: &Stack, pattern: &str) -> Vec<String> {
+    let mut redis = stack.redis().await;
+    let pattern = stack.ns().key(pattern);
+    let (mut cursor, mut found) = (0u64, Vec::new());
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await
+            .expect("SCAN");
+        found.extend(page);
+        if next == 0 {
+            return found;
+        }
+        cursor = next;
+    }
+}
+
+#[tokio::test]
+async fn echo_round_trip_with_prefer_wait() {
+    let stack = Stack::with(Options::with_processor()).await;
+    let reply = stack.submit(&json!({"handler": "echo", "payload": {"x": 1}}), Some(10)).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    assert_eq!(header(&reply, "preference-applied"), Some("wait=10"));
+    let id = id_of(&reply);
+    assert_eq!(header(&reply, "location"), Some(format!("/v1/requests/{id}").as_str()));
+    assert_eq!(reply.json["state"], "succeeded");
+    assert_eq!(reply.json["result"], json!({"x": 1}));
+    assert_eq!(reply.json["attempts"], 1);
+    assert_eq!(reply.json["handler"], "echo");
+    let key = format!("_requests.{id}");
+    assert_eq!(reply.json["progress_key"], key);
+    assert_eq!(reply.json["progress_url"], format!("/status/{key}"));
+    assert!(reply.json["finished_at"].as_i64().unwrap() >= reply.json["created_at"].as_i64().unwrap());
+
+    // Reports travel over AMQP and the aggregator: asynchronous.
+    wait_until("the progress node is finished", WAIT, || async {
+        let node = stack.get(&format!("/status/{key}")).await;
+        node.status == 200 && node.json["status"] == "finished" && node.json["progress"].as_f64() == Some(1.0)
+    })
+    .await
+    .expect("progress reported");
+    let node = stack.get(&format!("/status/{key}")).await;
+    assert_eq!(node.json["request_id"], id.as_str());
+    assert_eq!(node.json["handler"], "echo");
+    assert_eq!(node.json["state"], "succeeded");
+    let view = stack.request_state(&id, None).await;
+    assert_eq!(view.status, 200);
+    assert_eq!(view.json["progress"].as_f64(), Some(1.0), "{}", view.json);
+}
+
+#[tokio::test]
+async fn accepted_then_long_poll() {
+    let stack = Stack::with(Options::with_processor()).await;
+    let reply = stack.submit(&json!({"handler": "echo", "payload": "hi", "max_attempts": 2}), None).await;
+    assert_eq!(reply.status, 202, "{}", reply.json);
+    let id = id_of(&reply);
+    assert_eq!(header(&reply, "location"), Some(format!("/v1/requests/{id}").as_str()));
+    assert_eq!(header(&reply, "preference-applied"), None);
+    let key = format!("_requests.{id}");
+    assert_eq!(
+        reply.json,
+        json!({"id": id, "state": "queued", "progress_key": key, "progress_url": format!("/status/{key}")})
+    );
+
+    let done = stack.request_state(&id, Some(10)).await;
+    assert_eq!(done.status, 200, "{}", done.json);
+    assert_eq!(done.json["state"], "succeeded");
+    assert_eq!(done.json["result"], "hi");
+    assert_eq!(done.json["max_attempts"], 2);
+    assert_eq!(header(&done, "preference-applied"), Some("wait=10"));
+
+    let (_, metrics) = stack.text("/metrics").await;
+    assert!(metrics.lines().any(|l| l.starts_with("cairn_requests_submitted_total")), "{metrics}");
+}
+
+#[tokio::test]
+async fn replies_reach_the_waiting_replica_directly() {
+    // Polling is off (once an hour): only the reply stream can end the wait in time.
+    let options = Options::with_processor().arg("--reply-poll-interval", "1h").arg("--replica", "replica-a");
+    let stack = Stack::with(options).await;
+    assert_eq!(stack.replica, "replica-a");
+    for n in 0..3 {
+        let started = Instant::now();
+        let reply = stack.submit(&json!({"handler": "echo", "payload": n}), Some(10)).await;
+        assert_eq!(reply.status, 200, "{}", reply.json);
+        assert_eq!(reply.json["result"], n);
+        assert!(started.elapsed() < Duration::from_secs(9), "woken by the reply: {:?}", started.elapsed());
+    }
+    // The reader only reads: replies stay in this replica's stream (capped and expiring there).
+    assert_eq!(xlen(&stack, "replies:replica-a").await, 3);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_names_one_request() {
+    let stack = Stack::start().await;
+    let body = json!({"handler": "echo", "payload": {"order": 42}, "idempotency_key": "order-42"});
+    let replies = futures::future::join_all((0..20).map(|_| stack.submit(&body, None))).await;
+    let first = id_of(&replies[0]);
+    for reply in &replies {
+        assert_eq!(reply.status, 202, "{}", reply.json);
+        assert_eq!(id_of(reply), first);
+        assert_eq!(reply.json["state"], "queued");
+    }
+    assert_eq!(xlen(&stack, "requests").await, 1, "one stream entry");
+    // Progress nodes written for the repeats were removed again.
+    let nodes = keys(&stack, "pn:_requests.*").await;
+    assert_eq!(nodes, [stack.ns().key(&format!("pn:_requests.{first}"))]);
+
+    let other = json!({"handler": "echo", "payload": {"order": 43}, "idempotency_key": "order-42"});
+    let conflict = stack.submit(&other, None).await;
+    assert_eq!(conflict.status, 409, "{}", conflict.json);
+    assert_eq!(
+        conflict.error(),
+        "idempotency key \"order-42\" was already used with a different request body"
+    );
+    let again = stack.submit(&body, None).await;
+    assert_eq!((again.status, id_of(&again)), (202, first));
+    assert_eq!(xlen(&stack, "requests").await, 1);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_4xx_naming_the_problem() {
+    let stack = Stack::start().await;
+    let huge = format!(r#"{{"handler": "echo", "payload": "{}"}}"#, "x".repeat(3 * 1024 * 1024));
+    let cases: [(&str, u16, &str); 8] = [
+        (r#"{"handler": "nope"}"#, 400, "unknown handler \"nope\"; this deployment has: echo"),
+        (r#"{"payload": {}}"#, 400, "field \"handler\" is required"),
+        (r#"{"handler": "echo", "max_attempts": "3"}"#, 400, "field \"max_attempts\": must be an integer"),
+        (r#"{"handler": "echo", "timeout_ms": -1}"#, 400, "field \"timeout_ms\": must be an integer"),
+        (r#"{"handlr": "echo"}"#, 400, "unknown field \"handlr\""),
+        (r#"{"handler": "#, 400, "request is not valid JSON"),
+        (r#"[{"handler": "echo"}]"#, 400, "request must be a JSON object"),
+        (&huge, 413, "2097152 bytes"),
+    ];
+    for (body, status, problem) in cases {
+        let request = stack
+            .request(Method::POST, "/v1/requests")
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        let reply = stack.send(request).await;
+        let shown: String = body.chars().take(60).collect();
+        assert_eq!(reply.status, status, "{shown}: {}", reply.json);
+        assert!(reply.error().contains(problem), "{shown}: {}", reply.error());
+    }
+    let unknown = stack.submit(&json!({"handlr": "echo"}), None).await;
+    assert!(unknown.error().contains("did you mean \"handler\"?"), "{}", unknown.error());
+    assert_eq!(xlen(&stack, "requests").await, 0, "nothing was queued");
+
+    let reply = stack.request_state("not-an-id", None).await;
+    assert_eq!(reply.status, 400, "{}", reply.json);
+    assert!(reply.error().starts_with("invalid request id \"not-an-id\""), "{}", reply.error());
+    let missing = "0190f5c2-7b8e-4c3d-9a2b-123456789abc";
+    let reply = stack.request_state(missing, None).await;
+    assert_eq!((reply.status, &reply.json), (404, &json!({"id": missing, "missing": true})));
+    let reply = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{missing}"))).await;
+    assert_eq!((reply.status, &reply.json), (404, &json!({"id": missing, "missing": true})));
+    let reply = stack.send(stack.request(Method::POST, &format!("/v1/dead-letters/{missing}/retry"))).await;
+    assert_eq!(reply.status, 404, "{}", reply.json);
+    for (query, problem) in
+        [("limit=0", "limit must be an integer from 1 to 1000"), ("after=abc", "after must be")]
+    {
+        let reply = stack.get(&format!("/v1/dead-letters?{query}")).await;
+        assert_eq!(reply.status, 400, "{query}: {}", reply.json);
+        assert!(reply.error().starts_with(problem), "{query}: {}", reply.error());
+    }
+
+    let (_, metrics) = stack.text("/metrics").await;
+    for reason in ["unknown_handler", "invalid", "too_large"] {
+        let series = format!("cairn_requests_rejected_total{{reason=\"{reason}\"}}");
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
+}
+
+#[tokio::test]
+async fn a_canceled_queued_request_never_runs() {
+    let mut stack = Stack::with(Options::default().arg("--max-wait", "1s")).await;
+    let reply = stack.submit(&json!({"handler": "echo", "payload": {"x": 1}}), Some(30)).await;
+    // Nothing runs it yet: the wait, cut to --max-wait, ends with the usual 202.
+    assert_eq!(reply.status, 202, "{}", reply.json);
+    assert_eq!(header(&reply, "preference-applied"), Some("wait=1"));
+    let id = id_of(&reply);
+    let key = format!("_requests.{id}");
+    let node = stack.get(&format!("/status/{key}")).await;
+    assert_eq!(node.status, 200, "the node exists before any processor reports: {}", node.json);
+    assert_eq!((&node.json["status"], &node.json["state"]), (&json!("waiting"), &json!("queued")));
+    assert_eq!(node.json["request_id"], id.as_str());
+    let polled = stack.request_state(&id, Some(1)).await;
+    assert_eq!((polled.status, &polled.json["state"]), (200, &json!("queued")));
+
+    let reply = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{id}"))).await;
+    assert_eq!((reply.status, &reply.json), (200, &json!({"id": id, "state": "canceled"})));
+    let view = stack.request_state(&id, None).await;
+    assert_eq!(view.json["state"], "canceled");
+    assert_eq!(view.json["cancel_requested"], true);
+    let node = stack.get(&format!("/status/{key}")).await;
+    assert_eq!(node.json["status"], "canceled");
+    let again = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{id}"))).await;
+    assert_eq!(again.status, 409, "{}", again.json);
+    assert_eq!(again.error(), format!("request {id} already finished: it is canceled"));
+
+    stack.start_processor(request_processor::handlers::default_handlers()).await;
+    // A request queued after the canceled one finishing means the canceled entry was delivered.
+    let later = id_of(&stack.submit(&json!({"handler": "echo", "payload": 2}), None).await);
+    wait_until("the later request succeeds", WAIT, || async {
+        stack.request_state(&later, None).await.json["state"] == "succeeded"
+    })
+    .await
+    .expect("the processor runs requests");
+    let pending: i64 = redis::cmd("XPENDING")
+        .arg(stack.ns().key("requests"))
+        .arg("processors")
+        .query_async::<Vec<redis::Value>>(&mut stack.redis().await)
+        .await
+        .map(|summary| redis::from_redis_value(summary[0].clone()).unwrap())
+        .unwrap();
+    assert_eq!(pending, 0, "every entry was acknowledged");
+    let view = stack.request_state(&id, None).await;
+    assert_eq!(view.json["state"], "canceled");
+    assert_eq!(view.json["attempts"], 0, "never ran: {}", view.json);
+    assert!(view.json.get("result").is_none(), "{}", view.json);
+}
+
+#[tokio::test]
+async fn a_running_request_is_canceled_through_its_processor() {
+    let (_dir, handlers) = handlers_file(&["block"]);
+    let options =
+        Options::default().handlers(HandlerSet::new().with("block", Block)).arg("--handlers", &handlers);
+    let stack = Stack::with(options).await;
+    let id = id_of(&stack.submit(&json!({"handler": "block"}), None).await);
+    wait_until("the request runs", WAIT, || async {
+        stack.request_state(&id, None).await.json["state"] == "running"
+    })
+    .await
+    .expect("the processor starts it");
+    let reply = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{id}"))).await;
+    assert_eq!(reply.status, 202, "{}", reply.json);
+    assert_eq!(reply.json, json!({"id": id, "state": "running", "cancel_requested": true}));
+    let view = stack.request_state(&id, Some(10)).await;
+    assert_eq!(view.json["state"], "canceled", "{}", view.json);
+}
+
+#[tokio::test]
+async fn backpressure_is_a_503_with_retry_after() {
+    let stack = Stack::with(Options::default().arg("--max-lag", "3")).await;
+    let mut accepted = 0;
+    let mut refused = None;
+    for _ in 0..12 {
+        let reply = stack.submit(&json!({"handler": "echo"}), None).await;
+        match reply.status {
+            202 => accepted += 1,
+            503 => {
+                refused = Some(reply);
+                break;
+            }
+            other => panic!("unexpected {other}: {}", reply.json),
+        }
+        if accepted >= 4 {
+            // The lag is cached for up to 500 ms.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+    }
+    let refused = refused.expect("a 503 within 12 submissions");
+    assert!(accepted >= 4, "the lag had to pass 3: {accepted} accepted");
+    assert_eq!(header(&refused, "retry-after"), Some("1"));
+    assert!(
+        refused.error().starts_with("too many requests are waiting to be processed"),
+        "{}",
+        refused.error()
+    );
+    assert!(refused.error().contains("the limit is 3"), "{}", refused.error());
+}
+
+#[tokio::test]
+async fn redis_away_is_a_503_and_the_ingress_recovers() {
+    let mut server = RedisServer::new().await;
+    let stack = Stack::ingress_on(&server.url(), &[]).await;
+    let body = json!({"handler": "echo", "payload": 1});
+    wait_until("a submission is accepted", WAIT, || async { stack.submit(&body, None).await.status == 202 })
+        .await
+        .expect("the ingress talks to redis");
+
+    server.stop();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let reply = stack.submit(&body, None).await;
+        let elapsed = started.elapsed();
+        assert_eq!(reply.status, 503, "{}", reply.json);
+        assert_eq!(header(&reply, "retry-after"), Some("1"));
+        assert_eq!(reply.error(), "the request queue is unavailable; retry shortly");
+        assert!(elapsed < Duration::from_secs(6), "answered in {elapsed:?}");
+    }
+    let reply = stack.request_state("0190f5c2-7b8e-4c3d-9a2b-123456789abc", None).await;
+    assert_eq!(reply.status, 503, "{}", reply.json);
+
+    server.restart().await;
+    // The restarted server lost everything (no persistence): the group is made again.
+    wait_until("submissions are accepted again", WAIT, || async {
+        stack.submit(&body, None).await.status == 202
+    })
+    .await
+    .expect("the ingress recovers without a restart");
+    let accepted = stack.submit(&body, None).await;
+    assert_eq!(accepted.status, 202, "{}", accepted.json);
+    let view = stack.request_state(&id_of(&accepted), None).await;
+    assert_eq!((view.status, &view.json["state"]), (200, &json!("queued")));
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_inspected_and_retried() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let (_dir, handlers) = handlers_file(&["echo", "nope"]);
+    let processor = HandlerSet::new().with("echo", Echo).with("nope", Nope(runs.clone()));
+    let stack = Stack::with(Options::default().handlers(processor).arg("--handlers", &handlers)).await;
+
+    let dead = stack.submit(&json!({"handler": "nope", "payload": 1}), Some(10)).await;
+    assert_eq!(dead.status, 200, "{}", dead.json);
+    let id = id_of(&dead);
+    assert_eq!(
+        (&dead.json["state"], &dead.json["error"], &dead.json["attempts"]),
+        (&json!("dead"), &json!("nope"), &json!(1))
+    );
+    let first_finish = dead.json["finished_at"].as_i64().unwrap();
+
+    let list = stack.get("/v1/dead-letters").await;
+    assert_eq!(list.status, 200, "{}", list.json);
+    let items = list.json["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{}", list.json);
+    assert_eq!((&items[0]["id"], &items[0]["error"]), (&json!(id), &json!("nope")));
+    assert!(items[0]["entry_id"].is_string() && items[0]["time"].as_i64().unwrap() >= first_finish - 1000);
+    assert_eq!(list.json["next"], Value::Null);
+
+    let letter = stack.get(&format!("/v1/dead-letters/{id}")).await;
+    assert_eq!((letter.status, &letter.json["state"]), (200, &json!("dead")));
+    let ok = id_of(&stack.submit(&json!({"handler": "echo", "payload": 2}), Some(10)).await);
+    let not_dead = stack.get(&format!("/v1/dead-letters/{ok}")).await;
+    assert_eq!(not_dead.status, 404, "{}", not_dead.json);
+    assert_eq!(not_dead.error(), format!("request {ok} is not a dead letter: it is succeeded"));
+    let retry_ok = stack.send(stack.request(Method::POST, &format!("/v1/dead-letters/{ok}/retry"))).await;
+    assert_eq!(retry_ok.status, 409, "{}", retry_ok.json);
+    assert!(retry_ok.error().contains("is not dead (it is succeeded)"), "{}", retry_ok.error());
+
+    let retry = stack.send(stack.request(Method::POST, &format!("/v1/dead-letters/{id}/retry"))).await;
+    assert_eq!((retry.status, &retry.json), (202, &json!({"id": id, "state": "queued"})));
+    wait_until("the retry dies again", WAIT, || async {
+        let view = stack.request_state(&id, Some(1)).await;
+        view.json["state"] == "dead"
+            && view.json["finished_at"].as_i64().unwrap_or(0) >= first_finish
+            && runs.load(Ordering::SeqCst) == 2
+    })
+    .await
+    .expect("the retried request runs and dies");
+    let view = stack.request_state(&id, None).await;
+    assert_eq!(
+        (&view.json["attempts"], &view.json["error"]),
+        (&json!(1), &json!("nope")),
+        "attempts start over"
+    );
+
+    // Two dead letters now, one page at a time.
+    let first = stack.get("/v1/dead-letters?limit=1").await;
+    let next = first.json["next"].as_str().expect("a full page has a next cursor").to_owned();
+    assert_eq!(first.json["items"][0]["entry_id"], next.as_str());
+    let second = stack.get(&format!("/v1/dead-letters?limit=1&after={next}")).await;
+    assert_eq!(second.json["items"][0]["id"], id.as_str());
+    assert_ne!(second.json["items"][0]["entry_id"], next.as_str());
+    let last = second.json["next"].as_str().unwrap().to_owned();
+    let end = stack.get(&format!("/v1/dead-letters?limit=1&after={last}")).await;
+    assert_eq!(end.json, json!({"items": [], "next": null}));
+}

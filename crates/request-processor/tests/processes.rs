@@ -1,0 +1,389 @@
+//! request-processor run as separate OS processes against real Redis and RabbitMQ, and killed:
+//! kill -9 mid-request, SIGTERM drain, SIGSTOP past the lease, poison requests, cancellation of a
+//! running command, and a Redis restart under load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_redis::RedisConfig;
+use cairn_redis::requests::{QueueNames, RequestQueue, SubmitOutcome};
+use cairn_requests::{RequestRecord, RequestState, Submission, new_request_id};
+use cairn_testkit::{AmqpVhost, RedisNamespace, RedisServer, wait_until};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_request-processor");
+const WAIT: Duration = Duration::from_secs(60);
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A test's world: Redis namespace, vhost, temp dir with the handlers file and effect log.
+struct World {
+    redis_url: String,
+    prefix: String,
+    amqp_url: String,
+    dir: tempfile::TempDir,
+    queue: RequestQueue,
+    _ns: Option<RedisNamespace>,
+    _vhost: AmqpVhost,
+}
+
+impl World {
+    async fn new() -> World {
+        let ns = RedisNamespace::new();
+        let (url, prefix) = (ns.url.clone(), ns.prefix.clone());
+        World::with(url, prefix, Some(ns)).await
+    }
+
+    async fn with(redis_url: String, prefix: String, ns: Option<RedisNamespace>) -> World {
+        let vhost = AmqpVhost::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let handlers = format!(
+            r#"
+[handlers.echo]
+kind = "echo"
+
+[handlers.effect]
+kind = "command"
+program = "{effect}"
+env = {{ EFFECTS = "{effects}", SLEEP = "1" }}
+
+[handlers.slow_effect]
+kind = "command"
+program = "{effect}"
+env = {{ EFFECTS = "{effects}", SLEEP = "3" }}
+
+[handlers.poison]
+kind = "command"
+program = "{fails}"
+
+[handlers.hang]
+kind = "command"
+program = "{hang}"
+env = {{ PIDFILE = "{pidfile}" }}
+"#,
+            effect = fixture("effect.sh").display(),
+            effects = dir.path().join("effects.log").display(),
+            fails = fixture("always_fails.sh").display(),
+            hang = fixture("hang.sh").display(),
+            pidfile = dir.path().join("hang.pid").display(),
+        );
+        std::fs::write(dir.path().join("handlers.toml"), handlers).unwrap();
+        let config = RedisConfig::new(redis_url.clone(), prefix.clone());
+        let queue =
+            RequestQueue::new(config.manager().unwrap(), QueueNames::new(&prefix, "requests", "processors"));
+        World { redis_url, prefix, amqp_url: vhost.url.clone(), dir, queue, _ns: ns, _vhost: vhost }
+    }
+
+    fn processor(&self, name: &str, extra: &[&str]) -> Processor {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let mut command = Command::new(BIN);
+        // Fast leases by default; a test's own flags replace these.
+        for (flag, value) in
+            [("--heartbeat-interval", "200ms"), ("--lease-timeout", "1s"), ("--retry-backoff", "50ms")]
+        {
+            if !extra.contains(&flag) {
+                command.args([flag, value]);
+            }
+        }
+        command
+            .args([
+                "--redis-url",
+                &self.redis_url,
+                "--key-prefix",
+                &self.prefix,
+                "--amqp-url",
+                &self.amqp_url,
+            ])
+            .args(["--admin-addr", "127.0.0.1:0", "--name", name])
+            .arg("--handlers")
+            .arg(self.dir.path().join("handlers.toml"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        Processor { child: command.spawn().expect("processor starts") }
+    }
+
+    async fn submit(&self, handler: &str, max_attempts: u32) -> String {
+        let id = new_request_id();
+        let mut submission = Submission::new(handler, json!({"n": 1}));
+        submission.max_attempts = Some(max_attempts);
+        let record = RequestRecord::queued(id.clone(), submission, 3, now_ms());
+        // The first command after a Redis restart may fail while the connection is remade.
+        for _ in 0..50 {
+            match self.queue.submit(&record, None, 60_000).await {
+                Ok(outcome) => {
+                    assert!(matches!(outcome, SubmitOutcome::Created { .. }));
+                    return id;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        panic!("cannot submit to redis")
+    }
+
+    async fn states(&self, ids: &[String]) -> HashMap<String, RequestRecord> {
+        let mut out = HashMap::new();
+        for id in ids {
+            if let Ok(Some(record)) = self.queue.record(id).await {
+                out.insert(id.clone(), record);
+            }
+        }
+        out
+    }
+
+    async fn wait_all(&self, ids: &[String], state: RequestState, timeout: Duration) {
+        wait_until(&format!("{} requests {state}", ids.len()), timeout, || async {
+            self.states(ids).await.values().filter(|r| r.state == state).count() == ids.len()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; logs in {}", self.dir.path().display()));
+    }
+
+    fn effects(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("effects.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    async fn pending_of(&self, consumer: &str) -> usize {
+        let mut conn = RedisConfig::new(self.redis_url.clone(), self.prefix.clone()).manager().unwrap();
+        let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(&self.queue.names().stream)
+            .arg("processors")
+            .arg("-")
+            .arg("+")
+            .arg(1000)
+            .arg(consumer)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        reply.ids.len()
+    }
+}
+
+struct Processor {
+    child: Child,
+}
+
+impl Processor {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the processor and to its handlers' process groups (a host going away
+    /// takes its children with it; a paused host pauses them too).
+    fn signal_tree(&mut self, signal: &str) {
+        // Only a child not yet reaped keeps its pid: never signal a pid that may be reused.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let children = Command::new("pgrep").args(["-P", &self.pid().to_string()]).output().unwrap();
+        let children = String::from_utf8_lossy(&children.stdout).to_string();
+        if signal == "CONT" {
+            signal_pid(signal, &self.pid().to_string());
+        }
+        for child in children.split_whitespace() {
+            signal_pid(signal, &format!("-{child}"));
+        }
+        if signal != "CONT" {
+            signal_pid(signal, &self.pid().to_string());
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // Keep the processors' logs of a failed test for the person reading the failure.
+        if std::thread::panicking() {
+            let kept = self.dir.path().with_extension("kept");
+            let _ = std::fs::rename(self.dir.path(), &kept);
+            eprintln!("processor logs kept in {}", kept.display());
+        }
+    }
+}
+
+impl Drop for Processor {
+    fn drop(&mut self) {
+        self.signal_tree("CONT");
+        self.signal_tree("KILL");
+        let _ = self.child.wait();
+    }
+}
+
+fn signal_pid(signal: &str, target: &str) {
+    let _ = Command::new("kill").args([&format!("-{signal}"), "--", target]).status();
+}
+
+fn alive(pid: &str) -> bool {
+    Command::new("kill").args(["-0", pid]).status().map(|s| s.success()).unwrap_or(false)
+}
+
+#[tokio::test]
+async fn kill_9_mid_request_completes_every_request_exactly_once_elsewhere() {
+    let world = World::new().await;
+    let mut doomed = world.processor("doomed", &["--concurrency", "8"]);
+    let mut ids = Vec::new();
+    // Three seconds of work before the effect: the kill lands well before it.
+    for _ in 0..16 {
+        ids.push(world.submit("slow_effect", 3).await);
+    }
+    wait_until("the doomed processor runs requests", WAIT, || async {
+        world
+            .states(&ids)
+            .await
+            .values()
+            .any(|r| r.owner.as_deref() == Some("doomed") && r.state == RequestState::Running)
+    })
+    .await
+    .unwrap();
+    doomed.signal_tree("KILL");
+    assert!(doomed.wait_exit(Duration::from_secs(5)).is_some(), "killed");
+    let _survivor = world.processor("survivor", &["--concurrency", "16"]);
+    world.wait_all(&ids, RequestState::Succeeded, WAIT).await;
+
+    let effects = world.effects();
+    for id in &ids {
+        assert_eq!(
+            effects.iter().filter(|e| *e == id).count(),
+            1,
+            "request {id} had exactly one effect: {effects:?}"
+        );
+    }
+    assert_eq!(effects.len(), ids.len());
+    assert_eq!(world.pending_of("doomed").await, 0, "nothing stays pending for the dead processor");
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_work_and_exits_0() {
+    let world = World::new().await;
+    let mut processor = world.processor("draining", &["--concurrency", "4", "--grace", "20s"]);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(world.submit("slow_effect", 3).await);
+    }
+    wait_until("all four running", WAIT, || async {
+        world.states(&ids).await.values().filter(|r| r.state == RequestState::Running).count() == 4
+    })
+    .await
+    .unwrap();
+    let later = world.submit("echo", 3).await;
+    signal_pid("TERM", &processor.pid().to_string());
+    let status = processor.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "exit 0 after draining");
+    world.wait_all(&ids, RequestState::Succeeded, Duration::from_secs(1)).await;
+    assert_eq!(world.effects().len(), 4);
+    assert_eq!(world.pending_of("draining").await, 0, "nothing of its own left pending");
+    let record = world.queue.record(&later).await.unwrap().unwrap();
+    assert_eq!(record.state, RequestState::Queued, "work it never took stays queued for others");
+}
+
+#[tokio::test]
+async fn a_processor_paused_past_its_lease_cannot_commit_late() {
+    let world = World::new().await;
+    // Slow heartbeats: once resumed it does not notice the lost lease before its handler ends.
+    let mut paused = world.processor("paused", &["--heartbeat-interval", "10s", "--lease-timeout", "30s"]);
+    let id = world.submit("effect", 3).await;
+    wait_until("running on the paused processor", WAIT, || async {
+        world.states(std::slice::from_ref(&id)).await.values().any(|r| r.state == RequestState::Running)
+    })
+    .await
+    .unwrap();
+    paused.signal_tree("STOP");
+    let _other = world.processor("other", &[]);
+    world.wait_all(std::slice::from_ref(&id), RequestState::Succeeded, WAIT).await;
+    let record = world.queue.record(&id).await.unwrap().unwrap();
+    assert_eq!(record.owner.as_deref(), Some("other"));
+    assert_eq!(record.attempts, 2, "the second attempt ran elsewhere");
+
+    paused.signal_tree("CONT");
+    // The paused run's handler finishes now and its commit is refused by the lease fence.
+    let log = world.dir.path().join("paused.log");
+    wait_until("the late commit is refused", WAIT, || async {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("outcome refused")
+    })
+    .await
+    .unwrap();
+    let after = world.queue.record(&id).await.unwrap().unwrap();
+    assert_eq!(after.owner.as_deref(), Some("other"), "the stored outcome is the other processor's");
+    assert_eq!(after.state, RequestState::Succeeded);
+    assert_eq!(after.finished_ms, record.finished_ms, "nothing was stored again");
+    assert_eq!(world.pending_of("paused").await, 0);
+    drop(paused);
+}
+
+#[tokio::test]
+async fn poison_requests_die_after_max_attempts_while_good_ones_succeed() {
+    let world = World::new().await;
+    let _processor = world.processor("p", &["--concurrency", "8"]);
+    let poison = world.submit("poison", 3).await;
+    let mut good = Vec::new();
+    for _ in 0..50 {
+        good.push(world.submit("echo", 3).await);
+    }
+    world.wait_all(&good, RequestState::Succeeded, WAIT).await;
+    world.wait_all(std::slice::from_ref(&poison), RequestState::Dead, WAIT).await;
+    let record = world.queue.record(&poison).await.unwrap().unwrap();
+    assert_eq!(record.attempts, 3);
+    let error = record.error.unwrap_or_default();
+    assert!(error.contains("always fails"), "the last error is kept: {error}");
+    let dead = world.queue.dead_letters("-", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].request_id, poison);
+}
+
+#[tokio::test]
+async fn canceling_a_running_command_kills_it_within_a_heartbeat() {
+    let world = World::new().await;
+    let _processor = world.processor("p", &[]);
+    let id = world.submit("hang", 3).await;
+    let pidfile = world.dir.path().join(format!("hang.pid.{id}"));
+    wait_until("the command runs", WAIT, || async { pidfile.exists() }).await.unwrap();
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+    assert!(alive(&pid));
+    world.queue.cancel(&id, now_ms()).await.unwrap();
+    let started = std::time::Instant::now();
+    world.wait_all(std::slice::from_ref(&id), RequestState::Canceled, Duration::from_secs(10)).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "canceled within about one heartbeat (200 ms)");
+    wait_until("its process is gone", Duration::from_secs(5), || async { !alive(&pid) }).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_redis_restart_under_load_loses_no_request() {
+    let server = RedisServer::with_aof().await;
+    let world = World::with(server.url(), "t:restart".into(), None).await;
+    let _processor = world.processor("p", &["--concurrency", "16"]);
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(world.submit("echo", 3).await);
+    }
+    let mut server = server;
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart().await;
+    for _ in 0..100 {
+        ids.push(world.submit("echo", 3).await);
+    }
+    world.wait_all(&ids, RequestState::Succeeded, WAIT).await;
+}
