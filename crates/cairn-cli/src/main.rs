@@ -15,7 +15,8 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Command {
-    /// Run every service in this one process (ingress on :8080, aggregator gRPC on :50051).
+    /// Run every service in this one process (ingress on :8080, aggregator gRPC on :50051,
+    /// a request processor).
     /// Each service is configured by its usual CAIRN_* variables.
     Dev {
         #[command(flatten)]

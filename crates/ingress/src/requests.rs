@@ -98,7 +98,8 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct RequestView {
     pub record: RequestRecord,
-    /// `progress` of the request's progress node; `None` when there is no node (yet).
+    /// `progress` of the request's progress node (0 until some is reported); `None` when there
+    /// is no node.
     pub progress: Option<f64>,
 }
 
@@ -366,7 +367,8 @@ impl Requests {
     async fn view(&self, record: RequestRecord) -> RequestView {
         let node =
             bounded("progress get", self.store.get(&record.progress_key, &ReadOptions::default())).await;
-        let progress = node.ok().flatten().and_then(|node| node.progress());
+        // A node without a progress field has made none yet.
+        let progress = node.ok().flatten().map(|node| node.progress().unwrap_or(0.0));
         RequestView { record, progress }
     }
 

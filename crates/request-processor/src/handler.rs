@@ -1,7 +1,7 @@
 //! What a request runs: the [`Handler`] trait, the [`Context`] a run gets, and how a run fails.
 //!
 //! Build a processor with your own handlers by registering them in a [`HandlerSet`] and passing it
-//! to `App::build_with_handlers` (see `examples/custom_handler.rs`).
+//! to `App::build_with_handlers` (see `crates/example-processor`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -122,7 +122,7 @@ impl App {
         Self::build_with_handlers(config, handlers).await
     }
 
-    /// Builds a processor with your own handlers (see `examples/custom_handler.rs`).
+    /// Builds a processor with your own handlers (see `crates/example-processor`).
     pub async fn build_with_handlers(config: Config, handlers: HandlerSet) -> anyhow::Result<App> {
         cairn_runtime::metrics_handle();
         let lease = config.lease()?;
