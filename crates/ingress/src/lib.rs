@@ -23,6 +23,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::serve::ListenerExt as _;
 use cairn_redis::requests::{QueueNames, RequestQueue};
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
@@ -38,7 +39,7 @@ use tracing::{info, warn};
 pub use crate::aggregator::{Aggregator, Read, UrlError};
 pub use crate::error::ApiError;
 pub use crate::handler_names::{DEFAULT_HANDLERS, HandlersFileError};
-pub use crate::requests::{RequestsError, Settings as RequestSettings};
+pub use crate::requests::RequestsError;
 
 /// Settings of the ingress: flags, or `CAIRN_*` environment variables.
 #[derive(clap::Parser, Debug, Clone)]
@@ -238,7 +239,8 @@ impl App {
         ));
         let stop = CancellationToken::new();
         let mut server = tokio::spawn(
-            axum::serve(listener, router)
+            // TCP_NODELAY: small request/response pairs must not wait on Nagle + delayed ACKs.
+            axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), router)
                 .with_graceful_shutdown(stop.clone().cancelled_owned())
                 .into_future(),
         );
