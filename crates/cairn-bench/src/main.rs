@@ -10,6 +10,10 @@
 //! `GET /status/{key}?depth=2` through the ingress REST API and of gRPC `Get`. Phases (a)–(d) also
 //! report where the CPU went (this process, Redis, RabbitMQ) and Redis's script time.
 //!
+//! `cairn-bench requests` measures the request path (lifecycle progress reporting on): the REST
+//! round trip of one client with `Prefer: wait`, one processor draining a pre-filled stream, and
+//! end-to-end REST throughput with 64 connections.
+//!
 //! Run in release (a debug build measures the compiler, not Cairn):
 //! `cargo run --release -p cairn-bench -- progress`, or a subset and other sizes, e.g.
 //! `cairn-bench progress --only b,c --messages 200000`. Default sizes take about two minutes on a
@@ -18,6 +22,7 @@
 //! both removed when it ends.
 
 mod progress;
+mod requests;
 
 use clap::Parser;
 
@@ -32,12 +37,15 @@ struct Cli {
 enum Command {
     /// The progress pipeline: broker ceiling, aggregator throughput, gRPC, sibling cost, reads.
     Progress(progress::Args),
+    /// The request path: REST round trip, one processor's drain rate, end-to-end REST throughput.
+    Requests(requests::Args),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let report = match Cli::parse().command {
         Command::Progress(args) => progress::run(args).await?,
+        Command::Requests(args) => requests::run(args).await?,
     };
     println!("{report}");
     Ok(())

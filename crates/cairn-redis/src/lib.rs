@@ -6,6 +6,7 @@
 
 pub mod progress;
 pub mod requests;
+pub mod streams;
 
 use std::time::Duration;
 

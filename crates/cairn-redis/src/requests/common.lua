@@ -3,6 +3,9 @@
 --   <stream>          the request stream; its consumer group's PEL holds the leases
 --   P:dead            dead-letter stream
 --   <reply_to>        the submitting ingress replica's reply stream (named in the record)
+--   P:req:finished    zset of finished request ids scored by finished_ms (the trimmer purges
+--                     from it, SPEC §4)
+--   P:streams         registry of every stream Cairn creates (the trimmer finds them here)
 local P, STREAM, GROUP = ARGV[1], ARGV[2], ARGV[3]
 local function rkey(id) return P .. ':req:' .. id end
 
@@ -15,12 +18,16 @@ end
 
 local TERMINAL = { succeeded = true, canceled = true, dead = true }
 
--- Tells the waiting ingress replica; its stream is capped and expires with the replica.
+-- Tells the waiting ingress replica; its stream is capped, expires with the replica and is
+-- registered for the trimmer. Every terminal transition passes here (finish, and cancel.lua for
+-- a request that never started), so this is also where the record joins the finished index.
 local function reply(id, state, now)
+  if TERMINAL[state] then redis.call('ZADD', P .. ':req:finished', now, id) end
   local to = redis.call('HGET', rkey(id), 'reply_to')
   if to and to ~= '' then
     redis.call('XADD', to, 'MAXLEN', '~', 10000, '*', 'id', id, 'state', state, 'time', now)
     redis.call('PEXPIRE', to, 3600000)
+    redis.call('SADD', P .. ':streams', to)
   end
 end
 
@@ -32,6 +39,7 @@ local function finish(id, entry, state, now, result, err)
   redis.call('XACK', STREAM, GROUP, entry)
   if state == 'dead' then
     redis.call('XADD', P .. ':dead', '*', 'id', id, 'error', err or '', 'time', now)
+    redis.call('SADD', P .. ':streams', P .. ':dead')
   end
   reply(id, state, now)
 end

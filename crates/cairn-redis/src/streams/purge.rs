@@ -1,0 +1,97 @@
+//! The retention purge (SPEC §4): request records and progress trees that finished longer ago
+//! than their retention. Nothing unfinished is ever purged; each decision is re-checked inside
+//! the script that deletes, so a record retried or a tree updated meanwhile stays.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+use super::StreamError;
+
+static PURGE_REQUESTS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("purge_requests.lua")));
+/// The progress store's own delete script behind a guard: the same subtree removal and index
+/// clean-up as [`crate::ProgressStore::delete`], only when the tree is finished and old enough.
+static PURGE_TREE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            include_str!("../progress/common.lua"),
+            include_str!("purge_progress.lua"),
+            include_str!("../progress/delete.lua"),
+        ]
+        .concat(),
+    )
+});
+
+/// One call of [`Purger::purge_requests`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestPurge {
+    /// Records (and their idempotency keys) deleted.
+    pub purged: u64,
+    /// Index entries looked at; fewer than the limit means none older than the cutoff are left.
+    pub examined: u64,
+}
+
+/// Purges finished data of one key prefix.
+#[derive(Clone)]
+pub struct Purger {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl Purger {
+    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+        Self { conn, prefix: prefix.into() }
+    }
+
+    /// The index of finished requests: a zset of ids scored by `finished_ms`.
+    pub fn finished_index(&self) -> String {
+        format!("{}:req:finished", self.prefix)
+    }
+
+    /// The roots of the progress trees, scored by their latest update time.
+    pub fn progress_roots(&self) -> String {
+        format!("{}:proots", self.prefix)
+    }
+
+    /// Deletes up to `limit` request records in a terminal state (succeeded, canceled, dead)
+    /// that finished at or before `cutoff_ms`, with their idempotency keys.
+    pub async fn purge_requests(&self, cutoff_ms: i64, limit: usize) -> Result<RequestPurge, StreamError> {
+        let (purged, examined): (u64, u64) = PURGE_REQUESTS
+            .arg(&self.prefix)
+            .arg(cutoff_ms)
+            .arg(limit)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(RequestPurge { purged, examined })
+    }
+
+    /// Progress roots last updated at or before `cutoff_ms`, oldest first: `count` of them from
+    /// position `offset` (roots skipped because they are unfinished stay in the range).
+    pub async fn old_roots(&self, cutoff_ms: i64, offset: usize, count: usize) -> Result<Vec<String>, StreamError> {
+        let roots: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.progress_roots())
+            .arg("-inf")
+            .arg(cutoff_ms)
+            .arg("LIMIT")
+            .arg(offset)
+            .arg(count)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(roots)
+    }
+
+    /// Removes the tree at `root` (its nodes, child indexes and `proots` entry) if its root's
+    /// status is finished, failed or canceled and it was last updated at or before `cutoff_ms`.
+    /// Returns the number of nodes removed, or `None` when the tree stays.
+    pub async fn purge_tree(&self, root: &str, now_ms: i64, cutoff_ms: i64) -> Result<Option<u64>, StreamError> {
+        let removed: i64 = PURGE_TREE
+            .arg(&self.prefix)
+            .arg(root)
+            .arg(now_ms)
+            .arg(cutoff_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(u64::try_from(removed).ok())
+    }
+}
