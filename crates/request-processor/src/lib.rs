@@ -146,7 +146,8 @@ impl App {
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on CAIRN_PROCESSOR_ADMIN_ADDR={}", config.admin_addr))?;
-        let deps = Arc::new(worker::Deps { queue, handlers, publisher, settings });
+        let committer = worker::Committer::start(queue.clone(), settings.consumer.clone());
+        let deps = Arc::new(worker::Deps { queue, handlers, publisher, settings, committer });
         Ok(App { config, deps, redis, admin })
     }
 

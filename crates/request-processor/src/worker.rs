@@ -17,7 +17,7 @@ use cairn_redis::requests::{Commit, Entry, Heartbeat, RequestQueue, Start};
 use cairn_requests::{Backoff, Failure, LeaseSettings, Next, RequestRecord, RequestState, next_step};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -42,6 +42,51 @@ pub struct Deps {
     pub handlers: HandlerSet,
     pub publisher: ProgressPublisher,
     pub settings: Settings,
+    pub committer: Committer,
+}
+
+type CommitReply = oneshot::Sender<Result<bool, String>>;
+
+/// Group commit: outcomes finished at about the same time go to Redis in one fenced script
+/// call instead of one round trip each. Each caller still learns whether its own was stored.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<(Commit, CommitReply)>,
+}
+
+impl Committer {
+    /// Most outcomes stored in one script call.
+    const BATCH: usize = 256;
+
+    pub fn start(queue: RequestQueue, consumer: String) -> Committer {
+        let (tx, mut rx) = mpsc::channel::<(Commit, CommitReply)>(4 * Self::BATCH);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(Self::BATCH);
+            while rx.recv_many(&mut batch, Self::BATCH).await > 0 {
+                let (commits, replies): (Vec<Commit>, Vec<CommitReply>) = batch.drain(..).unzip();
+                match queue.commit(&consumer, &commits, now_ms()).await {
+                    Ok(stored) => {
+                        for (reply, ok) in replies.into_iter().zip(stored) {
+                            let _ = reply.send(Ok(ok));
+                        }
+                    }
+                    Err(error) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(error.to_string()));
+                        }
+                    }
+                }
+            }
+        });
+        Committer { tx }
+    }
+
+    /// Stores one outcome: `Ok(false)` when the lease was lost, `Err` when Redis failed.
+    async fn commit(&self, commit: Commit) -> Result<bool, String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send((commit, reply)).await.map_err(|_| "committer stopped".to_owned())?;
+        answer.await.map_err(|_| "committer stopped".to_owned())?
+    }
 }
 
 /// Why a run was told to stop.
@@ -430,9 +475,9 @@ fn attempt_from(joined: Result<Result<Value, HandlerError>, tokio::task::JoinErr
 async fn commit_with_retry(deps: &Deps, commit: &Commit, cancel: &CancellationToken) -> bool {
     let mut delay = Duration::from_millis(50);
     loop {
-        match deps.queue.commit(&deps.settings.consumer, std::slice::from_ref(commit), now_ms()).await {
-            Ok(stored) if stored.first() == Some(&true) => return true,
-            Ok(_) => {
+        match deps.committer.commit(commit.clone()).await {
+            Ok(true) => return true,
+            Ok(false) => {
                 metrics::counter!("cairn_requests_commit_refused_total").increment(1);
                 warn!(request = %commit.entry.request_id, "outcome refused: the lease was lost to another processor");
                 return false;

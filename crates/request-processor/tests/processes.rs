@@ -188,6 +188,10 @@ impl Processor {
         if !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
+        if signal == "KILL" {
+            // Freeze it first, so it cannot start another handler between listing and killing.
+            signal_pid("STOP", &self.pid().to_string());
+        }
         let children = Command::new("pgrep").args(["-P", &self.pid().to_string()]).output().unwrap();
         let children = String::from_utf8_lossy(&children.stdout).to_string();
         if signal == "CONT" {

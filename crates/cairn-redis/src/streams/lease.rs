@@ -63,7 +63,12 @@ pub struct Lease {
 
 impl Lease {
     /// `key` is the full Redis key; `instance` must be unique among the contenders.
-    pub fn new(conn: ConnectionManager, key: impl Into<String>, instance: impl Into<String>, ttl: Duration) -> Self {
+    pub fn new(
+        conn: ConnectionManager,
+        key: impl Into<String>,
+        instance: impl Into<String>,
+        ttl: Duration,
+    ) -> Self {
         Self { conn, key: key.into(), instance: instance.into(), ttl }
     }
 

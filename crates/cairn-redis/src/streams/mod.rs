@@ -147,7 +147,8 @@ impl Streams {
 
     /// The registered stream keys, sorted.
     pub async fn registered(&self) -> Result<Vec<String>, StreamError> {
-        let mut keys: Vec<String> = redis::cmd("SMEMBERS").arg(self.registry()).query_async(&mut self.conn.clone()).await?;
+        let mut keys: Vec<String> =
+            redis::cmd("SMEMBERS").arg(self.registry()).query_async(&mut self.conn.clone()).await?;
         keys.sort();
         Ok(keys)
     }
@@ -262,7 +263,10 @@ impl Streams {
             .arg(u64::try_from(max_idle.as_millis()).unwrap_or(u64::MAX))
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(rows.into_iter().map(|(group, consumer, idle_ms)| RemovedConsumer { group, consumer, idle_ms }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(group, consumer, idle_ms)| RemovedConsumer { group, consumer, idle_ms })
+            .collect())
     }
 }
 

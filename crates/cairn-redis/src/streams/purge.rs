@@ -68,7 +68,12 @@ impl Purger {
 
     /// Progress roots last updated at or before `cutoff_ms`, oldest first: `count` of them from
     /// position `offset` (roots skipped because they are unfinished stay in the range).
-    pub async fn old_roots(&self, cutoff_ms: i64, offset: usize, count: usize) -> Result<Vec<String>, StreamError> {
+    pub async fn old_roots(
+        &self,
+        cutoff_ms: i64,
+        offset: usize,
+        count: usize,
+    ) -> Result<Vec<String>, StreamError> {
         let roots: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.progress_roots())
             .arg("-inf")
@@ -84,7 +89,12 @@ impl Purger {
     /// Removes the tree at `root` (its nodes, child indexes and `proots` entry) if its root's
     /// status is finished, failed or canceled and it was last updated at or before `cutoff_ms`.
     /// Returns the number of nodes removed, or `None` when the tree stays.
-    pub async fn purge_tree(&self, root: &str, now_ms: i64, cutoff_ms: i64) -> Result<Option<u64>, StreamError> {
+    pub async fn purge_tree(
+        &self,
+        root: &str,
+        now_ms: i64,
+        cutoff_ms: i64,
+    ) -> Result<Option<u64>, StreamError> {
         let removed: i64 = PURGE_TREE
             .arg(&self.prefix)
             .arg(root)
