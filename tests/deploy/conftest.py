@@ -124,9 +124,11 @@ class Help:
 def binary_help(name: str) -> Help:
     """`<binary> --help`: the variables it reads and its subcommands."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
-    out = subprocess.run(
-        [binary(name), "--help"], capture_output=True, text=True, timeout=30, env=env, check=True
-    ).stdout
+    result = subprocess.run([binary(name), "--help"], capture_output=True, text=True, timeout=30, env=env)
+    # Some binaries print their help on stderr and exit 2 (cairn_runtime::parse_args treats
+    # --help like any early exit); the text is what matters.
+    out = result.stdout + result.stderr
+    assert "Usage:" in out, f"{name} --help printed no usage (exit {result.returncode}):\n{out}"
     names = frozenset(re.findall(r"\[env: (CAIRN_[A-Z0-9_]+)=", out))
     commands_block = out.split("Commands:", 1)[1].split("\n\n", 1)[0] if "Commands:" in out else ""
     subcommands = frozenset(re.findall(r"^\s{2}([a-z][a-z0-9-]*)\s", commands_block, re.M))

@@ -30,50 +30,95 @@ end
 
 local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = true }
 
--- Refreshes the ETA of a node whose progress moved to p at time t, from an exponential moving
--- average of its recent rate. `v` holds the node's _rt, _rp, _rate as read before the change.
--- Replaying an update at the same t changes nothing (no time passed).
-local function eta_fields(out, t, p, status, rt, rp, rate)
-  if (status and TERMINAL[status]) or p >= 1 then
-    return true -- caller deletes the ETA fields
+-- Node state for the length of one script call. Every node a call touches is read once (one
+-- HMGET of the fields the maths needs) and written once at the end (`flush`), however many
+-- updates of the batch pass through it: a burst of siblings costs one write of their parent,
+-- not one per sibling. Updates are still applied one after another, in order, with the same
+-- arithmetic as one at a time, so a batch leaves exactly the tree its updates leave singly.
+local FIELDS = { '_st', 'progress', 'weight', '_sw', '_swp', 'status', '_rt', '_rp', '_rate' }
+local cache = {}
+
+local function load(k)
+  local n = cache[k]
+  if n then return n end
+  local v = redis.call('HMGET', nkey(k), unpack(FIELDS))
+  n = { f = {}, dirty = {}, counts = {} }
+  for i, name in ipairs(FIELDS) do n.f[name] = v[i] end
+  cache[k] = n
+  return n
+end
+
+-- Sets (or, with false, deletes) a field; written by `flush`.
+local function set(n, name, value)
+  n.f[name] = value
+  n.dirty[name] = true
+end
+
+local function count(n, status, delta)
+  n.counts[status] = (n.counts[status] or 0) + delta
+end
+
+local function flush()
+  for k, n in pairs(cache) do
+    local hset, hdel = {}, {}
+    for name in pairs(n.dirty) do
+      local value = n.f[name]
+      if value then
+        hset[#hset + 1] = name; hset[#hset + 1] = value
+      else
+        hdel[#hdel + 1] = name
+      end
+    end
+    local nk = nkey(k)
+    if #hset > 0 then redis.call('HSET', nk, unpack(hset)) end
+    if #hdel > 0 then redis.call('HDEL', nk, unpack(hdel)) end
+    for status, delta in pairs(n.counts) do
+      if delta ~= 0 and redis.call('HINCRBY', nk, '_c:' .. status, delta) <= 0 then
+        redis.call('HDEL', nk, '_c:' .. status)
+      end
+    end
   end
-  rt, rp, rate = tonumber(rt), tonumber(rp), tonumber(rate)
+  cache = {}
+end
+
+-- Refreshes the ETA of node `n` whose progress moved to p at time t, from an exponential moving
+-- average of its recent rate (anchor _rt/_rp, rate _rate). Terminal or complete: no ETA.
+-- Replaying an update at the same t changes nothing (no time passed).
+local function update_eta(n, t, p, status)
+  if (status and TERMINAL[status]) or p >= 1 then
+    if n.f._rt then -- an ETA always comes with its rate anchor
+      set(n, '_eta', false); set(n, '_rt', false); set(n, '_rp', false); set(n, '_rate', false)
+    end
+    return
+  end
+  local rt, rp, rate = tonumber(n.f._rt), tonumber(n.f._rp), tonumber(n.f._rate)
   if not rt or p < rp then
-    out[#out + 1] = '_rt'; out[#out + 1] = t
-    out[#out + 1] = '_rp'; out[#out + 1] = num(p)
-    return false
+    set(n, '_rt', t); set(n, '_rp', num(p))
+    return
   end
   if t > rt and p > rp then
     local inst = (p - rp) / (t - rt)
     if rate then rate = 0.3 * inst + 0.7 * rate else rate = inst end
-    out[#out + 1] = '_rt'; out[#out + 1] = t
-    out[#out + 1] = '_rp'; out[#out + 1] = num(p)
-    out[#out + 1] = '_rate'; out[#out + 1] = num(rate)
-    out[#out + 1] = '_eta'; out[#out + 1] = math.floor(t + (1 - p) / rate)
+    set(n, '_rt', t); set(n, '_rp', num(p)); set(n, '_rate', num(rate))
+    set(n, '_eta', math.floor(t + (1 - p) / rate))
   end
-  return false
-end
-
-local function clear_eta(k)
-  redis.call('HDEL', nkey(k), '_eta', '_rt', '_rp', '_rate')
 end
 
 -- Carries one child's change into its ancestors, one level at a time: O(depth), never O(children).
 --   child: key whose contribution changed; created: the child did not exist before;
+--   removed: the child was just deleted (it leaves the parent's child index);
 --   dw, dwp: change of the child's weight and weight·progress (for a new child, its full values);
 --   s_from, s_to: its status before and after (JSON text or false); lm: message to bubble or false.
 -- Returns the root of the tree.
---   removed: the child was just deleted (it leaves the parent's child index).
 local function propagate(child, created, removed, child_start, dw, dwp, s_from, s_to, lm, t)
   local parent = parent_of(child)
   while parent do
-    local pk = nkey(parent)
-    local v = redis.call('HMGET', pk, '_st', 'progress', 'weight', '_sw', '_swp', 'status', '_rt', '_rp', '_rate')
-    local p_created = not v[1]
-    local sw = (tonumber(v[4]) or 0) + dw
-    local swp = (tonumber(v[5]) or 0) + dwp
-    local out = { '_ut', t }
-    if p_created then out[#out + 1] = '_st'; out[#out + 1] = t end
+    local n = load(parent)
+    local p_created = not n.f._st
+    local sw = (tonumber(n.f._sw) or 0) + dw
+    local swp = (tonumber(n.f._swp) or 0) + dwp
+    set(n, '_ut', t)
+    if p_created then set(n, '_st', t) end
     if created then
       redis.call('ZADD', ckey(parent), child_start, child)
     elseif removed then
@@ -82,32 +127,26 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
       if redis.call('ZCARD', ckey(parent)) == 0 then sw = 0; swp = 0 end
     end
     if s_from ~= s_to then
-      if s_from then
-        if redis.call('HINCRBY', pk, '_c:' .. s_from, -1) <= 0 then redis.call('HDEL', pk, '_c:' .. s_from) end
-      end
-      if s_to then redis.call('HINCRBY', pk, '_c:' .. s_to, 1) end
+      if s_from then count(n, s_from, -1) end
+      if s_to then count(n, s_to, 1) end
     end
-    out[#out + 1] = '_sw'; out[#out + 1] = num(sw)
-    out[#out + 1] = '_swp'; out[#out + 1] = num(swp)
-    local pp_old = tonumber(v[2]) or 0
+    set(n, '_sw', num(sw))
+    set(n, '_swp', num(swp))
+    local had = n.f.progress
+    local pp_old = tonumber(had) or 0
     local pp_new = pp_old
-    local clear = false
     if sw > EPS then
       pp_new = swp / sw
       if pp_new < 0 then pp_new = 0 elseif pp_new > 1 then pp_new = 1 end
-      out[#out + 1] = 'progress'; out[#out + 1] = num(pp_new)
-      if pp_new ~= pp_old or not v[2] then
-        clear = eta_fields(out, t, pp_new, v[6], v[7], v[8], v[9])
-      end
+      set(n, 'progress', num(pp_new))
+      if pp_new ~= pp_old or not had then update_eta(n, t, pp_new, n.f.status) end
     end
-    if lm then out[#out + 1] = '_lm'; out[#out + 1] = lm end
-    redis.call('HSET', pk, unpack(out))
-    if clear then clear_eta(parent) end
-    local pw = tonumber(v[3]) or 1
+    if lm then set(n, '_lm', lm) end
+    local pw = tonumber(n.f.weight) or 1
     if p_created then
       dw = pw; dwp = pw * pp_new
     else
-      dw = 0; dwp = pw * pp_new - pw * (tonumber(v[2]) or 0)
+      dw = 0; dwp = pw * pp_new - pw * pp_old
     end
     created = p_created
     removed = false

@@ -1,0 +1,207 @@
+//! Trimming runs against real Redis: safety capping, policies by length and age, streams
+//! without groups, vanished streams, idle consumers, metrics and the admin port.
+
+mod common;
+
+use std::time::Duration;
+
+use cairn_redis::streams::{LeaseState, registry_key};
+use cairn_testkit::{RedisNamespace, wait_until};
+use common::{add, create_group, ids, metrics, now_ms, read, trimmer};
+use stream_trimmer::trim_once;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn pending_and_undelivered_entries_survive_maxlen_zero_and_the_run_is_capped() {
+    let ns = RedisNamespace::new();
+    let mut conn = ns.connection().await;
+    let key = ns.key("requests");
+    create_group(&mut conn, &key, "processors").await;
+    let all = add(&mut conn, &registry_key(&ns.prefix), &key, 10).await;
+    // Entries 0..4 delivered; 0 and 1 acked, 2..4 pending; 5..9 undelivered.
+    assert_eq!(read(&mut conn, &key, "processors", "c1", 5).await, all[..5]);
+    let _: () = redis::cmd("XACK").arg(&key).arg("processors").arg(&all[0]).arg(&all[1]).query_async(&mut conn).await.unwrap();
+
+    let app = trimmer(&ns, &["--policy=requests=maxlen:0,exact"]).await;
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    assert!(report.acted(), "{report:?}");
+    assert_eq!(report.capped(), ["requests"]);
+    let stream = report.stream("requests").unwrap();
+    assert_eq!(stream.outcome.trimmed, 2, "only the acked entries go: {stream:?}");
+    assert_eq!(stream.outcome.safe.as_deref(), Some(all[2].as_str()), "the oldest pending entry");
+    assert_eq!(stream.outcome.applied, stream.outcome.safe);
+    assert!(stream.outcome.target.as_deref() > Some(all[9].as_str()), "maxlen 0 asks for everything");
+    assert_eq!(ids(&mut conn, &key).await, all[2..]);
+    let group = &stream.outcome.groups[0];
+    assert_eq!((group.name.as_str(), group.pending, group.lag), ("processors", 3, Some(5)));
+    assert!(metrics().contains("cairn_trimmer_capped_total{stream=\"requests\"}"), "{}", metrics());
+
+    // Once everything delivered is acked and nothing waits, the stream may be emptied.
+    let delivered = read(&mut conn, &key, "processors", "c1", 10).await;
+    assert_eq!(delivered, all[5..]);
+    let _: () = redis::cmd("XACK").arg(&key).arg("processors").arg(&all[2..]).query_async(&mut conn).await.unwrap();
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    assert!(report.capped().is_empty(), "{report:?}");
+    assert_eq!(report.stream("requests").unwrap().outcome.trimmed, 8);
+    assert!(ids(&mut conn, &key).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_slowest_group_decides_and_maxlen_keeps_the_newest() {
+    let ns = RedisNamespace::new();
+    let mut conn = ns.connection().await;
+    let key = ns.key("events");
+    create_group(&mut conn, &key, "fast").await;
+    create_group(&mut conn, &key, "slow").await;
+    let all = add(&mut conn, &registry_key(&ns.prefix), &key, 20).await;
+    // fast: everything delivered and acked; slow: 12 delivered and acked, nothing pending.
+    read(&mut conn, &key, "fast", "f", 20).await;
+    let _: () = redis::cmd("XACK").arg(&key).arg("fast").arg(&all).query_async(&mut conn).await.unwrap();
+    read(&mut conn, &key, "slow", "s", 12).await;
+    let _: () = redis::cmd("XACK").arg(&key).arg("slow").arg(&all[..12]).query_async(&mut conn).await.unwrap();
+
+    let app = trimmer(&ns, &["--policy=ev*=maxlen:5,exact"]).await;
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    let stream = report.stream("events").unwrap();
+    assert!(stream.outcome.capped);
+    assert_eq!(stream.outcome.trimmed, 12, "up to the first entry slow has not received");
+    assert_eq!(ids(&mut conn, &key).await, all[12..]);
+
+    read(&mut conn, &key, "slow", "s", 20).await;
+    let _: () = redis::cmd("XACK").arg(&key).arg("slow").arg(&all[12..]).query_async(&mut conn).await.unwrap();
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    assert!(!report.stream("events").unwrap().outcome.capped);
+    assert_eq!(ids(&mut conn, &key).await, all[15..], "exactly the newest 5");
+}
+
+#[tokio::test]
+async fn streams_without_groups_are_trimmed_by_age_and_approximately() {
+    let ns = RedisNamespace::new();
+    let mut conn = ns.connection().await;
+    let registry = registry_key(&ns.prefix);
+    let replies = ns.key("replies:ingress-1");
+    let now = now_ms();
+    // Three entries two hours old, two recent.
+    for (i, ms) in [now - 7_200_000, now - 7_200_000, now - 7_100_000, now - 1_000, now].into_iter().enumerate() {
+        let _: String = redis::cmd("XADD")
+            .arg(&replies)
+            .arg(format!("{ms}-{i}"))
+            .arg("n")
+            .arg(i)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("SADD").arg(&registry).arg(&replies).query_async(&mut conn).await.unwrap();
+    // A long stream trimmed approximately: Redis drops whole nodes only, never below the target.
+    let dead = ns.key("dead");
+    add(&mut conn, &registry, &dead, 1_000).await;
+
+    let app = trimmer(&ns, &["--policy=replies:*=maxage:1h,exact", "--default-policy=maxlen:10"]).await;
+    let report = trim_once(&app.deps(), now).await.unwrap();
+    let stream = report.stream("replies:ingress-1").unwrap();
+    assert_eq!(stream.outcome.trimmed, 3, "{stream:?}");
+    assert_eq!(stream.outcome.safe, None, "no groups: nothing holds trimming back");
+    assert_eq!(ids(&mut conn, &replies).await.len(), 2);
+    let dead = report.stream("dead").unwrap();
+    assert!(!dead.policy.exact);
+    assert!(dead.outcome.trimmed > 0 && dead.outcome.length >= 10, "{dead:?}");
+    assert_eq!(dead.outcome.length + dead.outcome.trimmed, 1_000);
+}
+
+#[tokio::test]
+async fn vanished_streams_leave_the_registry_and_keep_policies_keep_everything() {
+    let ns = RedisNamespace::new();
+    let mut conn = ns.connection().await;
+    let registry = registry_key(&ns.prefix);
+    add(&mut conn, &registry, &ns.key("audit"), 50).await;
+    let _: () = redis::cmd("SADD").arg(&registry).arg(ns.key("replies:gone")).query_async(&mut conn).await.unwrap();
+    let app = trimmer(&ns, &["--policy=audit=keep", "--default-policy=maxlen:1,exact"]).await;
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    assert_eq!(report.unregistered, ["replies:gone"]);
+    let audit = report.stream("audit").unwrap();
+    assert_eq!((audit.outcome.trimmed, audit.outcome.length, audit.outcome.target.as_deref()), (0, 50, None));
+    let members: Vec<String> = redis::cmd("SMEMBERS").arg(&registry).query_async(&mut conn).await.unwrap();
+    assert_eq!(members, [ns.key("audit")]);
+}
+
+#[tokio::test]
+async fn idle_consumers_without_entries_are_removed_and_owners_never() {
+    let ns = RedisNamespace::new();
+    let mut conn = ns.connection().await;
+    let key = ns.key("requests");
+    create_group(&mut conn, &key, "processors").await;
+    add(&mut conn, &registry_key(&ns.prefix), &key, 1).await;
+    assert_eq!(read(&mut conn, &key, "processors", "owner", 1).await.len(), 1);
+    let created: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&key)
+        .arg("processors")
+        .arg("idle")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(created, 1);
+    let app = trimmer(&ns, &["--consumer-idle=100ms"]).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    let removed: Vec<&str> = report.consumers_removed.iter().map(|c| c.removed.consumer.as_str()).collect();
+    assert_eq!(removed, ["idle"]);
+    let consumers: Vec<redis::Value> =
+        redis::cmd("XINFO").arg("CONSUMERS").arg(&key).arg("processors").query_async(&mut conn).await.unwrap();
+    assert_eq!(consumers.len(), 1, "the owner of a pending entry stays");
+}
+
+#[tokio::test]
+async fn metrics_and_admin_port_report_the_streams() {
+    let ns = RedisNamespace::new();
+    let mut conn = ns.connection().await;
+    let key = ns.key("metered");
+    create_group(&mut conn, &key, "readers").await;
+    add(&mut conn, &registry_key(&ns.prefix), &key, 30).await;
+    read(&mut conn, &key, "readers", "r", 4).await;
+    let app = trimmer(&ns, &["--interval=50ms", "--policy=metered=maxlen:1,exact"]).await;
+    let mut reports = app.subscribe();
+    let admin = app.admin_addr();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    let report = reports.recv().await.unwrap();
+    assert!(report.acted());
+    let page = metrics();
+    for line in [
+        "cairn_stream_length{stream=\"metered\"} 30",
+        "cairn_stream_group_pending{stream=\"metered\",group=\"readers\"} 4",
+        "cairn_stream_group_lag{stream=\"metered\",group=\"readers\"} 26",
+        "cairn_trimmer_trimmed_total{stream=\"metered\"} 0",
+        "cairn_trimmer_last_run_timestamp_seconds",
+    ] {
+        assert!(page.contains(line), "{line} missing in:\n{page}");
+    }
+    cairn_runtime::healthcheck(&format!("http://{admin}/healthz")).await.unwrap();
+    cairn_runtime::healthcheck(&format!("http://{admin}/readyz")).await.unwrap();
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    // Shutdown hands the lease back at once.
+    let holder: Option<String> =
+        redis::cmd("GET").arg(ns.key("trimmer:lease")).query_async(&mut conn).await.unwrap();
+    assert_eq!(holder, None);
+    assert!(matches!(report.lease, LeaseState::Acquired));
+}
+
+#[tokio::test]
+async fn a_lease_not_renewed_passes_to_another_replica() {
+    let ns = RedisNamespace::new();
+    let (a, b) = (trimmer(&ns, &["--interval=100ms"]).await, trimmer(&ns, &["--interval=100ms"]).await);
+    assert_eq!(trim_once(&a.deps(), now_ms()).await.unwrap().lease, LeaseState::Acquired);
+    assert_eq!(trim_once(&a.deps(), now_ms()).await.unwrap().lease, LeaseState::Renewed);
+    let idle = trim_once(&b.deps(), now_ms()).await.unwrap();
+    assert_eq!(idle.lease, LeaseState::HeldBy(a.instance().to_owned()));
+    assert!(idle.streams.is_empty() && !idle.acted());
+    // a stops renewing (a crash): b takes over once three intervals passed.
+    wait_until("b takes the lease", Duration::from_secs(5), || async {
+        trim_once(&b.deps(), now_ms()).await.unwrap().acted()
+    })
+    .await
+    .unwrap();
+    assert!(!trim_once(&a.deps(), now_ms()).await.unwrap().acted());
+}
