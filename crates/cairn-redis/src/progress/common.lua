@@ -48,7 +48,8 @@ local function load(k)
   return n
 end
 
--- Sets (or, with false, deletes) a field; written by `flush`.
+-- Sets (or, with false, deletes) a field; written by `flush`. Computed numbers stay numbers
+-- until then (formatted once per node and call, not once per update passing through).
 local function set(n, name, value)
   n.f[name] = value
   n.dirty[name] = true
@@ -64,6 +65,7 @@ local function flush()
     for name in pairs(n.dirty) do
       local value = n.f[name]
       if value then
+        if type(value) == 'number' then value = num(value) end
         hset[#hset + 1] = name; hset[#hset + 1] = value
       else
         hdel[#hdel + 1] = name
@@ -93,13 +95,13 @@ local function update_eta(n, t, p, status)
   end
   local rt, rp, rate = tonumber(n.f._rt), tonumber(n.f._rp), tonumber(n.f._rate)
   if not rt or p < rp then
-    set(n, '_rt', t); set(n, '_rp', num(p))
+    set(n, '_rt', t); set(n, '_rp', p)
     return
   end
   if t > rt and p > rp then
     local inst = (p - rp) / (t - rt)
     if rate then rate = 0.3 * inst + 0.7 * rate else rate = inst end
-    set(n, '_rt', t); set(n, '_rp', num(p)); set(n, '_rate', num(rate))
+    set(n, '_rt', t); set(n, '_rp', p); set(n, '_rate', rate)
     set(n, '_eta', math.floor(t + (1 - p) / rate))
   end
 end
@@ -130,15 +132,15 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
       if s_from then count(n, s_from, -1) end
       if s_to then count(n, s_to, 1) end
     end
-    set(n, '_sw', num(sw))
-    set(n, '_swp', num(swp))
+    set(n, '_sw', sw)
+    set(n, '_swp', swp)
     local had = n.f.progress
     local pp_old = tonumber(had) or 0
     local pp_new = pp_old
     if sw > EPS then
       pp_new = swp / sw
       if pp_new < 0 then pp_new = 0 elseif pp_new > 1 then pp_new = 1 end
-      set(n, 'progress', num(pp_new))
+      set(n, 'progress', pp_new)
       if pp_new ~= pp_old or not had then update_eta(n, t, pp_new, n.f.status) end
     end
     if lm then set(n, '_lm', lm) end
