@@ -18,14 +18,20 @@ end
 
 -- The parent that progress rolls into, or nil at a tree root: a one-segment key, or a parent that
 -- is a namespace (its last segment starts with '_').
+local PARENTS = {}
 local function parent_of(k)
+  local known = PARENTS[k]
+  if known ~= nil then return known or nil end
+  local p = false
   local pos = string.find(k, '%.[^%.]*$')
-  if not pos then return nil end
-  local p = string.sub(k, 1, pos - 1)
-  local ppos = string.find(p, '%.[^%.]*$')
-  local first = ppos and string.sub(p, ppos + 1, ppos + 1) or string.sub(p, 1, 1)
-  if first == '_' then return nil end
-  return p
+  if pos then
+    p = string.sub(k, 1, pos - 1)
+    local ppos = string.find(p, '%.[^%.]*$')
+    local first = ppos and string.sub(p, ppos + 1, ppos + 1) or string.sub(p, 1, 1)
+    if first == '_' then p = false end
+  end
+  PARENTS[k] = p
+  return p or nil
 end
 
 local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = true }
