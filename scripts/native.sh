@@ -20,6 +20,8 @@ BIN_DIR="$CARGO_TARGET_DIR/release"
 # Start order: the aggregator first (ingress forwards progress calls to it).
 SERVICES=(progress-aggregator ingress request-processor stream-trimmer)
 READY_TIMEOUT="${CAIRN_NATIVE_READY_TIMEOUT:-60}"
+# Logs go to files: no terminal colour codes in them.
+export NO_COLOR="${NO_COLOR-1}"
 
 log() { echo "native: $*" >&2; }
 die() { log "$*"; exit 1; }

@@ -14,6 +14,9 @@
 //! round trip of one client with `Prefer: wait`, one processor draining a pre-filled stream, and
 //! end-to-end REST throughput with 64 connections.
 //!
+//! `cairn-bench soak` runs processor, aggregator and trimmer under a steady request rate and
+//! follows Redis's `used_memory` (JSON lines on stderr), to show retention keeps it flat.
+//!
 //! Run in release (a debug build measures the compiler, not Cairn):
 //! `cargo run --release -p cairn-bench -- progress`, or a subset and other sizes, e.g.
 //! `cairn-bench progress --only b,c --messages 200000`. Default sizes take about two minutes on a
@@ -23,6 +26,7 @@
 
 mod progress;
 mod requests;
+mod soak;
 
 use clap::Parser;
 
@@ -39,6 +43,8 @@ enum Command {
     Progress(progress::Args),
     /// The request path: REST round trip, one processor's drain rate, end-to-end REST throughput.
     Requests(requests::Args),
+    /// Redis memory under steady load with the trimmer's retention on (bounded, default 5 min).
+    Soak(soak::Args),
 }
 
 #[tokio::main]
@@ -46,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
     let report = match Cli::parse().command {
         Command::Progress(args) => progress::run(args).await?,
         Command::Requests(args) => requests::run(args).await?,
+        Command::Soak(args) => soak::run(args).await?,
     };
     println!("{report}");
     Ok(())

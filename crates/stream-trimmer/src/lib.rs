@@ -66,8 +66,10 @@ pub struct Config {
     /// Consumers idle this long that own no pending entry leave their group.
     #[arg(long, env = "CAIRN_CONSUMER_IDLE", default_value = "1h", value_parser = parse_duration)]
     pub consumer_idle: Duration,
-    /// Most request records, and most progress trees, purged per run.
-    #[arg(long, env = "CAIRN_TRIM_PURGE_LIMIT", default_value_t = 1000,
+    /// Most request records, and most progress trees, purged per run. Records go in script calls
+    /// of at most 250 and trees one per call, so Redis is never held for long whatever this is;
+    /// it bounds a run's length, and must exceed what finishes in one interval.
+    #[arg(long, env = "CAIRN_TRIM_PURGE_LIMIT", default_value_t = 50_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub purge_limit: u32,
     /// This replica's name in the lease; unique per process (default: host, pid and a random tag).

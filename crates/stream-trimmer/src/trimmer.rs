@@ -17,13 +17,16 @@ use tracing::{debug, info, warn};
 
 use crate::policy::Policies;
 
-/// Records purged per script call; a run makes several calls up to its limit.
+/// Records purged per script call, which keeps each call short (about a millisecond); a run
+/// makes several calls up to its limit.
 const REQUEST_CHUNK: usize = 250;
 /// Progress roots read per page while looking for finished trees.
 const ROOTS_PAGE: usize = 100;
-/// A run looks at most this many times its purge limit of old roots, so a crowd of unfinished
-/// old trees cannot make one run long; the next run continues where this one stopped.
+/// A run looks at most this many times its purge limit of old roots, and at most
+/// [`ROOTS_SCAN_EXTRA`] beyond the limit, so a crowd of unfinished old trees cannot make one run
+/// long; the next run continues where this one stopped.
 const ROOTS_SCAN_FACTOR: usize = 10;
+const ROOTS_SCAN_EXTRA: usize = 20_000;
 
 /// Retention settings of a run.
 #[derive(Debug, Clone)]
@@ -266,9 +269,11 @@ async fn purge_progress(deps: &Deps, now_ms: i64, report: &mut TrimReport) {
     let cutoff = now_ms.saturating_sub(millis(deps.settings.progress_retention));
     let limit = deps.settings.purge_limit;
     let mut offset = *deps.roots_offset.lock().expect("roots offset lock");
+    let scan_budget = limit.saturating_mul(ROOTS_SCAN_FACTOR).min(limit.saturating_add(ROOTS_SCAN_EXTRA));
     let mut examined = 0;
-    'pages: while report.trees_purged < limit as u64 && examined < limit * ROOTS_SCAN_FACTOR {
-        let roots = match deps.purger.old_roots(cutoff, offset, ROOTS_PAGE).await {
+    'pages: while report.trees_purged < limit as u64 && examined < scan_budget {
+        let page = ROOTS_PAGE.min(scan_budget - examined);
+        let roots = match deps.purger.old_roots(cutoff, offset, page).await {
             Ok(roots) => roots,
             Err(error) => {
                 warn!(%error, "cannot list old progress trees");
@@ -321,7 +326,15 @@ pub async fn run(
     reports: broadcast::Sender<Arc<TrimReport>>,
     shutdown: CancellationToken,
 ) {
+    // Runs start every `interval` (not `interval` after the previous one ended); a run that
+    // overran delays the next instead of bunching them up.
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
         match trim_once(&deps, now_ms()).await {
             Ok(report) => {
                 if report.acted() {
@@ -337,10 +350,6 @@ pub async fn run(
                 let _ = reports.send(Arc::new(report));
             }
             Err(error) => warn!(%error, "trim run skipped: cannot check the lease"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(interval) => {}
         }
     }
     match deps.lease.release().await {

@@ -57,7 +57,10 @@ impl Model {
     /// The lowest index a trim may not pass: min over groups of the oldest pending entry and
     /// the first undelivered one.
     fn safe(&self) -> usize {
-        (0..2).map(|g| self.pending[g].first().copied().unwrap_or(usize::MAX).min(self.delivered[g])).min().unwrap()
+        (0..2)
+            .map(|g| self.pending[g].first().copied().unwrap_or(usize::MAX).min(self.delivered[g]))
+            .min()
+            .unwrap()
     }
 }
 
@@ -74,7 +77,14 @@ impl Case {
         match *op {
             Op::Add(n) => {
                 for _ in 0..n {
-                    let id: String = redis::cmd("XADD").arg(key).arg("*").arg("f").arg("v").query_async(conn).await.unwrap();
+                    let id: String = redis::cmd("XADD")
+                        .arg(key)
+                        .arg("*")
+                        .arg("f")
+                        .arg("v")
+                        .query_async(conn)
+                        .await
+                        .unwrap();
                     model.entries.push(id);
                 }
             }
@@ -91,8 +101,9 @@ impl Case {
                     .query_async(conn)
                     .await
                     .unwrap();
-                let got: Vec<String> =
-                    reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).map(|e| e.id).collect()).unwrap_or_default();
+                let got: Vec<String> = reply
+                    .map(|r| r.keys.into_iter().flat_map(|k| k.ids).map(|e| e.id).collect())
+                    .unwrap_or_default();
                 let from = model.delivered[group];
                 let expected = &model.entries[from..(from + count).min(model.entries.len())];
                 prop_assert_eq!(&got, expected, "group {} receives the next undelivered entries", group);
@@ -126,15 +137,24 @@ impl Case {
                 )
                 .await
                 .unwrap();
-                prop_assert!(reply.deleted_ids.is_empty(), "pending entries were trimmed: {:?}", reply.deleted_ids);
+                prop_assert!(
+                    reply.deleted_ids.is_empty(),
+                    "pending entries were trimmed: {:?}",
+                    reply.deleted_ids
+                );
                 let claimed: BTreeSet<usize> = reply.claimed.iter().map(|e| model.index(&e.id)).collect();
-                prop_assert_eq!(&claimed, &model.pending[group], "every pending entry is still there to claim");
+                prop_assert_eq!(
+                    &claimed,
+                    &model.pending[group],
+                    "every pending entry is still there to claim"
+                );
             }
             Op::Trim { max_len, exact } => {
                 let policy = TrimPolicy { max_len: Some(max_len), exact, ..TrimPolicy::default() };
                 let outcome = self.streams.safe_trim(key, &policy, 0).await.unwrap().expect("stream exists");
                 let len = model.entries.len() - model.first;
-                let target = if len as u64 > max_len { model.entries.len() - max_len as usize } else { model.first };
+                let target =
+                    if len as u64 > max_len { model.entries.len() - max_len as usize } else { model.first };
                 let safe = model.safe();
                 let limit = target.min(safe).max(model.first);
                 let now: Vec<String> = {
@@ -147,11 +167,18 @@ impl Case {
                 if exact {
                     prop_assert_eq!(first, limit, "exact trims to min(target, safe)");
                 } else {
-                    prop_assert!(first >= model.first && first <= limit, "approximate never passes the limit");
+                    prop_assert!(
+                        first >= model.first && first <= limit,
+                        "approximate never passes the limit"
+                    );
                 }
                 prop_assert_eq!(outcome.trimmed as usize, first - model.first);
                 prop_assert_eq!(outcome.length as usize, now.len());
-                prop_assert_eq!(outcome.capped, safe < target, "capped exactly when safety held entries back");
+                prop_assert_eq!(
+                    outcome.capped,
+                    safe < target,
+                    "capped exactly when safety held entries back"
+                );
                 model.first = first;
                 // The properties themselves, checked against Redis rather than the arithmetic.
                 for group in 0..2 {
@@ -163,9 +190,19 @@ impl Case {
                             .query_async(conn)
                             .await
                             .unwrap();
-                        prop_assert_eq!(found.ids.len(), 1, "pending entry {} of group {} is readable", index, group);
+                        prop_assert_eq!(
+                            found.ids.len(),
+                            1,
+                            "pending entry {} of group {} is readable",
+                            index,
+                            group
+                        );
                     }
-                    prop_assert!(model.delivered[group] >= first, "group {}'s undelivered entries are intact", group);
+                    prop_assert!(
+                        model.delivered[group] >= first,
+                        "group {}'s undelivered entries are intact",
+                        group
+                    );
                     for index in 0..first {
                         prop_assert!(
                             index < model.delivered[group] && !model.pending[group].contains(&index),

@@ -20,7 +20,14 @@ async fn pending_and_undelivered_entries_survive_maxlen_zero_and_the_run_is_capp
     let all = add(&mut conn, &registry_key(&ns.prefix), &key, 10).await;
     // Entries 0..4 delivered; 0 and 1 acked, 2..4 pending; 5..9 undelivered.
     assert_eq!(read(&mut conn, &key, "processors", "c1", 5).await, all[..5]);
-    let _: () = redis::cmd("XACK").arg(&key).arg("processors").arg(&all[0]).arg(&all[1]).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("XACK")
+        .arg(&key)
+        .arg("processors")
+        .arg(&all[0])
+        .arg(&all[1])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 
     let app = trimmer(&ns, &["--policy=requests=maxlen:0,exact"]).await;
     let report = trim_once(&app.deps(), now_ms()).await.unwrap();
@@ -39,7 +46,8 @@ async fn pending_and_undelivered_entries_survive_maxlen_zero_and_the_run_is_capp
     // Once everything delivered is acked and nothing waits, the stream may be emptied.
     let delivered = read(&mut conn, &key, "processors", "c1", 10).await;
     assert_eq!(delivered, all[5..]);
-    let _: () = redis::cmd("XACK").arg(&key).arg("processors").arg(&all[2..]).query_async(&mut conn).await.unwrap();
+    let _: () =
+        redis::cmd("XACK").arg(&key).arg("processors").arg(&all[2..]).query_async(&mut conn).await.unwrap();
     let report = trim_once(&app.deps(), now_ms()).await.unwrap();
     assert!(report.capped().is_empty(), "{report:?}");
     assert_eq!(report.stream("requests").unwrap().outcome.trimmed, 8);
@@ -58,7 +66,8 @@ async fn the_slowest_group_decides_and_maxlen_keeps_the_newest() {
     read(&mut conn, &key, "fast", "f", 20).await;
     let _: () = redis::cmd("XACK").arg(&key).arg("fast").arg(&all).query_async(&mut conn).await.unwrap();
     read(&mut conn, &key, "slow", "s", 12).await;
-    let _: () = redis::cmd("XACK").arg(&key).arg("slow").arg(&all[..12]).query_async(&mut conn).await.unwrap();
+    let _: () =
+        redis::cmd("XACK").arg(&key).arg("slow").arg(&all[..12]).query_async(&mut conn).await.unwrap();
 
     let app = trimmer(&ns, &["--policy=ev*=maxlen:5,exact"]).await;
     let report = trim_once(&app.deps(), now_ms()).await.unwrap();
@@ -68,7 +77,8 @@ async fn the_slowest_group_decides_and_maxlen_keeps_the_newest() {
     assert_eq!(ids(&mut conn, &key).await, all[12..]);
 
     read(&mut conn, &key, "slow", "s", 20).await;
-    let _: () = redis::cmd("XACK").arg(&key).arg("slow").arg(&all[12..]).query_async(&mut conn).await.unwrap();
+    let _: () =
+        redis::cmd("XACK").arg(&key).arg("slow").arg(&all[12..]).query_async(&mut conn).await.unwrap();
     let report = trim_once(&app.deps(), now_ms()).await.unwrap();
     assert!(!report.stream("events").unwrap().outcome.capped);
     assert_eq!(ids(&mut conn, &key).await, all[15..], "exactly the newest 5");
@@ -82,7 +92,9 @@ async fn streams_without_groups_are_trimmed_by_age_and_approximately() {
     let replies = ns.key("replies:ingress-1");
     let now = now_ms();
     // Three entries two hours old, two recent.
-    for (i, ms) in [now - 7_200_000, now - 7_200_000, now - 7_100_000, now - 1_000, now].into_iter().enumerate() {
+    for (i, ms) in
+        [now - 7_200_000, now - 7_200_000, now - 7_100_000, now - 1_000, now].into_iter().enumerate()
+    {
         let _: String = redis::cmd("XADD")
             .arg(&replies)
             .arg(format!("{ms}-{i}"))
@@ -115,7 +127,8 @@ async fn vanished_streams_leave_the_registry_and_keep_policies_keep_everything()
     let mut conn = ns.connection().await;
     let registry = registry_key(&ns.prefix);
     add(&mut conn, &registry, &ns.key("audit"), 50).await;
-    let _: () = redis::cmd("SADD").arg(&registry).arg(ns.key("replies:gone")).query_async(&mut conn).await.unwrap();
+    let _: () =
+        redis::cmd("SADD").arg(&registry).arg(ns.key("replies:gone")).query_async(&mut conn).await.unwrap();
     let app = trimmer(&ns, &["--policy=audit=keep", "--default-policy=maxlen:1,exact"]).await;
     let report = trim_once(&app.deps(), now_ms()).await.unwrap();
     assert_eq!(report.unregistered, ["replies:gone"]);
@@ -147,8 +160,13 @@ async fn idle_consumers_without_entries_are_removed_and_owners_never() {
     let report = trim_once(&app.deps(), now_ms()).await.unwrap();
     let removed: Vec<&str> = report.consumers_removed.iter().map(|c| c.removed.consumer.as_str()).collect();
     assert_eq!(removed, ["idle"]);
-    let consumers: Vec<redis::Value> =
-        redis::cmd("XINFO").arg("CONSUMERS").arg(&key).arg("processors").query_async(&mut conn).await.unwrap();
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&key)
+        .arg("processors")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(consumers.len(), 1, "the owner of a pending entry stays");
 }
 

@@ -32,7 +32,8 @@ pub async fn trimmer(ns: &RedisNamespace, extra: &[&str]) -> App {
 pub async fn add(conn: &mut ConnectionManager, registry: &str, key: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
-        let id: String = redis::cmd("XADD").arg(key).arg("*").arg("n").arg(i).query_async(conn).await.unwrap();
+        let id: String =
+            redis::cmd("XADD").arg(key).arg("*").arg("n").arg(i).query_async(conn).await.unwrap();
         ids.push(id);
     }
     let _: () = redis::cmd("SADD").arg(registry).arg(key).query_async(conn).await.unwrap();
@@ -47,7 +48,13 @@ pub async fn ids(conn: &mut ConnectionManager, key: &str) -> Vec<String> {
 }
 
 /// `XREADGROUP … >` for `consumer`: the ids delivered.
-pub async fn read(conn: &mut ConnectionManager, key: &str, group: &str, consumer: &str, count: usize) -> Vec<String> {
+pub async fn read(
+    conn: &mut ConnectionManager,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
     let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(group)
@@ -64,8 +71,15 @@ pub async fn read(conn: &mut ConnectionManager, key: &str, group: &str, consumer
 }
 
 pub async fn create_group(conn: &mut ConnectionManager, key: &str, group: &str) {
-    let _: () =
-        redis::cmd("XGROUP").arg("CREATE").arg(key).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await
+        .unwrap();
 }
 
 /// The Prometheus page of this test process.
