@@ -1,5 +1,6 @@
 //! gRPC `cairn.v1.Progress`: a thin adapter that validates input and calls the progress store.
 
+use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
 use cairn_proto::struct_to_json;
 use cairn_proto::v1::progress_server::Progress;
@@ -7,17 +8,65 @@ use cairn_proto::v1::{
     DeleteRequest, DeleteResponse, GetRequest, GetResponse, Node, UpdateRequest, UpdateResponse,
 };
 use cairn_redis::progress::{Change, DEFAULT_LIMIT, ProgressStore, ReadOptions, StoreError};
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::consumer::now_ms;
 
 pub struct ProgressService {
     store: ProgressStore,
+    updates: UpdateBatcher,
 }
 
 impl ProgressService {
     pub fn new(store: ProgressStore) -> Self {
-        Self { store }
+        Self { updates: UpdateBatcher::start(store.clone()), store }
+    }
+}
+
+type UpdateReply = oneshot::Sender<Result<NodeView, Status>>;
+
+/// Group commit of `Update` calls: whatever concurrent calls are waiting go to Redis in one
+/// script call (in arrival order), and each caller gets its node as that batch left it.
+#[derive(Clone)]
+struct UpdateBatcher {
+    tx: mpsc::Sender<(Change, UpdateReply)>,
+}
+
+impl UpdateBatcher {
+    const BATCH: usize = 256;
+
+    fn start(store: ProgressStore) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(Change, UpdateReply)>(4 * Self::BATCH);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(Self::BATCH);
+            while rx.recv_many(&mut batch, Self::BATCH).await > 0 {
+                let (changes, replies): (Vec<Change>, Vec<UpdateReply>) = batch.drain(..).unzip();
+                match store.apply_and_read_many(&changes).await {
+                    Ok(nodes) => {
+                        metrics::counter!("cairn_progress_updates_applied_total")
+                            .increment(nodes.len() as u64);
+                        for (reply, node) in replies.into_iter().zip(nodes) {
+                            let _ = reply.send(Ok(node));
+                        }
+                    }
+                    Err(error) => {
+                        let status = store_status(error);
+                        for reply in replies {
+                            let _ = reply.send(Err(status.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    async fn apply(&self, change: Change) -> Result<NodeView, Status> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || Status::unavailable("the progress aggregator is stopping");
+        self.tx.send((change, reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
@@ -74,8 +123,7 @@ impl Progress for ProgressService {
         let fields = request.fields.map(|s| struct_to_json(&s)).unwrap_or_else(|| serde_json::json!({}));
         let update = Update::from_json(&fields).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let change = Change { key, update, time_ms: now_ms() };
-        let view = self.store.apply_and_read(&change).await.map_err(store_status)?;
-        metrics::counter!("cairn_progress_updates_applied_total").increment(1);
+        let view = self.updates.apply(change).await?;
         Ok(Response::new(UpdateResponse { node: Some(Node::from(&view)) }))
     }
 

@@ -1,9 +1,10 @@
 -- Applies a batch of updates in order, atomically (one script call).
 -- ARGV: prefix, n, then per update: key, time_ms, nfields, name1, json1, ...; then read_depth,
--- read_limit: when read_depth > 0 the last update's node is returned as `read` returns it.
+-- read_limit: when read_depth > 0, every update's node is returned (as `read` returns it, after
+-- the whole batch), in update order.
 local n = tonumber(ARGV[2])
 local i = 3
-local last
+local keys = {}
 local roots = {}
 for _ = 1, n do
   local k, t, nf = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
@@ -34,12 +35,14 @@ for _ = 1, n do
     root = propagate(k, false, false, t, w_new - w_old, w_new * p_new - w_old * p_old, s_old, s_new, lm, t)
   end
   roots[root] = t
-  last = k
+  keys[#keys + 1] = k
 end
 flush()
 for root, t in pairs(roots) do redis.call('ZADD', P .. ':proots', t, root) end
 local depth = tonumber(ARGV[i])
-if depth and depth > 0 and last then
-  return read_node(last, depth, tonumber(ARGV[i + 1]), '')
+if depth and depth > 0 then
+  local nodes = {}
+  for j, k in ipairs(keys) do nodes[j] = read_node(k, depth, tonumber(ARGV[i + 1]), '') end
+  return nodes
 end
 return n

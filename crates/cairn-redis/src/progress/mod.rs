@@ -121,11 +121,25 @@ impl ProgressStore {
 
     /// Applies one update and returns the node as it is right after, read to `depth` 1.
     pub async fn apply_and_read(&self, change: &Change) -> Result<NodeView, StoreError> {
+        let mut nodes = self.apply_and_read_many(std::slice::from_ref(change)).await?;
+        nodes.pop().ok_or_else(|| StoreError::Protocol("updated node missing".into()))
+    }
+
+    /// Applies changes in order in one script call and returns, for each, its node as the
+    /// whole batch left it (read to `depth` 1). Used to group concurrent callers' updates.
+    pub async fn apply_and_read_many(&self, changes: &[Change]) -> Result<Vec<NodeView>, StoreError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut invocation = APPLY.prepare_invoke();
-        push_changes(&mut invocation, &self.prefix, std::slice::from_ref(change));
+        push_changes(&mut invocation, &self.prefix, changes);
         invocation.arg(1).arg(DEFAULT_LIMIT);
         let reply: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
-        parse_node(&reply)?.ok_or_else(|| StoreError::Protocol("updated node missing".into()))
+        let Value::Array(nodes) = reply else { return Err(protocol("updated nodes are not an array")) };
+        nodes
+            .iter()
+            .map(|node| parse_node(node)?.ok_or_else(|| StoreError::Protocol("updated node missing".into())))
+            .collect()
     }
 
     /// Reads a node, or `None` when the key has no node.
