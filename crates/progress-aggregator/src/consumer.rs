@@ -78,6 +78,14 @@ fn header_time(properties: &BasicProperties) -> Option<i64> {
     }
 }
 
+/// A batch parsed and validated, its invalid messages already dead-lettered: what is left is to
+/// store its updates and ack it.
+pub struct Prepared {
+    changes: Vec<Change>,
+    last: Option<Delivery>,
+    report: BatchReport,
+}
+
 /// One step of the consumer: parse, dead-letter the invalid, store the rest, then ack the batch.
 /// Redis failures are retried (with backoff) until they succeed or `cancel` fires; the batch is
 /// acked only once every update of it is stored.
@@ -85,14 +93,23 @@ pub async fn handle_batch(
     store: &ProgressStore,
     dead_letters: &Channel,
     topology: &Topology,
-    deliveries: &[Delivery],
+    deliveries: Vec<Delivery>,
     cancel: &CancellationToken,
 ) -> Result<BatchReport, ConsumeError> {
-    let Some(last) = deliveries.last() else { return Ok(BatchReport::default()) };
+    let prepared = prepare_batch(dead_letters, topology, deliveries).await?;
+    commit_batch(store, prepared, cancel).await
+}
+
+/// The first half of [`handle_batch`]: parse and validate; dead-letter (confirmed) the invalid.
+pub async fn prepare_batch(
+    dead_letters: &Channel,
+    topology: &Topology,
+    deliveries: Vec<Delivery>,
+) -> Result<Prepared, ConsumeError> {
     let mut report = BatchReport { messages: deliveries.len(), ..BatchReport::default() };
     let mut changes = Vec::new();
     let now = now_ms();
-    for delivery in deliveries {
+    for delivery in &deliveries {
         match parse_message(delivery.routing_key.as_str(), &delivery.data) {
             Ok(updates) => {
                 let time_ms = header_time(&delivery.properties).unwrap_or(now);
@@ -107,6 +124,17 @@ pub async fn handle_batch(
         }
     }
     report.updates = changes.len();
+    Ok(Prepared { changes, last: deliveries.into_iter().last(), report })
+}
+
+/// The second half of [`handle_batch`]: store every update, then ack the batch (`multiple`).
+pub async fn commit_batch(
+    store: &ProgressStore,
+    prepared: Prepared,
+    cancel: &CancellationToken,
+) -> Result<BatchReport, ConsumeError> {
+    let Prepared { changes, last, report } = prepared;
+    let Some(last) = last else { return Ok(report) };
     for chunk in changes.chunks(MAX_UPDATES_PER_CALL) {
         store_with_retry(store, chunk, cancel).await?;
     }
@@ -206,6 +234,9 @@ async fn consume(
         warn!(error = %explain(e), "cannot declare the progress topology");
     })?;
     let mut shards = JoinSet::new();
+    // Stops this connection's shards (shutdown, or one shard failing): each finishes the store
+    // in flight before returning, so no store of this connection outlives it.
+    let stop = cancel.child_token();
     for queue in settings.topology.queues() {
         let channel = conn.create_channel().await?;
         channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
@@ -215,16 +246,20 @@ async fn consume(
         let dead_letters = conn.create_channel().await?;
         dead_letters.confirm_select(ConfirmSelectOptions::default()).await?;
         let (store, topology, batch, cancel) =
-            (store.clone(), settings.topology.clone(), settings.batch, cancel.clone());
+            (store.clone(), settings.topology.clone(), settings.batch, stop.clone());
         shards.spawn(async move {
             let mut batches = consumer.ready_chunks(batch.max(1));
-            loop {
+            // One batch is stored while the next is parsed: Redis and this process overlap.
+            // Stores (and acks) stay in delivery order: a batch starts storing only after the
+            // one before it is stored and acked.
+            let mut in_flight: Option<tokio::task::JoinHandle<Result<BatchReport, ConsumeError>>> = None;
+            let result = loop {
                 // Shutdown stops intake between batches; a batch in hand is finished first.
                 let next = tokio::select! {
-                    () = cancel.cancelled() => return Ok(()),
+                    () = cancel.cancelled() => break Ok(()),
                     next = batches.next() => next,
                 };
-                let Some(results) = next else { return Err(ConsumeError::Ended) };
+                let Some(results) = next else { break Err(ConsumeError::Ended) };
                 let mut deliveries = Vec::with_capacity(results.len());
                 let mut failure = None;
                 for result in results {
@@ -233,13 +268,37 @@ async fn consume(
                         Err(e) => failure = Some(e),
                     }
                 }
-                let started = Instant::now();
-                handle_batch(&store, &dead_letters, &topology, &deliveries, &cancel).await?;
-                metrics::histogram!("cairn_progress_batch_seconds").record(started.elapsed().as_secs_f64());
+                let prepared = match prepare_batch(&dead_letters, &topology, deliveries).await {
+                    Ok(prepared) => prepared,
+                    Err(error) => break Err(error),
+                };
+                if let Some(previous) = in_flight.take() {
+                    match previous.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => break Err(error),
+                        Err(_) => break Err(ConsumeError::Ended),
+                    }
+                }
+                let (store, cancel) = (store.clone(), cancel.clone());
+                in_flight = Some(tokio::spawn(async move {
+                    let started = Instant::now();
+                    let report = commit_batch(&store, prepared, &cancel).await;
+                    metrics::histogram!("cairn_progress_batch_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    report
+                }));
                 if let Some(e) = failure {
-                    return Err(e.into());
+                    break Err(e.into());
+                }
+            };
+            if let Some(previous) = in_flight.take() {
+                match previous.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => return Err(ConsumeError::Ended),
                 }
             }
+            result
         });
     }
     connected.store(true, Ordering::SeqCst);
@@ -260,6 +319,7 @@ async fn consume(
         }
         return Ok(());
     }
-    shards.abort_all();
+    stop.cancel();
+    while shards.join_next().await.is_some() {}
     outcome
 }
