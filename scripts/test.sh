@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cairn-target}"
 scripts/deps.sh
 cargo test --workspace --locked "$@"
+# Deployment files (compose, Kubernetes, Dockerfile) checked offline, and the native path run.
+scripts/test-deploy.sh

@@ -7,10 +7,12 @@ environment variable or a metric in a crate makes the deployment checks fail.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -174,9 +176,9 @@ def rendered(overlay: str) -> tuple[dict, ...]:
 
 @cache
 def _scratch_dir() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="cairn-deploy-")
+    path = tempfile.mkdtemp(prefix="cairn-deploy-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def by_kind(objects, *kinds: str) -> list[dict]:

@@ -9,12 +9,20 @@ use clap::Parser;
 /// environment variable exits with a message that names the variable, e.g.
 /// `error: CAIRN_PROGRESS_SHARDS="0" is invalid: 0 is not in 1..=256`.
 pub fn parse_args<T: Parser>() -> T {
-    match try_parse_from::<T, _, _>(std::env::args_os()) {
+    let mut command = T::command();
+    let parsed = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|mut matches| T::from_arg_matches_mut(&mut matches));
+    match parsed {
         Ok(parsed) => parsed,
-        Err(message) => {
-            eprintln!("{message}");
-            std::process::exit(2)
-        }
+        Err(error) => match explain(&command, &error) {
+            Some(message) => {
+                eprintln!("{message}");
+                std::process::exit(2)
+            }
+            // `--help` and `--version` (stdout, exit 0) and every other error, as clap prints them.
+            None => error.exit(),
+        },
     }
 }
 
