@@ -79,7 +79,8 @@ proptest! {
                 for s in suffix {
                     key = key.child(&s).ok()?;
                 }
-                Some((key, update))
+                // Namespaces are boundaries, never written to (they are refused; see below).
+                (!key.is_namespace()).then_some((key, update))
             })
             .collect();
         prop_assume!(!updates.is_empty());
@@ -96,7 +97,12 @@ proptest! {
     fn single_updates_round_trip(key in key_strategy(), update in update_strategy()) {
         let body = serde_json::to_vec(&update.to_json()).unwrap();
         prop_assert_eq!(Update::from_slice(&body).unwrap(), update.clone());
-        prop_assert_eq!(parse_message(key.as_str(), &body).unwrap(), vec![(key, update)]);
+        if key.is_namespace() {
+            let refused = matches!(parse_message(key.as_str(), &body), Err(MessageError::NamespaceKey { .. }));
+            prop_assert!(refused, "a namespace key is refused as a write target");
+        } else {
+            prop_assert_eq!(parse_message(key.as_str(), &body).unwrap(), vec![(key, update)]);
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! `cairn-bench progress`: runs the selected measurements in order, each in its own Redis key
-//! prefix and RabbitMQ vhost, and assembles one JSON report with the targets.
+//! `cairn-bench progress`: runs the selected measurements in order (a to f, whatever order
+//! `--only` names them in), each in its own Redis key prefix and RabbitMQ vhost, and assembles one
+//! JSON report with the targets judged (reported, never asserted).
 //!
-//! (f) runs last on purpose: building the ingress installs the global metrics recorder, which
-//! would otherwise add its cost to the aggregator measured in (b)–(e).
+//! The services run in this process, as in the integration tests, so `bench_cores` in the CPU
+//! figures counts the aggregator and ingress together with the benchmark's own clients.
 
 mod broker;
 mod grpc;
