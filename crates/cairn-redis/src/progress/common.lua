@@ -48,8 +48,9 @@ local function load(k)
   local n = cache[k]
   if n then return n end
   local v = redis.call('HMGET', nkey(k), unpack(FIELDS))
-  n = { f = {}, dirty = {}, counts = {} }
-  for i, name in ipairs(FIELDS) do n.f[name] = v[i] end
+  local f = {}
+  for i, name in ipairs(FIELDS) do f[name] = v[i] end
+  n = { f = f, dirty = {} } -- `counts` is made on the first status change
   cache[k] = n
   return n
 end
@@ -62,7 +63,12 @@ local function set(n, name, value)
 end
 
 local function count(n, status, delta)
-  n.counts[status] = (n.counts[status] or 0) + delta
+  local counts = n.counts
+  if not counts then
+    counts = {}
+    n.counts = counts
+  end
+  counts[status] = (counts[status] or 0) + delta
 end
 
 local function flush()
@@ -80,7 +86,7 @@ local function flush()
     local nk = nkey(k)
     if #hset > 0 then redis.call('HSET', nk, unpack(hset)) end
     if #hdel > 0 then redis.call('HDEL', nk, unpack(hdel)) end
-    for status, delta in pairs(n.counts) do
+    for status, delta in pairs(n.counts or {}) do
       if delta ~= 0 and redis.call('HINCRBY', nk, '_c:' .. status, delta) <= 0 then
         redis.call('HDEL', nk, '_c:' .. status)
       end
@@ -90,26 +96,34 @@ local function flush()
 end
 
 -- Refreshes the ETA of node `n` whose progress moved to p at time t, from an exponential moving
--- average of its recent rate (anchor _rt/_rp, rate _rate). Terminal or complete: no ETA.
--- Replaying an update at the same t changes nothing (no time passed).
+-- average of its rate, sampled at most once per ETA_SAMPLE_MS (anchor _rt/_rp, rate _rate): a
+-- node updated a thousand times a second costs a comparison, not four more fields to write.
+-- Terminal or complete: no ETA. Replaying an update at the same t changes nothing.
+local ETA_SAMPLE_MS = 1000
 local function update_eta(n, t, p, status)
+  local f = n.f
   if (status and TERMINAL[status]) or p >= 1 then
-    if n.f._rt then -- an ETA always comes with its rate anchor
+    if f._rt then -- an ETA always comes with its rate anchor
       set(n, '_eta', false); set(n, '_rt', false); set(n, '_rp', false); set(n, '_rate', false)
     end
     return
   end
-  local rt, rp, rate = tonumber(n.f._rt), tonumber(n.f._rp), tonumber(n.f._rate)
-  if not rt or p < rp then
+  local rt = tonumber(f._rt)
+  if not rt then
     set(n, '_rt', t); set(n, '_rp', p)
     return
   end
-  if t > rt and p > rp then
-    local inst = (p - rp) / (t - rt)
-    if rate then rate = 0.3 * inst + 0.7 * rate else rate = inst end
-    set(n, '_rt', t); set(n, '_rp', p); set(n, '_rate', rate)
-    set(n, '_eta', math.floor(t + (1 - p) / rate))
+  local rp = tonumber(f._rp)
+  if p < rp then -- it went back: start measuring again
+    set(n, '_rt', t); set(n, '_rp', p)
+    return
   end
+  if t - rt < ETA_SAMPLE_MS or p == rp then return end
+  local inst = (p - rp) / (t - rt)
+  local rate = tonumber(f._rate)
+  if rate then rate = 0.3 * inst + 0.7 * rate else rate = inst end
+  set(n, '_rt', t); set(n, '_rp', p); set(n, '_rate', rate)
+  set(n, '_eta', math.floor(t + (1 - p) / rate))
 end
 
 -- Carries one child's change into its ancestors, one level at a time: O(depth), never O(children).
