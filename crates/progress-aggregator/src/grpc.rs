@@ -8,6 +8,8 @@ use cairn_proto::v1::{
     DeleteRequest, DeleteResponse, GetRequest, GetResponse, Node, UpdateRequest, UpdateResponse,
 };
 use cairn_redis::progress::{Change, DEFAULT_LIMIT, ProgressStore, ReadOptions, StoreError};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
@@ -35,28 +37,31 @@ struct UpdateBatcher {
 
 impl UpdateBatcher {
     const BATCH: usize = 256;
+    const IN_FLIGHT: usize = 4;
 
     fn start(store: ProgressStore) -> Self {
         let (tx, mut rx) = mpsc::channel::<(Change, UpdateReply)>(4 * Self::BATCH);
         tokio::spawn(async move {
+            // Up to IN_FLIGHT batches at once. Batches in flight never hold two updates whose order
+            // is defined: a caller's next Update starts only after its previous one was answered,
+            // and concurrent calls have no order to keep.
+            let mut in_flight = FuturesOrdered::new();
             let mut batch = Vec::with_capacity(Self::BATCH);
-            while rx.recv_many(&mut batch, Self::BATCH).await > 0 {
-                let (changes, replies): (Vec<Change>, Vec<UpdateReply>) = batch.drain(..).unzip();
-                match store.apply_and_read_many(&changes).await {
-                    Ok(nodes) => {
-                        metrics::counter!("cairn_progress_updates_applied_total")
-                            .increment(nodes.len() as u64);
-                        for (reply, node) in replies.into_iter().zip(nodes) {
-                            let _ = reply.send(Ok(node));
+            loop {
+                tokio::select! {
+                    received = rx.recv_many(&mut batch, Self::BATCH), if in_flight.len() < Self::IN_FLIGHT => {
+                        if received == 0 {
+                            break;
                         }
+                        let (changes, replies): (Vec<Change>, Vec<UpdateReply>) = batch.drain(..).unzip();
+                        let store = store.clone();
+                        in_flight.push_back(async move { (store.apply_and_read_many(&changes).await, replies) });
                     }
-                    Err(error) => {
-                        let status = store_status(error);
-                        for reply in replies {
-                            let _ = reply.send(Err(status.clone()));
-                        }
-                    }
+                    Some((result, replies)) = in_flight.next(), if !in_flight.is_empty() => answer(result, replies),
                 }
+            }
+            while let Some((result, replies)) = in_flight.next().await {
+                answer(result, replies);
             }
         });
         Self { tx }
@@ -87,6 +92,23 @@ fn store_status(error: StoreError) -> Status {
         StoreError::Protocol(_) => {
             tracing::error!(%error, "progress store answered something unexpected");
             Status::internal("internal error reading progress")
+        }
+    }
+}
+
+fn answer(result: Result<Vec<NodeView>, StoreError>, replies: Vec<UpdateReply>) {
+    match result {
+        Ok(nodes) => {
+            metrics::counter!("cairn_progress_updates_applied_total").increment(nodes.len() as u64);
+            for (reply, node) in replies.into_iter().zip(nodes) {
+                let _ = reply.send(Ok(node));
+            }
+        }
+        Err(error) => {
+            let status = store_status(error);
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
         }
     }
 }
