@@ -9,7 +9,11 @@ use clap::Parser;
 /// environment variable exits with a message that names the variable, e.g.
 /// `error: CAIRN_PROGRESS_SHARDS="0" is invalid: 0 is not in 1..=256`.
 pub fn parse_args<T: Parser>() -> T {
-    let mut command = T::command();
+    parse_args_with(T::command())
+}
+
+/// [`parse_args`] for a command built at run time (its arguments are `T`'s).
+pub fn parse_args_with<T: clap::FromArgMatches>(mut command: clap::Command) -> T {
     let parsed = command
         .try_get_matches_from_mut(std::env::args_os())
         .and_then(|mut matches| T::from_arg_matches_mut(&mut matches));

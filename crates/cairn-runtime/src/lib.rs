@@ -12,12 +12,14 @@ mod duration;
 mod healthcheck;
 mod logging;
 mod prometheus;
+mod service;
 mod shutdown;
 
 pub use admin::{Admin, READINESS_TIMEOUT, Readiness, serve_admin};
-pub use args::{parse_args, try_parse_from};
+pub use args::{parse_args, parse_args_with, try_parse_from};
 pub use duration::parse_duration;
 pub use healthcheck::{HEALTHCHECK_TIMEOUT, healthcheck};
 pub use logging::{LogConfig, LogFormat, init_logging};
 pub use prometheus::{HISTOGRAM_BUCKETS, metrics_handle};
+pub use service::ServiceMain;
 pub use shutdown::{drain, shutdown_token};
