@@ -36,6 +36,9 @@ pub struct Node {
     pub counts: BTreeMap<String, u64>,
     /// True when `progress` was last written by a roll-up, false when posted directly.
     pub progress_from_children: bool,
+    /// The progress last posted on this node itself: what it shows while its children weigh
+    /// nothing (`Σwᵢ = 0`, or no children left).
+    pub own_progress: Option<Value>,
 }
 
 impl Node {
@@ -50,6 +53,7 @@ impl Node {
             sum_wp: 0.0,
             counts: BTreeMap::new(),
             progress_from_children: false,
+            own_progress: None,
         }
     }
 
@@ -174,6 +178,7 @@ impl Tree {
         }
         if update.progress.is_some() {
             node.progress_from_children = false;
+            node.own_progress = node.fields.get("progress").cloned();
         }
         node.update_time = now_ms;
         if let Some(msg) = &update.msg {
@@ -252,10 +257,19 @@ impl Tree {
                 parent.sum_w = 0.0;
                 parent.sum_wp = 0.0;
             }
+            // Σw > 0: the weighted mean; otherwise the progress posted on the node itself, or
+            // none. Never "whatever it showed before": that would make the result depend on
+            // history, and a replayed batch could change it.
             if let Some(p) = rollup(parent.sum_w, parent.sum_wp) {
                 let value = Number::from_f64(p).map_or(Value::Null, Value::Number);
                 parent.fields.insert("progress".to_owned(), value);
                 parent.progress_from_children = true;
+            } else {
+                match parent.own_progress.clone() {
+                    Some(own) => parent.fields.insert("progress".to_owned(), own),
+                    None => parent.fields.remove("progress"),
+                };
+                parent.progress_from_children = false;
             }
             parent.update_time = now_ms;
             if let Some(msg) = msg {
@@ -470,9 +484,13 @@ mod tests {
         // The first child with weight takes over.
         apply(&mut tree, "j.b", Update::new().weight(1.0).progress(0.8), 4);
         assert_eq!(progress(&tree, "j"), Some(0.8));
-        // Weights back to zero: the rolled-up value stays.
+        // Weights back to zero: the progress posted on the parent again, not the last roll-up.
         apply(&mut tree, "j.b", Update::new().weight(0.0), 5);
-        assert_eq!(progress(&tree, "j"), Some(0.8));
+        assert_eq!(progress(&tree, "j"), Some(0.3));
+        // A parent that never had progress posted on it then has none.
+        apply(&mut tree, "k.a", Update::new().progress(0.6), 6);
+        apply(&mut tree, "k.a", Update::new().weight(0.0), 7);
+        assert_eq!(progress(&tree, "k"), None);
     }
 
     #[test]
@@ -560,13 +578,14 @@ mod tests {
         assert_eq!(progress(&tree, "r"), Some(1.0));
         assert_eq!(tree.get(&key("r")).unwrap().update_time, 10);
 
-        // Deleting the last child leaves exact zero sums and the last rolled-up value.
+        // Deleting the last child leaves exact zero sums and no progress: none was posted on it.
         assert_eq!(tree.delete(&key("r.j.a"), 11), 1);
         tree.check_invariants().unwrap();
         let j = tree.get(&key("r.j")).unwrap();
         assert!(j.children.is_empty());
         assert_eq!((j.sum_w, j.sum_wp), (0.0, 0.0));
-        assert_eq!(j.progress(), Some(1.0));
+        assert_eq!(j.progress(), None);
+        assert_eq!(progress(&tree, "r"), Some(0.0));
 
         assert_eq!(tree.delete(&key("nope"), 12), 0);
         assert_eq!(tree.delete(&key("r"), 12), 2);

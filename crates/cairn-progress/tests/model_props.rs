@@ -25,6 +25,11 @@ fn key_strategy() -> impl Strategy<Value = Key> {
     })
 }
 
+/// A handful of keys in one small tree, so that a short batch often hits one node twice.
+fn few_keys() -> impl Strategy<Value = Key> {
+    prop::sample::select(vec!["a", "a.b", "a.c", "a.b.d"]).prop_map(|k| Key::parse(k).expect("valid key"))
+}
+
 fn update_strategy() -> impl Strategy<Value = Update> {
     let progress = prop_oneof![Just(0.0), Just(1.0), Just(0.5), 0.0..=1.0f64];
     let weight = prop_oneof![Just(0.0), Just(1.0), Just(2.0), 0.1..5.0f64];
@@ -89,11 +94,19 @@ struct NaiveNode {
     start_time: i64,
     update_time: i64,
     last_msg: Option<String>,
+    /// The progress last posted on the node itself.
+    own_progress: Option<Value>,
 }
 
 impl NaiveNode {
     fn new(now: i64) -> NaiveNode {
-        NaiveNode { fields: BTreeMap::new(), start_time: now, update_time: now, last_msg: None }
+        NaiveNode {
+            fields: BTreeMap::new(),
+            start_time: now,
+            update_time: now,
+            last_msg: None,
+            own_progress: None,
+        }
     }
 }
 
@@ -123,9 +136,11 @@ impl Naive {
         for parent in key.ancestors() {
             let (sum_w, sum_wp, _) = self.sums(&parent);
             let node = self.nodes.entry(parent).or_insert_with(|| NaiveNode::new(now));
-            if let Some(p) = rollup(sum_w, sum_wp) {
-                node.fields.insert("progress".into(), json!(p));
-            }
+            match (rollup(sum_w, sum_wp), node.own_progress.clone()) {
+                (Some(p), _) => node.fields.insert("progress".into(), json!(p)),
+                (None, Some(own)) => node.fields.insert("progress".into(), own),
+                (None, None) => node.fields.remove("progress"),
+            };
             node.update_time = now;
             if let Some(msg) = msg {
                 node.last_msg = Some(msg.to_owned());
@@ -136,6 +151,9 @@ impl Naive {
     fn apply(&mut self, key: &Key, update: &Update, now: i64) {
         let node = self.nodes.entry(key.clone()).or_insert_with(|| NaiveNode::new(now));
         node.fields.extend(update.fields());
+        if update.progress.is_some() {
+            node.own_progress = node.fields.get("progress").cloned();
+        }
         node.update_time = now;
         if let Some(msg) = &update.msg {
             node.last_msg = Some(msg.clone());
@@ -268,6 +286,44 @@ proptest! {
             let again = tree.get(k).unwrap();
             prop_assert_eq!(node.sum_w.to_bits(), again.sum_w.to_bits());
             prop_assert_eq!(node.sum_wp.to_bits(), again.sum_wp.to_bits());
+        }
+    }
+
+    /// A redelivered burst: the same updates again, in order, after they were all applied. The
+    /// tree may only differ in `update_time` and in rounding residue of the running sums.
+    #[test]
+    fn applying_a_batch_twice_equals_applying_it_once(
+        setup in prop::collection::vec((key_strategy(), update_strategy()), 0..25),
+        batch in prop::collection::vec((few_keys(), update_strategy()), 1..8),
+    ) {
+        let mut tree = Tree::new();
+        for (i, (k, u)) in setup.iter().enumerate() {
+            tree.apply(k, u, i as i64);
+        }
+        for (k, u) in &batch {
+            tree.apply(k, u, 1000);
+        }
+        let once = tree.clone();
+        for (k, u) in &batch {
+            tree.apply(k, u, 2000);
+        }
+        prop_assert!(tree.check_invariants().is_ok());
+        prop_assert_eq!(once.keys().collect::<Vec<_>>(), tree.keys().collect::<Vec<_>>());
+        for (key, node) in once.nodes() {
+            let again = tree.get(key).unwrap();
+            prop_assert!(
+                close(node.sum_w, again.sum_w) && close(node.sum_wp, again.sum_wp),
+                "{} sums ({}, {}) vs ({}, {})", key, node.sum_w, node.sum_wp, again.sum_w, again.sum_wp
+            );
+            let strip = |n: &Node| Node { update_time: 0, sum_w: 0.0, sum_wp: 0.0, ..n.clone() };
+            let (mut a, mut b) = (strip(node), strip(again));
+            let (pa, pb) = (a.fields.remove("progress"), b.fields.remove("progress"));
+            let same = match (pa.as_ref().and_then(Value::as_f64), pb.as_ref().and_then(Value::as_f64)) {
+                (Some(x), Some(y)) => close(x, y),
+                (x, y) => x == y,
+            };
+            prop_assert!(same, "{} progress {:?} vs {:?}", key, pa, pb);
+            prop_assert_eq!(a, b, "node {}", key);
         }
     }
 

@@ -20,7 +20,9 @@ for _ = 1, n do
     local name, value = ARGV[i], ARGV[i + 1]
     i = i + 2
     set(node, name, value)
-    if name == 'progress' then p_new = tonumber(value); p_set = true
+    if name == 'progress' then
+      p_new = tonumber(value); p_set = true
+      if node.f._sw then set(node, '_op', value) end
     elseif name == 'weight' then w_new = tonumber(value)
     elseif name == 'status' then s_new = value
     elseif name == 'msg' then lm = value

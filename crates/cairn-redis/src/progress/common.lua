@@ -2,7 +2,9 @@
 --   P:pn:<key>  hash: client fields (JSON-encoded values) and server fields starting with '_':
 --               _st start_time, _ut update_time, _sw Σw and _swp Σw·p over direct children,
 --               _c:<status json> children by status, _lm last message (JSON), _eta and its
---               rate anchor _rt/_rp/_rate
+--               rate anchor _rt/_rp/_rate, _op the progress last posted on the node itself
+--               (kept only once the node is or was a parent: it is what the node shows when
+--               its children weigh nothing)
 --   P:pc:<key>  zset of direct child keys scored by their start_time (the ordered child index)
 --   P:proots    zset of tree roots scored by their latest update_time (retention scans it)
 local P = ARGV[1]
@@ -41,7 +43,7 @@ local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = 
 -- updates of the batch pass through it: a burst of siblings costs one write of their parent,
 -- not one per sibling. Updates are still applied one after another, in order, with the same
 -- arithmetic as one at a time, so a batch leaves exactly the tree its updates leave singly.
-local FIELDS = { '_st', 'progress', 'weight', '_sw', '_swp', 'status', '_rt', '_rp', '_rate' }
+local FIELDS = { '_st', 'progress', 'weight', '_sw', '_swp', 'status', '_rt', '_rp', '_rate', '_op' }
 local cache = {}
 
 local function load(k)
@@ -152,17 +154,28 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
       if s_from then count(n, s_from, -1) end
       if s_to then count(n, s_to, 1) end
     end
+    if not n.f._sw and n.f.progress then
+      -- becoming a parent: remember the progress posted on it, which roll-ups now overwrite
+      set(n, '_op', n.f.progress)
+    end
     set(n, '_sw', sw)
     set(n, '_swp', swp)
     local had = n.f.progress
     local pp_old = tonumber(had) or 0
-    local pp_new = pp_old
+    -- Σw > 0: the weighted mean. Otherwise the progress posted on the node itself, or none, so
+    -- the result depends only on the nodes' fields, never on history (a replayed batch changes
+    -- nothing).
+    local pp_new
     if sw > EPS then
       pp_new = swp / sw
       if pp_new < 0 then pp_new = 0 elseif pp_new > 1 then pp_new = 1 end
       set(n, 'progress', pp_new)
-      if pp_new ~= pp_old or not had then update_eta(n, t, pp_new, n.f.status) end
+    else
+      pp_new = tonumber(n.f._op)
+      if pp_new then set(n, 'progress', n.f._op) elseif had then set(n, 'progress', false) end
     end
+    if pp_new and (pp_new ~= pp_old or not had) then update_eta(n, t, pp_new, n.f.status) end
+    pp_new = pp_new or 0
     if lm then set(n, '_lm', lm) end
     local pw = tonumber(n.f.weight) or 1
     if p_created then
