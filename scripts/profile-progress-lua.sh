@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Counts the instructions Redis spends per progress update in the apply script, with callgrind:
+# deterministic on this noisy 2-core VM, where timing one script call varies by ±30 % run to run.
+#
+# Starts a private redis-server under valgrind on a spare port, loads the apply script exactly
+# as the store builds it (common.lua + read.lua + apply.lua), applies one batch of BATCH updates
+# into a depth-4 tree once to create the nodes, then profiles CALLS more calls of the same batch
+# (existing nodes, as in `cairn-bench progress` (b)). Prints instructions per update and where
+# they go (Redis commands, Lua <-> Redis reply conversion, number formatting and parsing).
+#
+#   scripts/profile-progress-lua.sh            # BATCH=200 CALLS=10 PORT=6409
+#   BATCH=1 CALLS=200 scripts/profile-progress-lua.sh   # one update per call
+#
+# Needs valgrind, redis-server, redis-cli, redis-benchmark and python3. Leaves nothing behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BATCH="${BATCH:-200}"
+CALLS="${CALLS:-10}"
+PORT="${PORT:-6409}"
+work=$(mktemp -d)
+trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+
+src=crates/cairn-redis/src/progress
+cat "$src/common.lua" "$src/read.lua" "$src/apply.lua" >"$work/apply.lua"
+
+valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+  redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no >"$work/valgrind.log" 2>&1 &
+vg=$!
+for _ in $(seq 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.2; done
+
+sha=$(redis-cli -p "$PORT" -x SCRIPT LOAD <"$work/apply.lua")
+# The batch: keys _bench.r.s.t.u of a depth-4 tree below a namespace, fractional progress.
+mapfile -t args < <(python3 - "$BATCH" <<'EOF'
+import sys
+n = int(sys.argv[1])
+print("prof")
+print(n)
+for i in range(n):
+    j = i * 37
+    print("_bench.r%d.s%d.t%d.u%d" % (j % 10, j % 100, j % 1000, j % 10000))
+    print(1796000000000 + i)
+    print(1)
+    print("progress")
+    print("0.%d3" % (i % 10))
+print(0)
+print(0)
+EOF
+)
+run() { redis-benchmark -p "$PORT" -q -n "$1" -c 1 EVALSHA "$sha" 0 "${args[@]}" >/dev/null; }
+run 1
+callgrind_control -z "$vg" >/dev/null 2>&1
+run "$CALLS"
+callgrind_control -d "$vg" >/dev/null 2>&1
+redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true
+wait "$vg" 2>/dev/null || true
+
+profile=$(ls "$work"/cg.out.* | head -n1)
+callgrind_annotate --inclusive=yes "$profile" >"$work/annotated.txt" 2>/dev/null
+python3 - "$work/annotated.txt" "$BATCH" "$CALLS" <<'EOF'
+import re, sys, json
+text = open(sys.argv[1]).read()
+batch, calls = int(sys.argv[2]), int(sys.argv[3])
+updates = batch * calls
+def inclusive(pattern):
+    best = 0
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+) \(.*?\)\s+(.*)", line)
+        if m and re.search(pattern, m.group(2)):
+            best = max(best, int(m.group(1).replace(",", "")))
+    return best
+total = inclusive(r"lua_pcall")
+parts = {
+    "redis_commands": inclusive(r"\?\?\?:scriptCall "),
+    "reply_to_lua": inclusive(r"\?\?\?:parseReply "),
+    "number_formatting": inclusive(r"sprintf_chk"),
+    "number_parsing": inclusive(r"strtod\.c:strtod "),
+}
+report = {
+    "batch": batch,
+    "calls": calls,
+    "instructions_per_update": round(total / updates),
+    "share": {k: round(v / total, 3) for k, v in parts.items()},
+}
+report["share"]["lua_vm_and_rest"] = round(1 - sum(report["share"].values()), 3)
+print(json.dumps(report))
+EOF
