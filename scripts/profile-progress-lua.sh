@@ -72,7 +72,7 @@ total = inclusive(r"lua_pcall")
 parts = {
     "redis_commands": inclusive(r"\?\?\?:scriptCall "),
     "reply_to_lua": inclusive(r"\?\?\?:parseReply "),
-    "number_formatting": inclusive(r"sprintf_chk"),
+    "number_formatting": inclusive(r"vfprintf-internal\.c:__vfprintf_internal "),
     "number_parsing": inclusive(r"strtod\.c:strtod "),
 }
 report = {

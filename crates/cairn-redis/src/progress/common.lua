@@ -13,9 +13,20 @@ local EPS = 1e-9
 local function nkey(k) return P .. ':pn:' .. k end
 local function ckey(k) return P .. ':pc:' .. k end
 
+-- Formatting a double costs more than most Redis commands here, and a call writes the same few
+-- values (the update time, whole sums) on every node it touches: each value is formatted once
+-- per call. Whole numbers print as integers (the same text %.17g gives, without its
+-- arbitrary-precision path); other values use %.17g, which round-trips a double exactly (Lua's
+-- tostring keeps only 14 digits).
+local floor, format = math.floor, string.format
+local NUMS = {}
 local function num(x)
-  -- %.17g round-trips a double exactly; Lua's tostring keeps only 14 digits.
-  return string.format('%.17g', x)
+  if x ~= x then return format('%.17g', x) end -- NaN cannot be a table key
+  local s = NUMS[x]
+  if s then return s end
+  if x == floor(x) and x > -1e15 and x < 1e15 then s = format('%d', x) else s = format('%.17g', x) end
+  NUMS[x] = s
+  return s
 end
 
 -- The parent that progress rolls into, or nil at a tree root: a one-segment key, or a parent that
@@ -24,14 +35,10 @@ local PARENTS = {}
 local function parent_of(k)
   local known = PARENTS[k]
   if known ~= nil then return known or nil end
-  local p = false
-  local pos = string.find(k, '%.[^%.]*$')
-  if pos then
-    p = string.sub(k, 1, pos - 1)
-    local ppos = string.find(p, '%.[^%.]*$')
-    local first = ppos and string.sub(p, ppos + 1, ppos + 1) or string.sub(p, 1, 1)
-    if first == '_' then p = false end
-  end
+  -- Anchored, greedy patterns find the last '.' by backtracking from the end, in O(segment);
+  -- an unanchored '%.[^%.]*$' retries from every position and cost twice as much per call.
+  local p = string.match(k, '^(.*)%.') or false
+  if p and (string.match(p, '^.*%.(.)') or string.sub(p, 1, 1)) == '_' then p = false end
   PARENTS[k] = p
   return p or nil
 end
