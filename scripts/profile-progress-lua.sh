@@ -55,7 +55,7 @@ redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true
 wait "$vg" 2>/dev/null || true
 
 profile=$(ls "$work"/cg.out.* | head -n1)
-callgrind_annotate --inclusive=yes "$profile" >"$work/annotated.txt" 2>/dev/null
+callgrind_annotate --inclusive=yes --threshold=100 "$profile" >"$work/annotated.txt" 2>/dev/null
 python3 - "$work/annotated.txt" "$BATCH" "$CALLS" <<'EOF'
 import re, sys, json
 text = open(sys.argv[1]).read()
