@@ -50,16 +50,20 @@ local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = 
 -- updates of the batch pass through it: a burst of siblings costs one write of their parent,
 -- not one per sibling. Updates are still applied one after another, in order, with the same
 -- arithmetic as one at a time, so a batch leaves exactly the tree its updates leave singly.
-local FIELDS = { '_st', 'progress', 'weight', '_sw', '_swp', 'status', '_rt', '_rp', '_rate', '_op' }
+-- Lua in Redis is slow at growing tables (every rehash reallocates), so a node's tables are
+-- made at their final size by constructors; false stands for a field that is absent or unset.
+-- scripts/profile-progress-lua.sh counts what an update costs.
 local cache = {}
 
 local function load(k)
   local n = cache[k]
   if n then return n end
-  local v = redis.call('HMGET', nkey(k), unpack(FIELDS))
-  local f = {}
-  for i, name in ipairs(FIELDS) do f[name] = v[i] end
-  n = { f = f, dirty = {} } -- `counts` is made on the first status change
+  local v = redis.call('HMGET', nkey(k), '_st', 'progress', 'weight', '_sw', '_swp', 'status', '_rt', '_rp',
+    '_rate', '_op')
+  local f = { _st = v[1], progress = v[2], weight = v[3], _sw = v[4], _swp = v[5], status = v[6], _rt = v[7],
+    _rp = v[8], _rate = v[9], _op = v[10], _ut = false, _eta = false, _lm = false }
+  -- `counts` is made on the first status change
+  n = { f = f, dirty = { _ut = false, progress = false, _sw = false, _swp = false, _st = false } }
   cache[k] = n
   return n
 end
@@ -80,21 +84,25 @@ local function count(n, status, delta)
   counts[status] = (counts[status] or 0) + delta
 end
 
+-- Argument buffers shared by every node's flush (entries past the count are stale).
+local HSET_ARGS, HDEL_ARGS = {}, {}
 local function flush()
   for k, n in pairs(cache) do
-    local hset, hdel = {}, {}
-    for name in pairs(n.dirty) do
-      local value = n.f[name]
-      if value then
-        if type(value) == 'number' then value = num(value) end
-        hset[#hset + 1] = name; hset[#hset + 1] = value
-      else
-        hdel[#hdel + 1] = name
+    local f, ns, nd = n.f, 0, 0
+    for name, dirty in pairs(n.dirty) do
+      if dirty then
+        local value = f[name]
+        if value then
+          if type(value) == 'number' then value = num(value) end
+          HSET_ARGS[ns + 1] = name; HSET_ARGS[ns + 2] = value; ns = ns + 2
+        else
+          nd = nd + 1; HDEL_ARGS[nd] = name
+        end
       end
     end
     local nk = nkey(k)
-    if #hset > 0 then redis.call('HSET', nk, unpack(hset)) end
-    if #hdel > 0 then redis.call('HDEL', nk, unpack(hdel)) end
+    if ns > 0 then redis.call('HSET', nk, unpack(HSET_ARGS, 1, ns)) end
+    if nd > 0 then redis.call('HDEL', nk, unpack(HDEL_ARGS, 1, nd)) end
     for status, delta in pairs(n.counts or {}) do
       if delta ~= 0 and redis.call('HINCRBY', nk, '_c:' .. status, delta) <= 0 then
         redis.call('HDEL', nk, '_c:' .. status)
@@ -145,11 +153,13 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
   local parent = parent_of(child)
   while parent do
     local n = load(parent)
-    local p_created = not n.f._st
-    local sw = (tonumber(n.f._sw) or 0) + dw
-    local swp = (tonumber(n.f._swp) or 0) + dwp
-    set(n, '_ut', t)
-    if p_created then set(n, '_st', t) end
+    -- the hot fields are set in place (what `set` does, without a call per field)
+    local f, dirty = n.f, n.dirty
+    local p_created = not f._st
+    local sw = (tonumber(f._sw) or 0) + dw
+    local swp = (tonumber(f._swp) or 0) + dwp
+    f._ut = t; dirty._ut = true
+    if p_created then f._st = t; dirty._st = true end
     if created then
       redis.call('ZADD', ckey(parent), child_start, child)
     elseif removed then
@@ -161,13 +171,13 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
       if s_from then count(n, s_from, -1) end
       if s_to then count(n, s_to, 1) end
     end
-    if not n.f._sw and n.f.progress then
+    if not f._sw and f.progress then
       -- becoming a parent: remember the progress posted on it, which roll-ups now overwrite
-      set(n, '_op', n.f.progress)
+      set(n, '_op', f.progress)
     end
-    set(n, '_sw', sw)
-    set(n, '_swp', swp)
-    local had = n.f.progress
+    f._sw = sw; dirty._sw = true
+    f._swp = swp; dirty._swp = true
+    local had = f.progress
     local pp_old = tonumber(had) or 0
     -- Σw > 0: the weighted mean. Otherwise the progress posted on the node itself, or none, so
     -- the result depends only on the nodes' fields, never on history (a replayed batch changes
@@ -176,15 +186,15 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
     if sw > EPS then
       pp_new = swp / sw
       if pp_new < 0 then pp_new = 0 elseif pp_new > 1 then pp_new = 1 end
-      set(n, 'progress', pp_new)
+      f.progress = pp_new; dirty.progress = true
     else
-      pp_new = tonumber(n.f._op)
-      if pp_new then set(n, 'progress', n.f._op) elseif had then set(n, 'progress', false) end
+      pp_new = tonumber(f._op)
+      if pp_new then set(n, 'progress', f._op) elseif had then set(n, 'progress', false) end
     end
-    if pp_new and (pp_new ~= pp_old or not had) then update_eta(n, t, pp_new, n.f.status) end
+    if pp_new and (pp_new ~= pp_old or not had) then update_eta(n, t, pp_new, f.status) end
     pp_new = pp_new or 0
     if lm then set(n, '_lm', lm) end
-    local pw = tonumber(n.f.weight) or 1
+    local pw = tonumber(f.weight) or 1
     if p_created then
       dw = pw; dwp = pw * pp_new
     else
