@@ -21,21 +21,27 @@ local TERMINAL = { succeeded = true, canceled = true, dead = true }
 -- Tells the waiting ingress replica; its stream is capped, expires with the replica and is
 -- registered for the trimmer. Every terminal transition passes here (finish, and cancel.lua for
 -- a request that never started), so this is also where the record joins the finished index.
+-- A batch of outcomes mostly answers one replica: its stream's expiry and registration are
+-- refreshed once per script call.
+local REFRESHED = {}
 local function reply(id, state, now)
   if TERMINAL[state] then redis.call('ZADD', P .. ':req:finished', now, id) end
   local to = redis.call('HGET', rkey(id), 'reply_to')
   if to and to ~= '' then
     redis.call('XADD', to, 'MAXLEN', '~', 10000, '*', 'id', id, 'state', state, 'time', now)
-    redis.call('PEXPIRE', to, 3600000)
-    redis.call('SADD', P .. ':streams', to)
+    if not REFRESHED[to] then
+      redis.call('PEXPIRE', to, 3600000)
+      redis.call('SADD', P .. ':streams', to)
+      REFRESHED[to] = true
+    end
   end
 end
 
 local function finish(id, entry, state, now, result, err)
-  local k = rkey(id)
-  redis.call('HSET', k, 'state', state, 'finished_ms', now)
-  if result and result ~= '' then redis.call('HSET', k, 'result', result) end
-  if err and err ~= '' then redis.call('HSET', k, 'error', err) end
+  local args = { 'state', state, 'finished_ms', now }
+  if result and result ~= '' then args[5] = 'result'; args[6] = result end
+  if err and err ~= '' then args[#args + 1] = 'error'; args[#args + 1] = err end
+  redis.call('HSET', rkey(id), unpack(args))
   redis.call('XACK', STREAM, GROUP, entry)
   if state == 'dead' then
     redis.call('XADD', P .. ':dead', '*', 'id', id, 'error', err or '', 'time', now)

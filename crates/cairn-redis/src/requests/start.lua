@@ -8,7 +8,7 @@ local out = {}
 for i = 6, #ARGV, 2 do
   local entry, id = ARGV[i], ARGV[i + 1]
   local k = rkey(id)
-  local v = redis.call('HMGET', k, 'state', 'attempts', 'max_attempts', 'cancel')
+  local v = redis.call('HMGET', k, 'state', 'attempts', 'max_attempts', 'cancel', 'started_ms')
   local verdict, attempts, err, record = 'run', tonumber(v[2]) or 0, '', {}
   if owner_of(entry) ~= consumer then
     verdict = 'lost'
@@ -25,8 +25,12 @@ for i = 6, #ARGV, 2 do
     verdict = 'dead'
   else
     attempts = attempts + 1
-    redis.call('HSET', k, 'state', 'running', 'attempts', attempts, 'owner', consumer, 'heartbeat_ms', now)
-    if not redis.call('HGET', k, 'started_ms') then redis.call('HSET', k, 'started_ms', now) end
+    if v[5] then
+      redis.call('HSET', k, 'state', 'running', 'attempts', attempts, 'owner', consumer, 'heartbeat_ms', now)
+    else
+      redis.call('HSET', k, 'state', 'running', 'attempts', attempts, 'owner', consumer, 'heartbeat_ms', now,
+        'started_ms', now)
+    end
     record = redis.call('HGETALL', k)
   end
   out[#out + 1] = { entry, verdict, attempts, err, record }
