@@ -8,8 +8,13 @@
 # (existing nodes, as in `cairn-bench progress` (b)). Prints instructions per update and where
 # they go (Redis commands, Lua <-> Redis reply conversion, number formatting and parsing).
 #
-#   scripts/profile-progress-lua.sh            # BATCH=200 CALLS=10 PORT=6409
+#   scripts/profile-progress-lua.sh            # BATCH=200 CALLS=10 PORT=6409 SHAPE=spread
 #   BATCH=1 CALLS=200 scripts/profile-progress-lua.sh   # one update per call
+#   SHAPE=burst scripts/profile-progress-lua.sh         # siblings sharing their ancestors
+#
+# SHAPE=spread: keys _bench.r.s.t.u spread over a wide tree, few shared ancestors in a batch (as
+# `cairn-bench progress` (b)); SHAPE=burst: one producer's subtree _bench.c.x.y.z, ten leaves per
+# parent (as (c)).
 #
 # Needs valgrind, redis-server, redis-cli, redis-benchmark and python3. Leaves nothing behind.
 set -euo pipefail
@@ -17,6 +22,7 @@ cd "$(dirname "$0")/.."
 BATCH="${BATCH:-200}"
 CALLS="${CALLS:-10}"
 PORT="${PORT:-6409}"
+SHAPE="${SHAPE:-spread}"
 work=$(mktemp -d)
 trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
@@ -29,15 +35,18 @@ vg=$!
 for _ in $(seq 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.2; done
 
 sha=$(redis-cli -p "$PORT" -x SCRIPT LOAD <"$work/apply.lua")
-# The batch: keys _bench.r.s.t.u of a depth-4 tree below a namespace, fractional progress.
-mapfile -t args < <(python3 - "$BATCH" <<'EOF'
+# The batch: a depth-4 tree below a namespace (SHAPE above), fractional progress.
+mapfile -t args < <(python3 - "$BATCH" "$SHAPE" <<'EOF'
 import sys
-n = int(sys.argv[1])
+n, shape = int(sys.argv[1]), sys.argv[2]
 print("prof")
 print(n)
 for i in range(n):
     j = i * 37
-    print("_bench.r%d.s%d.t%d.u%d" % (j % 10, j % 100, j % 1000, j % 10000))
+    if shape == "burst":
+        print("_bench.c1.x%d.y%d.z%d" % (i // 100, i // 10 % 10, i % 10))
+    else:
+        print("_bench.r%d.s%d.t%d.u%d" % (j % 10, j % 100, j % 1000, j % 10000))
     print(1796000000000 + i)
     print(1)
     print("progress")
@@ -56,7 +65,7 @@ wait "$vg" 2>/dev/null || true
 
 profile=$(ls "$work"/cg.out.* | head -n1)
 callgrind_annotate --inclusive=yes --threshold=100 "$profile" >"$work/annotated.txt" 2>/dev/null
-python3 - "$work/annotated.txt" "$BATCH" "$CALLS" <<'EOF'
+python3 - "$work/annotated.txt" "$BATCH" "$CALLS" "$SHAPE" <<'EOF'
 import re, sys, json
 text = open(sys.argv[1]).read()
 batch, calls = int(sys.argv[2]), int(sys.argv[3])
@@ -78,6 +87,7 @@ parts = {
 report = {
     "batch": batch,
     "calls": calls,
+    "shape": sys.argv[4],
     "instructions_per_update": round(total / updates),
     "share": {k: round(v / total, 3) for k, v in parts.items()},
 }

@@ -134,7 +134,7 @@ proptest! {
     /// Random updates (duplicates, weight and status changes, zero weights) and deletes, applied
     /// one at a time, in bursts, and replayed: Redis always equals the model.
     #[test]
-    fn redis_store_matches_the_model(ops in prop::collection::vec((op_strategy(), any::<bool>(), 0u8..4), 1..40)) {
+    fn redis_store_matches_the_model(ops in prop::collection::vec((op_strategy(), any::<bool>(), 0u8..12), 1..50)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let ns = RedisNamespace::new();
