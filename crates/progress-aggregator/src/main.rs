@@ -2,6 +2,10 @@ use anyhow::Context;
 use cairn_runtime::ServiceMain;
 use progress_aggregator::{App, Config};
 
+/// mimalloc instead of glibc's malloc, which spent over a quarter of a busy processor's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let service = ServiceMain {
