@@ -30,9 +30,7 @@ mod soak;
 
 use clap::Parser;
 
-/// mimalloc instead of glibc's malloc, which spent over a quarter of a busy processor's CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+cairn_runtime::global_allocator!();
 
 #[derive(Parser)]
 #[command(name = "cairn-bench", version, about = "Cairn benchmarks that print one JSON object")]

@@ -9,9 +9,7 @@ use cairn_runtime::LogConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-/// mimalloc instead of glibc's malloc, which spent over a quarter of a busy processor's CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+cairn_runtime::global_allocator!();
 
 #[derive(clap::Parser)]
 #[command(name = "cairn", version, about = "Cairn: durable requests with live, hierarchical progress")]

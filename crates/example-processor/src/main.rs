@@ -4,9 +4,7 @@
 use anyhow::Context as _;
 use request_processor::{App, Config, HandlerSet};
 
-/// mimalloc instead of glibc's malloc, which spent over a quarter of a busy processor's CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+cairn_runtime::global_allocator!();
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

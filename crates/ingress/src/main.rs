@@ -2,9 +2,7 @@ use anyhow::Context;
 use cairn_runtime::ServiceMain;
 use ingress::{App, Config};
 
-/// mimalloc instead of glibc's malloc, which spent over a quarter of a busy processor's CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+cairn_runtime::global_allocator!();
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

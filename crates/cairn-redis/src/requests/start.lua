@@ -25,12 +25,9 @@ for i = 6, #ARGV, 2 do
     verdict = 'dead'
   else
     attempts = attempts + 1
-    if v[5] then
-      redis.call('HSET', k, 'state', 'running', 'attempts', attempts, 'owner', consumer, 'heartbeat_ms', now)
-    else
-      redis.call('HSET', k, 'state', 'running', 'attempts', attempts, 'owner', consumer, 'heartbeat_ms', now,
-        'started_ms', now)
-    end
+    -- started_ms keeps the first attempt's start
+    redis.call('HSET', k, 'state', 'running', 'attempts', attempts, 'owner', consumer, 'heartbeat_ms', now,
+      'started_ms', v[5] or now)
     record = redis.call('HGETALL', k)
   end
   out[#out + 1] = { entry, verdict, attempts, err, record }
