@@ -4,8 +4,9 @@
 //! pending state of its key ([`Update::merge`], later fields win), so memory is bounded by the
 //! number of distinct keys waiting, however fast a producer reports. Every
 //! [`PublisherConfig::interval`] (100 ms: at most ~10 bursts a second, SPEC §2) a background task
-//! sends what is pending: one burst per tree root, routing key = the root, body = the updates of
-//! that root in first-seen order (split every [`PublisherConfig::max_burst`] updates), persistent,
+//! sends what is pending: one burst per route ([`Key::burst_route`]: the tree root, or the
+//! namespace holding it, so a thousand `_requests.{id}` trees make one message), routing key =
+//! the route, body = the updates of that route in first-seen order (split every [`PublisherConfig::max_burst`] updates), persistent,
 //! `mandatory`, with publisher confirms.
 //!
 //! Delivery: an update leaves the buffer only when the broker confirmed the message holding it.
@@ -50,9 +51,9 @@ pub struct PublisherConfig {
     pub url: String,
     /// Durable topic exchange the bursts go to (SPEC default `progress`).
     pub exchange: String,
-    /// Time between two flushes of the background task: at most one burst per root per interval.
+    /// Time between two flushes of the background task: at most one burst per route per interval.
     pub interval: Duration,
-    /// Most updates in one message; a root with more pending keys is sent as several messages
+    /// Most updates in one message; a route with more pending keys is sent as several messages
     /// (also cut at `cairn_progress`'s `MAX_BURST_UPDATES` and `MAX_BURST_BYTES`).
     pub max_burst: usize,
     /// How long one attempt may wait for the broker (connecting, declaring, confirms) before
@@ -221,9 +222,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// One message of a flush: the updates `batch[range]`, all under `root`.
+/// One message of a flush: the updates `batch[range]`, all under `route`.
 struct Burst {
-    root: Key,
+    route: Key,
     range: Range<usize>,
 }
 
@@ -403,7 +404,7 @@ impl Inner {
             return Ok(());
         }
         let mut flight =
-            InFlight { inner: self, confirmed: vec![false; batch.len()], batch: group_by_root(batch) };
+            InFlight { inner: self, confirmed: vec![false; batch.len()], batch: group_by_route(batch) };
         match self.send(link, &mut flight).await {
             Ok(updates) => {
                 metrics::counter!("cairn_progress_published_total").increment(updates as u64);
@@ -452,7 +453,7 @@ impl Inner {
                 wait,
                 link.channel.basic_publish(
                     exchange.clone(),
-                    name(burst.root.as_str()),
+                    name(burst.route.as_str()),
                     options,
                     &body,
                     properties,
@@ -601,20 +602,20 @@ impl Inner {
     }
 }
 
-/// Reorders the batch so that each root's updates are contiguous, roots in first-seen order and
-/// updates of one root in their first-seen order.
-fn group_by_root(batch: Vec<(Key, Update)>) -> Vec<(Key, Update)> {
-    let mut roots: Vec<(Key, Vec<(Key, Update)>)> = Vec::new();
+/// Reorders the batch so that each route's updates are contiguous, routes in first-seen order and
+/// updates of one route in their first-seen order.
+fn group_by_route(batch: Vec<(Key, Update)>) -> Vec<(Key, Update)> {
+    let mut routes: Vec<(Key, Vec<(Key, Update)>)> = Vec::new();
     let mut index: HashMap<Key, usize> = HashMap::new();
     for (key, update) in batch {
-        let root = key.root();
-        let i = *index.entry(root.clone()).or_insert_with(|| {
-            roots.push((root, Vec::new()));
-            roots.len() - 1
+        let route = key.burst_route();
+        let i = *index.entry(route.clone()).or_insert_with(|| {
+            routes.push((route, Vec::new()));
+            routes.len() - 1
         });
-        roots[i].1.push((key, update));
+        routes[i].1.push((key, update));
     }
-    roots.into_iter().flat_map(|(_, updates)| updates).collect()
+    routes.into_iter().flat_map(|(_, updates)| updates).collect()
 }
 
 /// One burst element (`{"key": …, fields…}`): [`encode_burst`] of a single update without its
@@ -641,16 +642,16 @@ fn assemble(elements: &[Vec<u8>]) -> Vec<u8> {
     body
 }
 
-/// Cuts a grouped batch into messages: one per root, at most `max` updates and
+/// Cuts a grouped batch into messages: one per route, at most `max` updates and
 /// [`MAX_BURST_BYTES`] each.
 fn split(batch: &[(Key, Update)], elements: &[Vec<u8>], max: usize) -> Vec<Burst> {
     let mut bursts: Vec<Burst> = Vec::new();
     let mut bytes = 0;
     for (i, ((key, _), element)) in batch.iter().zip(elements).enumerate() {
-        let root = key.root();
+        let route = key.burst_route();
         // One byte for the separator or opening bracket, one for the closing bracket.
         let fits = |last: &Burst| {
-            last.root == root && last.range.len() < max && bytes + element.len() + 2 <= MAX_BURST_BYTES
+            last.route == route && last.range.len() < max && bytes + element.len() + 2 <= MAX_BURST_BYTES
         };
         match bursts.last_mut() {
             Some(last) if fits(last) => {
@@ -658,7 +659,7 @@ fn split(batch: &[(Key, Update)], elements: &[Vec<u8>], max: usize) -> Vec<Burst
                 bytes += element.len() + 1;
             }
             _ => {
-                bursts.push(Burst { root, range: i..i + 1 });
+                bursts.push(Burst { route, range: i..i + 1 });
                 bytes = element.len() + 1;
             }
         }
@@ -705,17 +706,18 @@ mod tests {
     }
 
     #[test]
-    fn groups_by_root_and_splits_bursts() {
-        let batch: Vec<_> = ["_t.a.x", "_t.b.z", "_t.a.y", "_t.a", "_t.b"]
+    fn groups_by_route_and_splits_bursts() {
+        let batch: Vec<_> = ["a.x", "_t.r1", "b.z", "a.y", "a", "_t.r2.s", "b"]
             .into_iter()
             .map(|k| (key(k), Update::new().progress(0.5)))
             .collect();
-        let grouped = group_by_root(batch);
-        assert_eq!(keys(&grouped), ["_t.a.x", "_t.a.y", "_t.a", "_t.b.z", "_t.b"]);
+        let grouped = group_by_route(batch);
+        assert_eq!(keys(&grouped), ["a.x", "a.y", "a", "_t.r1", "_t.r2.s", "b.z", "b"]);
         let elements: Vec<_> = grouped.iter().map(encode_element).collect();
         let bursts = split(&grouped, &elements, 2);
-        let shape: Vec<_> = bursts.iter().map(|b| (b.root.as_str(), b.range.clone())).collect();
-        assert_eq!(shape, [("_t.a", 0..2), ("_t.a", 2..3), ("_t.b", 3..5)]);
+        let shape: Vec<_> = bursts.iter().map(|b| (b.route.as_str(), b.range.clone())).collect();
+        // the trees of namespace _t (_t.r1, _t.r2) travel together, as `_t`
+        assert_eq!(shape, [("a", 0..2), ("a", 2..3), ("_t", 3..5), ("b", 5..7)]);
         for burst in &bursts {
             assert_eq!(assemble(&elements[burst.range.clone()]), encode_burst(&grouped[burst.range.clone()]));
         }

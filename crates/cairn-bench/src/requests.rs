@@ -221,7 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
                     3,
                     now_ms(),
                 );
-                queue.submit(&record, None, 60_000).await
+                queue.submit(&record, None, 60_000, None).await
             });
             if pending.len() >= 256 {
                 use futures::StreamExt;

@@ -198,7 +198,7 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
                         now_ms(),
                     );
                     let queue = queue.clone();
-                    async move { queue.submit(&record, None, 60_000).await }
+                    async move { queue.submit(&record, None, 60_000, None).await }
                 });
                 for outcome in futures::future::join_all(batch).await {
                     outcome?;

@@ -125,6 +125,20 @@ impl Key {
         key
     }
 
+    /// The routing key a producer's burst holding this key is sent with: the key's tree
+    /// [root](Key::root), or the namespace that root sits in (`_requests.abc` and `_requests.xyz`
+    /// both travel as `_requests`). A namespace holds many small trees (one per request, one per
+    /// portal job), and one burst for all of them costs the broker one message instead of one per
+    /// tree. Every key with one route goes to one shard queue, so their order is kept.
+    pub fn burst_route(&self) -> Key {
+        let root = self.root();
+        match root.0.rfind('.') {
+            // a root with a dot sits directly under a namespace (its name-parent)
+            Some(dot) => Key(root.0[..dot].to_owned()),
+            None => root,
+        }
+    }
+
     /// True when `other` is this key or lies below it, segment-wise (`a.b` does not contain
     /// `a.bc`). Purely by name: it also holds across namespace boundaries (`a` contains `a._x.y`).
     pub fn contains(&self, other: &Key) -> bool {
@@ -302,6 +316,18 @@ mod tests {
         assert_eq!(key("x").ancestors(), Vec::<Key>::new());
         assert_eq!(key("x").root(), key("x"));
         assert_eq!(key("a._b.c.d").root(), key("a._b.c"));
+    }
+
+    #[test]
+    fn bursts_route_by_root_or_its_namespace() {
+        assert_eq!(key("job.step.sub").burst_route(), key("job"));
+        assert_eq!(key("job").burst_route(), key("job"));
+        assert_eq!(key("_requests.abc").burst_route(), key("_requests"));
+        assert_eq!(key("_ns.a.b.c").burst_route(), key("_ns"));
+        assert_eq!(key("a._b.c.d").burst_route(), key("a._b"));
+        for k in ["job.step.sub", "_requests.abc", "_ns.a.b.c", "a._b.c.d"] {
+            assert!(key(k).burst_route().contains(&key(k)), "{k}");
+        }
     }
 
     #[test]

@@ -62,7 +62,7 @@ async fn steps_report_sub_progress_that_rolls_up() {
         now,
     );
     queue.ensure_group().await.unwrap();
-    queue.submit(&record, None, 60_000).await.unwrap();
+    queue.submit(&record, None, 60_000, None).await.unwrap();
 
     let key = Key::parse(&format!("_requests.{id}")).unwrap();
     // Mid-way: some steps done, the request's progress strictly between 0 and 1.

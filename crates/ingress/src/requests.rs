@@ -180,12 +180,10 @@ impl Requests {
 
     /// Validates and queues a submission body, then waits up to `wait` for its outcome.
     ///
-    /// The request's progress node is written (`status: waiting`) before the request is queued,
-    /// so it exists as soon as the client has an answer and no processor report can be
-    /// overwritten by it. A node at a progress key the client named is left alone when the
-    /// submission carries an idempotency key and the node exists: it belongs to the earlier
-    /// submission. A node written under a fresh default key for a submission that turns out to
-    /// repeat an earlier one is removed again.
+    /// The request's progress node (`status: waiting`) is written in the same atomic step that
+    /// stores and queues the request, so it exists as soon as the client has an answer, no
+    /// processor report can be overwritten by it, and a submission that repeats an earlier one
+    /// (same idempotency key) writes nothing.
     pub async fn submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
         let submitted = self.try_submit(body, wait).await;
         if let Err(error) = &submitted {
@@ -200,15 +198,17 @@ impl Requests {
         self.check_backpressure().await?;
 
         let id = new_request_id();
-        let default_key = submission.progress_key.is_none();
-        let idempotent = submission.idempotency_key.is_some();
         let record =
             RequestRecord::queued(id.clone(), submission, self.settings.default_max_attempts, now_ms());
         let waiter = wait.map(|_| self.waiters.register(&id));
-        let announced = self.announce(&record, default_key || !idempotent).await?;
         let ttl_ms = u64::try_from(self.settings.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
-        let outcome =
-            bounded("submit", self.queue.submit(&record, Some(&self.settings.reply_stream), ttl_ms)).await?;
+        let waiting = Update::new()
+            .status(RequestState::Queued.progress_status())
+            .field("state", RequestState::Queued.as_str())
+            .field("request_id", record.id.as_str())
+            .field("handler", record.handler.as_str());
+        let reply_to = Some(self.settings.reply_stream.as_str());
+        let outcome = bounded("submit", self.queue.submit(&record, reply_to, ttl_ms, Some(&waiting))).await?;
         match outcome {
             SubmitOutcome::Created { entry_id } => {
                 info!(request = %id, handler = %record.handler, entry = %entry_id, "request queued");
@@ -224,9 +224,6 @@ impl Requests {
                 }
             }
             SubmitOutcome::Existing { id: existing } => {
-                if announced && default_key {
-                    self.forget_node(&record.progress_key).await;
-                }
                 debug!(request = %existing, "idempotent submission answered with the earlier request");
                 let waiter = wait.map(|_| self.waiters.register(&existing));
                 let stored = self.record(&existing).await?;
@@ -237,9 +234,6 @@ impl Requests {
                 Ok(Submitted::Known(self.view(stored).await))
             }
             SubmitOutcome::Conflict { .. } => {
-                if announced && default_key {
-                    self.forget_node(&record.progress_key).await;
-                }
                 let key = record.idempotency_key.unwrap_or_default();
                 Err(RequestsError::IdempotencyConflict { key })
             }
@@ -295,36 +289,9 @@ impl Requests {
         Ok(0)
     }
 
-    /// Writes the new request's progress node, unless `always` is false and a node is there
-    /// already. Whether it wrote.
-    async fn announce(&self, record: &RequestRecord, always: bool) -> Result<bool, RequestsError> {
-        if !always {
-            let existing =
-                bounded("progress get", self.store.get(&record.progress_key, &ReadOptions::default()))
-                    .await?;
-            if existing.is_some() {
-                return Ok(false);
-            }
-        }
-        let update = Update::new()
-            .status(RequestState::Queued.progress_status())
-            .field("state", RequestState::Queued.as_str())
-            .field("request_id", record.id.as_str())
-            .field("handler", record.handler.as_str());
-        self.report(&record.progress_key, update).await?;
-        Ok(true)
-    }
-
     async fn report(&self, key: &Key, update: Update) -> Result<(), RequestsError> {
         let change = Change { key: key.clone(), update, time_ms: now_ms() };
         bounded("progress apply", self.store.apply(std::slice::from_ref(&change))).await
-    }
-
-    /// Removes a progress node written for a request that was not created after all.
-    async fn forget_node(&self, key: &Key) {
-        if let Err(error) = bounded("progress delete", self.store.delete(key, now_ms())).await {
-            warn!(%key, %error, "cannot remove the progress node of a repeated submission");
-        }
     }
 
     /// Waits until the request is terminal, `wait` has passed or the replica drains; the record

@@ -119,7 +119,7 @@ env = {{ PIDFILE = "{pidfile}" }}
         let record = RequestRecord::queued(id.clone(), submission, 3, now_ms());
         // The first command after a Redis restart may fail while the connection is remade.
         for _ in 0..50 {
-            match self.queue.submit(&record, None, 60_000).await {
+            match self.queue.submit(&record, None, 60_000, None).await {
                 Ok(outcome) => {
                     assert!(matches!(outcome, SubmitOutcome::Created { .. }));
                     return id;

@@ -79,7 +79,7 @@ async fn trimming_under_load_never_loses_a_request() {
                         3,
                         now_ms(),
                     );
-                    let outcome = queue.submit(&record, None, 60_000).await.unwrap();
+                    let outcome = queue.submit(&record, None, 60_000, None).await.unwrap();
                     assert!(matches!(outcome, SubmitOutcome::Created { .. }));
                     ids.push(id);
                     tokio::time::sleep(Duration::from_millis(5)).await;

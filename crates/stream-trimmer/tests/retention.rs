@@ -45,7 +45,7 @@ impl Requests {
         submission.idempotency_key = idempotency_key.map(str::to_owned);
         let record = RequestRecord::queued(id.clone(), submission, 3, at);
         let reply_to = format!("{}:replies:r1", self.prefix);
-        self.queue.submit(&record, Some(&reply_to), 48 * HOUR_MS as u64).await.unwrap();
+        self.queue.submit(&record, Some(&reply_to), 48 * HOUR_MS as u64, None).await.unwrap();
         id
     }
 

@@ -84,8 +84,12 @@ local function count(n, status, delta)
   counts[status] = (counts[status] or 0) + delta
 end
 
+-- Roots of the trees a call changed, with their latest update time (`flush` indexes them).
+local roots = {}
+
 -- Argument buffers shared by every node's flush (entries past the count are stale).
 local HSET_ARGS, HDEL_ARGS = {}, {}
+-- Writes every node the call touched, and the changed roots into P:proots.
 local function flush()
   for k, n in pairs(cache) do
     local f, ns, nd = n.f, 0, 0
@@ -110,6 +114,8 @@ local function flush()
     end
   end
   cache = {}
+  for root, t in pairs(roots) do redis.call('ZADD', P .. ':proots', t, root) end
+  roots = {}
 end
 
 -- Refreshes the ETA of node `n` whose progress moved to p at time t, from an exponential moving
@@ -148,7 +154,7 @@ end
 --   removed: the child was just deleted (it leaves the parent's child index);
 --   dw, dwp: change of the child's weight and weight·progress (for a new child, its full values);
 --   s_from, s_to: its status before and after (JSON text or false); lm: message to bubble or false.
--- Returns the root of the tree.
+-- Records the root of the tree in `roots`.
 local function propagate(child, created, removed, child_start, dw, dwp, s_from, s_to, lm, t)
   local parent = parent_of(child)
   while parent do
@@ -207,5 +213,38 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
     child = parent
     parent = parent_of(child)
   end
-  return child
+  roots[child] = t
+end
+
+-- Applies one update to node k at time t: its nf fields are the name/value pairs args[i],
+-- args[i + 1], ... (values JSON text), merged into the node; then the change goes up the tree.
+local function apply_update(k, t, args, i, nf)
+  local node = load(k)
+  -- fields are set in place (what `set` does, without a call per field)
+  local f, dirty = node.f, node.dirty
+  local created = not f._st
+  local p_old, w_old, s_old = tonumber(f.progress) or 0, tonumber(f.weight) or 1, f.status
+  local p_new, w_new, s_new, lm = p_old, w_old, s_old, false
+  local p_set = false
+  f._ut = t; dirty._ut = true
+  if created then f._st = t; dirty._st = true end
+  for _ = 1, nf do
+    local name, value = args[i], args[i + 1]
+    i = i + 2
+    f[name] = value; dirty[name] = true
+    if name == 'progress' then
+      p_new = tonumber(value); p_set = true
+      if f._sw then set(node, '_op', value) end
+    elseif name == 'weight' then w_new = tonumber(value)
+    elseif name == 'status' then s_new = value
+    elseif name == 'msg' then lm = value
+    end
+  end
+  if lm then set(node, '_lm', lm) end
+  if p_set or s_new ~= s_old then update_eta(node, t, p_new, s_new) end
+  if created then
+    propagate(k, true, false, t, w_new, w_new * p_new, false, s_new, lm, t)
+  else
+    propagate(k, false, false, t, w_new - w_old, w_new * p_new - w_old * p_old, s_old, s_new, lm, t)
+  end
 end

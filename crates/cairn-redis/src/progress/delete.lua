@@ -14,9 +14,8 @@ end
 local w = tonumber(v[3]) or 1
 local p = tonumber(v[2]) or 0
 if parent_of(k) then
-  local root = propagate(k, false, true, t, -w, -w * p, v[4], false, false, t)
+  propagate(k, false, true, t, -w, -w * p, v[4], false, false, t)
   flush()
-  redis.call('ZADD', P .. ':proots', t, root)
 else
   redis.call('ZREM', P .. ':proots', k)
 end

@@ -15,7 +15,10 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use serde_json::{Map, Value as Json};
 
-const COMMON: &str = include_str!("common.lua");
+/// The store's shared Lua: key layout, node cache, roll-up and `apply_update`. The request
+/// queue's submit script includes it too, to write a request's first progress state in the same
+/// atomic step as the request.
+pub(crate) const COMMON: &str = include_str!("common.lua");
 const READ: &str = include_str!("read.lua");
 
 static APPLY: LazyLock<Script> =
@@ -192,11 +195,22 @@ impl ProgressStore {
 fn push_changes(invocation: &mut redis::ScriptInvocation<'_>, prefix: &str, changes: &[Change]) {
     invocation.arg(prefix).arg(changes.len());
     for change in changes {
-        let fields = change.update.fields();
-        invocation.arg(change.key.as_str()).arg(change.time_ms).arg(fields.len());
-        for (name, value) in fields {
-            invocation.arg(name).arg(value.to_string());
-        }
+        push_change(invocation, &change.key, change.time_ms, &change.update);
+    }
+}
+
+/// One change as `apply_update` (common.lua) reads it: key, time_ms, nfields, then each field's
+/// name and JSON text.
+pub(crate) fn push_change(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    key: &Key,
+    time_ms: i64,
+    update: &Update,
+) {
+    let fields = update.fields();
+    invocation.arg(key.as_str()).arg(time_ms).arg(fields.len());
+    for (name, value) in fields {
+        invocation.arg(name).arg(value.to_string());
     }
 }
 

@@ -9,16 +9,22 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
+use cairn_progress::Update;
 use cairn_requests::{RequestRecord, RequestState};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Script, Value};
 
+use crate::progress::push_change;
+
 fn script(body: &str) -> Script {
     Script::new(&[include_str!("common.lua"), body].concat())
 }
 
-static SUBMIT: LazyLock<Script> = LazyLock::new(|| script(include_str!("submit.lua")));
+static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
+    let parts = [crate::progress::COMMON, include_str!("common.lua"), include_str!("submit.lua")];
+    Script::new(&parts.concat())
+});
 static START: LazyLock<Script> = LazyLock::new(|| script(include_str!("start.lua")));
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| script(include_str!("heartbeat.lua")));
 static COMMIT: LazyLock<Script> = LazyLock::new(|| script(include_str!("commit.lua")));
@@ -188,12 +194,16 @@ impl RequestQueue {
         Ok(())
     }
 
-    /// Stores a new request and queues it, atomically; honours its idempotency key.
+    /// Stores a new request and queues it, atomically; honours its idempotency key. With
+    /// `progress`, the same step applies that update at the request's `progress_key` (at
+    /// `created_ms`), so the node exists before any processor can see the request, and a
+    /// repeated or conflicting submission writes no node at all.
     pub async fn submit(
         &self,
         record: &RequestRecord,
         reply_to: Option<&str>,
         idempotency_ttl_ms: u64,
+        progress: Option<&Update>,
     ) -> Result<SubmitOutcome, QueueError> {
         let mut invocation = self.invocation(&SUBMIT);
         invocation
@@ -202,6 +212,12 @@ impl RequestQueue {
             .arg(&record.fingerprint)
             .arg(idempotency_ttl_ms)
             .arg(self.names.registry());
+        match progress {
+            Some(update) => push_change(&mut invocation, &record.progress_key, record.created_ms, update),
+            None => {
+                invocation.arg("").arg(0).arg(0);
+            }
+        }
         for (name, value) in record.to_fields() {
             invocation.arg(name).arg(value);
         }
