@@ -11,6 +11,8 @@
 #   scripts/profile-progress-lua.sh            # BATCH=200 CALLS=10 PORT=6409 SHAPE=spread
 #   BATCH=1 CALLS=200 scripts/profile-progress-lua.sh   # one update per call
 #   SHAPE=burst scripts/profile-progress-lua.sh         # siblings sharing their ancestors
+#   READ=1 BATCH=16 scripts/profile-progress-lua.sh     # nodes read back, as gRPC Update does
+#   TOP=30 scripts/profile-progress-lua.sh              # also the 30 costliest functions (stderr)
 #
 # SHAPE=spread: keys _bench.r.s.t.u spread over a wide tree, few shared ancestors in a batch (as
 # `cairn-bench progress` (b)); SHAPE=burst: one producer's subtree _bench.c.x.y.z, ten leaves per
@@ -23,6 +25,7 @@ BATCH="${BATCH:-200}"
 CALLS="${CALLS:-10}"
 PORT="${PORT:-6409}"
 SHAPE="${SHAPE:-spread}"
+READ="${READ:-0}"
 work=$(mktemp -d)
 trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
@@ -36,9 +39,9 @@ for _ in $(seq 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; slee
 
 sha=$(redis-cli -p "$PORT" -x SCRIPT LOAD <"$work/apply.lua")
 # The batch: a depth-4 tree below a namespace (SHAPE above), fractional progress.
-mapfile -t args < <(python3 - "$BATCH" "$SHAPE" <<'EOF'
+mapfile -t args < <(python3 - "$BATCH" "$SHAPE" "$READ" <<'EOF'
 import sys
-n, shape = int(sys.argv[1]), sys.argv[2]
+n, shape, read = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 print("prof")
 print(n)
 for i in range(n):
@@ -51,8 +54,8 @@ for i in range(n):
     print(1)
     print("progress")
     print("0.%d3" % (i % 10))
-print(0)
-print(0)
+print(read)
+print(100 if read else 0)
 EOF
 )
 run() { redis-benchmark -p "$PORT" -q -n "$1" -c 1 EVALSHA "$sha" 0 "${args[@]}" >/dev/null; }
@@ -65,7 +68,10 @@ wait "$vg" 2>/dev/null || true
 
 profile=$(ls "$work"/cg.out.* | head -n1)
 callgrind_annotate --inclusive=yes --threshold=100 "$profile" >"$work/annotated.txt" 2>/dev/null
-python3 - "$work/annotated.txt" "$BATCH" "$CALLS" "$SHAPE" <<'EOF'
+if [ -n "${TOP:-}" ]; then # the functions with the most instructions of their own
+  callgrind_annotate --threshold=100 "$profile" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | head -n "$TOP" >&2
+fi
+python3 - "$work/annotated.txt" "$BATCH" "$CALLS" "$SHAPE" "$READ" <<'EOF'
 import re, sys, json
 text = open(sys.argv[1]).read()
 batch, calls = int(sys.argv[2]), int(sys.argv[3])
@@ -88,6 +94,7 @@ report = {
     "batch": batch,
     "calls": calls,
     "shape": sys.argv[4],
+    "read_back": sys.argv[5] != "0",
     "instructions_per_update": round(total / updates),
     "share": {k: round(v / total, 3) for k, v in parts.items()},
 }

@@ -37,7 +37,7 @@ struct UpdateBatcher {
 
 impl UpdateBatcher {
     const BATCH: usize = 256;
-    const IN_FLIGHT: usize = 4;
+    const IN_FLIGHT: usize = 8;
 
     fn start(store: ProgressStore) -> Self {
         let (tx, mut rx) = mpsc::channel::<(Change, UpdateReply)>(4 * Self::BATCH);
