@@ -1,10 +1,12 @@
 -- Shared by every progress script. Key layout under prefix P (ARGV[1]):
 --   P:pn:<key>  hash: client fields (JSON-encoded values) and server fields starting with '_':
---               _st start_time, _ut update_time, _sw Σw and _swp Σw·p over direct children,
---               _c:<status json> children by status, _lm last message (JSON), _eta and its
---               rate anchor _rt/_rp/_rate, _op the progress last posted on the node itself
---               (kept only once the node is or was a parent: it is what the node shows when
---               its children weigh nothing)
+--               _st start_time, _ut update_time, _c:<status json> children by status, _lm last
+--               message (JSON), _eta, _op the progress last posted on the node itself (kept only
+--               once the node is or was a parent: it is what the node shows when its children
+--               weigh nothing), and _m, the numbers only the maths reads, packed as five
+--               little-endian doubles (NaN: absent): Σw and Σw·p over the direct children, and
+--               the ETA's rate anchor (time, progress) and rate. Packed, they cost one field to
+--               read and write and no decimal parsing or formatting.
 --   P:pc:<key>  zset of direct child keys scored by their start_time (the ordered child index)
 --   P:proots    zset of tree roots scored by their latest update_time (retention scans it)
 local P = ARGV[1]
@@ -55,13 +57,25 @@ local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = 
 -- scripts/profile-progress-lua.sh counts what an update costs.
 local cache = {}
 
+local M_FORMAT = '<ddddd'
+-- The fields packed into _m, in order.
+local PACKED = { _sw = true, _swp = true, _rt = true, _rp = true, _rate = true }
+
 local function load(k)
   local n = cache[k]
   if n then return n end
-  local v = redis.call('HMGET', nkey(k), '_st', 'progress', 'weight', '_sw', '_swp', 'status', '_rt', '_rp',
-    '_rate', '_op')
-  local f = { _st = v[1], progress = v[2], weight = v[3], _sw = v[4], _swp = v[5], status = v[6], _rt = v[7],
-    _rp = v[8], _rate = v[9], _op = v[10], _ut = false, _eta = false, _lm = false }
+  local v = redis.call('HMGET', nkey(k), '_st', 'progress', 'weight', 'status', '_op', '_m')
+  local sw, swp, rt, rp, rate = false, false, false, false, false
+  if v[6] then
+    sw, swp, rt, rp, rate = struct.unpack(M_FORMAT, v[6])
+    if sw ~= sw then sw = false end
+    if swp ~= swp then swp = false end
+    if rt ~= rt then rt = false end
+    if rp ~= rp then rp = false end
+    if rate ~= rate then rate = false end
+  end
+  local f = { _st = v[1], progress = v[2], weight = v[3], _sw = sw, _swp = swp, status = v[4], _rt = rt,
+    _rp = rp, _rate = rate, _op = v[5], _ut = false, _eta = false, _lm = false }
   -- `counts` is made on the first status change
   n = { f = f, dirty = { _ut = false, progress = false, _sw = false, _swp = false, _st = false } }
   cache[k] = n
@@ -90,18 +104,33 @@ local roots = {}
 -- Argument buffers shared by every node's flush (entries past the count are stale).
 local HSET_ARGS, HDEL_ARGS = {}, {}
 -- Writes every node the call touched, and the changed roots into P:proots.
+local NAN = 0 / 0
 local function flush()
   for k, n in pairs(cache) do
-    local f, ns, nd = n.f, 0, 0
+    local f, ns, nd, packed = n.f, 0, 0, false
     for name, dirty in pairs(n.dirty) do
       if dirty then
-        local value = f[name]
-        if value then
-          if type(value) == 'number' then value = num(value) end
-          HSET_ARGS[ns + 1] = name; HSET_ARGS[ns + 2] = value; ns = ns + 2
+        if PACKED[name] then
+          packed = true
         else
-          nd = nd + 1; HDEL_ARGS[nd] = name
+          local value = f[name]
+          if value then
+            if type(value) == 'number' then value = num(value) end
+            HSET_ARGS[ns + 1] = name; HSET_ARGS[ns + 2] = value; ns = ns + 2
+          else
+            nd = nd + 1; HDEL_ARGS[nd] = name
+          end
         end
+      end
+    end
+    if packed then
+      local sw, swp, rt, rp, rate = f._sw, f._swp, f._rt, f._rp, f._rate
+      if sw or swp or rt or rp or rate then
+        HSET_ARGS[ns + 1] = '_m'
+        HSET_ARGS[ns + 2] = struct.pack(M_FORMAT, sw or NAN, swp or NAN, rt or NAN, rp or NAN, rate or NAN)
+        ns = ns + 2
+      else
+        nd = nd + 1; HDEL_ARGS[nd] = '_m'
       end
     end
     local nk = nkey(k)
@@ -131,19 +160,19 @@ local function update_eta(n, t, p, status)
     end
     return
   end
-  local rt = tonumber(f._rt)
+  local rt = f._rt
   if not rt then
     set(n, '_rt', t); set(n, '_rp', p)
     return
   end
-  local rp = tonumber(f._rp)
+  local rp = f._rp
   if p < rp then -- it went back: start measuring again
     set(n, '_rt', t); set(n, '_rp', p)
     return
   end
   if t - rt < ETA_SAMPLE_MS or p == rp then return end
   local inst = (p - rp) / (t - rt)
-  local rate = tonumber(f._rate)
+  local rate = f._rate
   if rate then rate = 0.3 * inst + 0.7 * rate else rate = inst end
   set(n, '_rt', t); set(n, '_rp', p); set(n, '_rate', rate)
   set(n, '_eta', math.floor(t + (1 - p) / rate))
@@ -162,8 +191,8 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
     -- the hot fields are set in place (what `set` does, without a call per field)
     local f, dirty = n.f, n.dirty
     local p_created = not f._st
-    local sw = (tonumber(f._sw) or 0) + dw
-    local swp = (tonumber(f._swp) or 0) + dwp
+    local sw = (f._sw or 0) + dw
+    local swp = (f._swp or 0) + dwp
     f._ut = t; dirty._ut = true
     if p_created then f._st = t; dirty._st = true end
     if created then

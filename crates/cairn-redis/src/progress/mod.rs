@@ -181,15 +181,30 @@ impl ProgressStore {
 
     /// A parent's running sums (Σw, Σw·p over its direct children), for checks and diagnostics.
     pub async fn sums(&self, key: &Key) -> Result<Option<(f64, f64)>, StoreError> {
-        let (st, sw, swp): (Option<String>, Option<f64>, Option<f64>) = redis::cmd("HMGET")
+        let (st, packed): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
             .arg(format!("{}:pn:{key}", self.prefix))
             .arg("_st")
-            .arg("_sw")
-            .arg("_swp")
+            .arg(PACKED_FIELD)
             .query_async(&mut self.conn.clone())
             .await?;
-        Ok(st.map(|_| (sw.unwrap_or(0.0), swp.unwrap_or(0.0))))
+        let Some(_) = st else { return Ok(None) };
+        let (sw, swp) = match packed {
+            Some(bytes) => packed_sums(&bytes).ok_or_else(|| protocol(PACKED_FIELD))?,
+            None => (f64::NAN, f64::NAN),
+        };
+        let or_zero = |x: f64| if x.is_nan() { 0.0 } else { x };
+        Ok(Some((or_zero(sw), or_zero(swp))))
     }
+}
+
+/// The hash field holding the numbers only the maths reads, packed as little-endian doubles
+/// (NaN: absent): Σw, Σw·p, then the ETA's rate anchor and rate (common.lua).
+const PACKED_FIELD: &str = "_m";
+
+/// Σw and Σw·p out of the packed field, or `None` when it is too short to hold them.
+fn packed_sums(bytes: &[u8]) -> Option<(f64, f64)> {
+    let double = |i: usize| Some(f64::from_le_bytes(bytes.get(8 * i..8 * i + 8)?.try_into().ok()?));
+    Some((double(0)?, double(1)?))
 }
 
 fn push_changes(invocation: &mut redis::ScriptInvocation<'_>, prefix: &str, changes: &[Change]) {
@@ -271,9 +286,12 @@ fn apply_hash(view: &mut NodeView, hash: &[Value]) -> Result<(), StoreError> {
     let mut fields = Map::new();
     let mut counts = BTreeMap::new();
     for pair in hash.chunks_exact(2) {
-        let (Some(name), Some(raw)) = (as_text(&pair[0]), as_text(&pair[1])) else {
-            return Err(protocol("hash field"));
-        };
+        let name = as_text(&pair[0]).ok_or_else(|| protocol("hash field"))?;
+        // packed doubles, not text: only the maths reads them
+        if name == PACKED_FIELD {
+            continue;
+        }
+        let raw = as_text(&pair[1]).ok_or_else(|| protocol("hash field"))?;
         match name.as_str() {
             "_st" => view.start_time = raw.parse().map_err(|_| protocol("_st"))?,
             "_ut" => view.update_time = raw.parse().map_err(|_| protocol("_ut"))?,
@@ -297,4 +315,17 @@ fn apply_hash(view: &mut NodeView, hash: &[Value]) -> Result<(), StoreError> {
     view.fields = fields;
     view.counts = counts;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_sums_are_the_first_two_little_endian_doubles() {
+        let packed: Vec<u8> =
+            [2.5f64, 1.25, f64::NAN, f64::NAN, f64::NAN].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(packed_sums(&packed), Some((2.5, 1.25)));
+        assert_eq!(packed_sums(&packed[..15]), None, "too short for two doubles");
+    }
 }
