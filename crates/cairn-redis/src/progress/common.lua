@@ -64,7 +64,8 @@ local PACKED = { _sw = true, _swp = true, _rt = true, _rp = true, _rate = true }
 local function load(k)
   local n = cache[k]
   if n then return n end
-  local v = redis.call('HMGET', nkey(k), '_st', 'progress', 'weight', 'status', '_op', '_m')
+  local nk = nkey(k)
+  local v = redis.call('HMGET', nk, '_st', 'progress', 'weight', 'status', '_op', '_m')
   local sw, swp, rt, rp, rate = false, false, false, false, false
   if v[6] then
     sw, swp, rt, rp, rate = struct.unpack(M_FORMAT, v[6])
@@ -77,7 +78,7 @@ local function load(k)
   local f = { _st = v[1], progress = v[2], weight = v[3], _sw = sw, _swp = swp, status = v[4], _rt = rt,
     _rp = rp, _rate = rate, _op = v[5], _ut = false, _eta = false, _lm = false }
   -- `counts` is made on the first status change
-  n = { f = f, dirty = { _ut = false, progress = false, _sw = false, _swp = false, _st = false } }
+  n = { f = f, dirty = { _ut = false, progress = false, _sw = false, _swp = false, _st = false }, nk = nk }
   cache[k] = n
   return n
 end
@@ -106,7 +107,7 @@ local HSET_ARGS, HDEL_ARGS = {}, {}
 -- Writes every node the call touched, and the changed roots into P:proots.
 local NAN = 0 / 0
 local function flush()
-  for k, n in pairs(cache) do
+  for _, n in pairs(cache) do
     local f, ns, nd, packed = n.f, 0, 0, false
     for name, dirty in pairs(n.dirty) do
       if dirty then
@@ -133,12 +134,14 @@ local function flush()
         nd = nd + 1; HDEL_ARGS[nd] = '_m'
       end
     end
-    local nk = nkey(k)
+    local nk = n.nk
     if ns > 0 then redis.call('HSET', nk, unpack(HSET_ARGS, 1, ns)) end
     if nd > 0 then redis.call('HDEL', nk, unpack(HDEL_ARGS, 1, nd)) end
-    for status, delta in pairs(n.counts or {}) do
-      if delta ~= 0 and redis.call('HINCRBY', nk, '_c:' .. status, delta) <= 0 then
-        redis.call('HDEL', nk, '_c:' .. status)
+    if n.counts then
+      for status, delta in pairs(n.counts) do
+        if delta ~= 0 and redis.call('HINCRBY', nk, '_c:' .. status, delta) <= 0 then
+          redis.call('HDEL', nk, '_c:' .. status)
+        end
       end
     end
   end
