@@ -99,7 +99,7 @@ pub struct Settings {
 pub struct RequestView {
     pub record: RequestRecord,
     /// `progress` of the request's progress node (0 until some is reported); `None` when there
-    /// is no node.
+    /// is no node. Always 1 once the request succeeded.
     pub progress: Option<f64>,
 }
 
@@ -332,6 +332,12 @@ impl Requests {
 
     /// The record with its progress; a progress read that fails shows as no progress.
     async fn view(&self, record: RequestRecord) -> RequestView {
+        // Done is done: the processor's last report (progress 1) reaches the node over AMQP a
+        // little later, and showing the node's older value until then would contradict the
+        // state. It also spares the answer to `Prefer: wait` a Redis round trip.
+        if record.state == RequestState::Succeeded {
+            return RequestView { record, progress: Some(1.0) };
+        }
         let node =
             bounded("progress get", self.store.get(&record.progress_key, &ReadOptions::default())).await;
         // A node without a progress field has made none yet.

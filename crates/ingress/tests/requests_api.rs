@@ -95,6 +95,7 @@ async fn echo_round_trip_with_prefer_wait() {
     let id = id_of(&reply);
     assert_eq!(header(&reply, "location"), Some(format!("/v1/requests/{id}").as_str()));
     assert_eq!(reply.json["state"], "succeeded");
+    assert_eq!(reply.json["progress"].as_f64(), Some(1.0), "succeeded is done, whatever the node shows yet");
     assert_eq!(reply.json["result"], json!({"x": 1}));
     assert_eq!(reply.json["attempts"], 1);
     assert_eq!(reply.json["handler"], "echo");
