@@ -1,7 +1,8 @@
 //! `cairn-bench requests`: the request path with lifecycle progress reporting on, everything
 //! in this process (aggregator, ingress, one processor) against the real Redis and RabbitMQ:
 //! (1) REST round trip with one client — `POST /v1/requests` with `Prefer: wait`, `echo`;
-//! (2) one processor draining a pre-filled stream of `echo` requests;
+//! (2) one processor draining a pre-filled stream of `echo` requests (its reports applied by the
+//!     aggregator);
 //! (3) end-to-end REST throughput with concurrent keep-alive connections, each request waited for.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -203,9 +204,11 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
         stack.stop().await;
     }
 
-    // (2) one processor draining a pre-filled stream.
+    // (2) one processor draining a pre-filled stream, its lifecycle reports applied by an
+    // aggregator (without one, no queue is bound and every report would come back unroutable).
     {
         let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+        let stack = Stack::start(&ns, &vhost, args.concurrency, false).await?;
         let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
         let names = QueueNames::new(&ns.prefix, "requests", "processors");
         let queue = RequestQueue::new(config.manager()?, names.clone());
@@ -257,6 +260,7 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
         report.insert("processor_drain_s".into(), json!((elapsed.as_secs_f64() * 1000.0).round() / 1000.0));
         cancel.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(15), processor).await;
+        stack.stop().await;
     }
 
     report.insert(
