@@ -16,7 +16,7 @@
 #
 # SHAPE=spread: keys _bench.r.s.t.u spread over a wide tree, few shared ancestors in a batch (as
 # `cairn-bench progress` (b)); SHAPE=burst: one producer's subtree _bench.c.x.y.z, ten leaves per
-# parent (as (c)).
+# parent (as (c)); SHAPE=roots: every key its own tree, as request lifecycles (_requests.{id}).
 #
 # Needs valgrind, redis-server, redis-cli, redis-benchmark and python3. Leaves nothing behind.
 set -euo pipefail
@@ -46,7 +46,9 @@ print("prof")
 print(n)
 for i in range(n):
     j = i * 37
-    if shape == "burst":
+    if shape == "roots":
+        print("_requests.r%d" % i)
+    elif shape == "burst":
         print("_bench.c1.x%d.y%d.z%d" % (i // 100, i // 10 % 10, i % 10))
     else:
         print("_bench.r%d.s%d.t%d.u%d" % (j % 10, j % 100, j % 1000, j % 10000))

@@ -102,6 +102,8 @@ end
 -- Roots of the trees a call changed, with their latest update time (`flush` indexes them).
 local roots = {}
 
+local ROOTS_PER_ZADD = 500
+
 -- Argument buffers shared by every node's flush (entries past the count are stale).
 local HSET_ARGS, HDEL_ARGS = {}, {}
 -- Writes every node the call touched, and the changed roots into P:proots.
@@ -146,7 +148,17 @@ local function flush()
     end
   end
   cache = {}
-  for root, t in pairs(roots) do redis.call('ZADD', P .. ':proots', t, root) end
+  -- one ZADD per ROOTS_PER_ZADD roots (a burst of request lifecycles touches a thousand roots;
+  -- unpack's stack stays far below Lua's limit)
+  local n, pk = 0, P .. ':proots'
+  for root, t in pairs(roots) do
+    HSET_ARGS[n + 1] = t; HSET_ARGS[n + 2] = root; n = n + 2
+    if n == 2 * ROOTS_PER_ZADD then
+      redis.call('ZADD', pk, unpack(HSET_ARGS, 1, n))
+      n = 0
+    end
+  end
+  if n > 0 then redis.call('ZADD', pk, unpack(HSET_ARGS, 1, n)) end
   roots = {}
 end
 
