@@ -306,3 +306,29 @@ async fn a_redelivered_burst_with_weight_changes_leaves_the_same_tree() {
     let posted = store.get(&key("_r.job"), &ReadOptions::default()).await.unwrap().unwrap();
     assert_eq!(posted.progress(), Some(0.4));
 }
+
+#[tokio::test]
+async fn a_burst_of_many_trees_indexes_every_root() {
+    // More roots in one call than one ZADD of the index takes: every root is indexed, with its
+    // update time, and nothing else is.
+    let ns = RedisNamespace::new();
+    let store = store(&ns);
+    let changes: Vec<Change> = (0..1234)
+        .map(|i| change(&format!("_requests.r{i}"), Update::new().status("finished"), 1_000 + i))
+        .chain([change("job.step", Update::new().progress(0.5), 5_000)])
+        .collect();
+    store.apply(&changes).await.unwrap();
+    let mut conn = ns.connection().await;
+    let roots: Vec<(String, i64)> = redis::cmd("ZRANGE")
+        .arg(ns.key("proots"))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut expected: Vec<(String, i64)> =
+        (0..1234).map(|i| (format!("_requests.r{i}"), 1_000 + i)).collect();
+    expected.push(("job".to_owned(), 5_000));
+    assert_eq!(roots, expected, "roots by update time");
+}
