@@ -57,8 +57,8 @@ local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = 
 -- scripts/profile-progress-lua.sh counts what an update costs.
 local cache = {}
 
+-- _m holds these five node fields, in this order: _sw, _swp, _rt, _rp, _rate.
 local M_FORMAT = '<ddddd'
--- The fields packed into _m, in order.
 local PACKED = { _sw = true, _swp = true, _rt = true, _rp = true, _rate = true }
 
 local function load(k)
@@ -102,12 +102,15 @@ end
 -- Roots of the trees a call changed, with their latest update time (`flush` indexes them).
 local roots = {}
 
+-- Roots indexed by one ZADD (a burst of request lifecycles touches a thousand roots; unpack's
+-- stack stays far below Lua's limit).
 local ROOTS_PER_ZADD = 500
 
--- Argument buffers shared by every node's flush (entries past the count are stale).
-local HSET_ARGS, HDEL_ARGS = {}, {}
--- Writes every node the call touched, and the changed roots into P:proots.
+-- Argument buffers shared by every flush (entries past the count in use are stale).
+local HSET_ARGS, HDEL_ARGS, ZADD_ARGS = {}, {}, {}
 local NAN = 0 / 0
+
+-- Writes every node the call touched, and the changed roots into P:proots.
 local function flush()
   for _, n in pairs(cache) do
     local f, ns, nd, packed = n.f, 0, 0, false
@@ -148,17 +151,15 @@ local function flush()
     end
   end
   cache = {}
-  -- one ZADD per ROOTS_PER_ZADD roots (a burst of request lifecycles touches a thousand roots;
-  -- unpack's stack stays far below Lua's limit)
   local n, pk = 0, P .. ':proots'
   for root, t in pairs(roots) do
-    HSET_ARGS[n + 1] = t; HSET_ARGS[n + 2] = root; n = n + 2
+    ZADD_ARGS[n + 1] = t; ZADD_ARGS[n + 2] = root; n = n + 2
     if n == 2 * ROOTS_PER_ZADD then
-      redis.call('ZADD', pk, unpack(HSET_ARGS, 1, n))
+      redis.call('ZADD', pk, unpack(ZADD_ARGS, 1, n))
       n = 0
     end
   end
-  if n > 0 then redis.call('ZADD', pk, unpack(HSET_ARGS, 1, n)) end
+  if n > 0 then redis.call('ZADD', pk, unpack(ZADD_ARGS, 1, n)) end
   roots = {}
 end
 
