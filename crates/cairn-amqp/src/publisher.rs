@@ -6,8 +6,8 @@
 //! [`PublisherConfig::interval`] (100 ms: at most ~10 bursts a second, SPEC §2) a background task
 //! sends what is pending: one burst per route ([`Key::burst_route`]: the tree root, or the
 //! namespace holding it, so a thousand `_requests.{id}` trees make one message), routing key =
-//! the route, body = the updates of that route in first-seen order (split every [`PublisherConfig::max_burst`] updates), persistent,
-//! `mandatory`, with publisher confirms.
+//! the route, body = the updates of that route in first-seen order (split every
+//! [`PublisherConfig::max_burst`] updates), persistent, `mandatory`, with publisher confirms.
 //!
 //! Delivery: an update leaves the buffer only when the broker confirmed the message holding it.
 //! A nack, a return (no queue bound), a timeout or a lost connection puts the unconfirmed updates
