@@ -36,6 +36,9 @@ pub mod fields {
     pub const FINISHED_MS: &str = "finished_ms";
     /// Last heartbeat of the processor running it.
     pub const HEARTBEAT_MS: &str = "heartbeat_ms";
+    /// The progress the handler last reported for the request's own node, as that heartbeat
+    /// carried it (a decimal in 0..=1).
+    pub const HEARTBEAT_PROGRESS: &str = "heartbeat_progress";
     /// JSON text.
     pub const RESULT: &str = "result";
     /// The last attempt's error message.
@@ -53,7 +56,7 @@ pub mod fields {
 
     /// Every field, in the order [`RequestRecord::to_fields`](crate::RequestRecord::to_fields)
     /// writes them; handy for `HMGET`.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         ID,
         HANDLER,
         PAYLOAD,
@@ -68,6 +71,7 @@ pub mod fields {
         STARTED_MS,
         FINISHED_MS,
         HEARTBEAT_MS,
+        HEARTBEAT_PROGRESS,
         RESULT,
         ERROR,
         ENTRY_ID,
@@ -105,6 +109,9 @@ pub struct RequestRecord {
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
     pub heartbeat_ms: Option<i64>,
+    /// The handler's own progress as the last heartbeat carried it (SPEC §3: heartbeats carry
+    /// progress, so it is known even while progress reports over AMQP lag or are away).
+    pub heartbeat_progress: Option<f64>,
     pub result: Option<Value>,
     pub error: Option<String>,
     pub entry_id: Option<String>,
@@ -143,6 +150,7 @@ impl RequestRecord {
             started_ms: None,
             finished_ms: None,
             heartbeat_ms: None,
+            heartbeat_progress: None,
             result: None,
             error: None,
             entry_id: None,
@@ -183,6 +191,9 @@ impl RequestRecord {
                 .transpose()?,
             heartbeat_ms: get(fields::HEARTBEAT_MS)
                 .map(|v| parse_number(fields::HEARTBEAT_MS, v))
+                .transpose()?,
+            heartbeat_progress: get(fields::HEARTBEAT_PROGRESS)
+                .map(|v| parse_progress(fields::HEARTBEAT_PROGRESS, v))
                 .transpose()?,
             result: get(fields::RESULT).map(|v| parse_json(fields::RESULT, v)).transpose()?,
             error: text(fields::ERROR),
@@ -225,6 +236,7 @@ impl RequestRecord {
             (fields::STARTED_MS, self.started_ms.map(|ms| ms.to_string())),
             (fields::FINISHED_MS, self.finished_ms.map(|ms| ms.to_string())),
             (fields::HEARTBEAT_MS, self.heartbeat_ms.map(|ms| ms.to_string())),
+            (fields::HEARTBEAT_PROGRESS, self.heartbeat_progress.map(|p| p.to_string())),
             (fields::RESULT, self.result.as_ref().map(Value::to_string)),
             (fields::ERROR, self.error.clone()),
             (fields::ENTRY_ID, self.entry_id.clone()),
@@ -251,6 +263,7 @@ impl RequestRecord {
         map.insert("created_at".into(), json!(self.created_ms));
         map.insert("started_at".into(), json!(self.started_ms));
         map.insert("finished_at".into(), json!(self.finished_ms));
+        map.insert("heartbeat_at".into(), json!(self.heartbeat_ms));
         if let Some(result) = &self.result {
             map.insert("result".into(), result.clone());
         }
@@ -268,6 +281,13 @@ fn invalid(field: &'static str, problem: impl ToString) -> RecordError {
 
 fn parse_number<T: std::str::FromStr>(field: &'static str, value: &str) -> Result<T, RecordError> {
     value.parse().map_err(|_| invalid(field, format!("expected an integer, got {}", show(value))))
+}
+
+fn parse_progress(field: &'static str, value: &str) -> Result<f64, RecordError> {
+    match value.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(invalid(field, format!("expected a number from 0 to 1, got {}", show(value)))),
+    }
 }
 
 fn parse_json(field: &'static str, value: &str) -> Result<Value, RecordError> {
@@ -304,6 +324,7 @@ mod tests {
             started_ms: Some(1_700_000_000_100),
             finished_ms: Some(1_700_000_000_900),
             heartbeat_ms: Some(1_700_000_000_500),
+            heartbeat_progress: Some(0.25),
             result: Some(json!({"ok": true})),
             error: Some("upstream answered 503".into()),
             entry_id: Some("1700000000000-0".into()),
@@ -442,6 +463,8 @@ mod tests {
             (fields::STARTED_MS, "9223372036854775808", "expected an integer, got \"9223372036854775808\""),
             (fields::FINISHED_MS, " 1", "expected an integer, got \" 1\""),
             (fields::HEARTBEAT_MS, "1e3", "expected an integer, got \"1e3\""),
+            (fields::HEARTBEAT_PROGRESS, "1.5", "expected a number from 0 to 1, got \"1.5\""),
+            (fields::HEARTBEAT_PROGRESS, "NaN", "expected a number from 0 to 1, got \"NaN\""),
             (fields::CANCEL, "yes", "expected \"1\" or \"0\", got \"yes\""),
         ];
         for (field, value, problem) in cases {
@@ -483,6 +506,7 @@ mod tests {
                 "created_at": 1_700_000_000_000i64,
                 "started_at": 1_700_000_000_100i64,
                 "finished_at": 1_700_000_000_900i64,
+                "heartbeat_at": 1_700_000_000_500i64,
                 "result": {"ok": true},
                 "error": "upstream answered 503",
                 "cancel_requested": true,
@@ -494,7 +518,7 @@ mod tests {
             json!({
                 "id": "r1", "handler": "h", "state": "queued", "attempts": 0, "max_attempts": 3,
                 "progress_key": "_requests.r1", "created_at": 7, "started_at": null,
-                "finished_at": null, "cancel_requested": false,
+                "finished_at": null, "heartbeat_at": null, "cancel_requested": false,
             })
         );
         // A null result is still a result.
@@ -537,13 +561,23 @@ mod tests {
                 proptest::option::of(any::<i64>()),
                 proptest::option::of(any::<i64>()),
                 proptest::option::of(json_leaf()),
+                proptest::option::of(0.0f64..=1.0),
             ),
             (opt_text(), opt_text(), opt_text(), any::<bool>(), opt_text(), opt_text()),
         )
             .prop_map(
                 |(
                     (id, handler, payload, key, max_attempts, timeout_ms, idempotency_key, fingerprint),
-                    (state, attempts, created_ms, started_ms, finished_ms, heartbeat_ms, result),
+                    (
+                        state,
+                        attempts,
+                        created_ms,
+                        started_ms,
+                        finished_ms,
+                        heartbeat_ms,
+                        result,
+                        heartbeat_progress,
+                    ),
                     (error, entry_id, reply_to, cancel_requested, owner, traceparent),
                 )| RequestRecord {
                     id,
@@ -560,6 +594,7 @@ mod tests {
                     started_ms,
                     finished_ms,
                     heartbeat_ms,
+                    heartbeat_progress,
                     result,
                     error,
                     entry_id,

@@ -94,12 +94,30 @@ pub struct Settings {
     pub reply_stream: String,
 }
 
+/// The progress a request's view shows, from its node (`progress`, `update_time`) and its record:
+/// the node's, unless the processor's last heartbeat carried a progress the node has not heard of
+/// (its reports over AMQP lag or are away: the heartbeat came after the node's last update) or
+/// the node has none. A node without progress shows 0; no node and no heartbeat progress, none.
+fn shown_progress(node: Option<(Option<f64>, i64)>, record: &RequestRecord) -> Option<f64> {
+    let beat = record.heartbeat_progress.zip(record.heartbeat_ms);
+    match (node, beat) {
+        (Some((Some(progress), updated)), Some((beat, at))) => {
+            Some(if at > updated { beat } else { progress })
+        }
+        (Some((Some(progress), _)), None) => Some(progress),
+        (_, Some((beat, _))) => Some(beat),
+        (Some((None, _)), None) => Some(0.0),
+        (None, None) => None,
+    }
+}
+
 /// A request as a client sees it: the record's public view and its progress.
 #[derive(Debug, Clone)]
 pub struct RequestView {
     pub record: RequestRecord,
-    /// `progress` of the request's progress node (0 until some is reported); `None` when there
-    /// is no node. Always 1 once the request succeeded.
+    /// `progress` of the request's progress node (0 until some is reported), or what the
+    /// processor's last heartbeat carried when that is newer or there is no node; `None` when
+    /// there is neither. Always 1 once the request succeeded.
     pub progress: Option<f64>,
 }
 
@@ -340,8 +358,8 @@ impl Requests {
         }
         let node =
             bounded("progress get", self.store.get(&record.progress_key, &ReadOptions::default())).await;
-        // A node without a progress field has made none yet.
-        let progress = node.ok().flatten().map(|node| node.progress().unwrap_or(0.0));
+        let node = node.ok().flatten().map(|node| (node.progress(), node.update_time));
+        let progress = shown_progress(node, &record);
         RequestView { record, progress }
     }
 
@@ -506,6 +524,20 @@ mod tests {
         assert!(view.get("payload").is_none(), "the payload is not shown");
         let none = RequestView { record, progress: None }.to_json();
         assert!(none.as_object().unwrap().contains_key("progress") && none["progress"].is_null());
+    }
+
+    #[test]
+    fn heartbeat_progress_shows_when_the_node_has_not_heard_of_it() {
+        let mut record = RequestRecord::queued("r1".into(), Submission::new("echo", json!(1)), 3, 7);
+        assert_eq!(shown_progress(None, &record), None);
+        assert_eq!(shown_progress(Some((None, 100)), &record), Some(0.0), "a node without progress");
+        assert_eq!(shown_progress(Some((Some(0.3), 100)), &record), Some(0.3));
+        record.heartbeat_progress = Some(0.6);
+        record.heartbeat_ms = Some(200);
+        assert_eq!(shown_progress(Some((Some(0.3), 100)), &record), Some(0.6), "the node lags behind");
+        assert_eq!(shown_progress(Some((Some(0.7), 250)), &record), Some(0.7), "the node is newer");
+        assert_eq!(shown_progress(Some((None, 250)), &record), Some(0.6), "the node has no progress");
+        assert_eq!(shown_progress(None, &record), Some(0.6), "no node at all");
     }
 
     #[test]

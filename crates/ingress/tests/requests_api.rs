@@ -5,12 +5,14 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cairn_progress::Update;
 use cairn_testkit::{RedisServer, wait_until};
 use common::{Options, Reply, Stack, WAIT};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
+use redis::AsyncCommands as _;
 use request_processor::handlers::Echo;
 use request_processor::{Context, Handler, HandlerError, HandlerSet};
 use reqwest::Method;
@@ -18,6 +20,10 @@ use serde_json::{Value, json};
 
 fn header<'a>(reply: &'a Reply, name: &str) -> Option<&'a str> {
     reply.headers.get(name).map(|v| v.to_str().expect("ASCII header"))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
 }
 
 fn id_of(reply: &Reply) -> String {
@@ -43,6 +49,20 @@ struct Block;
 impl Handler for Block {
     fn handle<'a>(&'a self, ctx: &'a Context) -> BoxFuture<'a, Result<Value, HandlerError>> {
         async {
+            ctx.cancel.cancelled().await;
+            Err(HandlerError::Retryable("stopped".into()))
+        }
+        .boxed()
+    }
+}
+
+/// Reports progress 0.4 on the request's own node, then runs until it is told to stop.
+struct ReportThenBlock;
+
+impl Handler for ReportThenBlock {
+    fn handle<'a>(&'a self, ctx: &'a Context) -> BoxFuture<'a, Result<Value, HandlerError>> {
+        async {
+            ctx.report(Update::new().progress(0.4));
             ctx.cancel.cancelled().await;
             Err(HandlerError::Retryable("stopped".into()))
         }
@@ -310,6 +330,41 @@ async fn a_running_request_is_canceled_through_its_processor() {
     assert_eq!(reply.json, json!({"id": id, "state": "running", "cancel_requested": true}));
     let view = stack.request_state(&id, Some(10)).await;
     assert_eq!(view.json["state"], "canceled", "{}", view.json);
+}
+
+#[tokio::test]
+async fn heartbeats_carry_the_handlers_progress_and_show_on_the_node() {
+    let (_dir, handlers) = handlers_file(&["report"]);
+    let options = Options::default()
+        .handlers(HandlerSet::new().with("report", ReportThenBlock))
+        .arg("--handlers", &handlers);
+    let stack = Stack::with(options).await;
+    let submitted = now_ms();
+    let id = id_of(&stack.submit(&json!({"handler": "report"}), None).await);
+    let record = stack.ns().key(&format!("req:{id}"));
+    // The processor beats every 200 ms: the record gets the time and the progress it carries.
+    wait_until("a heartbeat carried the progress", WAIT, || async {
+        let carried: Option<String> =
+            stack.redis().await.hget(&record, "heartbeat_progress").await.expect("HGET");
+        carried.as_deref() == Some("0.4")
+    })
+    .await
+    .expect("heartbeat progress stored");
+    let view = stack.request_state(&id, None).await;
+    assert_eq!(view.json["state"], "running", "{}", view.json);
+    assert!(view.json["heartbeat_at"].as_i64().is_some_and(|at| at >= submitted), "{}", view.json);
+    assert_eq!(view.json["progress"].as_f64(), Some(0.4), "{}", view.json);
+    // The node shows the last heartbeat time as well (it travels with the processor's reports).
+    let key = format!("/status/_requests.{id}");
+    wait_until("the node shows a heartbeat", WAIT, || async {
+        stack.get(&key).await.json["heartbeat_ms"].as_i64().is_some_and(|at| at >= submitted)
+    })
+    .await
+    .expect("heartbeat time on the node");
+    let node = stack.get(&key).await;
+    assert_eq!((node.json["status"].as_str(), node.json["progress"].as_f64()), (Some("running"), Some(0.4)));
+    let reply = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{id}"))).await;
+    assert_eq!(reply.status, 202, "{}", reply.json);
 }
 
 #[tokio::test]

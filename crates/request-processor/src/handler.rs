@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cairn_amqp::ProgressPublisher;
 use cairn_progress::{Key, Update};
@@ -43,11 +44,17 @@ pub struct Context {
     /// Fires when the run must stop: cancellation requested, lease lost, or timeout.
     pub cancel: CancellationToken,
     pub(crate) publisher: ProgressPublisher,
+    /// What `report` last said of `progress`; the processor's heartbeats carry it.
+    pub(crate) last_progress: Arc<LastProgress>,
 }
 
 impl Context {
-    /// Reports progress of this request's own node (coalesced, never blocks, never fails).
+    /// Reports progress of this request's own node (coalesced, never blocks, never fails). Its
+    /// `progress` also rides on the processor's next heartbeat into the request's record.
     pub fn report(&self, update: Update) {
+        if let Some(progress) = update.progress {
+            self.last_progress.set(progress);
+        }
         self.publisher.publish(self.progress_key.clone(), update);
     }
 
@@ -58,6 +65,26 @@ impl Context {
             Ok(key) => self.publisher.publish(key, update),
             Err(error) => tracing::warn!(%error, step, "ignoring progress of an invalid step name"),
         }
+    }
+}
+
+/// The latest progress a handler reported for its request's own node, shared with the heartbeat
+/// loop (the bits of an `f64`; NaN while nothing was reported).
+#[derive(Debug)]
+pub(crate) struct LastProgress(AtomicU64);
+
+impl LastProgress {
+    pub(crate) fn new() -> LastProgress {
+        LastProgress(AtomicU64::new(f64::NAN.to_bits()))
+    }
+
+    fn set(&self, progress: f64) {
+        self.0.store(progress.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The last value reported, if it is a progress (0 to 1).
+    pub(crate) fn get(&self) -> Option<f64> {
+        Some(f64::from_bits(self.0.load(Ordering::Relaxed))).filter(|p| (0.0..=1.0).contains(p))
     }
 }
 

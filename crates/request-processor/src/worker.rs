@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_amqp::ProgressPublisher;
-use cairn_progress::Update;
+use cairn_progress::{Key, Update};
 use cairn_redis::RedisConfig;
-use cairn_redis::requests::{Commit, Entry, Heartbeat, RequestQueue, Start};
+use cairn_redis::requests::{Commit, Entry, Heartbeat, Renewal, RequestQueue, Start};
 use cairn_requests::{Backoff, Failure, LeaseSettings, Next, RequestRecord, RequestState, next_step};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::handler::{Context, HandlerError, HandlerSet};
+use crate::handler::{Context, HandlerError, HandlerSet, LastProgress};
 
 /// How the processor runs.
 #[derive(Debug, Clone)]
@@ -99,8 +99,18 @@ enum Stop {
 
 struct Running {
     request_id: String,
+    progress_key: Key,
     cancel: CancellationToken,
     stop: Arc<Mutex<Option<Stop>>>,
+    progress: Arc<LastProgress>,
+}
+
+/// What a run shares with the registry: how it is told to stop, and where its handler's
+/// progress is left for the heartbeats.
+struct RunSignals {
+    cancel: CancellationToken,
+    stop: Arc<Mutex<Option<Stop>>>,
+    progress: Arc<LastProgress>,
 }
 
 /// The in-flight runs, by entry id.
@@ -108,13 +118,21 @@ struct Running {
 struct Registry(Arc<Mutex<HashMap<String, Running>>>);
 
 impl Registry {
-    fn insert(&self, entry: &Entry) -> (CancellationToken, Arc<Mutex<Option<Stop>>>) {
-        let cancel = CancellationToken::new();
-        let stop = Arc::new(Mutex::new(None));
-        let running =
-            Running { request_id: entry.request_id.clone(), cancel: cancel.clone(), stop: stop.clone() };
+    fn insert(&self, entry: &Entry, progress_key: &Key) -> RunSignals {
+        let signals = RunSignals {
+            cancel: CancellationToken::new(),
+            stop: Arc::new(Mutex::new(None)),
+            progress: Arc::new(LastProgress::new()),
+        };
+        let running = Running {
+            request_id: entry.request_id.clone(),
+            progress_key: progress_key.clone(),
+            cancel: signals.cancel.clone(),
+            stop: signals.stop.clone(),
+            progress: signals.progress.clone(),
+        };
         self.0.lock().expect("registry lock").insert(entry.entry_id.clone(), running);
-        (cancel, stop)
+        signals
     }
 
     fn remove(&self, entry: &Entry) {
@@ -124,6 +142,17 @@ impl Registry {
     fn entries(&self) -> Vec<Entry> {
         let map = self.0.lock().expect("registry lock");
         map.iter().map(|(e, r)| Entry { entry_id: e.clone(), request_id: r.request_id.clone() }).collect()
+    }
+
+    /// Every run's lease renewal, with the progress its handler last reported, and its node.
+    fn renewals(&self) -> Vec<(Renewal, Key)> {
+        let map = self.0.lock().expect("registry lock");
+        map.iter()
+            .map(|(e, r)| {
+                let entry = Entry { entry_id: e.clone(), request_id: r.request_id.clone() };
+                (Renewal { entry, progress: r.progress.get() }, r.progress_key.clone())
+            })
+            .collect()
     }
 
     fn signal(&self, entry: &Entry, reason: Stop) {
@@ -272,8 +301,8 @@ async fn dispatch(
                 };
                 let (deps, registry) = (deps.clone(), registry.clone());
                 tasks.spawn(async move {
-                    let (cancel, stop) = registry.insert(&entry);
-                    run_request(&deps, &entry, *record, attempt, cancel, stop).await;
+                    let signals = registry.insert(&entry, &record.progress_key);
+                    run_request(&deps, &entry, *record, attempt, signals).await;
                     registry.remove(&entry);
                     drop(permit);
                 });
@@ -334,14 +363,14 @@ async fn run_request(
     entry: &Entry,
     mut record: RequestRecord,
     mut attempt: u32,
-    cancel: CancellationToken,
-    stop: Arc<Mutex<Option<Stop>>>,
+    signals: RunSignals,
 ) {
+    let RunSignals { cancel, stop, progress } = signals;
     loop {
         record.attempts = attempt;
         report(deps, &entry.request_id, Some(&record), RequestState::Running, None);
         let started = Instant::now();
-        let outcome = run_attempt(deps, &record, attempt, &cancel, &stop).await;
+        let outcome = run_attempt(deps, &record, attempt, &cancel, &stop, &progress).await;
         metrics::histogram!("cairn_request_attempt_seconds").record(started.elapsed().as_secs_f64());
         let (state, result, error) = match outcome {
             Attempt::Done(value) => (RequestState::Succeeded, Some(value), None),
@@ -406,6 +435,7 @@ async fn run_attempt(
     attempt: u32,
     cancel: &CancellationToken,
     stop: &Arc<Mutex<Option<Stop>>>,
+    last_progress: &Arc<LastProgress>,
 ) -> Attempt {
     let Some(handler) = deps.handlers.get(&record.handler) else {
         let known: Vec<&str> = deps.handlers.names().collect();
@@ -428,6 +458,7 @@ async fn run_attempt(
         traceparent: record.traceparent.clone(),
         cancel: run_cancel.clone(),
         publisher: deps.publisher.clone(),
+        last_progress: last_progress.clone(),
     };
     // Its own task, so a panic fails this request only.
     let mut task = tokio::spawn(async move { handler.handle(&ctx).await });
@@ -505,13 +536,19 @@ async fn heartbeat_loop(deps: Arc<Deps>, registry: Registry, stop: CancellationT
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let running = registry.entries();
+        let (running, keys): (Vec<Renewal>, Vec<Key>) = registry.renewals().into_iter().unzip();
         if running.is_empty() {
             continue;
         }
-        match deps.queue.heartbeat(&deps.settings.consumer, &running, now_ms()).await {
+        let now = now_ms();
+        match deps.queue.heartbeat(&deps.settings.consumer, &running, now).await {
             Ok(beats) => {
-                for (entry, beat) in running.iter().zip(beats) {
+                for ((renewal, key), beat) in running.iter().zip(keys).zip(beats) {
+                    let entry = &renewal.entry;
+                    if beat != Heartbeat::Lost {
+                        // the node shows the last heartbeat too (coalesced with the run's reports)
+                        deps.publisher.publish(key, Update::new().field("heartbeat_ms", now));
+                    }
                     match beat {
                         Heartbeat::Renewed => {}
                         Heartbeat::CancelRequested => registry.signal(entry, Stop::Canceled),

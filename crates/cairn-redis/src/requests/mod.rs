@@ -112,6 +112,14 @@ pub enum Start {
     Lost,
 }
 
+/// A running entry whose lease a heartbeat renews, with the progress the heartbeat carries: the
+/// handler's own latest report for the request's node, if any (stored in the record).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Renewal {
+    pub entry: Entry,
+    pub progress: Option<f64>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Heartbeat {
     Renewed,
@@ -322,11 +330,12 @@ impl RequestQueue {
             .collect()
     }
 
-    /// Renews the leases of running entries and reports cancellation requests.
+    /// Renews the leases of running entries, stores the heartbeat time and the progress each
+    /// renewal carries in the records, and reports cancellation requests.
     pub async fn heartbeat(
         &self,
         consumer: &str,
-        running: &[Entry],
+        running: &[Renewal],
         now_ms: i64,
     ) -> Result<Vec<Heartbeat>, QueueError> {
         if running.is_empty() {
@@ -334,8 +343,12 @@ impl RequestQueue {
         }
         let mut invocation = self.invocation(&HEARTBEAT);
         invocation.arg(consumer).arg(now_ms);
-        for entry in running {
-            invocation.arg(&entry.entry_id).arg(&entry.request_id);
+        for renewal in running {
+            let progress = renewal.progress.filter(|p| (0.0..=1.0).contains(p));
+            invocation
+                .arg(&renewal.entry.entry_id)
+                .arg(&renewal.entry.request_id)
+                .arg(progress.map_or_else(String::new, |p| p.to_string()));
         }
         let rows: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(rows
