@@ -206,7 +206,9 @@ impl Sender {
 /// the buffer on drop, also when the flush future is cancelled (a caller's timeout).
 struct InFlight<'a> {
     inner: &'a Inner,
+    /// Grouped by route ([`group_by_route`]); `routes` are the groups.
     batch: Vec<(Key, Update)>,
+    routes: Vec<Burst>,
     confirmed: Vec<bool>,
 }
 
@@ -222,7 +224,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// One message of a flush: the updates `batch[range]`, all under `route`.
+/// The updates `batch[range]`, all under `route`: one route's group, or one message of it.
 struct Burst {
     route: Key,
     range: Range<usize>,
@@ -403,8 +405,9 @@ impl Inner {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut flight =
-            InFlight { inner: self, confirmed: vec![false; batch.len()], batch: group_by_route(batch) };
+        let confirmed = vec![false; batch.len()];
+        let (batch, routes) = group_by_route(batch);
+        let mut flight = InFlight { inner: self, batch, routes, confirmed };
         match self.send(link, &mut flight).await {
             Ok(updates) => {
                 metrics::counter!("cairn_progress_published_total").increment(updates as u64);
@@ -433,7 +436,7 @@ impl Inner {
     async fn send(&self, link: &Link, flight: &mut InFlight<'_>) -> Result<usize, Failure> {
         let elements: Vec<Vec<u8>> = flight.batch.iter().map(encode_element).collect();
         let max = self.config.max_burst.clamp(1, MAX_BURST_UPDATES);
-        let bursts = split(&flight.batch, &elements, max);
+        let bursts = split(&flight.routes, &elements, max);
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut headers = FieldTable::default();
         headers.insert(TIME_HEADER.into(), AMQPValue::LongLongInt(now_ms));
@@ -603,8 +606,8 @@ impl Inner {
 }
 
 /// Reorders the batch so that each route's updates are contiguous, routes in first-seen order and
-/// updates of one route in their first-seen order.
-fn group_by_route(batch: Vec<(Key, Update)>) -> Vec<(Key, Update)> {
+/// updates of one route in their first-seen order; also returns each route's range of it.
+fn group_by_route(batch: Vec<(Key, Update)>) -> (Vec<(Key, Update)>, Vec<Burst>) {
     let mut routes: Vec<(Key, Vec<(Key, Update)>)> = Vec::new();
     let mut index: HashMap<Key, usize> = HashMap::new();
     for (key, update) in batch {
@@ -615,7 +618,13 @@ fn group_by_route(batch: Vec<(Key, Update)>) -> Vec<(Key, Update)> {
         });
         routes[i].1.push((key, update));
     }
-    routes.into_iter().flat_map(|(_, updates)| updates).collect()
+    let (mut grouped, mut groups) = (Vec::new(), Vec::with_capacity(routes.len()));
+    for (route, updates) in routes {
+        let start = grouped.len();
+        grouped.extend(updates);
+        groups.push(Burst { route, range: start..grouped.len() });
+    }
+    (grouped, groups)
 }
 
 /// One burst element (`{"key": …, fields…}`): [`encode_burst`] of a single update without its
@@ -642,27 +651,22 @@ fn assemble(elements: &[Vec<u8>]) -> Vec<u8> {
     body
 }
 
-/// Cuts a grouped batch into messages: one per route, at most `max` updates and
-/// [`MAX_BURST_BYTES`] each.
-fn split(batch: &[(Key, Update)], elements: &[Vec<u8>], max: usize) -> Vec<Burst> {
-    let mut bursts: Vec<Burst> = Vec::new();
-    let mut bytes = 0;
-    for (i, ((key, _), element)) in batch.iter().zip(elements).enumerate() {
-        let route = key.burst_route();
-        // One byte for the separator or opening bracket, one for the closing bracket.
-        let fits = |last: &Burst| {
-            last.route == route && last.range.len() < max && bytes + element.len() + 2 <= MAX_BURST_BYTES
-        };
-        match bursts.last_mut() {
-            Some(last) if fits(last) => {
-                last.range.end = i + 1;
-                bytes += element.len() + 1;
+/// Cuts each route's group into messages of at most `max` updates and [`MAX_BURST_BYTES`].
+fn split(routes: &[Burst], elements: &[Vec<u8>], max: usize) -> Vec<Burst> {
+    let mut bursts = Vec::new();
+    for group in routes {
+        let mut start = group.range.start;
+        // One byte for the opening bracket, one per separator or the closing bracket.
+        let mut bytes = 1;
+        for i in group.range.clone() {
+            let size = elements[i].len() + 1;
+            if i > start && (i - start >= max || bytes + size > MAX_BURST_BYTES) {
+                bursts.push(Burst { route: group.route.clone(), range: start..i });
+                (start, bytes) = (i, 1);
             }
-            _ => {
-                bursts.push(Burst { route, range: i..i + 1 });
-                bytes = element.len() + 1;
-            }
+            bytes += size;
         }
+        bursts.push(Burst { route: group.route.clone(), range: start..group.range.end });
     }
     bursts
 }
@@ -711,10 +715,10 @@ mod tests {
             .into_iter()
             .map(|k| (key(k), Update::new().progress(0.5)))
             .collect();
-        let grouped = group_by_route(batch);
+        let (grouped, routes) = group_by_route(batch);
         assert_eq!(keys(&grouped), ["a.x", "a.y", "a", "_t.r1", "_t.r2.s", "b.z", "b"]);
         let elements: Vec<_> = grouped.iter().map(encode_element).collect();
-        let bursts = split(&grouped, &elements, 2);
+        let bursts = split(&routes, &elements, 2);
         let shape: Vec<_> = bursts.iter().map(|b| (b.route.as_str(), b.range.clone())).collect();
         // the trees of namespace _t (_t.r1, _t.r2) travel together, as `_t`
         assert_eq!(shape, [("a", 0..2), ("a", 2..3), ("_t", 3..5), ("b", 5..7)]);
@@ -730,8 +734,9 @@ mod tests {
         let batch: Vec<_> = (0..200)
             .map(|i| (key(&format!("_t.a.k{i}")), Update::new().field("blob", big.as_str())))
             .collect();
+        let (batch, routes) = group_by_route(batch);
         let elements: Vec<_> = batch.iter().map(encode_element).collect();
-        let bursts = split(&batch, &elements, 1000);
+        let bursts = split(&routes, &elements, 1000);
         assert!(bursts.len() > 1);
         let mut next = 0;
         for burst in &bursts {

@@ -70,6 +70,12 @@ impl RequestState {
             RequestState::Dead => "failed",
         }
     }
+
+    /// The update that shows this state on the request's progress node: its `status` and a
+    /// `state` field.
+    pub fn progress_update(self) -> cairn_progress::Update {
+        cairn_progress::Update::new().status(self.progress_status()).field("state", self.as_str())
+    }
 }
 
 impl fmt::Display for RequestState {
@@ -134,6 +140,12 @@ mod tests {
     fn terminal_states() {
         let terminal: Vec<_> = RequestState::ALL.into_iter().filter(|s| s.is_terminal()).collect();
         assert_eq!(terminal, [RequestState::Succeeded, RequestState::Canceled, RequestState::Dead]);
+    }
+
+    #[test]
+    fn the_progress_update_carries_status_and_state() {
+        let update = RequestState::Failed.progress_update();
+        assert_eq!(update, cairn_progress::Update::new().status("running").field("state", "failed"));
     }
 
     #[test]

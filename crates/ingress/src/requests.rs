@@ -220,9 +220,8 @@ impl Requests {
             RequestRecord::queued(id.clone(), submission, self.settings.default_max_attempts, now_ms());
         let waiter = wait.map(|_| self.waiters.register(&id));
         let ttl_ms = u64::try_from(self.settings.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
-        let waiting = Update::new()
-            .status(RequestState::Queued.progress_status())
-            .field("state", RequestState::Queued.as_str())
+        let waiting = RequestState::Queued
+            .progress_update()
             .field("request_id", record.id.as_str())
             .field("handler", record.handler.as_str());
         let reply_to = Some(self.settings.reply_stream.as_str());
@@ -390,10 +389,7 @@ impl Requests {
                 // No processor will report on it: the processor that receives it only acks it.
                 let reported = async {
                     let record = self.record(id).await?;
-                    let update = Update::new()
-                        .status(RequestState::Canceled.progress_status())
-                        .field("state", RequestState::Canceled.as_str())
-                        .msg("canceled before it ran");
+                    let update = RequestState::Canceled.progress_update().msg("canceled before it ran");
                     self.report(&record.progress_key, update).await
                 };
                 if let Err(error) = reported.await {
@@ -425,10 +421,7 @@ impl Requests {
             return Err(RequestsError::NotDead { id: id.to_owned(), state: record.state.to_string() });
         }
         // Before the retry, so the processor's report of the new run comes after it.
-        let update = Update::new()
-            .status(RequestState::Queued.progress_status())
-            .field("state", RequestState::Queued.as_str())
-            .msg("queued again from the dead letters");
+        let update = RequestState::Queued.progress_update().msg("queued again from the dead letters");
         self.report(&record.progress_key, update).await?;
         match bounded("retry dead", self.queue.retry_dead(id, now_ms())).await? {
             RetryOutcome::Queued { entry_id } => {

@@ -82,9 +82,9 @@ impl LastProgress {
         self.0.store(progress.to_bits(), Ordering::Relaxed);
     }
 
-    /// The last value reported, if it is a progress (0 to 1).
+    /// The last value reported, if any (the queue keeps only values from 0 to 1 in the record).
     pub(crate) fn get(&self) -> Option<f64> {
-        Some(f64::from_bits(self.0.load(Ordering::Relaxed))).filter(|p| (0.0..=1.0).contains(p))
+        Some(f64::from_bits(self.0.load(Ordering::Relaxed))).filter(|p| !p.is_nan())
     }
 }
 

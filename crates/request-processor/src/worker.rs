@@ -100,17 +100,24 @@ enum Stop {
 struct Running {
     request_id: String,
     progress_key: Key,
+    signals: RunSignals,
+}
+
+/// What a run shares with the registry: how it is told to stop, and where its handler's
+/// progress is left for the heartbeats.
+#[derive(Clone)]
+struct RunSignals {
     cancel: CancellationToken,
     stop: Arc<Mutex<Option<Stop>>>,
     progress: Arc<LastProgress>,
 }
 
-/// What a run shares with the registry: how it is told to stop, and where its handler's
-/// progress is left for the heartbeats.
-struct RunSignals {
-    cancel: CancellationToken,
-    stop: Arc<Mutex<Option<Stop>>>,
-    progress: Arc<LastProgress>,
+impl RunSignals {
+    /// Tells the run to stop, keeping the first reason it was given.
+    fn stop(&self, reason: Stop) {
+        self.stop.lock().expect("stop lock").get_or_insert(reason);
+        self.cancel.cancel();
+    }
 }
 
 /// The in-flight runs, by entry id.
@@ -127,9 +134,7 @@ impl Registry {
         let running = Running {
             request_id: entry.request_id.clone(),
             progress_key: progress_key.clone(),
-            cancel: signals.cancel.clone(),
-            stop: signals.stop.clone(),
-            progress: signals.progress.clone(),
+            signals: signals.clone(),
         };
         self.0.lock().expect("registry lock").insert(entry.entry_id.clone(), running);
         signals
@@ -139,33 +144,26 @@ impl Registry {
         self.0.lock().expect("registry lock").remove(&entry.entry_id);
     }
 
-    fn entries(&self) -> Vec<Entry> {
-        let map = self.0.lock().expect("registry lock");
-        map.iter().map(|(e, r)| Entry { entry_id: e.clone(), request_id: r.request_id.clone() }).collect()
-    }
-
     /// Every run's lease renewal, with the progress its handler last reported, and its node.
     fn renewals(&self) -> Vec<(Renewal, Key)> {
         let map = self.0.lock().expect("registry lock");
         map.iter()
             .map(|(e, r)| {
                 let entry = Entry { entry_id: e.clone(), request_id: r.request_id.clone() };
-                (Renewal { entry, progress: r.progress.get() }, r.progress_key.clone())
+                (Renewal { entry, progress: r.signals.progress.get() }, r.progress_key.clone())
             })
             .collect()
     }
 
     fn signal(&self, entry: &Entry, reason: Stop) {
-        let map = self.0.lock().expect("registry lock");
-        if let Some(running) = map.get(&entry.entry_id) {
-            running.stop.lock().expect("stop lock").get_or_insert(reason);
-            running.cancel.cancel();
+        if let Some(running) = self.0.lock().expect("registry lock").get(&entry.entry_id) {
+            running.signals.stop(reason);
         }
     }
 
     fn signal_all(&self, reason: Stop) {
-        for entry in self.entries() {
-            self.signal(&entry, reason);
+        for running in self.0.lock().expect("registry lock").values() {
+            running.signals.stop(reason);
         }
     }
 
@@ -326,7 +324,7 @@ fn report(
         Some(record) => record.progress_key.clone(),
         None => cairn_requests::default_progress_key(request_id),
     };
-    let mut update = Update::new().status(state.progress_status()).field("state", json!(state.as_str()));
+    let mut update = state.progress_update();
     if let Some(record) = record {
         update = update.field("attempts", json!(record.attempts)).field("handler", json!(record.handler));
     }
@@ -545,18 +543,17 @@ async fn heartbeat_loop(deps: Arc<Deps>, registry: Registry, stop: CancellationT
             Ok(beats) => {
                 for ((renewal, key), beat) in running.iter().zip(keys).zip(beats) {
                     let entry = &renewal.entry;
-                    if beat != Heartbeat::Lost {
-                        // the node shows the last heartbeat too (coalesced with the run's reports)
-                        deps.publisher.publish(key, Update::new().field("heartbeat_ms", now));
-                    }
                     match beat {
                         Heartbeat::Renewed => {}
                         Heartbeat::CancelRequested => registry.signal(entry, Stop::Canceled),
                         Heartbeat::Lost => {
                             warn!(request = %entry.request_id, "lease lost to another processor; stopping the run");
                             registry.signal(entry, Stop::Lost);
+                            continue;
                         }
                     }
+                    // a renewal shows on the node too (coalesced with the run's reports)
+                    deps.publisher.publish(key, Update::new().field("heartbeat_ms", now));
                 }
             }
             Err(error) => warn!(%error, running = running.len(), "cannot renew leases"),
