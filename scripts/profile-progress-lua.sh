@@ -13,6 +13,7 @@
 #   SHAPE=burst scripts/profile-progress-lua.sh         # siblings sharing their ancestors
 #   READ=1 BATCH=16 scripts/profile-progress-lua.sh     # nodes read back, as gRPC Update does
 #   TOP=30 scripts/profile-progress-lua.sh              # also the 30 costliest functions (stderr)
+#   SCRIPT=/tmp/variant.lua scripts/profile-progress-lua.sh  # a whole script of your own instead
 #
 # SHAPE=spread: keys _bench.r.s.t.u spread over a wide tree, few shared ancestors in a batch (as
 # `cairn-bench progress` (b)); SHAPE=burst: one producer's subtree _bench.c.x.y.z, ten leaves per
@@ -30,7 +31,11 @@ work=$(mktemp -d)
 trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
 src=crates/cairn-redis/src/progress
-cat "$src/common.lua" "$src/read.lua" "$src/apply.lua" >"$work/apply.lua"
+if [ -n "${SCRIPT:-}" ]; then # a variant to compare, with the same ARGV
+  cp "$SCRIPT" "$work/apply.lua"
+else
+  cat "$src/common.lua" "$src/read.lua" "$src/apply.lua" >"$work/apply.lua"
+fi
 
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
   redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no >"$work/valgrind.log" 2>&1 &

@@ -1,14 +1,21 @@
 -- Shared by every progress script. Key layout under prefix P (ARGV[1]):
---   P:pn:<key>  hash: client fields (JSON-encoded values) and server fields starting with '_':
---               _st start_time, _ut update_time, _c:<status json> children by status, _lm last
---               message (JSON), _eta, _op the progress last posted on the node itself (kept only
---               once the node is or was a parent: it is what the node shows when its children
---               weigh nothing), and _m, the numbers only the maths reads, packed as five
---               little-endian doubles (NaN: absent): Σw and Σw·p over the direct children, and
---               the ETA's rate anchor (time, progress) and rate. Packed, they cost one field to
---               read and write and no decimal parsing or formatting.
+--   P:pn:<key>  hash: client fields (JSON-encoded values) but progress, and server fields
+--               starting with '_': _s the node's state (below), _st start_time, _c:<status json>
+--               children by status, _lm last message (JSON), _eta, _op the progress last posted
+--               on the node itself (kept only once the node is or was a parent: it is what the
+--               node shows when its children weigh nothing).
 --   P:pc:<key>  zset of direct child keys scored by their start_time (the ordered child index)
 --   P:proots    zset of tree roots scored by their latest update_time (retention scans it)
+--
+-- _s packs, after a kind byte, little-endian doubles (NaN: absent) and then the status as its
+-- JSON text (empty: none):
+--   'l' (a leaf):   update_time, progress, weight, ETA rate anchor time and progress, rate
+--   'p' (a parent): update_time, Σw, Σw·p over the direct children, then the leaf's other five
+-- A node exists exactly when it has _s. It is the one field the maths reads (HGET: a third of
+-- the cost of reading six text fields, and no decimal parsing) and the one every write sets: a
+-- node's update time and progress live only here (the read path decodes them), so a leaf's
+-- write is one field and no number is formatted. A leaf's _s with a status of up to 15
+-- characters stays within Redis's compact hash encoding (64 bytes a value).
 local P = ARGV[1]
 local EPS = 1e-9
 
@@ -19,7 +26,8 @@ local function ckey(k) return P .. ':pc:' .. k end
 -- values (the update time, whole sums) on every node it touches: each value is formatted once
 -- per call. Whole numbers print as integers (the same text %.17g gives, without its
 -- arbitrary-precision path); other values use %.17g, which round-trips a double exactly (Lua's
--- tostring keeps only 14 digits).
+-- tostring keeps only 14 digits). Numbers go to redis.call as `num` text too: a number argument
+-- is formatted again on every call.
 local floor, format = math.floor, string.format
 local NUMS = {}
 local function num(x)
@@ -31,70 +39,128 @@ local function num(x)
   return s
 end
 
+-- A time (ms since the epoch) from its ARGV text: parsed once per distinct text (the updates of a
+-- batch mostly share a few), and its text kept for `num`.
+local TIMES = {}
+local function time_of(text)
+  local t = TIMES[text]
+  if t then return t end
+  t = tonumber(text)
+  TIMES[text] = t
+  NUMS[t] = text
+  return t
+end
+
 -- The parent that progress rolls into, or nil at a tree root: a one-segment key, or a parent that
--- is a namespace (its last segment starts with '_').
-local PARENTS = {}
+-- is a namespace (its last segment starts with '_'). One anchored, greedy match per key finds
+-- the text before its last '.' (it backtracks from the end, in O(segment)); a C call from Lua
+-- costs more than the matching, so plain finds over every '.' cost twice as much, and an
+-- unanchored pattern retries from every position. Both results are kept for the call.
+local match, sub, byte = string.match, string.sub, string.byte
+local UNDERSCORE = 95
+local BEFORE_LAST_DOT, PARENTS = {}, {}
+local function before_last_dot(k)
+  local p = BEFORE_LAST_DOT[k]
+  if p == nil then
+    p = match(k, '^(.*)%.') or false
+    BEFORE_LAST_DOT[k] = p
+  end
+  return p
+end
 local function parent_of(k)
   local known = PARENTS[k]
   if known ~= nil then return known or nil end
-  -- Anchored, greedy patterns find the last '.' by backtracking from the end, in O(segment);
-  -- an unanchored '%.[^%.]*$' retries from every position and cost twice as much per call.
-  local p = string.match(k, '^(.*)%.') or false
-  if p and (string.match(p, '^.*%.(.)') or string.sub(p, 1, 1)) == '_' then p = false end
+  local p = before_last_dot(k)
+  if p then
+    local pp = before_last_dot(p)
+    if byte(p, pp and #pp + 2 or 1) == UNDERSCORE then p = false end
+  end
   PARENTS[k] = p
   return p or nil
 end
 
 local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = true }
 
--- Node state for the length of one script call. Every node a call touches is read once (one
--- HMGET of the fields the maths needs) and written once at the end (`flush`), however many
--- updates of the batch pass through it: a burst of siblings costs one write of their parent,
--- not one per sibling. Updates are still applied one after another, in order, with the same
--- arithmetic as one at a time, so a batch leaves exactly the tree its updates leave singly.
--- Lua in Redis is slow at growing tables (every rehash reallocates), so a node's tables are
--- made at their final size by constructors; false stands for a field that is absent or unset.
--- scripts/profile-progress-lua.sh counts what an update costs.
-local cache = {}
+-- Slots of a node table (see `load`).
+local NK, EXISTS, CREATED, UT, SW, SWP, PR, W, RT, RP, RATE, STATUS, ETA, OP, OPD, LM, CF, COUNTS =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
 
--- _m holds these five node fields, in this order: _sw, _swp, _rt, _rp, _rate.
-local M_FORMAT = '<ddddd'
-local PACKED = { _sw = true, _swp = true, _rt = true, _rp = true, _rate = true }
+local LEAF, PARENT = 108, 112 -- 'l', 'p'
+local LEAF_FORMAT, PARENT_FORMAT = '<Bdddddd', '<Bdddddddd'
+local NAN = 0 / 0
+
+-- The state in _s: ut, sw, swp (false for a leaf), p, w, rt, rp, rate, status (false: absent).
+local function decode(s)
+  local kind, ut, sw, swp, p, w, rt, rp, rate, at
+  if byte(s, 1) == PARENT then
+    kind, ut, sw, swp, p, w, rt, rp, rate, at = struct.unpack(PARENT_FORMAT, s)
+  else
+    sw, swp = false, false
+    kind, ut, p, w, rt, rp, rate, at = struct.unpack(LEAF_FORMAT, s)
+  end
+  local status = false
+  if at <= #s then status = sub(s, at) end
+  if p ~= p then p = false end
+  if rt ~= rt then rt = false; rp = false end -- the anchor's two parts come together
+  if rate ~= rate then rate = false end
+  return ut, sw, swp, p, w, rt, rp, rate, status
+end
+
+local function encode(n)
+  local s
+  if n[SW] then
+    s = struct.pack(PARENT_FORMAT, PARENT, n[UT], n[SW], n[SWP], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN,
+      n[RATE] or NAN)
+  else
+    s = struct.pack(LEAF_FORMAT, LEAF, n[UT], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN, n[RATE] or NAN)
+  end
+  if n[STATUS] then return s .. n[STATUS] end
+  return s
+end
+
+-- Node state for the length of one script call. Every node a call touches is read once (HGET of
+-- _s) and written once at the end (`flush`), however many updates of the batch pass through it:
+-- a burst of siblings costs one write of their parent, not one per sibling. Updates are still
+-- applied one after another, in order, with the same arithmetic as one at a time, so a batch
+-- leaves exactly the tree its updates leave singly. A node is one table made at its final size
+-- by a constructor, its slots in the array part: Lua in Redis is slow at growing tables, and a
+-- constructor of named fields costs three times one of positions. Its slots, by the names below:
+--   NK its Redis key; EXISTS; CREATED: false, or the time the call made it (its _st);
+--   UT, SW, SWP, PR (progress), W (weight), RT, RP, RATE, STATUS: the state _s holds;
+--   ETA: false unchanged, a time to write, or REMOVE;
+--   OP: _op (UNREAD until needed: only a parent whose children weigh nothing reads it), OPD: write it;
+--   LM: last message to write; CF: client field name/value pairs to write; COUNTS: status deltas.
+-- scripts/profile-progress-lua.sh counts what an update costs.
+local REMOVE, UNREAD = {}, {}
+local cache = {}
 
 local function load(k)
   local n = cache[k]
   if n then return n end
   local nk = nkey(k)
-  local v = redis.call('HMGET', nk, '_st', 'progress', 'weight', 'status', '_op', '_m')
-  local sw, swp, rt, rp, rate = false, false, false, false, false
-  if v[6] then
-    sw, swp, rt, rp, rate = struct.unpack(M_FORMAT, v[6])
-    if sw ~= sw then sw = false end
-    if swp ~= swp then swp = false end
-    if rt ~= rt then rt = false end
-    if rp ~= rp then rp = false end
-    if rate ~= rate then rate = false end
+  local s = redis.call('HGET', nk, '_s')
+  if s then
+    local ut, sw, swp, p, w, rt, rp, rate, status = decode(s)
+    n = { nk, true, false, ut, sw, swp, p, w, rt, rp, rate, status, false, sw and UNREAD or false, false, false,
+      false, false }
+  else
+    n = { nk, false, false, false, false, false, false, 1, false, false, false, false, false, false, false, false,
+      false, false }
   end
-  local f = { _st = v[1], progress = v[2], weight = v[3], _sw = sw, _swp = swp, status = v[4], _rt = rt,
-    _rp = rp, _rate = rate, _op = v[5], _ut = false, _eta = false, _lm = false }
-  -- `counts` is made on the first status change
-  n = { f = f, dirty = { _ut = false, progress = false, _sw = false, _swp = false, _st = false }, nk = nk }
   cache[k] = n
   return n
 end
 
--- Sets (or, with false, deletes) a field; written by `flush`. Computed numbers stay numbers
--- until then (formatted once per node and call, not once per update passing through).
-local function set(n, name, value)
-  n.f[name] = value
-  n.dirty[name] = true
+local function op_of(n)
+  if n[OP] == UNREAD then n[OP] = redis.call('HGET', n[NK], '_op') or false end
+  return n[OP]
 end
 
 local function count(n, status, delta)
-  local counts = n.counts
+  local counts = n[COUNTS]
   if not counts then
     counts = {}
-    n.counts = counts
+    n[COUNTS] = counts
   end
   counts[status] = (counts[status] or 0) + delta
 end
@@ -108,42 +174,32 @@ local ROOTS_PER_ZADD = 500
 
 -- Argument buffers shared by every flush (entries past the count in use are stale).
 local HSET_ARGS, HDEL_ARGS, ZADD_ARGS = {}, {}, {}
-local NAN = 0 / 0
 
 -- Writes every node the call touched, and the changed roots into P:proots.
 local function flush()
+  local a, d = HSET_ARGS, HDEL_ARGS
   for _, n in pairs(cache) do
-    local f, ns, nd, packed = n.f, 0, 0, false
-    for name, dirty in pairs(n.dirty) do
-      if dirty then
-        if PACKED[name] then
-          packed = true
-        else
-          local value = f[name]
-          if value then
-            if type(value) == 'number' then value = num(value) end
-            HSET_ARGS[ns + 1] = name; HSET_ARGS[ns + 2] = value; ns = ns + 2
-          else
-            nd = nd + 1; HDEL_ARGS[nd] = name
-          end
-        end
-      end
+    a[1] = '_s'; a[2] = encode(n)
+    local na, nd = 2, 0
+    if n[CREATED] then a[3] = '_st'; a[4] = num(n[CREATED]); na = 4 end
+    local eta = n[ETA]
+    if eta == REMOVE then
+      nd = nd + 1; d[nd] = '_eta'
+    elseif eta then
+      a[na + 1] = '_eta'; a[na + 2] = num(eta); na = na + 2
     end
-    if packed then
-      local sw, swp, rt, rp, rate = f._sw, f._swp, f._rt, f._rp, f._rate
-      if sw or swp or rt or rp or rate then
-        HSET_ARGS[ns + 1] = '_m'
-        HSET_ARGS[ns + 2] = struct.pack(M_FORMAT, sw or NAN, swp or NAN, rt or NAN, rp or NAN, rate or NAN)
-        ns = ns + 2
-      else
-        nd = nd + 1; HDEL_ARGS[nd] = '_m'
-      end
+    if n[OPD] then a[na + 1] = '_op'; a[na + 2] = n[OP]; na = na + 2 end
+    if n[LM] then a[na + 1] = '_lm'; a[na + 2] = n[LM]; na = na + 2 end
+    local cf = n[CF]
+    if cf then
+      for j = 1, #cf do a[na + j] = cf[j] end
+      na = na + #cf
     end
-    local nk = n.nk
-    if ns > 0 then redis.call('HSET', nk, unpack(HSET_ARGS, 1, ns)) end
-    if nd > 0 then redis.call('HDEL', nk, unpack(HDEL_ARGS, 1, nd)) end
-    if n.counts then
-      for status, delta in pairs(n.counts) do
+    local nk = n[NK]
+    redis.call('HSET', nk, unpack(a, 1, na))
+    if nd > 0 then redis.call('HDEL', nk, unpack(d, 1, nd)) end
+    if n[COUNTS] then
+      for status, delta in pairs(n[COUNTS]) do
         if delta ~= 0 and redis.call('HINCRBY', nk, '_c:' .. status, delta) <= 0 then
           redis.call('HDEL', nk, '_c:' .. status)
         end
@@ -153,7 +209,7 @@ local function flush()
   cache = {}
   local n, pk = 0, P .. ':proots'
   for root, t in pairs(roots) do
-    ZADD_ARGS[n + 1] = t; ZADD_ARGS[n + 2] = root; n = n + 2
+    ZADD_ARGS[n + 1] = num(t); ZADD_ARGS[n + 2] = root; n = n + 2
     if n == 2 * ROOTS_PER_ZADD then
       redis.call('ZADD', pk, unpack(ZADD_ARGS, 1, n))
       n = 0
@@ -164,34 +220,28 @@ local function flush()
 end
 
 -- Refreshes the ETA of node `n` whose progress moved to p at time t, from an exponential moving
--- average of its rate, sampled at most once per ETA_SAMPLE_MS (anchor _rt/_rp, rate _rate): a
--- node updated a thousand times a second costs a comparison, not four more fields to write.
--- Terminal or complete: no ETA. Replaying an update at the same t changes nothing.
+-- average of its rate, sampled at most once per ETA_SAMPLE_MS (anchor rt/rp, rate): a node
+-- updated a thousand times a second costs a comparison. Terminal or complete: no ETA. Replaying
+-- an update at the same t changes nothing.
 local ETA_SAMPLE_MS = 1000
 local function update_eta(n, t, p, status)
-  local f = n.f
   if (status and TERMINAL[status]) or p >= 1 then
-    if f._rt then -- an ETA always comes with its rate anchor
-      set(n, '_eta', false); set(n, '_rt', false); set(n, '_rp', false); set(n, '_rate', false)
+    if n[RT] then -- an ETA always comes with its rate anchor
+      n[ETA] = REMOVE; n[RT] = false; n[RP] = false; n[RATE] = false
     end
     return
   end
-  local rt = f._rt
-  if not rt then
-    set(n, '_rt', t); set(n, '_rp', p)
-    return
-  end
-  local rp = f._rp
-  if p < rp then -- it went back: start measuring again
-    set(n, '_rt', t); set(n, '_rp', p)
+  local rt, rp = n[RT], n[RP]
+  if not rt or p < rp then -- no anchor yet, or it went back: start measuring again
+    n[RT] = t; n[RP] = p
     return
   end
   if t - rt < ETA_SAMPLE_MS or p == rp then return end
   local inst = (p - rp) / (t - rt)
-  local rate = f._rate
+  local rate = n[RATE]
   if rate then rate = 0.3 * inst + 0.7 * rate else rate = inst end
-  set(n, '_rt', t); set(n, '_rp', p); set(n, '_rate', rate)
-  set(n, '_eta', math.floor(t + (1 - p) / rate))
+  n[RT] = t; n[RP] = p; n[RATE] = rate
+  n[ETA] = floor(t + (1 - p) / rate)
 end
 
 -- Carries one child's change into its ancestors, one level at a time: O(depth), never O(children).
@@ -204,15 +254,19 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
   local parent = parent_of(child)
   while parent do
     local n = load(parent)
-    -- the hot fields are set in place (what `set` does, without a call per field)
-    local f, dirty = n.f, n.dirty
-    local p_created = not f._st
-    local sw = (f._sw or 0) + dw
-    local swp = (f._swp or 0) + dwp
-    f._ut = t; dirty._ut = true
-    if p_created then f._st = t; dirty._st = true end
+    local p_created = not n[EXISTS]
+    n[UT] = t
+    if p_created then n[EXISTS] = true; n[CREATED] = t end
+    local sw, swp = n[SW], n[SWP]
+    if not sw then
+      -- becoming a parent: remember the progress posted on it, which roll-ups now overwrite
+      sw = 0; swp = 0
+      if n[PR] then n[OP] = num(n[PR]); n[OPD] = true end
+    end
+    sw = sw + dw
+    swp = swp + dwp
     if created then
-      redis.call('ZADD', ckey(parent), child_start, child)
+      redis.call('ZADD', ckey(parent), num(child_start), child)
     elseif removed then
       redis.call('ZREM', ckey(parent), child)
       -- no children left: the sums are exactly zero, whatever rounding accumulated
@@ -222,14 +276,9 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
       if s_from then count(n, s_from, -1) end
       if s_to then count(n, s_to, 1) end
     end
-    if not f._sw and f.progress then
-      -- becoming a parent: remember the progress posted on it, which roll-ups now overwrite
-      set(n, '_op', f.progress)
-    end
-    f._sw = sw; dirty._sw = true
-    f._swp = swp; dirty._swp = true
-    local had = f.progress
-    local pp_old = tonumber(had) or 0
+    n[SW] = sw; n[SWP] = swp
+    local had = n[PR]
+    local pp_old = had or 0
     -- Σw > 0: the weighted mean. Otherwise the progress posted on the node itself, or none, so
     -- the result depends only on the nodes' fields, never on history (a replayed batch changes
     -- nothing).
@@ -237,15 +286,16 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
     if sw > EPS then
       pp_new = swp / sw
       if pp_new < 0 then pp_new = 0 elseif pp_new > 1 then pp_new = 1 end
-      f.progress = pp_new; dirty.progress = true
+      n[PR] = pp_new
     else
-      pp_new = tonumber(f._op)
-      if pp_new then set(n, 'progress', f._op) elseif had then set(n, 'progress', false) end
+      local op = op_of(n)
+      pp_new = op and tonumber(op)
+      n[PR] = pp_new or false
     end
-    if pp_new and (pp_new ~= pp_old or not had) then update_eta(n, t, pp_new, f.status) end
+    if pp_new and (pp_new ~= pp_old or not had) then update_eta(n, t, pp_new, n[STATUS]) end
     pp_new = pp_new or 0
-    if lm then set(n, '_lm', lm) end
-    local pw = tonumber(f.weight) or 1
+    if lm then n[LM] = lm end
+    local pw = n[W]
     if p_created then
       dw = pw; dwp = pw * pp_new
     else
@@ -264,29 +314,38 @@ end
 -- Applies one update to node k at time t: its nf fields are the name/value pairs args[i],
 -- args[i + 1], ... (values JSON text), merged into the node; then the change goes up the tree.
 local function apply_update(k, t, args, i, nf)
-  local node = load(k)
-  -- fields are set in place (what `set` does, without a call per field)
-  local f, dirty = node.f, node.dirty
-  local created = not f._st
-  local p_old, w_old, s_old = tonumber(f.progress) or 0, tonumber(f.weight) or 1, f.status
+  local n = load(k)
+  local created = not n[EXISTS]
+  local p_old, w_old, s_old = n[PR] or 0, n[W], n[STATUS]
   local p_new, w_new, s_new, lm = p_old, w_old, s_old, false
   local p_set = false
-  f._ut = t; dirty._ut = true
-  if created then f._st = t; dirty._st = true end
+  n[UT] = t
+  if created then n[EXISTS] = true; n[CREATED] = t end
   for _ = 1, nf do
     local name, value = args[i], args[i + 1]
     i = i + 2
-    f[name] = value; dirty[name] = true
     if name == 'progress' then
       p_new = tonumber(value); p_set = true
-      if f._sw then set(node, '_op', value) end
-    elseif name == 'weight' then w_new = tonumber(value)
-    elseif name == 'status' then s_new = value
-    elseif name == 'msg' then lm = value
+      n[PR] = p_new
+      if n[SW] then n[OP] = value; n[OPD] = true end
+    else
+      local cf = n[CF]
+      if not cf then
+        cf = {}
+        n[CF] = cf
+      end
+      cf[#cf + 1] = name; cf[#cf + 1] = value
+      if name == 'weight' then
+        w_new = tonumber(value); n[W] = w_new
+      elseif name == 'status' then
+        s_new = value; n[STATUS] = value
+      elseif name == 'msg' then
+        lm = value
+      end
     end
   end
-  if lm then set(node, '_lm', lm) end
-  if p_set or s_new ~= s_old then update_eta(node, t, p_new, s_new) end
+  if lm then n[LM] = lm end
+  if p_set or s_new ~= s_old then update_eta(n, t, p_new, s_new) end
   if created then
     propagate(k, true, false, t, w_new, w_new * p_new, false, s_new, lm, t)
   else

@@ -1,8 +1,9 @@
 -- Removes the subtree at a key and takes its contribution out of its ancestors.
 -- ARGV: prefix, key, time_ms. Returns the number of nodes removed.
 local k, t = ARGV[2], tonumber(ARGV[3])
-local v = redis.call('HMGET', nkey(k), '_st', 'progress', 'weight', 'status')
-if not v[1] then return 0 end
+local state = redis.call('HGET', nkey(k), '_s')
+if not state then return 0 end
+local _, _, _, p, w, _, _, _, status = decode(state)
 local removed = 0
 local stack = { k }
 while #stack > 0 do
@@ -11,10 +12,9 @@ while #stack > 0 do
   redis.call('DEL', nkey(x), ckey(x))
   removed = removed + 1
 end
-local w = tonumber(v[3]) or 1
-local p = tonumber(v[2]) or 0
+p = p or 0
 if parent_of(k) then
-  propagate(k, false, true, t, -w, -w * p, v[4], false, false, t)
+  propagate(k, false, true, t, -w, -w * p, status, false, false, t)
   flush()
 else
   redis.call('ZREM', P .. ':proots', k)

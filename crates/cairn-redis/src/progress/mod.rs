@@ -181,30 +181,39 @@ impl ProgressStore {
 
     /// A parent's running sums (Σw, Σw·p over its direct children), for checks and diagnostics.
     pub async fn sums(&self, key: &Key) -> Result<Option<(f64, f64)>, StoreError> {
-        let (st, packed): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
+        let state: Option<Vec<u8>> = redis::cmd("HGET")
             .arg(format!("{}:pn:{key}", self.prefix))
-            .arg("_st")
-            .arg(PACKED_FIELD)
+            .arg(STATE_FIELD)
             .query_async(&mut self.conn.clone())
             .await?;
-        let Some(_) = st else { return Ok(None) };
-        let (sw, swp) = match packed {
-            Some(bytes) => packed_sums(&bytes).ok_or_else(|| protocol(PACKED_FIELD))?,
-            None => (f64::NAN, f64::NAN),
-        };
-        let or_zero = |x: f64| if x.is_nan() { 0.0 } else { x };
-        Ok(Some((or_zero(sw), or_zero(swp))))
+        let Some(state) = state else { return Ok(None) };
+        decode_state(&state).map(|state| Some(state.sums)).ok_or_else(|| protocol(STATE_FIELD))
     }
 }
 
-/// The hash field holding the numbers only the maths reads, packed as little-endian doubles
-/// (NaN: absent): Σw, Σw·p, then the ETA's rate anchor and rate (common.lua).
-const PACKED_FIELD: &str = "_m";
+/// The hash field holding a node's state (common.lua): a kind byte, `l` (leaf) or `p`
+/// (parent), then little-endian doubles (NaN: absent): the update time, a parent's Σw and Σw·p,
+/// the progress, then what only the maths reads; then the status.
+const STATE_FIELD: &str = "_s";
 
-/// Σw and Σw·p out of the packed field, or `None` when it is too short to hold them.
-fn packed_sums(bytes: &[u8]) -> Option<(f64, f64)> {
-    let double = |i: usize| Some(f64::from_le_bytes(bytes.get(8 * i..8 * i + 8)?.try_into().ok()?));
-    Some((double(0)?, double(1)?))
+/// What the read path and checks take from a node's state field.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct State {
+    update_time: i64,
+    progress: Option<f64>,
+    /// Σw and Σw·p over the direct children; zero for a leaf.
+    sums: (f64, f64),
+}
+
+/// Decodes the state field, or `None` when it is malformed.
+fn decode_state(bytes: &[u8]) -> Option<State> {
+    let double = |i: usize| Some(f64::from_le_bytes(bytes.get(1 + 8 * i..9 + 8 * i)?.try_into().ok()?));
+    let (sums, progress) = match bytes.first()? {
+        b'l' => ((0.0, 0.0), double(1)?),
+        b'p' => ((double(1)?, double(2)?), double(3)?),
+        _ => return None,
+    };
+    Some(State { update_time: double(0)? as i64, progress: (!progress.is_nan()).then_some(progress), sums })
 }
 
 fn push_changes(invocation: &mut redis::ScriptInvocation<'_>, prefix: &str, changes: &[Change]) {
@@ -287,14 +296,18 @@ fn apply_hash(view: &mut NodeView, hash: &[Value]) -> Result<(), StoreError> {
     let mut counts = BTreeMap::new();
     for pair in hash.chunks_exact(2) {
         let name = as_text(&pair[0]).ok_or_else(|| protocol("hash field"))?;
-        // packed doubles, not text: only the maths reads them
-        if name == PACKED_FIELD {
+        if name == STATE_FIELD {
+            let Value::BulkString(bytes) = &pair[1] else { return Err(protocol(STATE_FIELD)) };
+            let state = decode_state(bytes).ok_or_else(|| protocol(STATE_FIELD))?;
+            view.update_time = state.update_time;
+            if let Some(progress) = state.progress.and_then(serde_json::Number::from_f64) {
+                fields.insert("progress".to_owned(), Json::Number(progress));
+            }
             continue;
         }
         let raw = as_text(&pair[1]).ok_or_else(|| protocol("hash field"))?;
         match name.as_str() {
             "_st" => view.start_time = raw.parse().map_err(|_| protocol("_st"))?,
-            "_ut" => view.update_time = raw.parse().map_err(|_| protocol("_ut"))?,
             "_eta" => view.eta = raw.parse().ok(),
             "_lm" => view.last_msg = serde_json::from_str::<String>(&raw).ok(),
             other if other.starts_with("_c:") => {
@@ -321,11 +334,20 @@ fn apply_hash(view: &mut NodeView, hash: &[Value]) -> Result<(), StoreError> {
 mod tests {
     use super::*;
 
+    fn state(kind: u8, xs: &[f64], status: &str) -> Vec<u8> {
+        std::iter::once(kind).chain(xs.iter().flat_map(|x| x.to_le_bytes())).chain(status.bytes()).collect()
+    }
+
     #[test]
-    fn packed_sums_are_the_first_two_little_endian_doubles() {
-        let packed: Vec<u8> =
-            [2.5f64, 1.25, f64::NAN, f64::NAN, f64::NAN].iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(packed_sums(&packed), Some((2.5, 1.25)));
-        assert_eq!(packed_sums(&packed[..15]), None, "too short for two doubles");
+    fn a_parents_state_holds_its_sums_and_a_leafs_none() {
+        let nan = f64::NAN;
+        let parent = state(b'p', &[1_796_000_000_123.0, 2.5, 1.25, 0.5, 1.0, nan, nan, nan], "");
+        let expected = State { update_time: 1_796_000_000_123, progress: Some(0.5), sums: (2.5, 1.25) };
+        assert_eq!(decode_state(&parent), Some(expected));
+        assert_eq!(decode_state(&parent[..24]), None, "too short for the progress");
+        let leaf = state(b'l', &[7.0, nan, 1.0, nan, nan, nan], "\"running\"");
+        assert_eq!(decode_state(&leaf), Some(State { update_time: 7, progress: None, sums: (0.0, 0.0) }));
+        assert_eq!(decode_state(&state(b'x', &[1.0, 1.0], "")), None, "unknown kind");
+        assert_eq!(decode_state(&[]), None);
     }
 }

@@ -18,7 +18,7 @@ local progress_key, nf = ARGV[9], tonumber(ARGV[11])
 local fields = {}
 for i = 12 + 2 * nf, #ARGV do fields[#fields + 1] = ARGV[i] end
 if progress_key ~= '' then
-  apply_update(progress_key, tonumber(ARGV[10]), ARGV, 12, nf)
+  apply_update(progress_key, time_of(ARGV[10]), ARGV, 12, nf)
   flush()
 end
 local entry = redis.call('XADD', STREAM, '*', 'id', id)
