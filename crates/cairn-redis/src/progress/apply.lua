@@ -7,7 +7,7 @@ local depth = tonumber(ARGV[#ARGV - 1])
 local i = 3
 local keys = {} -- only kept when the nodes are read back
 for _ = 1, n do
-  local k, t, nf = ARGV[i], time_of(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local k, t, nf = ARGV[i], time_of(ARGV[i + 1]), number_of(ARGV[i + 2])
   apply_update(k, t, ARGV, i + 3, nf)
   i = i + 3 + 2 * nf
   if depth > 0 then keys[#keys + 1] = k end

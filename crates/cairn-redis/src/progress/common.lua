@@ -39,14 +39,24 @@ local function num(x)
   return s
 end
 
--- A time (ms since the epoch) from its ARGV text: parsed once per distinct text (the updates of a
--- batch mostly share a few), and its text kept for `num`.
-local TIMES = {}
+-- A number from its ARGV text (a field count, a progress or weight): parsed once per distinct
+-- text, as the updates of a batch mostly share their field count and often their values.
+local NUMBERS = {}
+local function number_of(text)
+  local x = NUMBERS[text]
+  if x then return x end
+  x = tonumber(text)
+  NUMBERS[text] = x
+  return x
+end
+
+-- A time (ms since the epoch, an integer's text as Rust writes it) likewise; its text is what
+-- `num` gives for it, so it is kept there.
 local function time_of(text)
-  local t = TIMES[text]
+  local t = NUMBERS[text]
   if t then return t end
   t = tonumber(text)
-  TIMES[text] = t
+  NUMBERS[text] = t
   NUMS[t] = text
   return t
 end
@@ -325,7 +335,7 @@ local function apply_update(k, t, args, i, nf)
     local name, value = args[i], args[i + 1]
     i = i + 2
     if name == 'progress' then
-      p_new = tonumber(value); p_set = true
+      p_new = number_of(value); p_set = true
       n[PR] = p_new
       if n[SW] then n[OP] = value; n[OPD] = true end
     else
@@ -336,7 +346,7 @@ local function apply_update(k, t, args, i, nf)
       end
       cf[#cf + 1] = name; cf[#cf + 1] = value
       if name == 'weight' then
-        w_new = tonumber(value); n[W] = w_new
+        w_new = number_of(value); n[W] = w_new
       elseif name == 'status' then
         s_new = value; n[STATUS] = value
       elseif name == 'msg' then
