@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Counts the instructions Redis spends per progress update in the apply script, with callgrind:
+# Counts the instructions Redis spends per progress update in the apply function, with callgrind:
 # deterministic on this noisy 2-core VM, where timing one script call varies by ±30 % run to run.
 #
-# Starts a private redis-server under valgrind on a spare port, loads the apply script exactly
-# as the store builds it (common.lua + read.lua + apply.lua), applies one batch of BATCH updates
+# Starts a private redis-server under valgrind on a spare port, loads Cairn's function library
+# exactly as the services do (`cairn-bench lua-library` prints it), applies one batch of BATCH updates
 # into a depth-4 tree once to create the nodes, then profiles CALLS more calls of the same batch
 # (existing nodes, as in `cairn-bench progress` (b)). Prints instructions per update and where
 # they go (Redis commands, Lua <-> Redis reply conversion, number formatting and parsing).
@@ -13,7 +13,7 @@
 #   SHAPE=burst scripts/profile-progress-lua.sh         # siblings sharing their ancestors
 #   READ=1 BATCH=16 scripts/profile-progress-lua.sh     # nodes read back, as gRPC Update does
 #   TOP=30 scripts/profile-progress-lua.sh              # also the 30 costliest functions (stderr)
-#   SCRIPT=/tmp/variant.lua scripts/profile-progress-lua.sh  # a whole script of your own instead
+#   LIBRARY=/tmp/variant.lua scripts/profile-progress-lua.sh # a library of your own (edit the printed one)
 #
 # SHAPE=spread: keys _bench.r.s.t.u spread over a wide tree, few shared ancestors in a batch (as
 # `cairn-bench progress` (b)); SHAPE=burst: one producer's subtree _bench.c.x.y.z, ten leaves per
@@ -30,19 +30,19 @@ READ="${READ:-0}"
 work=$(mktemp -d)
 trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
-src=crates/cairn-redis/src/progress
-if [ -n "${SCRIPT:-}" ]; then # a variant to compare, with the same ARGV
-  cp "$SCRIPT" "$work/apply.lua"
+if [ -n "${LIBRARY:-}" ]; then # a variant to compare, with the same ARGV
+  cp "$LIBRARY" "$work/library.lua"
 else
-  cat "$src/common.lua" "$src/read.lua" "$src/apply.lua" >"$work/apply.lua"
+  cargo run -q -p cairn-bench -- lua-library >"$work/library.lua"
 fi
+library=$(head -n1 "$work/library.lua" | sed 's/^#!lua name=//')
 
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
   redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no >"$work/valgrind.log" 2>&1 &
 vg=$!
 for _ in $(seq 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.2; done
 
-sha=$(redis-cli -p "$PORT" -x SCRIPT LOAD <"$work/apply.lua")
+redis-cli -p "$PORT" -x FUNCTION LOAD <"$work/library.lua" >/dev/null
 # The batch: a depth-4 tree below a namespace (SHAPE above), fractional progress.
 mapfile -t args < <(python3 - "$BATCH" "$SHAPE" "$READ" <<'EOF'
 import sys
@@ -65,7 +65,7 @@ print(read)
 print(100 if read else 0)
 EOF
 )
-run() { redis-benchmark -p "$PORT" -q -n "$1" -c 1 EVALSHA "$sha" 0 "${args[@]}" >/dev/null; }
+run() { redis-benchmark -p "$PORT" -q -n "$1" -c 1 FCALL "${library}_progress_apply" 0 "${args[@]}" >/dev/null; }
 run 1
 callgrind_control -z "$vg" >/dev/null 2>&1
 run "$CALLS"

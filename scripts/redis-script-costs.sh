@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Where Redis's time goes, per Cairn Lua script, while a command runs: Redis's slow log with a
-# threshold of 0 records every command with its execution time (µs); afterwards the script calls
-# are grouped by script (named by recomputing each script's SHA1 the way the Rust code composes
-# it) and printed as JSON: calls, total µs, µs per call, and the share of all script time.
+# Where Redis's time goes, per Cairn Lua function or script, while a command runs: Redis's slow
+# log with a threshold of 0 records every command with its execution time (µs); afterwards the
+# calls are grouped by function (FCALL of Cairn's library) or script (EVALSHA, named by its SHA1)
+# and printed as JSON: calls, total µs, µs per call, and the share of all script time.
 #
 #   scripts/redis-script-costs.sh cargo run --release -p cairn-bench -- requests --duration 1s
 #
@@ -29,30 +29,29 @@ trap restore EXIT
 "${cli[@]}" config set slowlog-log-slower-than "$old_threshold" >/dev/null
 "${cli[@]}" --json slowlog get -1 >"$out"
 python3 - "$out" <<'EOF'
-import collections, hashlib, json, sys
+import collections, hashlib, json, re, sys
 from pathlib import Path
 
-progress, requests = Path("crates/cairn-redis/src/progress"), Path("crates/cairn-redis/src/requests")
-def lua(*parts):
-    return "".join(p.read_text() for p in parts)
-scripts = {
-    "progress apply": lua(progress / "common.lua", progress / "read.lua", progress / "apply.lua"),
-    "progress read": lua(progress / "common.lua", progress / "read.lua", progress / "read_main.lua"),
-    "progress delete": lua(progress / "common.lua", progress / "delete.lua"),
-    "requests submit": lua(progress / "common.lua", requests / "common.lua", requests / "submit.lua"),
-}
-for name in ["start", "heartbeat", "commit", "cancel", "retry_dead"]:
-    scripts["requests " + name] = lua(requests / "common.lua", requests / (name + ".lua"))
-by_sha = {hashlib.sha1(text.encode()).hexdigest(): name for name, text in scripts.items()}
+# Cairn's own Lua runs as functions of one library, named cairn_<16 hex digits>_<function>; the
+# trimmer's scripts (EVALSHA) are named by their file when they are one file, else by SHA1.
+streams = Path("crates/cairn-redis/src/streams")
+by_sha = {hashlib.sha1(p.read_text().encode()).hexdigest(): "streams " + p.stem for p in streams.glob("*.lua")}
 
 calls, usec = collections.Counter(), collections.Counter()
-# arguments may hold binary (the packed `_m` field): read them as text, leniently
+# arguments may hold binary: read them as text, leniently
 entries = json.loads(open(sys.argv[1], encoding="utf-8", errors="replace").read(), strict=False)
 for _, _, duration, args, *_ in entries:
-    if args and args[0].lower() == "evalsha":
+    if not args:
+        continue
+    command = args[0].lower()
+    if command == "fcall":
+        name = re.sub(r"^cairn_[0-9a-f]{16}_", "", args[1]).replace("_", " ", 1)
+    elif command == "evalsha":
         name = by_sha.get(args[1], "other script " + args[1][:8])
-        calls[name] += 1
-        usec[name] += duration
+    else:
+        continue
+    calls[name] += 1
+    usec[name] += duration
 total = sum(usec.values()) or 1
 print(json.dumps({
     "slowlog_entries": len(entries),

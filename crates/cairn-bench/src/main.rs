@@ -17,6 +17,9 @@
 //! `cairn-bench soak` runs processor, aggregator and trimmer under a steady request rate and
 //! follows Redis's `used_memory` (JSON lines on stderr), to show retention keeps it flat.
 //!
+//! `cairn-bench lua-library` prints the Redis function library with Cairn's Lua (plain text, not
+//! JSON), for `scripts/profile-progress-lua.sh`.
+//!
 //! Run in release (a debug build measures the compiler, not Cairn):
 //! `cargo run --release -p cairn-bench -- progress`, or a subset and other sizes, e.g.
 //! `cairn-bench progress --only b,c --messages 200000`. Default sizes take about two minutes on a
@@ -47,6 +50,8 @@ enum Command {
     Requests(requests::Args),
     /// Redis memory under steady load with the trimmer's retention on (bounded, default 5 min).
     Soak(soak::Args),
+    /// Prints the Redis function library with Cairn's Lua, as `FUNCTION LOAD` takes it.
+    LuaLibrary,
 }
 
 #[tokio::main]
@@ -55,6 +60,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Progress(args) => progress::run(args).await?,
         Command::Requests(args) => requests::run(args).await?,
         Command::Soak(args) => soak::run(args).await?,
+        Command::LuaLibrary => {
+            print!("{}", cairn_redis::function_library());
+            return Ok(());
+        }
     };
     println!("{report}");
     Ok(())

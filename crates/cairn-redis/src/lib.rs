@@ -4,6 +4,7 @@
 //! server. Blocking commands never go through the shared [`ConnectionManager`]; callers that block
 //! (`XREADGROUP … BLOCK`) open their own connection with [`RedisConfig::dedicated`].
 
+mod library;
 pub mod progress;
 pub mod requests;
 pub mod streams;
@@ -14,6 +15,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client};
 
 pub use progress::{ProgressStore, StoreError};
+
+/// The Redis function library holding Cairn's Lua (progress tree and request queue), as
+/// `FUNCTION LOAD` takes it. Cairn loads it by itself; this is for profiling and inspection.
+pub fn function_library() -> &'static str {
+    library::LIBRARY.code()
+}
 
 /// Where Redis is and how Cairn names its keys there.
 #[derive(clap::Args, Debug, Clone)]

@@ -1,10 +1,12 @@
 //! The Lua progress store against the reference model in `cairn_progress::model`, on real Redis.
 
+use std::time::Duration;
+
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Tree, Update};
 use cairn_redis::RedisConfig;
 use cairn_redis::progress::{Change, ProgressStore, ReadOptions};
-use cairn_testkit::RedisNamespace;
+use cairn_testkit::{RedisNamespace, RedisServer, wait_until};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -331,4 +333,40 @@ async fn a_burst_of_many_trees_indexes_every_root() {
         (0..1234).map(|i| (format!("_requests.r{i}"), 1_000 + i)).collect();
     expected.push(("job".to_owned(), 5_000));
     assert_eq!(roots, expected, "roots by update time");
+}
+
+/// Cairn's Lua lives in Redis as a function library. A Redis restarted without persistence has
+/// lost it (and every key): the next call loads it again by itself, and the store works on.
+#[tokio::test]
+async fn a_restarted_redis_gets_the_function_library_again() {
+    let mut server = RedisServer::new().await;
+    let store = ProgressStore::new(RedisConfig::new(server.url(), "t").manager().expect("redis url"), "t");
+    let url = server.url();
+    let libraries = || async {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let list: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg("cairn_*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        list.len()
+    };
+    assert_eq!(libraries().await, 0, "a fresh server has no Cairn library");
+    store.apply(&[change("_f.job.a", Update::new().progress(0.5), 1)]).await.unwrap();
+    assert_eq!(libraries().await, 1, "the first call loaded it");
+
+    server.restart().await;
+    assert_eq!(libraries().await, 0, "the restart lost it");
+    // The connection manager reconnects on its own; a call or two may fail until it has.
+    let applied = wait_until("an update after the restart", Duration::from_secs(10), || async {
+        store.apply(&[change("_f.job.b", Update::new().progress(1.0), 2)]).await.is_ok()
+    })
+    .await;
+    applied.unwrap();
+    assert_eq!(libraries().await, 1);
+    let job = store.get(&key("_f.job"), &ReadOptions::default()).await.unwrap().expect("job rebuilt");
+    assert_eq!(job.progress(), Some(1.0), "only b is left after the restart");
 }

@@ -15,6 +15,7 @@ end
 flush()
 if depth > 0 then
   local nodes = {}
+  budget = READ_BUDGET
   for j, k in ipairs(keys) do nodes[j] = read_node(k, depth, tonumber(ARGV[i + 1]), '') end
   return nodes
 end

@@ -1,4 +1,5 @@
--- Shared by every progress script. Key layout under prefix P (ARGV[1]):
+-- Shared by every progress function of the library (library.rs); `begin` starts each call. Key
+-- layout under prefix P (ARGV[1]):
 --   P:pn:<key>  hash: client fields (JSON-encoded values) but progress, and server fields
 --               starting with '_': _s the node's state (below), _st start_time, _c:<status json>
 --               children by status, _lm last message (JSON), _eta, _op the progress last posted
@@ -16,7 +17,7 @@
 -- node's update time and progress live only here (the read path decodes them), so a leaf's
 -- write is one field and no number is formatted. A leaf's _s with a status of up to 15
 -- characters stays within Redis's compact hash encoding (64 bytes a value).
-local P = ARGV[1]
+local P
 local EPS = 1e-9
 
 local function nkey(k) return P .. ':pn:' .. k end
@@ -28,13 +29,16 @@ local function ckey(k) return P .. ':pc:' .. k end
 -- arbitrary-precision path); other values use %.17g, which round-trips a double exactly (Lua's
 -- tostring keeps only 14 digits). Numbers go to redis.call as `num` text too: a number argument
 -- is formatted again on every call.
-local floor, format = math.floor, string.format
 local NUMS = {}
 local function num(x)
-  if x ~= x then return format('%.17g', x) end -- NaN cannot be a table key
+  if x ~= x then return string.format('%.17g', x) end -- NaN cannot be a table key
   local s = NUMS[x]
   if s then return s end
-  if x == floor(x) and x > -1e15 and x < 1e15 then s = format('%d', x) else s = format('%.17g', x) end
+  if x == math.floor(x) and x > -1e15 and x < 1e15 then
+    s = string.format('%d', x)
+  else
+    s = string.format('%.17g', x)
+  end
   NUMS[x] = s
   return s
 end
@@ -66,13 +70,12 @@ end
 -- the text before its last '.' (it backtracks from the end, in O(segment)); a C call from Lua
 -- costs more than the matching, so plain finds over every '.' cost twice as much, and an
 -- unanchored pattern retries from every position. Both results are kept for the call.
-local match, sub, byte = string.match, string.sub, string.byte
 local UNDERSCORE = 95
 local BEFORE_LAST_DOT, PARENTS = {}, {}
 local function before_last_dot(k)
   local p = BEFORE_LAST_DOT[k]
   if p == nil then
-    p = match(k, '^(.*)%.') or false
+    p = string.match(k, '^(.*)%.') or false
     BEFORE_LAST_DOT[k] = p
   end
   return p
@@ -83,7 +86,7 @@ local function parent_of(k)
   local p = before_last_dot(k)
   if p then
     local pp = before_last_dot(p)
-    if byte(p, pp and #pp + 2 or 1) == UNDERSCORE then p = false end
+    if string.byte(p, pp and #pp + 2 or 1) == UNDERSCORE then p = false end
   end
   PARENTS[k] = p
   return p or nil
@@ -102,14 +105,14 @@ local NAN = 0 / 0
 -- The state in _s: ut, sw, swp (false for a leaf), p, w, rt, rp, rate, status (false: absent).
 local function decode(s)
   local kind, ut, sw, swp, p, w, rt, rp, rate, at
-  if byte(s, 1) == PARENT then
+  if string.byte(s, 1) == PARENT then
     kind, ut, sw, swp, p, w, rt, rp, rate, at = struct.unpack(PARENT_FORMAT, s)
   else
     sw, swp = false, false
     kind, ut, p, w, rt, rp, rate, at = struct.unpack(LEAF_FORMAT, s)
   end
   local status = false
-  if at <= #s then status = sub(s, at) end
+  if at <= #s then status = string.sub(s, at) end
   if p ~= p then p = false end
   if rt ~= rt then rt = false; rp = false end -- the anchor's two parts come together
   if rate ~= rate then rate = false end
@@ -251,7 +254,7 @@ local function update_eta(n, t, p, status)
   local rate = n[RATE]
   if rate then rate = 0.3 * inst + 0.7 * rate else rate = inst end
   n[RT] = t; n[RP] = p; n[RATE] = rate
-  n[ETA] = floor(t + (1 - p) / rate)
+  n[ETA] = math.floor(t + (1 - p) / rate)
 end
 
 -- Carries one child's change into its ancestors, one level at a time: O(depth), never O(children).
@@ -361,4 +364,12 @@ local function apply_update(k, t, args, i, nf)
   else
     propagate(k, false, false, t, w_new - w_old, w_new * p_new - w_old * p_old, s_old, s_new, lm, t)
   end
+end
+
+-- Starts a call of a function using this code: the prefix, and fresh per-call state (the library's
+-- top level runs once; these tables would otherwise carry one call's nodes into the next).
+local function begin(prefix)
+  P = prefix
+  NUMS, NUMBERS, BEFORE_LAST_DOT, PARENTS = {}, {}, {}, {}
+  cache, roots = {}, {}
 end

@@ -11,22 +11,18 @@ use std::sync::LazyLock;
 
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
+use redis::Value;
 use redis::aio::ConnectionManager;
-use redis::{Script, Value};
 use serde_json::{Map, Value as Json};
 
-/// The store's shared Lua: key layout, node cache, roll-up and `apply_update`. The request
-/// queue's submit script includes it too, to write a request's first progress state in the same
-/// atomic step as the request.
-pub(crate) const COMMON: &str = include_str!("common.lua");
-const READ: &str = include_str!("read.lua");
+use crate::library::{Function, Invocation, LIBRARY};
 
-static APPLY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&[COMMON, READ, include_str!("apply.lua")].concat()));
-static READ_MAIN: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&[COMMON, READ, include_str!("read_main.lua")].concat()));
-static DELETE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&[COMMON, include_str!("delete.lua")].concat()));
+// The store's Lua (common.lua: key layout, node cache, roll-up and `apply_update`; read.lua; one
+// file per function) is part of the library (crate::library). The request queue's submit calls
+// `apply_update` too, to write a request's first progress state in the same atomic step.
+static APPLY: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_apply"));
+static READ_MAIN: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_read"));
+static DELETE: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_delete"));
 
 /// Largest `depth` a read accepts (SPEC §2).
 pub const MAX_DEPTH: u32 = 8;
@@ -216,7 +212,7 @@ fn decode_state(bytes: &[u8]) -> Option<State> {
     Some(State { update_time: double(0)? as i64, progress: (!progress.is_nan()).then_some(progress), sums })
 }
 
-fn push_changes(invocation: &mut redis::ScriptInvocation<'_>, prefix: &str, changes: &[Change]) {
+fn push_changes(invocation: &mut Invocation, prefix: &str, changes: &[Change]) {
     invocation.arg(prefix).arg(changes.len());
     for change in changes {
         push_change(invocation, &change.key, change.time_ms, &change.update);
@@ -225,12 +221,7 @@ fn push_changes(invocation: &mut redis::ScriptInvocation<'_>, prefix: &str, chan
 
 /// One change as `apply_update` (common.lua) reads it: key, time_ms, nfields, then each field's
 /// name and JSON text.
-pub(crate) fn push_change(
-    invocation: &mut redis::ScriptInvocation<'_>,
-    key: &Key,
-    time_ms: i64,
-    update: &Update,
-) {
+pub(crate) fn push_change(invocation: &mut Invocation, key: &Key, time_ms: i64, update: &Update) {
     let fields = update.fields();
     invocation.arg(key.as_str()).arg(time_ms).arg(fields.len());
     for (name, value) in fields {

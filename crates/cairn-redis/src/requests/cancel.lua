@@ -5,7 +5,7 @@ local id, now = ARGV[4], tonumber(ARGV[5])
 local k = rkey(id)
 local state = redis.call('HGET', k, 'state')
 if not state then return { 'missing', '' } end
-if TERMINAL[state] then return { 'terminal', state } end
+if TERMINAL_STATES[state] then return { 'terminal', state } end
 redis.call('HSET', k, 'cancel', '1')
 if state == 'queued' then
   -- The entry stays in the stream; whichever processor receives it acks it without running it.

@@ -1,4 +1,6 @@
--- Shared by the request scripts. ARGV[1] prefix, ARGV[2] stream key, ARGV[3] group.
+-- Shared by the request functions of the library (library.rs), after the progress store's
+-- common.lua (its `begin` sets the key prefix P from ARGV[1]); `begin_requests` takes ARGV[2]
+-- stream key and ARGV[3] group.
 --   P:req:<id>        hash: the request record (field names in cairn_requests::record::fields)
 --   <stream>          the request stream; its consumer group's PEL holds the leases
 --   P:dead            dead-letter stream
@@ -6,7 +8,7 @@
 --   P:req:finished    zset of finished request ids scored by finished_ms (the trimmer purges
 --                     from it, SPEC §4)
 --   P:streams         registry of every stream Cairn creates (the trimmer finds them here)
-local P, STREAM, GROUP = ARGV[1], ARGV[2], ARGV[3]
+local STREAM, GROUP
 local function rkey(id) return P .. ':req:' .. id end
 
 -- The consumer that holds the entry's lease, or nil when the entry is not pending at all.
@@ -16,7 +18,7 @@ local function owner_of(entry)
   return p[1][2]
 end
 
-local TERMINAL = { succeeded = true, canceled = true, dead = true }
+local TERMINAL_STATES = { succeeded = true, canceled = true, dead = true }
 
 -- Tells the waiting ingress replica; its stream is capped, expires with the replica and is
 -- registered for the trimmer. Every terminal transition passes here (finish, and cancel.lua for
@@ -25,7 +27,7 @@ local TERMINAL = { succeeded = true, canceled = true, dead = true }
 -- refreshed once per script call.
 local REFRESHED = {}
 local function reply(id, state, now)
-  if TERMINAL[state] then redis.call('ZADD', P .. ':req:finished', now, id) end
+  if TERMINAL_STATES[state] then redis.call('ZADD', P .. ':req:finished', now, id) end
   local to = redis.call('HGET', rkey(id), 'reply_to')
   if to and to ~= '' then
     redis.call('XADD', to, 'MAXLEN', '~', 10000, '*', 'id', id, 'state', state, 'time', now)
@@ -48,4 +50,9 @@ local function finish(id, entry, state, now, result, err)
     redis.call('SADD', P .. ':streams', P .. ':dead')
   end
   reply(id, state, now)
+end
+
+local function begin_requests(args)
+  STREAM, GROUP = args[2], args[3]
+  REFRESHED = {}
 end

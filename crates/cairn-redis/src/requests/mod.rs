@@ -13,23 +13,19 @@ use cairn_progress::Update;
 use cairn_requests::{RequestRecord, RequestState};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, Script, Value};
+use redis::{AsyncCommands, Value};
 
+use crate::library::{Function, Invocation, LIBRARY};
 use crate::progress::push_change;
 
-fn script(body: &str) -> Script {
-    Script::new(&[include_str!("common.lua"), body].concat())
-}
-
-static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
-    let parts = [crate::progress::COMMON, include_str!("common.lua"), include_str!("submit.lua")];
-    Script::new(&parts.concat())
-});
-static START: LazyLock<Script> = LazyLock::new(|| script(include_str!("start.lua")));
-static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| script(include_str!("heartbeat.lua")));
-static COMMIT: LazyLock<Script> = LazyLock::new(|| script(include_str!("commit.lua")));
-static CANCEL: LazyLock<Script> = LazyLock::new(|| script(include_str!("cancel.lua")));
-static RETRY_DEAD: LazyLock<Script> = LazyLock::new(|| script(include_str!("retry_dead.lua")));
+// The queue's Lua (common.lua, and one file per function) is part of the library
+// (crate::library); submit also applies the request's first progress update.
+static SUBMIT: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_submit"));
+static START: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_start"));
+static HEARTBEAT: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_heartbeat"));
+static COMMIT: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_commit"));
+static CANCEL: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_cancel"));
+static RETRY_DEAD: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_retry_dead"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -182,8 +178,8 @@ impl RequestQueue {
         &self.names
     }
 
-    fn invocation<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
-        let mut invocation = script.prepare_invoke();
+    fn invocation(&self, function: &Function) -> Invocation {
+        let mut invocation = function.prepare_invoke();
         invocation.arg(&self.names.prefix).arg(&self.names.stream).arg(&self.names.group);
         invocation
     }

@@ -12,7 +12,7 @@ for i = 6, #ARGV, 2 do
   local verdict, attempts, err, record = 'run', tonumber(v[2]) or 0, '', {}
   if owner_of(entry) ~= consumer then
     verdict = 'lost'
-  elseif not v[1] or TERMINAL[v[1]] then
+  elseif not v[1] or TERMINAL_STATES[v[1]] then
     redis.call('XACK', STREAM, GROUP, entry)
     verdict = 'skip'
   elseif v[4] == '1' then

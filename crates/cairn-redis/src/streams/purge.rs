@@ -8,20 +8,13 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 
 use super::StreamError;
+use crate::library::{Function, LIBRARY};
 
 static PURGE_REQUESTS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("purge_requests.lua")));
-/// The progress store's own delete script behind a guard: the same subtree removal and index
-/// clean-up as [`crate::ProgressStore::delete`], only when the tree is finished and old enough.
-static PURGE_TREE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        &[
-            include_str!("../progress/common.lua"),
-            include_str!("purge_progress.lua"),
-            include_str!("../progress/delete.lua"),
-        ]
-        .concat(),
-    )
-});
+/// The progress store's own delete (a function of the library: purge_progress.lua, then
+/// delete.lua) behind a guard: the same subtree removal and index clean-up as
+/// [`crate::ProgressStore::delete`], only when the tree is finished and old enough.
+static PURGE_TREE: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_purge"));
 
 /// One call of [`Purger::purge_requests`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,6 +89,7 @@ impl Purger {
         cutoff_ms: i64,
     ) -> Result<Option<u64>, StreamError> {
         let removed: i64 = PURGE_TREE
+            .prepare_invoke()
             .arg(&self.prefix)
             .arg(root)
             .arg(now_ms)

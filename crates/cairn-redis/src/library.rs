@@ -1,0 +1,183 @@
+//! Cairn's Lua for the progress tree and the request queue, as one Redis function library
+//! (Redis 7: `FUNCTION LOAD`, `FCALL`).
+//!
+//! Why not `EVALSHA`: a script runs its whole text on every call, so each call made every
+//! shared helper anew, and a Lua closure costs a walk of the open upvalues per variable it
+//! captures. For the progress store's shared code that was about 51 000 instructions a call
+//! (`scripts/profile-progress-lua.sh`), a quarter of a one-update call. A library's top level
+//! runs once, when it is loaded; a call runs only its function.
+//!
+//! The library's name carries the SHA1 of its code, so replicas of different versions never
+//! replace each other's functions. It is loaded on first use: a call that finds its function
+//! missing (Redis restarted without persistence, or flushed its functions) loads the library and
+//! calls again. Per-call state in the shared code is reset by `begin` / `begin_requests` at the
+//! start of every function. The shared files are one chunk: a name declared at the top level of
+//! one must not be declared again in another (it would hide the first from what follows).
+
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs};
+
+/// The shared code, in this order: the library's top level.
+const INCLUDES: [(&str, &str); 3] = [
+    ("progress/common.lua", include_str!("progress/common.lua")),
+    ("progress/read.lua", include_str!("progress/read.lua")),
+    ("requests/common.lua", include_str!("requests/common.lua")),
+];
+
+/// The library with every function below, loaded lazily.
+pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
+    Library::new(
+        &INCLUDES.map(|(_, text)| text),
+        &[
+            ("progress_apply", "begin(ARGV[1])", include_str!("progress/apply.lua")),
+            ("progress_read", "begin(ARGV[1])", include_str!("progress/read_main.lua")),
+            ("progress_delete", "begin(ARGV[1])", include_str!("progress/delete.lua")),
+            (
+                "progress_purge",
+                "begin(ARGV[1])",
+                concat!(include_str!("streams/purge_progress.lua"), include_str!("progress/delete.lua")),
+            ),
+            ("requests_submit", "begin(ARGV[1]); begin_requests(ARGV)", include_str!("requests/submit.lua")),
+            ("requests_start", "begin(ARGV[1]); begin_requests(ARGV)", include_str!("requests/start.lua")),
+            (
+                "requests_heartbeat",
+                "begin(ARGV[1]); begin_requests(ARGV)",
+                include_str!("requests/heartbeat.lua"),
+            ),
+            ("requests_commit", "begin(ARGV[1]); begin_requests(ARGV)", include_str!("requests/commit.lua")),
+            ("requests_cancel", "begin(ARGV[1]); begin_requests(ARGV)", include_str!("requests/cancel.lua")),
+            (
+                "requests_retry_dead",
+                "begin(ARGV[1]); begin_requests(ARGV)",
+                include_str!("requests/retry_dead.lua"),
+            ),
+        ],
+    )
+});
+
+/// Stands for the library's name in its functions' names until the name (a hash of the code
+/// that holds them) is known.
+const LIBRARY_NAME: &str = "__CAIRN_LIBRARY__";
+
+pub(crate) struct Library {
+    name: String,
+    code: String,
+}
+
+impl Library {
+    /// A library of the shared code `includes` (its top level, run once at load) and one
+    /// function per entry `(name, setup, body)`: `body` is a script's text, run as a function of
+    /// `ARGV` after `setup`.
+    fn new(includes: &[&str], entries: &[(&str, &str, &str)]) -> Library {
+        // The shared code reads ARGV at its top level, as scripts do: at load there is none.
+        let mut body = String::from("local ARGV = {}\n");
+        for include in includes {
+            body.push_str(include);
+        }
+        for (name, setup, text) in entries {
+            body.push_str(&format!(
+                "redis.register_function('{LIBRARY_NAME}_{name}', function(_, ARGV)\n{setup}\n{text}\nend)\n"
+            ));
+        }
+        let name = format!("cairn_{}", &redis::Script::new(&body).get_hash()[..16]);
+        let code = format!("#!lua name={name}\n{}", body.replace(LIBRARY_NAME, &name));
+        Library { name, code }
+    }
+
+    /// The library's text, as `FUNCTION LOAD` takes it.
+    pub(crate) fn code(&self) -> &str {
+        &self.code
+    }
+
+    /// One of its functions, to call with [`Function::prepare_invoke`].
+    pub(crate) fn function(&'static self, name: &str) -> Function {
+        Function { name: format!("{}_{name}", self.name), library: self }
+    }
+
+    async fn load(&self, conn: &mut impl ConnectionLike) -> RedisResult<()> {
+        redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(&self.code).query_async::<String>(conn).await?;
+        Ok(())
+    }
+}
+
+pub(crate) struct Function {
+    name: String,
+    library: &'static Library,
+}
+
+impl Function {
+    /// An `FCALL` of this function with no keys; add its `ARGV` with [`Invocation::arg`].
+    pub(crate) fn prepare_invoke(&self) -> Invocation {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.name).arg(0);
+        Invocation { cmd, library: self.library }
+    }
+}
+
+pub(crate) struct Invocation {
+    cmd: Cmd,
+    library: &'static Library,
+}
+
+impl Invocation {
+    pub(crate) fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.cmd.arg(arg);
+        self
+    }
+
+    /// Calls the function, loading the library first if Redis does not have it.
+    pub(crate) async fn invoke_async<T: FromRedisValue>(
+        &self,
+        conn: &mut impl ConnectionLike,
+    ) -> RedisResult<T> {
+        match self.cmd.query_async(conn).await {
+            Err(error) if is_missing_function(&error) => {
+                self.library.load(conn).await?;
+                self.cmd.query_async(conn).await
+            }
+            result => result,
+        }
+    }
+}
+
+fn is_missing_function(error: &redis::RedisError) -> bool {
+    error.detail().is_some_and(|detail| detail.contains("Function not found"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_library_names_itself_and_its_functions_by_its_code() {
+        let code = LIBRARY.code();
+        let name = code.lines().next().unwrap().strip_prefix("#!lua name=").unwrap();
+        assert!(name.starts_with("cairn_") && name.len() == "cairn_".len() + 16, "{name}");
+        let apply = LIBRARY.function("progress_apply");
+        assert_eq!(apply.name, format!("{name}_progress_apply"));
+        assert!(code.contains(&format!("redis.register_function('{}', function(_, ARGV)", apply.name)));
+        assert!(!code.contains(LIBRARY_NAME), "every placeholder is replaced");
+    }
+
+    /// The shared files are one chunk of Lua: a top-level name declared twice would hide the
+    /// first from every function after it.
+    #[test]
+    fn the_shared_files_declare_each_top_level_name_once() {
+        let mut seen = std::collections::HashMap::new();
+        for (file, text) in INCLUDES {
+            for line in text.lines() {
+                let Some(rest) = line.strip_prefix("local ") else { continue };
+                let names = rest.strip_prefix("function ").unwrap_or(rest);
+                let names = names.split(['=', '(']).next().unwrap_or_default();
+                for name in names.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+                    if let Some(first) = seen.insert(name.to_owned(), file) {
+                        panic!("{name} is declared at the top level of {first} and of {file}");
+                    }
+                }
+            }
+        }
+        assert!(seen.contains_key("begin") && seen.contains_key("begin_requests"), "{seen:?}");
+    }
+}
