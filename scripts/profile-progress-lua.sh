@@ -103,6 +103,8 @@ report = {
     "shape": sys.argv[4],
     "read_back": sys.argv[5] != "0",
     "instructions_per_update": round(total / updates),
+    # everything Redis did meanwhile: reading and parsing the commands, calling, replying
+    "redis_instructions_per_update": round(inclusive(r"PROGRAM TOTALS") / updates),
     "share": {k: round(v / total, 3) for k, v in parts.items()},
 }
 report["share"]["lua_vm_and_rest"] = round(1 - sum(report["share"].values()), 3)
