@@ -4,7 +4,8 @@
 //! Why not `EVALSHA`: a script runs its whole text on every call, so each call made every
 //! shared helper anew, and a Lua closure costs a walk of the open upvalues per variable it
 //! captures. For the progress store's shared code that was about 51 000 instructions a call
-//! (`scripts/profile-progress-lua.sh`), a quarter of a one-update call. A library's top level
+//! (callgrind, as `scripts/profile-progress-lua.sh` counts; measured when the code was still a
+//! script), a quarter of a one-update call. A library's top level
 //! runs once, when it is loaded; a call runs only its function.
 //!
 //! The library's name carries the SHA1 of its code, so replicas of different versions never
