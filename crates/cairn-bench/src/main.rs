@@ -8,7 +8,8 @@
 //! messages; (d) gRPC `Update` calls per second from concurrent callers, with latencies;
 //! (e) the cost of one update under a parent with 10 versus 100 000 siblings; (f) the latency of
 //! `GET /status/{key}?depth=2` through the ingress REST API and of gRPC `Get`. Phases (a)–(d) also
-//! report where the CPU went (this process, Redis, RabbitMQ) and Redis's script time.
+//! report where the CPU went (this process, Redis, RabbitMQ: cores busy, and CPU µs per message,
+//! update or call) and Redis's script time.
 //!
 //! `cairn-bench requests` measures the request path (lifecycle progress reporting on): the REST
 //! round trip of one client with `Prefer: wait`, one processor draining a pre-filled stream, and

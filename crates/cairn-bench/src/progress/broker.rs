@@ -16,7 +16,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use serde_json::{Map, Value, json};
 
-use super::system::Probe;
+use super::system::{Probe, us_per_item};
 use super::{Args, Publisher, connect, properties, queue_len, rate, redis_url, round, single_message};
 
 const EXCHANGE: &str = "bench";
@@ -80,6 +80,8 @@ pub(super) async fn measure(args: &Args) -> anyhow::Result<Map<String, Value>> {
     out.insert("a_broker_msgs_per_s".into(), json!(per_s));
     out.insert("a_drain_s".into(), json!(round(elapsed.as_secs_f64(), 3)));
     out.insert("a_publish_msgs_per_s".into(), json!(rate(n, publish_elapsed)));
-    out.insert("a_cpu".into(), after.since(&before));
+    let cpu = after.since(&before);
+    out.insert("a_cpu_us_per_msg".into(), us_per_item(&cpu, n));
+    out.insert("a_cpu".into(), cpu);
     Ok(out)
 }

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
-use super::system::Probe;
+use super::system::{Probe, us_per_item};
 use super::{Aggregator, Args, percentile_ms, round};
 
 /// Time given to every caller to be spawned before the clock starts.
@@ -87,7 +87,9 @@ pub(super) async fn measure(args: &Args) -> anyhow::Result<Map<String, Value>> {
     out.insert("d_p99_ms".into(), json!(percentile_ms(&latencies, 0.99)));
     out.insert("d_calls".into(), json!(latencies.len()));
     out.insert("d_errors".into(), json!(errors));
-    out.insert("d_cpu".into(), after.since(&before));
+    let cpu = after.since(&before);
+    out.insert("d_cpu_us_per_call".into(), us_per_item(&cpu, latencies.len() as u64));
+    out.insert("d_cpu".into(), cpu);
     Ok(out)
 }
 

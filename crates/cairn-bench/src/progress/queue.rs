@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use progress_aggregator::consumer::{TIME_HEADER, now_ms};
 use serde_json::{Map, Value, json};
 
-use super::system::Probe;
+use super::system::{Probe, us_per_item};
 use super::{
     Aggregator, Args, DEAD_LETTER_QUEUE, DRAIN_TIMEOUT, EXCHANGE, MARKER_BODY, MARKER_KEY, Publisher,
     SHARD_QUEUE, connect, key, properties, queue_len, rate, round, single_message, store, wait_for_key,
@@ -53,6 +53,7 @@ pub(super) async fn measure_single(args: &Args) -> anyhow::Result<Map<String, Va
     out.insert("b_drain_s".into(), json!(round(drained.elapsed.as_secs_f64(), 3)));
     out.insert("b_publish_msgs_per_s".into(), json!(rate(n + 1, drained.publish_elapsed)));
     out.insert("b_dead_lettered".into(), json!(drained.dead_lettered));
+    out.insert("b_cpu_us_per_msg".into(), us_per_item(&drained.cpu, n + 1));
     out.insert("b_cpu".into(), drained.cpu);
     Ok(out)
 }
@@ -95,6 +96,7 @@ pub(super) async fn measure_bursts(args: &Args) -> anyhow::Result<Map<String, Va
     out.insert("c_drain_s".into(), json!(round(drained.elapsed.as_secs_f64(), 3)));
     out.insert("c_updates".into(), json!(updates));
     out.insert("c_dead_lettered".into(), json!(drained.dead_lettered));
+    out.insert("c_cpu_us_per_update".into(), us_per_item(&drained.cpu, updates + 1));
     out.insert("c_cpu".into(), drained.cpu);
     Ok(out)
 }

@@ -127,6 +127,17 @@ impl Sample {
     }
 }
 
+/// CPU microseconds each process spent per item (message, update or call) during a measurement,
+/// from the figures [`Sample::since`] gives: what one item costs where, which says whether a
+/// rate can fit on the machine's cores at all.
+pub(super) fn us_per_item(cpu: &Value, items: u64) -> Value {
+    let per = |cores: &str| -> Option<f64> {
+        let busy_s = cpu[cores].as_f64()? * cpu["wall_s"].as_f64()?;
+        (items > 0).then(|| round(busy_s / items as f64 * 1e6, 1))
+    };
+    json!({"bench": per("bench_cores"), "redis": per("redis_cores"), "rabbitmq": per("rabbitmq_cores")})
+}
+
 /// `name:value` from an `INFO` answer.
 fn field(info: &str, name: &str) -> Option<String> {
     info.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_owned()))
@@ -194,5 +205,12 @@ mod tests {
         assert_eq!(parse_cpu_ticks(proc_stat), Some(755));
         let machine = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 50 2 25 500 10 0 1 1 0 0\n";
         assert_eq!(parse_machine_ticks(machine), Some(161));
+    }
+
+    #[test]
+    fn cost_per_item_is_busy_time_over_items() {
+        let cpu = json!({"wall_s": 2.0, "bench_cores": 0.25, "redis_cores": 0.5, "rabbitmq_cores": null});
+        assert_eq!(us_per_item(&cpu, 10_000), json!({"bench": 50.0, "redis": 100.0, "rabbitmq": null}));
+        assert_eq!(us_per_item(&cpu, 0), json!({"bench": null, "redis": null, "rabbitmq": null}));
     }
 }
