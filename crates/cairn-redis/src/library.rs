@@ -40,20 +40,12 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
                 "begin(ARGV[1])",
                 concat!(include_str!("streams/purge_progress.lua"), include_str!("progress/delete.lua")),
             ),
-            ("requests_submit", "begin(ARGV[1]); begin_requests(ARGV)", include_str!("requests/submit.lua")),
-            ("requests_start", "begin(ARGV[1]); begin_requests(ARGV)", include_str!("requests/start.lua")),
-            (
-                "requests_heartbeat",
-                "begin(ARGV[1]); begin_requests(ARGV)",
-                include_str!("requests/heartbeat.lua"),
-            ),
-            ("requests_commit", "begin(ARGV[1]); begin_requests(ARGV)", include_str!("requests/commit.lua")),
-            ("requests_cancel", "begin(ARGV[1]); begin_requests(ARGV)", include_str!("requests/cancel.lua")),
-            (
-                "requests_retry_dead",
-                "begin(ARGV[1]); begin_requests(ARGV)",
-                include_str!("requests/retry_dead.lua"),
-            ),
+            ("requests_submit", "begin_requests(ARGV)", include_str!("requests/submit.lua")),
+            ("requests_start", "begin_requests(ARGV)", include_str!("requests/start.lua")),
+            ("requests_heartbeat", "begin_requests(ARGV)", include_str!("requests/heartbeat.lua")),
+            ("requests_commit", "begin_requests(ARGV)", include_str!("requests/commit.lua")),
+            ("requests_cancel", "begin_requests(ARGV)", include_str!("requests/cancel.lua")),
+            ("requests_retry_dead", "begin_requests(ARGV)", include_str!("requests/retry_dead.lua")),
         ],
     )
 });

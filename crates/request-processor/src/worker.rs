@@ -363,12 +363,12 @@ async fn run_request(
     mut attempt: u32,
     signals: RunSignals,
 ) {
-    let RunSignals { cancel, stop, progress } = signals;
+    let RunSignals { cancel, stop, .. } = &signals;
     loop {
         record.attempts = attempt;
         report(deps, &entry.request_id, Some(&record), RequestState::Running, None);
         let started = Instant::now();
-        let outcome = run_attempt(deps, &record, attempt, &cancel, &stop, &progress).await;
+        let outcome = run_attempt(deps, &record, attempt, &signals).await;
         metrics::histogram!("cairn_request_attempt_seconds").record(started.elapsed().as_secs_f64());
         let (state, result, error) = match outcome {
             Attempt::Done(value) => (RequestState::Succeeded, Some(value), None),
@@ -385,7 +385,7 @@ async fn run_request(
             },
         };
         let commit = Commit { entry: entry.clone(), state, result, error: error.clone() };
-        if !commit_with_retry(deps, &commit, &cancel).await {
+        if !commit_with_retry(deps, &commit, cancel).await {
             return;
         }
         metrics::counter!("cairn_requests_finished_total", "state" => state.as_str()).increment(1);
@@ -431,10 +431,9 @@ async fn run_attempt(
     deps: &Arc<Deps>,
     record: &RequestRecord,
     attempt: u32,
-    cancel: &CancellationToken,
-    stop: &Arc<Mutex<Option<Stop>>>,
-    last_progress: &Arc<LastProgress>,
+    signals: &RunSignals,
 ) -> Attempt {
+    let RunSignals { cancel, stop, progress } = signals;
     let Some(handler) = deps.handlers.get(&record.handler) else {
         let known: Vec<&str> = deps.handlers.names().collect();
         let message =
@@ -456,7 +455,7 @@ async fn run_attempt(
         traceparent: record.traceparent.clone(),
         cancel: run_cancel.clone(),
         publisher: deps.publisher.clone(),
-        last_progress: last_progress.clone(),
+        last_progress: progress.clone(),
     };
     // Its own task, so a panic fails this request only.
     let mut task = tokio::spawn(async move { handler.handle(&ctx).await });

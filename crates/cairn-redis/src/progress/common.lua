@@ -15,8 +15,9 @@
 -- A node exists exactly when it has _s. It is the one field the maths reads (HGET: a third of
 -- the cost of reading six text fields, and no decimal parsing) and the one every write sets: a
 -- node's update time and progress live only here (the read path decodes them), so a leaf's
--- write is one field and no number is formatted. A leaf's _s with a status of up to 15
--- characters stays within Redis's compact hash encoding (64 bytes a value).
+-- write is one field and no number is formatted. A leaf's _s is 49 bytes and its status's JSON
+-- text: with a status of up to 13 characters it stays within Redis's compact hash encoding (64
+-- bytes a value; "running" makes 58).
 local P
 local EPS = 1e-9
 

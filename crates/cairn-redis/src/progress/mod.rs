@@ -118,12 +118,6 @@ impl ProgressStore {
         Ok(())
     }
 
-    /// Applies one update and returns the node as it is right after, read to `depth` 1.
-    pub async fn apply_and_read(&self, change: &Change) -> Result<NodeView, StoreError> {
-        let mut nodes = self.apply_and_read_many(std::slice::from_ref(change)).await?;
-        nodes.pop().ok_or_else(|| StoreError::Protocol("updated node missing".into()))
-    }
-
     /// Applies changes in order in one script call and returns, for each, its node as the
     /// whole batch left it (read to `depth` 1). Used to group concurrent callers' updates.
     pub async fn apply_and_read_many(&self, changes: &[Change]) -> Result<Vec<NodeView>, StoreError> {

@@ -52,7 +52,9 @@ local function finish(id, entry, state, now, result, err)
   reply(id, state, now)
 end
 
+-- Starts a call of a request function: `begin` (prefix, per-call state), then stream and group.
 local function begin_requests(args)
+  begin(args[1])
   STREAM, GROUP = args[2], args[3]
   REFRESHED = {}
 end
