@@ -224,7 +224,7 @@ impl App {
         info!(
             addr = %listener.local_addr()?,
             aggregator = %config.aggregator_url,
-            redis = %config.redis.url,
+            redis = %cairn_runtime::redact_url(&config.redis.url),
             prefix = %config.redis.prefix,
             replica = %replica,
             "ingress starting"
