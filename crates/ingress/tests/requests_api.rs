@@ -215,8 +215,18 @@ async fn an_idempotency_key_names_one_request() {
 async fn bad_input_is_a_4xx_naming_the_problem() {
     let stack = Stack::start().await;
     let huge = format!(r#"{{"handler": "echo", "payload": "{}"}}"#, "x".repeat(3 * 1024 * 1024));
-    let cases: [(&str, u16, &str); 8] = [
+    let cases: [(&str, u16, &str); 10] = [
         (r#"{"handler": "nope"}"#, 400, "unknown handler \"nope\"; this deployment has: echo"),
+        (
+            r#"{"handler": "echo", "progress_key": "_portal"}"#,
+            400,
+            "field \"progress_key\": \"_portal\" is a namespace",
+        ),
+        (
+            r#"{"handler": "echo", "progress_key": "a._x"}"#,
+            400,
+            "field \"progress_key\": \"a._x\" is a namespace",
+        ),
         (r#"{"payload": {}}"#, 400, "field \"handler\" is required"),
         (r#"{"handler": "echo", "max_attempts": "3"}"#, 400, "field \"max_attempts\": must be an integer"),
         (r#"{"handler": "echo", "timeout_ms": -1}"#, 400, "field \"timeout_ms\": must be an integer"),
