@@ -505,3 +505,49 @@ async fn dead_letters_are_listed_inspected_and_retried() {
     let end = stack.get(&format!("/v1/dead-letters?limit=1&after={last}")).await;
     assert_eq!(end.json, json!({"items": [], "next": null}));
 }
+
+/// A request's own node ends in its record's terminal state even when the processor cannot
+/// report anything over AMQP: the request queue writes it in the step that stores the outcome,
+/// to the request's own `progress_key` (also when canceled before it ran).
+#[tokio::test]
+async fn terminal_states_reach_the_node_without_rabbitmq() {
+    let mut stack = Stack::start().await;
+    stack
+        .start_processor_on(
+            request_processor::handlers::default_handlers(),
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+        )
+        .await;
+    let done =
+        stack.submit(&json!({"handler": "echo", "payload": 1, "progress_key": "_t.job1"}), Some(10)).await;
+    assert_eq!(done.status, 200, "{}", done.json);
+    let node = stack.get("/status/_t.job1").await;
+    assert_eq!(node.status, 200, "{}", node.json);
+    assert_eq!(
+        (&node.json["status"], &node.json["state"], &node.json["progress"]),
+        (&json!("finished"), &json!("succeeded"), &json!(1))
+    );
+    assert_eq!(node.json["handler"], "echo");
+
+    let mut idle = Stack::start().await;
+    let queued =
+        idle.submit(&json!({"handler": "echo", "payload": 1, "progress_key": "_t.job2"}), None).await;
+    let id = queued.json["id"].as_str().unwrap().to_owned();
+    let canceled = idle.send(idle.request(Method::DELETE, &format!("/v1/requests/{id}"))).await;
+    assert_eq!(canceled.status, 200, "{}", canceled.json);
+    let node = idle.get("/status/_t.job2").await;
+    assert_eq!(
+        (&node.json["status"], &node.json["state"]),
+        (&json!("canceled"), &json!("canceled")),
+        "{}",
+        node.json
+    );
+    assert_eq!(idle.get(&format!("/status/_requests.{id}")).await.status, 404, "nothing at the default key");
+    // A processor that later receives the canceled entry acks it and writes nothing else.
+    idle.start_processor_on(
+        request_processor::handlers::default_handlers(),
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+    )
+    .await;
+    stack.stop().await;
+}

@@ -140,6 +140,10 @@ impl Registry {
         signals
     }
 
+    fn contains(&self, entry: &Entry) -> bool {
+        self.0.lock().expect("registry lock").contains_key(&entry.entry_id)
+    }
+
     fn remove(&self, entry: &Entry) {
         self.0.lock().expect("registry lock").remove(&entry.entry_id);
     }
@@ -279,6 +283,9 @@ async fn dispatch(
     entries: Vec<Entry>,
     mut permits: Vec<OwnedSemaphorePermit>,
 ) {
+    // An entry this process still runs comes back when its lease ran out meanwhile (Redis away
+    // for longer than the lease, say) and it reclaims its own entry: never run it twice.
+    let entries: Vec<Entry> = entries.into_iter().filter(|entry| !registry.contains(entry)).collect();
     if entries.is_empty() {
         return;
     }
@@ -305,29 +312,19 @@ async fn dispatch(
                     drop(permit);
                 });
             }
-            Start::Canceled => report(deps, &entry.request_id, None, RequestState::Canceled, None),
-            Start::Dead { error } => report(deps, &entry.request_id, None, RequestState::Dead, Some(&error)),
-            Start::Skip | Start::Lost => {}
+            // start.lua wrote these to the request's own node, in the step that stored them.
+            Start::Canceled | Start::Dead { .. } | Start::Skip | Start::Lost => {}
         }
     }
 }
 
 /// Reports a request's lifecycle to its progress node (coalesced; never blocks the work).
-fn report(
-    deps: &Deps,
-    request_id: &str,
-    record: Option<&RequestRecord>,
-    state: RequestState,
-    error: Option<&str>,
-) {
-    let key = match record {
-        Some(record) => record.progress_key.clone(),
-        None => cairn_requests::default_progress_key(request_id),
-    };
-    let mut update = state.progress_update();
-    if let Some(record) = record {
-        update = update.field("attempts", json!(record.attempts)).field("handler", json!(record.handler));
-    }
+fn report(deps: &Deps, record: &RequestRecord, state: RequestState, error: Option<&str>) {
+    let key = record.progress_key.clone();
+    let mut update = state
+        .progress_update()
+        .field("attempts", json!(record.attempts))
+        .field("handler", json!(record.handler));
     if state == RequestState::Succeeded {
         update = update.progress(1.0);
     }
@@ -366,7 +363,7 @@ async fn run_request(
     let RunSignals { cancel, stop, .. } = &signals;
     loop {
         record.attempts = attempt;
-        report(deps, &entry.request_id, Some(&record), RequestState::Running, None);
+        report(deps, &record, RequestState::Running, None);
         let started = Instant::now();
         let outcome = run_attempt(deps, &record, attempt, &signals).await;
         metrics::histogram!("cairn_request_attempt_seconds").record(started.elapsed().as_secs_f64());
@@ -389,7 +386,7 @@ async fn run_request(
             return;
         }
         metrics::counter!("cairn_requests_finished_total", "state" => state.as_str()).increment(1);
-        report(deps, &entry.request_id, Some(&record), state, error.as_deref());
+        report(deps, &record, state, error.as_deref());
         if state != RequestState::Failed {
             return;
         }
@@ -410,11 +407,11 @@ async fn run_request(
                     record = *stored;
                 }
                 Some(Start::Canceled) => {
-                    report(deps, &entry.request_id, Some(&record), RequestState::Canceled, None);
+                    report(deps, &record, RequestState::Canceled, None);
                     return;
                 }
                 Some(Start::Dead { error }) => {
-                    report(deps, &entry.request_id, Some(&record), RequestState::Dead, Some(&error));
+                    report(deps, &record, RequestState::Dead, Some(&error));
                     return;
                 }
                 _ => return,
