@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cairn_amqp::ProgressPublisher;
 use cairn_progress::{Key, Update};
 use cairn_redis::RedisConfig;
-use cairn_redis::requests::{Commit, Entry, Heartbeat, Renewal, RequestQueue, Start};
+use cairn_redis::requests::{Commit, Entry, Heartbeat, QueueError, Renewal, RequestQueue, Start};
 use cairn_requests::{Backoff, Failure, LeaseSettings, Next, RequestRecord, RequestState, next_step};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
@@ -23,6 +23,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::handler::{Context, HandlerError, HandlerSet, LastProgress};
+
+/// How long past its block time a read of the request stream may take before the reader counts
+/// Redis as gone.
+const READ_SLACK: Duration = Duration::from_secs(5);
 
 /// How the processor runs.
 #[derive(Debug, Clone)]
@@ -239,9 +243,21 @@ pub async fn run(deps: Arc<Deps>, redis: RedisConfig, shutdown: CancellationToke
                 Err(error) => warn!(%error, "cannot reclaim expired leases"),
             }
         }
+        // The reader's connection has no response timeout (BLOCK must wait), so a Redis that
+        // stops answering (paused, a half-open connection) is noticed here: past its block time
+        // and some slack the read counts as failed and the connection is made again.
+        let bounded = tokio::time::timeout(
+            Duration::from_millis(block_ms as u64) + READ_SLACK,
+            deps.queue.read_new(conn, &deps.settings.consumer, batch.len(), block_ms),
+        );
         let read = tokio::select! {
             () = shutdown.cancelled() => break,
-            read = deps.queue.read_new(conn, &deps.settings.consumer, batch.len(), block_ms) => read,
+            read = bounded => read.unwrap_or_else(|_| {
+                Err(QueueError::Redis(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "redis did not answer a blocking read in time",
+                ))))
+            }),
         };
         match read {
             Ok(entries) => {
@@ -251,7 +267,7 @@ pub async fn run(deps: Arc<Deps>, redis: RedisConfig, shutdown: CancellationToke
             Err(error) => {
                 failures += 1;
                 reader = None;
-                if error.to_string().contains("NOGROUP") {
+                if matches!(&error, QueueError::Redis(e) if e.code() == Some("NOGROUP")) {
                     // Redis came back without our data (no persistence): make the group again.
                     let _ = deps.queue.ensure_group().await;
                 }
