@@ -30,6 +30,7 @@ port_of() { local addr=$1; echo "${addr##*:}"; }
 
 # Where each service listens: the same defaults the binaries use, unless CAIRN_* says otherwise.
 INGRESS_ADDR="${CAIRN_INGRESS_ADDR:-127.0.0.1:8080}"
+INGRESS_ADMIN_ADDR="${CAIRN_INGRESS_ADMIN_ADDR:-127.0.0.1:9090}"
 GRPC_ADDR="${CAIRN_AGGREGATOR_GRPC_ADDR:-127.0.0.1:50051}"
 AGGREGATOR_ADMIN_ADDR="${CAIRN_AGGREGATOR_ADMIN_ADDR:-127.0.0.1:9091}"
 PROCESSOR_ADMIN_ADDR="${CAIRN_PROCESSOR_ADMIN_ADDR:-127.0.0.1:9092}"
@@ -41,7 +42,7 @@ export CAIRN_PUBLIC_URL="${CAIRN_PUBLIC_URL:-http://127.0.0.1:$(port_of "$INGRES
 # The port whose /readyz tells that a service is ready.
 ready_port() {
   case $1 in
-    ingress) port_of "$INGRESS_ADDR" ;;
+    ingress) port_of "$INGRESS_ADMIN_ADDR" ;;
     progress-aggregator) port_of "$AGGREGATOR_ADMIN_ADDR" ;;
     request-processor) port_of "$PROCESSOR_ADMIN_ADDR" ;;
     stream-trimmer) port_of "$TRIMMER_ADMIN_ADDR" ;;
@@ -52,6 +53,7 @@ ready_port() {
 ports_of() {
   case $1 in
     progress-aggregator) echo "$(port_of "$GRPC_ADDR") $(port_of "$AGGREGATOR_ADMIN_ADDR")" ;;
+    ingress) echo "$(port_of "$INGRESS_ADDR") $(port_of "$INGRESS_ADMIN_ADDR")" ;;
     *) ready_port "$1" ;;
   esac
 }
@@ -139,7 +141,7 @@ start_service() {
 
 print_endpoints() {
   cat >&2 <<MSG
-native: ingress REST        http://127.0.0.1:$(port_of "$INGRESS_ADDR")   (/healthz /readyz /metrics; try: curl -d '{"progress":0.5}' 127.0.0.1:$(port_of "$INGRESS_ADDR")/status/_demo.job)
+native: ingress REST        http://127.0.0.1:$(port_of "$INGRESS_ADDR")   (/healthz /readyz; /metrics on :$(port_of "$INGRESS_ADMIN_ADDR"); try: curl -d '{"progress":0.5}' 127.0.0.1:$(port_of "$INGRESS_ADDR")/status/_demo.job)
 native: aggregator gRPC     127.0.0.1:$(port_of "$GRPC_ADDR")          (cairn.v1.Progress, health, reflection)
 native: aggregator admin    http://127.0.0.1:$(port_of "$AGGREGATOR_ADMIN_ADDR")
 native: processor admin     http://127.0.0.1:$(port_of "$PROCESSOR_ADMIN_ADDR")

@@ -31,14 +31,14 @@ OVERLAYS = ("dev", "prod")
 
 # Service binary -> (crate directory, the port its /healthz /readyz /metrics answer on).
 SERVICES = {
-    "ingress": ("ingress", 8080),
+    "ingress": ("ingress", 9090),
     "progress-aggregator": ("progress-aggregator", 9091),
     "request-processor": ("request-processor", 9092),
     "stream-trimmer": ("stream-trimmer", 9093),
 }
 # Admin address variable of each binary (its listen address for the port above).
 ADMIN_ADDR_VAR = {
-    "ingress": "CAIRN_INGRESS_ADDR",
+    "ingress": "CAIRN_INGRESS_ADMIN_ADDR",
     "progress-aggregator": "CAIRN_AGGREGATOR_ADMIN_ADDR",
     "request-processor": "CAIRN_PROCESSOR_ADMIN_ADDR",
     "stream-trimmer": "CAIRN_TRIMMER_ADMIN_ADDR",
@@ -131,7 +131,7 @@ def binary_help(name: str) -> Help:
     # --help like any early exit); the text is what matters.
     out = result.stdout + result.stderr
     assert "Usage:" in out, f"{name} --help printed no usage (exit {result.returncode}):\n{out}"
-    names = frozenset(re.findall(r"\[env: (CAIRN_[A-Z0-9_]+)=", out))
+    names = frozenset(re.findall(r"\[env: (CAIRN_[A-Z0-9_]+)[=\]]", out))
     commands_block = out.split("Commands:", 1)[1].split("\n\n", 1)[0] if "Commands:" in out else ""
     subcommands = frozenset(re.findall(r"^\s{2}([a-z][a-z0-9-]*)\s", commands_block, re.M))
     return Help(out, names, subcommands)

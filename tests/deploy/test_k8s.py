@@ -467,7 +467,7 @@ def test_admin_ports_are_the_binaries_defaults():
     """The ports probed and scraped are where each binary listens by default (--help)."""
     for binary_name, (_, port) in SERVICES.items():
         var = ADMIN_ADDR_VAR[binary_name]
-        m = re.search(rf"\[env: {var}=\]\s*\[default: [^\]]*:(\d+)\]", binary_help(binary_name).text)
+        m = re.search(rf"\[env: {var}=?\]\s*\[default: [^\]]*:(\d+)\]", binary_help(binary_name).text)
         assert m, f"{binary_name} --help shows no default for {var}"
         assert int(m.group(1)) == port, f"{binary_name} listens on {m.group(1)} by default, deploy files use {port}"
 

@@ -69,13 +69,15 @@ class Native:
     def __init__(self, run_dir: Path):
         self.tag = uuid.uuid4().hex[:8]
         self.run_dir = run_dir
-        ports = free_ports(5)
+        ports = free_ports(6)
         self.ports = {
             "ingress": ports[0],
             "progress-aggregator": ports[1],
             "request-processor": ports[2],
             "stream-trimmer": ports[3],
             "grpc": ports[4],
+            # the ingress's public port (its admin port, with /metrics, is "ingress")
+            "api": ports[5],
         }
         self.prefix = f"cairn-native-{self.tag}"
         self.names = f"native-{self.tag}"
@@ -84,6 +86,7 @@ class Native:
             env[ADMIN_ADDR_VAR[binary_name]] = f"127.0.0.1:{self.ports[binary_name]}"
         env.update(
             CAIRN_AGGREGATOR_GRPC_ADDR=f"127.0.0.1:{self.ports['grpc']}",
+            CAIRN_INGRESS_ADDR=f"127.0.0.1:{self.ports['api']}",
             CAIRN_RUN_DIR=str(run_dir),
             CAIRN_KEY_PREFIX=self.prefix,
             CAIRN_PROGRESS_EXCHANGE=self.names,
@@ -172,7 +175,7 @@ def test_start_brings_every_service_up(native):
     assert native.started.returncode == 0, native.started.stderr[-4000:]
     for binary_name in SERVICES:
         assert f"{binary_name} ready" in native.started.stderr
-    assert f"http://127.0.0.1:{native.ports['ingress']}" in native.started.stderr, "start does not say where ingress is"
+    assert f"http://127.0.0.1:{native.ports['api']}" in native.started.stderr, "start does not say where ingress is"
     assert set(native.pids()) == set(SERVICES)
     for name, pid in native.pids().items():
         assert process_alive(pid), f"{name} (pid {pid}) is not running"
@@ -199,7 +202,7 @@ def test_healthcheck_subcommand_passes_against_live_services(native):
 def test_a_request_runs_to_completion(native):
     payload = {"native": native.tag, "n": 1}
     status, body = curl(
-        "-X", "POST", native.url("ingress", "/v1/requests"),
+        "-X", "POST", native.url("api", "/v1/requests"),
         "-H", "Content-Type: application/json", "-H", "Prefer: wait=10",
         "-d", json.dumps({"handler": "echo", "payload": payload}),
         timeout=20,
@@ -212,10 +215,10 @@ def test_a_request_runs_to_completion(native):
 
 def test_progress_posted_with_curl_is_readable(native):
     status, body = curl("-d", json.dumps({"progress": 0.5, "status": "running", "msg": "native"}),
-                        native.url("ingress", "/status/_native.test"))
+                        native.url("api", "/status/_native.test"))
     assert status == 200, body
     assert json.loads(body)["status"] == "published"
-    status, body = curl(native.url("ingress", "/status/_native.test"))
+    status, body = curl(native.url("api", "/status/_native.test"))
     assert status == 200, body
     node = json.loads(body)
     assert node["progress"] == 0.5 and node["status"] == "running", node

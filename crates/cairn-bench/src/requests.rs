@@ -82,6 +82,7 @@ impl Stack {
         let mut args = vec![
             "ingress".to_owned(),
             "--addr=127.0.0.1:0".into(),
+            "--admin-addr=127.0.0.1:0".into(),
             format!("--aggregator-url=http://{grpc}"),
         ];
         args.extend(common.iter().cloned());

@@ -58,6 +58,7 @@ async fn dev(log: &LogConfig, shutdown: CancellationToken) -> anyhow::Result<()>
     // A development stack is for this machine: every listener on 127.0.0.1 unless its variable
     // says otherwise (deployed services default to all interfaces, as containers need).
     loopback_unless_set(&mut ingress_config.addr, "CAIRN_INGRESS_ADDR");
+    loopback_unless_set(&mut ingress_config.admin_addr, "CAIRN_INGRESS_ADMIN_ADDR");
     loopback_unless_set(&mut aggregator_config.grpc_addr, "CAIRN_AGGREGATOR_GRPC_ADDR");
     loopback_unless_set(&mut aggregator_config.admin_addr, "CAIRN_AGGREGATOR_ADMIN_ADDR");
     loopback_unless_set(&mut processor_config.admin_addr, "CAIRN_PROCESSOR_ADMIN_ADDR");
@@ -69,6 +70,7 @@ async fn dev(log: &LogConfig, shutdown: CancellationToken) -> anyhow::Result<()>
     let trimmer = stream_trimmer::App::build(trimmer_config).await.context("stream-trimmer")?;
     info!(
         ingress = %ingress.local_addr(),
+        ingress_admin = %ingress.admin_addr(),
         aggregator_grpc = %aggregator.grpc_addr(),
         aggregator_admin = %aggregator.admin_addr(),
         processor_admin = %processor.admin_addr(),

@@ -65,17 +65,28 @@ impl Admin {
 
     /// `GET /healthz` (alive; never looks at dependencies), `GET /readyz` and `GET /metrics`.
     pub fn router(self) -> Router {
+        let (probes, state) = self.probes_and_state();
+        probes.merge(Router::new().route("/metrics", get(metrics)).with_state(state))
+    }
+
+    /// `GET /healthz` and `GET /readyz` alone, for a public port where load balancers probe
+    /// (metrics stay on the admin port).
+    pub fn probes_router(self) -> Router {
+        self.probes_and_state().0
+    }
+
+    fn probes_and_state(self) -> (Router, Arc<AdminState>) {
         let state = Arc::new(AdminState {
             service: self.service,
             checks: self.checks,
             shutdown: self.shutdown,
             metrics: crate::metrics_handle(),
         });
-        Router::new()
+        let probes = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
-            .with_state(state)
+            .with_state(state.clone());
+        (probes, state)
     }
 }
 

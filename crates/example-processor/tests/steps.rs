@@ -77,9 +77,15 @@ async fn steps_report_sub_progress_that_rolls_up() {
     })
     .await
     .unwrap();
+    // The request's node shows `finished` as soon as the outcome is stored (the request queue
+    // writes it); the steps' own last reports come over AMQP and may land just after.
     wait_until("final progress applied", Duration::from_secs(20), || async {
         let node = store.get(&key, &ReadOptions::depth(2)).await.unwrap();
-        node.is_some_and(|n| n.status() == Some("finished") && n.progress() == Some(1.0))
+        node.is_some_and(|n| {
+            n.status() == Some("finished")
+                && n.progress() == Some(1.0)
+                && n.counts.get("finished") == Some(&3)
+        })
     })
     .await
     .unwrap();

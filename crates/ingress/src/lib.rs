@@ -3,8 +3,9 @@
 //! progress read and write is a `cairn.v1.Progress` call to the progress aggregator, and the
 //! request API (`/v1/requests`, `/v1/dead-letters`), which submits requests to the Redis request
 //! queue and answers waiting clients from this replica's own reply stream. Ingress keeps no
-//! state of its own beyond those waiters, so it scales freely. It also serves `/healthz`,
-//! `/readyz` and `/metrics` on the same port.
+//! state of its own beyond those waiters, so it scales freely. It answers `/healthz` and
+//! `/readyz` on its public port too, where load balancers probe; `/metrics` only on its admin
+//! port.
 
 mod aggregator;
 mod error;
@@ -47,9 +48,12 @@ pub use crate::requests::RequestsError;
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "ingress", version, about = "Cairn's public REST API")]
 pub struct Config {
-    /// HTTP listen address (API, `/healthz`, `/readyz`, `/metrics`).
+    /// HTTP listen address (the API, the UI, `/healthz` and `/readyz`).
     #[arg(long, env = "CAIRN_INGRESS_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: SocketAddr,
+    /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`), apart from the public port.
+    #[arg(long, env = "CAIRN_INGRESS_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    pub admin_addr: SocketAddr,
     /// gRPC URL of the progress aggregator (`http://host:port`).
     #[arg(long, env = "CAIRN_AGGREGATOR_URL", default_value = "http://127.0.0.1:50051")]
     pub aggregator_url: String,
@@ -180,6 +184,7 @@ impl Readiness for RedisReady {
 pub struct App {
     config: Config,
     listener: TcpListener,
+    admin: TcpListener,
     aggregator: Aggregator,
     redis: ConnectionManager,
     requests: Arc<requests::Requests>,
@@ -232,6 +237,9 @@ impl App {
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on CAIRN_INGRESS_ADDR={}", config.addr))?;
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on CAIRN_INGRESS_ADMIN_ADDR={}", config.admin_addr))?;
         let live_stop = CancellationToken::new();
         let live = cairn_live::Live::start(
             config.redis.clone(),
@@ -239,7 +247,19 @@ impl App {
             config.live.settings(),
             live_stop.clone(),
         );
-        Ok(App { config, listener, aggregator, redis, requests, waiters, replica, live, live_stop, draining })
+        Ok(App {
+            config,
+            listener,
+            admin,
+            aggregator,
+            redis,
+            requests,
+            waiters,
+            replica,
+            live,
+            live_stop,
+            draining,
+        })
     }
 
     /// This replica's name (its reply stream is `{prefix}:replies:{replica}`).
@@ -251,13 +271,22 @@ impl App {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Every route the ingress serves, with its metrics and tracing layers.
-    pub fn router(&self) -> Router {
-        let admin = Admin::new("ingress")
+    /// Where `/metrics` (with `/healthz` and `/readyz`) is served.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    fn admin(&self) -> Admin {
+        Admin::new("ingress")
             .readiness(Arc::new(self.aggregator.clone()))
             .readiness(Arc::new(RedisReady(self.redis.clone())))
             .with_shutdown(self.draining.clone())
-            .router();
+    }
+
+    /// Every route of the public port, with its metrics and tracing layers (`/metrics` is on
+    /// the admin port only).
+    pub fn router(&self) -> Router {
+        let admin = self.admin().probes_router();
         progress_api::router(self.aggregator.clone(), self.config.live.stall_after)
             .merge(live::router(self.live.clone()))
             .merge(requests_api::router(self.requests.clone()))
@@ -274,9 +303,13 @@ impl App {
     /// fails the start.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let router = self.router();
-        let App { config, listener, mut redis, requests, waiters, replica, draining, live_stop, .. } = self;
+        let admin_router = self.admin().router();
+        let App {
+            config, listener, admin, mut redis, requests, waiters, replica, draining, live_stop, ..
+        } = self;
         info!(
             addr = %listener.local_addr()?,
+            admin = %admin.local_addr()?,
             aggregator = %config.aggregator_url,
             redis = %cairn_runtime::redact_url(&config.redis.url),
             prefix = %config.redis.prefix,
@@ -292,11 +325,15 @@ impl App {
             background.clone(),
         ));
         let stop = CancellationToken::new();
+        // The admin port stays up while the public one drains, so probes see /readyz turn 503.
+        let admin_stop = CancellationToken::new();
+        let admin_server = tokio::spawn(cairn_runtime::serve_admin(admin, admin_router, admin_stop.clone()));
         let mut server = tokio::spawn(listener::serve(listener, router, config.limits(), stop.clone()));
         tokio::select! {
             result = &mut server => {
                 background.cancel();
                 live_stop.cancel();
+                admin_stop.cancel();
                 result.context("ingress server task failed")?;
                 anyhow::bail!("ingress server stopped by itself");
             }
@@ -312,7 +349,8 @@ impl App {
             server.abort();
         }
         background.cancel();
-        let _ = tokio::join!(group, reader);
+        admin_stop.cancel();
+        let _ = tokio::join!(group, reader, admin_server);
         requests.drop_reply_stream(&mut redis).await;
         info!("ingress stopped");
         Ok(())

@@ -372,6 +372,8 @@ async fn metrics_use_route_templates() {
     assert_eq!(stack.get("/status/_test.m.job").await.status, 200);
     assert_eq!(stack.get("/status/_test.m.none").await.status, 404);
 
+    let public = reqwest::get(format!("{}/metrics", stack.base)).await.unwrap();
+    assert_eq!(public.status(), 404, "/metrics is not on the public port");
     let (status, text) = stack.text("/metrics").await;
     assert_eq!(status, 200);
     let requests: Vec<&str> = text.lines().filter(|l| l.starts_with("http_server_requests_total{")).collect();

@@ -49,6 +49,7 @@ pub(super) async fn measure(args: &Args) -> anyhow::Result<Map<String, Value>> {
     let config = ingress::Config::try_parse_from([
         "ingress".to_owned(),
         "--addr=127.0.0.1:0".to_owned(),
+        "--admin-addr=127.0.0.1:0".to_owned(),
         format!("--aggregator-url=http://{}", aggregator.grpc),
     ])
     .context("ingress flags")?;

@@ -23,6 +23,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub struct Stack {
     /// `http://127.0.0.1:{port}` of the ingress.
     pub base: String,
+    /// `http://127.0.0.1:{port}` of the ingress's admin port (`/metrics`).
+    pub admin: String,
     /// The ingress replica's name.
     pub replica: String,
     /// The gRPC URL of the aggregator the ingress calls.
@@ -150,6 +152,8 @@ impl Stack {
             "ingress",
             "--addr",
             "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
             "--aggregator-url",
             aggregator_url,
             "--request-timeout",
@@ -167,12 +171,14 @@ impl Stack {
         let config = ingress::Config::try_parse_from(argv).expect("valid ingress config");
         let app = ingress::App::build(config).await.expect("ingress builds");
         let base = format!("http://{}", app.local_addr());
+        let admin = format!("http://{}", app.admin_addr());
         let replica = app.replica().to_owned();
         let ingress = tokio::spawn(app.run(cancel.clone()));
         let http = reqwest::Client::builder().timeout(WAIT).build().expect("http client");
         let aggregator_url = aggregator_url.to_owned();
         Stack {
             base,
+            admin,
             replica,
             aggregator_url,
             http,
@@ -235,6 +241,8 @@ impl Stack {
         let argv = [
             "ingress",
             "--addr",
+            "127.0.0.1:0",
+            "--admin-addr",
             "127.0.0.1:0",
             "--aggregator-url",
             &self.aggregator_url,
@@ -329,9 +337,14 @@ impl Stack {
         self.send(request).await
     }
 
-    /// Raw text of `GET path` (for `/metrics`).
+    /// Raw text of `GET path`; `/metrics` is read from the admin port, where it is served.
     pub async fn text(&self, path: &str) -> (u16, String) {
-        let response = self.request(Method::GET, path).send().await.expect("ingress answers");
+        let request = if path == "/metrics" {
+            self.http.get(format!("{}{path}", self.admin))
+        } else {
+            self.request(Method::GET, path)
+        };
+        let response = request.send().await.expect("ingress answers");
         (response.status().as_u16(), response.text().await.expect("response body"))
     }
 
