@@ -59,6 +59,10 @@ pub struct Config {
     /// Finished requests (succeeded, canceled, dead) are deleted this long after they finished.
     #[arg(long, env = "CAIRN_REQUEST_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub request_retention: Duration,
+    /// Dead requests (and the dead-letter stream's entries) are deleted this long after they
+    /// died; `forever` (the default) keeps them until retried or deleted.
+    #[arg(long, env = "CAIRN_DEAD_RETENTION", default_value = "forever", value_parser = parse_retention)]
+    pub dead_retention: Retention,
     /// Finished progress trees (root finished, failed or canceled) are deleted this long after
     /// their last update.
     #[arg(long, env = "CAIRN_PROGRESS_RETENTION", default_value = "7d", value_parser = parse_duration)]
@@ -88,14 +92,35 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(interval)
 }
 
+/// How long something is kept: a duration, or for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    match s.trim() {
+        "forever" | "never" | "keep" => Ok(Retention(None)),
+        other => {
+            parse_duration(other).map(|d| Retention(Some(d))).map_err(|e| format!("{e}, or \"forever\""))
+        }
+    }
+}
+
 impl Config {
-    /// The configured rules, then the built-in ones for the live change feed (SPEC §2 Live: 10 000
-    /// entries per tree and one hour; `pf:<root>` per tree, `pfeed` the notifications), which a
-    /// configured rule for the same names overrides.
+    /// The policies given; for the dead-letter stream, unless one is given for it, the dead
+    /// retention: `keep`, or `maxage` of it; and for the live change feed (SPEC §2 Live: 10 000
+    /// entries per tree and one hour; `pf:<root>` per tree, `pfeed` the notifications), unless
+    /// rules for those names are given.
     pub fn policies(&self) -> Policies {
+        let mut rules = self.policies.clone();
+        if !rules.iter().any(|rule| rule.pattern == "dead") {
+            let spec = match self.dead_retention.0 {
+                None => "keep".to_owned(),
+                Some(retention) => format!("maxage:{}ms", retention.as_millis()),
+            };
+            rules.push(policy::parse_rule(&format!("dead={spec}")).expect("a valid dead-letter policy"));
+        }
         let feed =
             TrimPolicy { max_len: Some(10_000), max_age: Some(Duration::from_secs(3600)), exact: false };
-        let mut rules = self.policies.clone();
         for pattern in ["pf:*", "pfeed"] {
             if !rules.iter().any(|rule| rule.pattern == pattern) {
                 rules.push(PolicyRule { pattern: pattern.to_owned(), policy: feed });
@@ -107,6 +132,7 @@ impl Config {
     pub fn settings(&self) -> Settings {
         Settings {
             request_retention: self.request_retention,
+            dead_retention: self.dead_retention.0,
             progress_retention: self.progress_retention,
             consumer_idle: self.consumer_idle,
             purge_limit: self.purge_limit as usize,
