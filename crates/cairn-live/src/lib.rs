@@ -150,6 +150,11 @@ impl Live {
         Live { inner }
     }
 
+    /// Fires when the process shuts down (every subscription then ends).
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
     }

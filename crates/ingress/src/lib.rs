@@ -259,7 +259,7 @@ impl App {
             .with_shutdown(self.draining.clone())
             .router();
         progress_api::router(self.aggregator.clone(), self.config.live.stall_after)
-            .merge(live::router(self.live.clone()))
+            .merge(live::router(self.live.clone(), &self.config.live))
             .merge(requests_api::router(self.requests.clone()))
             .merge(admin)
             .fallback(error::route_not_found)

@@ -475,3 +475,95 @@ async fn a_running_node_that_goes_silent_is_pushed_as_stalled() {
     let events = sse.until(EVENT_WAIT, |ev| node(ev, "_t.st.a").is_some_and(|a| a["progress"] == 0.2)).await;
     assert!(node(events.last().unwrap(), "_t.st.a").unwrap().get("_stalled").is_none());
 }
+
+mod ws {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    use super::*;
+
+    type Socket =
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    async fn recv(socket: &mut Socket) -> Value {
+        loop {
+            let message = tokio::time::timeout(EVENT_WAIT, socket.next()).await.expect("a message in time");
+            match message.expect("socket open").expect("message") {
+                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Message::Close(_) => panic!("socket closed"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn send(socket: &mut Socket, body: Value) {
+        socket.send(Message::Text(body.to_string().into())).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn websocket_subscriptions_follow_the_sse_rules_and_bad_messages_get_errors() {
+        let stack = Stack::start().await;
+        stack.publish("_t.ws.a", json!({"progress": 0.1})).await;
+        stack.publish("_t.other.b", json!({"progress": 0.1})).await;
+        let url = stack.base.replace("http://", "ws://") + "/ws";
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.expect("websocket");
+
+        send(&mut socket, json!({"op": "subscribe", "key": "_t.ws", "depth": 2})).await;
+        let snapshot = recv(&mut socket).await;
+        assert_eq!(snapshot["type"], "snapshot");
+        assert_eq!(snapshot["key"], "_t.ws");
+        let get = stack.get("/status/_t.ws?depth=2").await;
+        assert_eq!(without_age(snapshot["nodes"][0].clone()), without_age(get.json));
+
+        send(&mut socket, json!({"op": "subscribe", "key": "_t.other"})).await;
+        assert_eq!(recv(&mut socket).await["key"], "_t.other");
+
+        // A bad message is answered with an error; the socket stays open.
+        send(&mut socket, json!({"op": "subscribe", "key": "a..b"})).await;
+        let error = recv(&mut socket).await;
+        assert_eq!(error["type"], "error");
+        assert!(error["message"].as_str().unwrap().contains("a..b"), "{error}");
+        socket.send(Message::Text("not json".into())).await.unwrap();
+        assert_eq!(recv(&mut socket).await["type"], "error");
+
+        stack.publish("_t.ws.a", json!({"progress": 0.9})).await;
+        let update = recv(&mut socket).await;
+        assert_eq!(update["type"], "update");
+        assert_eq!(update["key"], "_t.ws");
+        let keys: Vec<&str> =
+            update["nodes"].as_array().unwrap().iter().map(|n| n["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["_t.ws", "_t.ws.a"]);
+
+        // After unsubscribing, its changes no longer come; the other subscription's do.
+        send(&mut socket, json!({"op": "unsubscribe", "key": "_t.ws"})).await;
+        stack.publish("_t.ws.a", json!({"progress": 1})).await;
+        stack.publish("_t.other.b", json!({"progress": 0.5})).await;
+        let next = recv(&mut socket).await;
+        assert_eq!(next["key"], "_t.other", "{next}");
+
+        // Resume on a new socket after the last id: exactly what was missed.
+        let (mut again, _) = tokio_tungstenite::connect_async(&url).await.expect("websocket");
+        send(&mut again, json!({"op": "subscribe", "key": "_t.ws", "after": update["id"]})).await;
+        let missed = recv(&mut again).await;
+        assert_eq!(missed["type"], "update");
+        assert!(close(&missed["nodes"][1]["progress"], 1.0), "{missed}");
+    }
+
+    #[tokio::test]
+    async fn a_cross_site_websocket_is_refused_unless_its_origin_is_listed() {
+        let stack = Stack::with(Options::default().arg("--allowed-origins", "https://ui.example")).await;
+        let url = stack.base.replace("http://", "ws://") + "/ws";
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("origin", "https://evil.example".parse().unwrap());
+        let refused = tokio_tungstenite::connect_async(request).await.unwrap_err();
+        assert!(refused.to_string().contains("403"), "{refused}");
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("origin", "https://ui.example".parse().unwrap());
+        tokio_tungstenite::connect_async(request).await.expect("a listed origin is let in");
+        let mut request = url.as_str().into_client_request().unwrap();
+        let same = stack.base.clone();
+        request.headers_mut().insert("origin", same.parse().unwrap());
+        tokio_tungstenite::connect_async(request).await.expect("same origin is let in");
+    }
+}

@@ -1,8 +1,9 @@
 //! The live progress endpoints (SPEC §2 Live) over the process's [`cairn_live::Live`] fan-out:
-//! SSE (`sse.rs`). Each adapts a subscription's events to its wire format; the subscription
+//! SSE (`sse.rs`) and WebSocket (`ws.rs`). Each adapts a subscription's events to its wire format; the subscription
 //! logic (feed, coalescing, snapshots, resume) lives in `cairn-live`.
 
 mod sse;
+mod ws;
 
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ pub struct LiveConfig {
     /// `stall_after_ms` field overrides it).
     #[arg(long = "stall-after", env = "CAIRN_STALL_AFTER", default_value = "60s", value_parser = cairn_runtime::parse_duration)]
     pub stall_after: Duration,
+    /// Browser origins (`https://app.example.com`, comma-separated, `*` for any) allowed to open
+    /// a cross-site WebSocket; same-origin and non-browser clients need no entry.
+    #[arg(long = "allowed-origins", env = "CAIRN_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 impl LiveConfig {
@@ -37,8 +42,8 @@ impl LiveConfig {
     }
 }
 
-pub(crate) fn router(live: Live) -> Router {
-    sse_router(live)
+pub(crate) fn router(live: Live, config: &LiveConfig) -> Router {
+    sse_router(live.clone()).merge(ws::router(live, config.allowed_origins.clone()))
 }
 
 impl From<LiveError> for ApiError {
