@@ -37,6 +37,29 @@ pub const SUBSCRIBERS_GAUGE: &str = "cairn_live_subscribers";
 pub const EVENTS_COUNTER: &str = "cairn_live_events_total";
 pub const COALESCED_COUNTER: &str = "cairn_live_coalesced_total";
 
+/// The live settings a service takes from flags or `CAIRN_*` variables.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LiveArgs {
+    /// Live subscribers (SSE streams, WebSocket subscriptions, gRPC watches) this process serves
+    /// at once; more are refused (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`).
+    #[arg(long = "max-live-subscribers", env = "CAIRN_MAX_LIVE_SUBSCRIBERS", default_value_t = 10_000)]
+    pub max_subscribers: usize,
+    /// A `running` node silent longer than this is shown stalled (`_stalled: true`); a node's own
+    /// `stall_after_ms` field overrides it.
+    #[arg(long = "stall-after", env = "CAIRN_STALL_AFTER", default_value = "60s", value_parser = cairn_runtime::parse_duration)]
+    pub stall_after: Duration,
+}
+
+impl LiveArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            max_subscribers: self.max_subscribers,
+            stall_after: self.stall_after,
+            ..Settings::default()
+        }
+    }
+}
+
 /// How the fan-out behaves.
 #[derive(Debug, Clone)]
 pub struct Settings {

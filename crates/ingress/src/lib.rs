@@ -236,7 +236,7 @@ impl App {
         let live = cairn_live::Live::start(
             config.redis.clone(),
             redis.clone(),
-            config.live.settings(),
+            config.live.live.settings(),
             live_stop.clone(),
         );
         Ok(App { config, listener, aggregator, redis, requests, waiters, replica, live, live_stop, draining })
@@ -258,7 +258,7 @@ impl App {
             .readiness(Arc::new(RedisReady(self.redis.clone())))
             .with_shutdown(self.draining.clone())
             .router();
-        progress_api::router(self.aggregator.clone(), self.config.live.stall_after)
+        progress_api::router(self.aggregator.clone(), self.config.live.live.stall_after)
             .merge(live::router(self.live.clone(), &self.config.live))
             .merge(requests_api::router(self.requests.clone()))
             .merge(admin)

@@ -18,28 +18,12 @@ pub(crate) use sse::router as sse_router;
 /// Live settings of the ingress.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LiveConfig {
-    /// Live subscribers (SSE streams, WebSocket subscriptions) this replica serves at once;
-    /// more get 503 with `Retry-After`.
-    #[arg(long = "max-live-subscribers", env = "CAIRN_MAX_LIVE_SUBSCRIBERS", default_value_t = 10_000)]
-    pub max_subscribers: usize,
-    /// A `running` node silent longer than this is shown with `_stalled: true` (a node's own
-    /// `stall_after_ms` field overrides it).
-    #[arg(long = "stall-after", env = "CAIRN_STALL_AFTER", default_value = "60s", value_parser = cairn_runtime::parse_duration)]
-    pub stall_after: Duration,
+    #[command(flatten)]
+    pub live: cairn_live::LiveArgs,
     /// Browser origins (`https://app.example.com`, comma-separated, `*` for any) allowed to open
     /// a cross-site WebSocket; same-origin and non-browser clients need no entry.
     #[arg(long = "allowed-origins", env = "CAIRN_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
-}
-
-impl LiveConfig {
-    pub fn settings(&self) -> cairn_live::Settings {
-        cairn_live::Settings {
-            max_subscribers: self.max_subscribers,
-            stall_after: self.stall_after,
-            ..cairn_live::Settings::default()
-        }
-    }
 }
 
 pub(crate) fn router(live: Live, config: &LiveConfig) -> Router {
