@@ -567,3 +567,63 @@ mod ws {
         tokio_tungstenite::connect_async(request).await.expect("same origin is let in");
     }
 }
+
+/// SCA's own browser client (socket.io-client 1.7, Engine.IO 3) and a current 4.x join a tree
+/// root and receive `update` arrays for AMQP updates published as SCA's producers publish them.
+/// Needs Node and `npm install` in `tests/socketio` (done here when missing).
+#[tokio::test]
+async fn socket_io_clients_1_7_and_4_receive_updates_for_amqp_progress() {
+    use std::process::Stdio;
+
+    use tokio::io::AsyncBufReadExt as _;
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
+    if !dir.join("node_modules/sio1").exists() {
+        let status = tokio::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .await
+            .expect("npm runs");
+        assert!(status.success(), "npm install in {}", dir.display());
+    }
+    let stack = Stack::with(Options::default()).await;
+    stack.publish("_portal.job1.task1", json!({"progress": 0, "status": "waiting"})).await;
+    let channel = amqp(&stack).await;
+    for version in ["sio1", "sio4"] {
+        let mut child = tokio::process::Command::new("node")
+            .arg("client.js")
+            .args([version, &stack.base, "_portal.job1", "_portal.job1.task1"])
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first =
+            tokio::time::timeout(EVENT_WAIT, lines.next_line()).await.expect("ready in time").unwrap();
+        assert_eq!(first.as_deref(), Some(r#"{"ready":true}"#), "{version}");
+        // As SCA's producers do: one message per update, routed by the key.
+        publish_amqp(
+            &channel,
+            "_portal.job1.task1",
+            &json!({"progress": 0.5, "status": "running", "msg": "half"}),
+        )
+        .await;
+        publish_amqp(&channel, "_portal.job1.task1", &json!({"progress": 1, "status": "finished"})).await;
+        let mut updates = Vec::new();
+        while let Some(line) =
+            tokio::time::timeout(EVENT_WAIT, lines.next_line()).await.expect("a line in time").unwrap()
+        {
+            let event: Value = serde_json::from_str(&line).unwrap();
+            assert!(event.get("error").is_none(), "{version}: {event}");
+            updates.push(event);
+        }
+        let status = child.wait().await.unwrap();
+        assert!(status.success(), "{version}: {updates:?}");
+        let last = &updates.last().unwrap()["update"];
+        assert_eq!(last[0]["key"], "_portal.job1", "{version}: parents first: {last}");
+        // Ready for the other client: a fresh start state.
+        stack.publish("_portal.job1.task1", json!({"progress": 0, "status": "waiting"})).await;
+    }
+}

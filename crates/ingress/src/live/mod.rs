@@ -1,7 +1,8 @@
 //! The live progress endpoints (SPEC §2 Live) over the process's [`cairn_live::Live`] fan-out:
-//! SSE (`sse.rs`) and WebSocket (`ws.rs`). Each adapts a subscription's events to its wire format; the subscription
+//! SSE (`sse.rs`), WebSocket (`ws.rs`) and socket.io (`socketio.rs`). Each adapts a subscription's events to its wire format; the subscription
 //! logic (feed, coalescing, snapshots, resume) lives in `cairn-live`.
 
+mod socketio;
 mod sse;
 mod ws;
 
@@ -27,7 +28,9 @@ pub struct LiveConfig {
 }
 
 pub(crate) fn router(live: Live, config: &LiveConfig) -> Router {
-    sse_router(live.clone()).merge(ws::router(live, config.allowed_origins.clone()))
+    sse_router(live.clone())
+        .merge(ws::router(live.clone(), config.allowed_origins.clone()))
+        .merge(socketio::router(live))
 }
 
 impl From<LiveError> for ApiError {
