@@ -91,7 +91,12 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     };
     let mut child = tokio::process::Command::new(&ingress_bin)
         .args(["--addr", &addr.to_string(), "--redis-url", &ns.url, "--key-prefix", &ns.prefix])
-        .args(["--aggregator-url", "http://127.0.0.1:1", "--max-live-subscribers", &(args.subscribers + 10).to_string()])
+        .args([
+            "--aggregator-url",
+            "http://127.0.0.1:1",
+            "--max-live-subscribers",
+            &(args.subscribers + 10).to_string(),
+        ])
         .env("CAIRN_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
@@ -229,7 +234,9 @@ async fn subscriber(
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET /status/{tree}/events?depth=2 HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    let request = format!(
+        "GET /status/{tree}/events?depth=2 HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut lines = BufReader::new(stream).lines();
     let status = lines.next_line().await?.unwrap_or_default();

@@ -262,7 +262,7 @@ impl Drop for Subscription {
 async fn read_notifications(redis: RedisConfig, inner: Arc<Inner>) {
     let mut delay = Duration::from_millis(100);
     let mut first = true;
-    loop {
+    'connect: loop {
         let started = async {
             let conn = redis.dedicated().await.map_err(cairn_redis::StoreError::from)?;
             NotificationReader::start(conn, &inner.feed).await
@@ -291,9 +291,15 @@ async fn read_notifications(redis: RedisConfig, inner: Arc<Inner>) {
             resync_all(&inner);
         }
         loop {
+            // A Redis that does not answer within its block time and a margin is treated as
+            // gone: reconnect (and re-read every watched tree) rather than wait for ever.
             let read = tokio::select! {
                 () = inner.shutdown.cancelled() => return,
-                read = reader.next(5_000, 1_000) => read,
+                read = tokio::time::timeout(Duration::from_secs(10), reader.next(5_000, 1_000)) => read,
+            };
+            let Ok(read) = read else {
+                warn!("live feed reader got no answer from Redis within 10 s; reconnecting");
+                continue 'connect;
             };
             match read {
                 Ok(notices) => {
