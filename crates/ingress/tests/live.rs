@@ -551,7 +551,7 @@ mod ws {
     }
 
     #[tokio::test]
-    async fn a_cross_site_websocket_is_refused_unless_its_origin_is_listed() {
+    async fn a_cross_site_websocket_or_socket_io_is_refused_unless_its_origin_is_listed() {
         let stack = Stack::with(Options::default().arg("--allowed-origins", "https://ui.example")).await;
         let url = stack.base.replace("http://", "ws://") + "/ws";
         let mut request = url.as_str().into_client_request().unwrap();
@@ -565,6 +565,13 @@ mod ws {
         let same = stack.base.clone();
         request.headers_mut().insert("origin", same.parse().unwrap());
         tokio_tungstenite::connect_async(request).await.expect("same origin is let in");
+        // socket.io's handshake likewise.
+        let handshake = format!("{}/socket.io/?EIO=4&transport=polling", stack.base);
+        let client = reqwest::Client::new();
+        let refused = client.get(&handshake).header("origin", "https://evil.example").send().await.unwrap();
+        assert_eq!(refused.status(), 403);
+        let allowed = client.get(&handshake).header("origin", "https://ui.example").send().await.unwrap();
+        assert_eq!(allowed.status(), 200);
     }
 }
 

@@ -30,7 +30,7 @@ pub struct LiveConfig {
 pub(crate) fn router(live: Live, config: &LiveConfig) -> Router {
     sse_router(live.clone())
         .merge(ws::router(live.clone(), config.allowed_origins.clone()))
-        .merge(socketio::router(live))
+        .merge(socketio::router(live, config.allowed_origins.clone()))
 }
 
 impl From<LiveError> for ApiError {

@@ -3,7 +3,8 @@
 //! `{"key": …}` works too) and `leave`. The server emits `update` with an array of the changed
 //! nodes of one joined key, parents first (a join starts with the subtree's current nodes), and
 //! `delete` with the keys that went. Both SCA's socket.io-client 1.7 (Engine.IO 3, through
-//! socketioxide's `v4` feature) and a current 4.x work.
+//! socketioxide's `v4` feature) and a current 4.x work. Cross-site browsers are refused (403)
+//! unless their `Origin` is listed in `CAIRN_ALLOWED_ORIGINS`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ const LIMIT: u32 = 1000;
 
 type Joined = Arc<Mutex<HashMap<String, JoinHandle<()>>>>;
 
-pub(crate) fn router(live: Live) -> Router {
+pub(crate) fn router(live: Live, allowed_origins: Vec<String>) -> Router {
     let (service, io) = SocketIo::builder().build_svc();
     let shutdown = live.shutdown().clone();
     {
@@ -37,7 +38,22 @@ pub(crate) fn router(live: Live) -> Router {
         let live = live.clone();
         async move { connected(socket, live) }
     });
-    Router::new().route_service("/socket.io/", service)
+    Router::new()
+        .route_service("/socket.io/", service)
+        .layer(axum::middleware::from_fn_with_state(Arc::new(allowed_origins), same_origin))
+}
+
+/// A browser's cross-site `Origin` is refused (403) unless listed in `CAIRN_ALLOWED_ORIGINS`,
+/// as for `/ws`.
+async fn same_origin(
+    axum::extract::State(allowed): axum::extract::State<Arc<Vec<String>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match super::ws::check_origin(request.headers(), &allowed) {
+        Ok(()) => next.run(request).await,
+        Err(error) => axum::response::IntoResponse::into_response(error),
+    }
 }
 
 fn connected(socket: SocketRef, live: Live) {
