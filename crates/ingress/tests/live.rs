@@ -440,6 +440,13 @@ async fn a_slow_reader_gets_a_bounded_number_of_events_with_the_final_states() {
 async fn the_subscriber_cap_answers_503_with_retry_after() {
     let stack = Stack::with(Options::default().arg("--max-live-subscribers", "1")).await;
     let _first = Sse::open(&stack.base, "/status/_t.cap/events", None).await;
+    // The gauge counts it (other tests of this process may hold subscribers too).
+    let (_, metrics) = stack.text("/metrics").await;
+    let gauge = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_live_subscribers "))
+        .unwrap_or_else(|| panic!("no cairn_live_subscribers in {metrics}"));
+    assert!(gauge.trim().parse::<f64>().unwrap() >= 1.0, "{gauge}");
     let reply = stack.get("/status/_t.cap/events").await;
     assert_eq!(reply.status, 503, "{}", reply.json);
     assert!(reply.headers.contains_key("retry-after"));
