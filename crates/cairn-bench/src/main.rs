@@ -18,6 +18,10 @@
 //! `cairn-bench soak` runs processor, aggregator and trimmer under a steady request rate and
 //! follows Redis's `used_memory` (JSON lines on stderr), to show retention keeps it flat.
 //!
+//! `cairn-bench live` runs N SSE subscribers over M trees updated at 10 Hz each against an
+//! ingress process of its own: update-to-client latency p50/p99, events per subscriber per
+//! second, ingress RSS per idle subscriber and CPU per delivered event.
+//!
 //! `cairn-bench lua-library` prints the Redis function library with Cairn's Lua (plain text, not
 //! JSON), for `scripts/profile-progress-lua.sh`.
 //!
@@ -28,6 +32,7 @@
 //! (`cairn-testkit`; `CAIRN_TEST_REDIS_URL`, `CAIRN_TEST_AMQP_URL`, `CAIRN_TEST_RABBITMQ_API`…),
 //! both removed when it ends.
 
+mod live;
 mod progress;
 mod requests;
 mod soak;
@@ -51,6 +56,8 @@ enum Command {
     Requests(requests::Args),
     /// Redis memory under steady load with the trimmer's retention on (bounded, default 5 min).
     Soak(soak::Args),
+    /// Live fan-out: N SSE subscribers over M trees updated at a rate; latency, memory, CPU.
+    Live(live::Args),
     /// Prints the Redis function library with Cairn's Lua, as `FUNCTION LOAD` takes it.
     LuaLibrary,
 }
@@ -61,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Progress(args) => progress::run(args).await?,
         Command::Requests(args) => requests::run(args).await?,
         Command::Soak(args) => soak::run(args).await?,
+        Command::Live(args) => live::run(args).await?,
         Command::LuaLibrary => {
             print!("{}", cairn_redis::function_library());
             return Ok(());

@@ -37,6 +37,29 @@ pub const SUBSCRIBERS_GAUGE: &str = "cairn_live_subscribers";
 pub const EVENTS_COUNTER: &str = "cairn_live_events_total";
 pub const COALESCED_COUNTER: &str = "cairn_live_coalesced_total";
 
+/// The live settings a service takes from flags or `CAIRN_*` variables.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LiveArgs {
+    /// Live subscribers (SSE streams, WebSocket subscriptions, gRPC watches) this process serves
+    /// at once; more are refused (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`).
+    #[arg(long = "max-live-subscribers", env = "CAIRN_MAX_LIVE_SUBSCRIBERS", default_value_t = 10_000)]
+    pub max_subscribers: usize,
+    /// A `running` node silent longer than this is shown stalled (`_stalled: true`); a node's own
+    /// `stall_after_ms` field overrides it.
+    #[arg(long = "stall-after", env = "CAIRN_STALL_AFTER", default_value = "60s", value_parser = cairn_runtime::parse_duration)]
+    pub stall_after: Duration,
+}
+
+impl LiveArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            max_subscribers: self.max_subscribers,
+            stall_after: self.stall_after,
+            ..Settings::default()
+        }
+    }
+}
+
 /// How the fan-out behaves.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -150,6 +173,11 @@ impl Live {
         Live { inner }
     }
 
+    /// Fires when the process shuts down (every subscription then ends).
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
     }
@@ -234,7 +262,7 @@ impl Drop for Subscription {
 async fn read_notifications(redis: RedisConfig, inner: Arc<Inner>) {
     let mut delay = Duration::from_millis(100);
     let mut first = true;
-    loop {
+    'connect: loop {
         let started = async {
             let conn = redis.dedicated().await.map_err(cairn_redis::StoreError::from)?;
             NotificationReader::start(conn, &inner.feed).await
@@ -263,9 +291,15 @@ async fn read_notifications(redis: RedisConfig, inner: Arc<Inner>) {
             resync_all(&inner);
         }
         loop {
+            // A Redis that does not answer within its block time and a margin is treated as
+            // gone: reconnect (and re-read every watched tree) rather than wait for ever.
             let read = tokio::select! {
                 () = inner.shutdown.cancelled() => return,
-                read = reader.next(5_000, 1_000) => read,
+                read = tokio::time::timeout(Duration::from_secs(10), reader.next(5_000, 1_000)) => read,
+            };
+            let Ok(read) = read else {
+                warn!("live feed reader got no answer from Redis within 10 s; reconnecting");
+                continue 'connect;
             };
             match read {
                 Ok(notices) => {

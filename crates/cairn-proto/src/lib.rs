@@ -89,7 +89,25 @@ impl From<&NodeView> for v1::Node {
             tasks: view.tasks.iter().map(v1::Node::from).collect(),
             next_after: view.next_after.clone(),
             child_count: view.child_count,
+            age_ms: None,
+            stalled: None,
         }
+    }
+}
+
+/// A node as [`v1::Node::from`] makes it, with `age_ms` and `stalled` (SPEC §2 "Is it stuck?")
+/// as of `now_ms`, on it and every node of its `tasks`.
+pub fn node_at(view: &NodeView, now_ms: i64, stall_after_ms: i64) -> v1::Node {
+    let mut node = v1::Node::from(view);
+    stamp(&mut node, view, now_ms, stall_after_ms);
+    node
+}
+
+fn stamp(node: &mut v1::Node, view: &NodeView, now_ms: i64, stall_after_ms: i64) {
+    node.age_ms = Some((now_ms - view.update_time).max(0));
+    node.stalled = view.is_stalled(now_ms, stall_after_ms).then_some(true);
+    for (task, task_view) in node.tasks.iter_mut().zip(&view.tasks) {
+        stamp(task, task_view, now_ms, stall_after_ms);
     }
 }
 

@@ -244,7 +244,7 @@ impl App {
         let live = cairn_live::Live::start(
             config.redis.clone(),
             redis.clone(),
-            config.live.settings(),
+            config.live.live.settings(),
             live_stop.clone(),
         );
         Ok(App {
@@ -287,8 +287,8 @@ impl App {
     /// the admin port only).
     pub fn router(&self) -> Router {
         let admin = self.admin().probes_router();
-        progress_api::router(self.aggregator.clone(), self.config.live.stall_after)
-            .merge(live::router(self.live.clone()))
+        progress_api::router(self.aggregator.clone(), self.config.live.live.stall_after)
+            .merge(live::router(self.live.clone(), &self.config.live))
             .merge(requests_api::router(self.requests.clone()))
             .merge(admin)
             .fallback(error::route_not_found)

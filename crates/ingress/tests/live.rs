@@ -440,6 +440,13 @@ async fn a_slow_reader_gets_a_bounded_number_of_events_with_the_final_states() {
 async fn the_subscriber_cap_answers_503_with_retry_after() {
     let stack = Stack::with(Options::default().arg("--max-live-subscribers", "1")).await;
     let _first = Sse::open(&stack.base, "/status/_t.cap/events", None).await;
+    // The gauge counts it (other tests of this process may hold subscribers too).
+    let (_, metrics) = stack.text("/metrics").await;
+    let gauge = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_live_subscribers "))
+        .unwrap_or_else(|| panic!("no cairn_live_subscribers in {metrics}"));
+    assert!(gauge.trim().parse::<f64>().unwrap() >= 1.0, "{gauge}");
     let reply = stack.get("/status/_t.cap/events").await;
     assert_eq!(reply.status, 503, "{}", reply.json);
     assert!(reply.headers.contains_key("retry-after"));
@@ -474,4 +481,163 @@ async fn a_running_node_that_goes_silent_is_pushed_as_stalled() {
     stack.publish("_t.st.a", json!({"progress": 0.2})).await;
     let events = sse.until(EVENT_WAIT, |ev| node(ev, "_t.st.a").is_some_and(|a| a["progress"] == 0.2)).await;
     assert!(node(events.last().unwrap(), "_t.st.a").unwrap().get("_stalled").is_none());
+}
+
+mod ws {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    use super::*;
+
+    type Socket =
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    async fn recv(socket: &mut Socket) -> Value {
+        loop {
+            let message = tokio::time::timeout(EVENT_WAIT, socket.next()).await.expect("a message in time");
+            match message.expect("socket open").expect("message") {
+                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Message::Close(_) => panic!("socket closed"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn send(socket: &mut Socket, body: Value) {
+        socket.send(Message::Text(body.to_string().into())).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn websocket_subscriptions_follow_the_sse_rules_and_bad_messages_get_errors() {
+        let stack = Stack::start().await;
+        stack.publish("_t.ws.a", json!({"progress": 0.1})).await;
+        stack.publish("_t.other.b", json!({"progress": 0.1})).await;
+        let url = stack.base.replace("http://", "ws://") + "/ws";
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.expect("websocket");
+
+        send(&mut socket, json!({"op": "subscribe", "key": "_t.ws", "depth": 2})).await;
+        let snapshot = recv(&mut socket).await;
+        assert_eq!(snapshot["type"], "snapshot");
+        assert_eq!(snapshot["key"], "_t.ws");
+        let get = stack.get("/status/_t.ws?depth=2").await;
+        assert_eq!(without_age(snapshot["nodes"][0].clone()), without_age(get.json));
+
+        send(&mut socket, json!({"op": "subscribe", "key": "_t.other"})).await;
+        assert_eq!(recv(&mut socket).await["key"], "_t.other");
+
+        // A bad message is answered with an error; the socket stays open.
+        send(&mut socket, json!({"op": "subscribe", "key": "a..b"})).await;
+        let error = recv(&mut socket).await;
+        assert_eq!(error["type"], "error");
+        assert!(error["message"].as_str().unwrap().contains("a..b"), "{error}");
+        socket.send(Message::Text("not json".into())).await.unwrap();
+        assert_eq!(recv(&mut socket).await["type"], "error");
+
+        stack.publish("_t.ws.a", json!({"progress": 0.9})).await;
+        let update = recv(&mut socket).await;
+        assert_eq!(update["type"], "update");
+        assert_eq!(update["key"], "_t.ws");
+        let keys: Vec<&str> =
+            update["nodes"].as_array().unwrap().iter().map(|n| n["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["_t.ws", "_t.ws.a"]);
+
+        // After unsubscribing, its changes no longer come; the other subscription's do.
+        send(&mut socket, json!({"op": "unsubscribe", "key": "_t.ws"})).await;
+        stack.publish("_t.ws.a", json!({"progress": 1})).await;
+        stack.publish("_t.other.b", json!({"progress": 0.5})).await;
+        let next = recv(&mut socket).await;
+        assert_eq!(next["key"], "_t.other", "{next}");
+
+        // Resume on a new socket after the last id: exactly what was missed.
+        let (mut again, _) = tokio_tungstenite::connect_async(&url).await.expect("websocket");
+        send(&mut again, json!({"op": "subscribe", "key": "_t.ws", "after": update["id"]})).await;
+        let missed = recv(&mut again).await;
+        assert_eq!(missed["type"], "update");
+        assert!(close(&missed["nodes"][1]["progress"], 1.0), "{missed}");
+    }
+
+    #[tokio::test]
+    async fn a_cross_site_websocket_or_socket_io_is_refused_unless_its_origin_is_listed() {
+        let stack = Stack::with(Options::default().arg("--allowed-origins", "https://ui.example")).await;
+        let url = stack.base.replace("http://", "ws://") + "/ws";
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("origin", "https://evil.example".parse().unwrap());
+        let refused = tokio_tungstenite::connect_async(request).await.unwrap_err();
+        assert!(refused.to_string().contains("403"), "{refused}");
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("origin", "https://ui.example".parse().unwrap());
+        tokio_tungstenite::connect_async(request).await.expect("a listed origin is let in");
+        let mut request = url.as_str().into_client_request().unwrap();
+        let same = stack.base.clone();
+        request.headers_mut().insert("origin", same.parse().unwrap());
+        tokio_tungstenite::connect_async(request).await.expect("same origin is let in");
+        // socket.io's handshake likewise.
+        let handshake = format!("{}/socket.io/?EIO=4&transport=polling", stack.base);
+        let client = reqwest::Client::new();
+        let refused = client.get(&handshake).header("origin", "https://evil.example").send().await.unwrap();
+        assert_eq!(refused.status(), 403);
+        let allowed = client.get(&handshake).header("origin", "https://ui.example").send().await.unwrap();
+        assert_eq!(allowed.status(), 200);
+    }
+}
+
+/// SCA's own browser client (socket.io-client 1.7, Engine.IO 3) and a current 4.x join a tree
+/// root and receive `update` arrays for AMQP updates published as SCA's producers publish them.
+/// Needs Node and `npm install` in `tests/socketio` (done here when missing).
+#[tokio::test]
+async fn socket_io_clients_1_7_and_4_receive_updates_for_amqp_progress() {
+    use std::process::Stdio;
+
+    use tokio::io::AsyncBufReadExt as _;
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
+    if !dir.join("node_modules/sio1").exists() {
+        let status = tokio::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .await
+            .expect("npm runs");
+        assert!(status.success(), "npm install in {}", dir.display());
+    }
+    let stack = Stack::with(Options::default()).await;
+    stack.publish("_portal.job1.task1", json!({"progress": 0, "status": "waiting"})).await;
+    let channel = amqp(&stack).await;
+    for version in ["sio1", "sio4"] {
+        let mut child = tokio::process::Command::new("node")
+            .arg("client.js")
+            .args([version, &stack.base, "_portal.job1", "_portal.job1.task1"])
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first =
+            tokio::time::timeout(EVENT_WAIT, lines.next_line()).await.expect("ready in time").unwrap();
+        assert_eq!(first.as_deref(), Some(r#"{"ready":true}"#), "{version}");
+        // As SCA's producers do: one message per update, routed by the key.
+        publish_amqp(
+            &channel,
+            "_portal.job1.task1",
+            &json!({"progress": 0.5, "status": "running", "msg": "half"}),
+        )
+        .await;
+        publish_amqp(&channel, "_portal.job1.task1", &json!({"progress": 1, "status": "finished"})).await;
+        let mut updates = Vec::new();
+        while let Some(line) =
+            tokio::time::timeout(EVENT_WAIT, lines.next_line()).await.expect("a line in time").unwrap()
+        {
+            let event: Value = serde_json::from_str(&line).unwrap();
+            assert!(event.get("error").is_none(), "{version}: {event}");
+            updates.push(event);
+        }
+        let status = child.wait().await.unwrap();
+        assert!(status.success(), "{version}: {updates:?}");
+        let last = &updates.last().unwrap()["update"];
+        assert_eq!(last[0]["key"], "_portal.job1", "{version}: parents first: {last}");
+        // Ready for the other client: a fresh start state.
+        stack.publish("_portal.job1.task1", json!({"progress": 0, "status": "waiting"})).await;
+    }
 }

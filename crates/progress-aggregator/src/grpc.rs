@@ -1,13 +1,19 @@
-//! gRPC `cairn.v1.Progress`: a thin adapter that validates input and calls the progress store.
+//! gRPC `cairn.v1.Progress`: a thin adapter that validates input and calls the progress store,
+//! and, for `Watch`, the process's live fan-out (`cairn-live`).
 
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
 use cairn_proto::struct_to_json;
 use cairn_proto::v1::progress_server::Progress;
 use cairn_proto::v1::{
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, Node, UpdateRequest, UpdateResponse,
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, Node, UpdateRequest, UpdateResponse, WatchEvent,
+    WatchRequest,
 };
+use std::pin::Pin;
+
+use cairn_live::{EventKind, Live, LiveError, Watch};
 use cairn_redis::progress::{Change, DEFAULT_LIMIT, ProgressStore, ReadOptions, StoreError};
+use futures::Stream;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use tokio::sync::{mpsc, oneshot};
@@ -18,13 +24,16 @@ use crate::consumer::now_ms;
 pub struct ProgressService {
     store: ProgressStore,
     updates: UpdateBatcher,
+    live: Live,
 }
 
 impl ProgressService {
-    pub fn new(store: ProgressStore) -> Self {
-        Self { updates: UpdateBatcher::start(store.clone()), store }
+    pub fn new(store: ProgressStore, live: Live) -> Self {
+        Self { updates: UpdateBatcher::start(store.clone()), store, live }
     }
 }
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send + 'static>>;
 
 type UpdateReply = oneshot::Sender<Result<NodeView, Status>>;
 
@@ -115,6 +124,47 @@ fn answer(result: Result<Vec<NodeView>, StoreError>, replies: Vec<UpdateReply>) 
 
 #[tonic::async_trait]
 impl Progress for ProgressService {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let request = request.into_inner();
+        let key = parse_key(&request.key, "key")?;
+        let after = match request.after.as_str() {
+            "" => None,
+            raw => Some(
+                raw.parse()
+                    .map_err(|e: cairn_live::BadFeedId| Status::invalid_argument(format!("after: {e}")))?,
+            ),
+        };
+        let watch = Watch {
+            key,
+            depth: if request.depth == 0 { 8 } else { request.depth },
+            limit: if request.limit == 0 { DEFAULT_LIMIT } else { request.limit },
+            after,
+        };
+        let subscription = self.live.subscribe(watch).map_err(|e| match e {
+            LiveError::Full(_) => Status::unavailable(e.to_string()),
+            LiveError::BadDepth(_) | LiveError::BadLimit(_) => Status::invalid_argument(e.to_string()),
+        })?;
+        let stall = i64::try_from(self.live.settings().stall_after.as_millis()).unwrap_or(i64::MAX);
+        let events = subscription.into_stream().map(move |event| {
+            let now = cairn_live::now_ms();
+            let nodes = match event.kind {
+                EventKind::Delete => {
+                    event.deleted.iter().map(|key| Node { key: key.clone(), ..Node::default() }).collect()
+                }
+                _ => event.nodes.iter().map(|node| cairn_proto::node_at(node, now, stall)).collect(),
+            };
+            Ok(WatchEvent {
+                r#type: event.kind.as_str().to_owned(),
+                id: event.id.to_string(),
+                key: event.key,
+                nodes,
+            })
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let request = request.into_inner();
         let key = parse_key(&request.key, "key")?;

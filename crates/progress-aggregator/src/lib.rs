@@ -61,6 +61,8 @@ pub struct Config {
     #[arg(long, env = "CAIRN_AGGREGATOR_BATCH", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch: u32,
+    #[command(flatten)]
+    pub live: cairn_live::LiveArgs,
     /// How long shutdown waits for in-flight batches and calls.
     #[arg(long, env = "CAIRN_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
@@ -133,6 +135,7 @@ impl App {
     /// batches and calls within the grace period, and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let App { config, store, redis, grpc, admin } = self;
+        let live_conn = redis.clone();
         info!(grpc = %grpc.local_addr()?, admin = %admin.local_addr()?, shards = config.shards, "progress-aggregator starting");
         let connected = Arc::new(AtomicBool::new(false));
         let settings = ConsumerSettings {
@@ -187,13 +190,20 @@ impl App {
         let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
         let grpc_shutdown = shutdown.clone();
+        // Watch streams end when shutdown begins, so they never hold the grace period.
+        let live = cairn_live::Live::start(
+            config.redis.clone(),
+            live_conn,
+            config.live.settings(),
+            shutdown.child_token(),
+        );
         let grpc_server = tokio::spawn(
             tonic::transport::Server::builder()
                 .timeout(Duration::from_secs(30))
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
-                .add_service(ProgressServer::new(ProgressService::new(store)))
+                .add_service(ProgressServer::new(ProgressService::new(store, live)))
                 .serve_with_incoming_shutdown(
                     // Small request/response pairs: without TCP_NODELAY, Nagle and delayed ACKs
                     // add ~40 ms to a call.

@@ -444,3 +444,197 @@ async fn reflection_services_v1alpha(channel: tonic::transport::Channel) -> Vec<
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
+
+async fn next_event(
+    events: &mut tonic::Streaming<cairn_proto::v1::WatchEvent>,
+) -> Option<cairn_proto::v1::WatchEvent> {
+    tokio::time::timeout(WAIT, events.message()).await.expect("an event in time").unwrap()
+}
+
+/// `Watch` through the generated client: snapshot, then updates from gRPC and AMQP, a delete,
+/// and resume after an event id.
+#[tokio::test]
+async fn watch_streams_a_snapshot_then_coalesced_updates_and_resumes() {
+    use cairn_proto::v1::WatchRequest;
+
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let aggregator = start(&ns, &vhost, 1).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(aggregator.grpc.clone()).unwrap().connect().await.unwrap();
+    let mut client = ProgressClient::new(channel);
+    let fields = |v: Value| Some(map_to_struct(v.as_object().unwrap()));
+    client
+        .update(UpdateRequest { key: "_w.job.a".into(), fields: fields(json!({"progress": 0.5})) })
+        .await
+        .unwrap();
+
+    let watch = WatchRequest { key: "_w.job".into(), depth: 2, ..WatchRequest::default() };
+    let mut events = client.watch(watch.clone()).await.unwrap().into_inner();
+    let snapshot = next_event(&mut events).await.expect("snapshot");
+    assert_eq!((snapshot.r#type.as_str(), snapshot.key.as_str()), ("snapshot", "_w.job"));
+    assert_eq!(snapshot.nodes[0].tasks[0].progress, Some(0.5));
+    assert!(snapshot.nodes[0].age_ms.is_some());
+
+    client
+        .update(UpdateRequest {
+            key: "_w.job.b".into(),
+            fields: fields(json!({"progress": 1, "status": "running"})),
+        })
+        .await
+        .unwrap();
+    let update = next_event(&mut events).await.expect("update");
+    assert_eq!(update.r#type, "update");
+    let keys: Vec<&str> = update.nodes.iter().map(|n| n.key.as_str()).collect();
+    assert_eq!(keys, ["_w.job", "_w.job.b"], "parents first, what changed");
+    assert_eq!(update.nodes[0].progress, Some(0.75));
+
+    client.delete(DeleteRequest { key: "_w.job.a".into() }).await.unwrap();
+    let delete = next_event(&mut events).await.expect("delete");
+    assert_eq!(delete.r#type, "delete");
+    assert_eq!(delete.nodes[0].key, "_w.job.a");
+    drop(events);
+
+    // Resume after the update: the delete and the parent it changed, nothing before.
+    let resume = WatchRequest { after: update.id.clone(), ..watch };
+    let mut events = client.watch(resume).await.unwrap().into_inner();
+    let first = next_event(&mut events).await.unwrap();
+    assert_eq!((first.r#type.as_str(), first.nodes[0].key.as_str()), ("delete", "_w.job.a"));
+    let second = next_event(&mut events).await.unwrap();
+    assert_eq!(second.r#type, "update");
+    assert_eq!(second.nodes[0].progress, Some(1.0));
+
+    let bad = client
+        .watch(WatchRequest { key: "_w.job".into(), after: "soon".into(), ..WatchRequest::default() })
+        .await;
+    assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    // Shutdown ends the stream (it must not hold the grace period).
+    aggregator.stop().await;
+    assert!(
+        tokio::time::timeout(WAIT, events.message())
+            .await
+            .expect("ends in time")
+            .map_or(true, |m| m.is_none())
+    );
+}
+
+/// A client that knows nothing of Cairn's proto but what server reflection tells it: it reads
+/// `cairn.v1.Progress`'s descriptor, encodes a `WatchRequest` by the field numbers found there,
+/// calls `Watch` and decodes the events' `type`, `id` and `key` the same way.
+#[tokio::test]
+async fn watch_works_for_a_client_built_from_server_reflection() {
+    use prost::Message as _;
+    use prost_types::FileDescriptorProto;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let aggregator = start(&ns, &vhost, 1).await;
+    store(&ns)
+        .apply(&[cairn_redis::progress::Change {
+            key: key("_r.job.a"),
+            update: cairn_progress::Update::from_slice(br#"{"progress": 0.25}"#).unwrap(),
+            time_ms: 1,
+        }])
+        .await
+        .unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(aggregator.grpc.clone()).unwrap().connect().await.unwrap();
+
+    // What reflection says.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol("cairn.v1.Progress".into())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let mut answers =
+        reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no descriptor")
+    };
+    let file = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+        .find(|file| file.package() == "cairn.v1")
+        .expect("cairn.v1's file");
+    let service = file.service.iter().find(|s| s.name() == "Progress").unwrap();
+    let method = service.method.iter().find(|m| m.name() == "Watch").expect("Watch is described");
+    assert!(method.server_streaming() && !method.client_streaming());
+    assert_eq!(method.input_type(), ".cairn.v1.WatchRequest");
+    let field = |message: &str, name: &str| -> u32 {
+        let message = file.message_type.iter().find(|m| m.name() == message).unwrap();
+        message.field.iter().find(|f| f.name() == name).unwrap().number() as u32
+    };
+
+    // A request encoded by hand from those numbers: key (string), depth (varint).
+    let mut body = Vec::new();
+    prost::encoding::string::encode(field("WatchRequest", "key"), &"_r.job".to_owned(), &mut body);
+    prost::encoding::uint32::encode(field("WatchRequest", "depth"), &2, &mut body);
+    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut events = grpc
+        .server_streaming(tonic::Request::new(body), path.parse().unwrap(), RawCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    let event = tokio::time::timeout(WAIT, events.message()).await.unwrap().unwrap().expect("an event");
+    // Decode the strings of the event by the reflected numbers.
+    let mut strings = std::collections::HashMap::new();
+    let mut buf = event.as_slice();
+    while !buf.is_empty() {
+        let (number, wire) = prost::encoding::decode_key(&mut buf).unwrap();
+        let len = prost::encoding::decode_varint(&mut buf).unwrap() as usize;
+        assert_eq!(wire, prost::encoding::WireType::LengthDelimited);
+        strings.entry(number).or_insert_with(|| buf[..len].to_vec());
+        buf = &buf[len..];
+    }
+    let text = |name: &str| String::from_utf8(strings[&field("WatchEvent", name)].clone()).unwrap();
+    assert_eq!(text("type"), "snapshot");
+    assert_eq!(text("key"), "_r.job");
+    assert!(text("id").contains('-'), "an event id: {}", text("id"));
+}
+
+/// Passes message bytes through untouched (the reflected client encodes them itself).
+#[derive(Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}

@@ -106,8 +106,10 @@ fn parse_retention(s: &str) -> Result<Retention, String> {
 }
 
 impl Config {
-    /// The policies given, and for the dead-letter stream, unless one is given for it, the dead
-    /// retention: `keep`, or `maxage` of it.
+    /// The policies given; for the dead-letter stream, unless one is given for it, the dead
+    /// retention: `keep`, or `maxage` of it; and for the live change feed (SPEC §2 Live: 10 000
+    /// entries per tree and one hour; `pf:<root>` per tree, `pfeed` the notifications), unless
+    /// rules for those names are given.
     pub fn policies(&self) -> Policies {
         let mut rules = self.policies.clone();
         if !rules.iter().any(|rule| rule.pattern == "dead") {
@@ -116,6 +118,13 @@ impl Config {
                 Some(retention) => format!("maxage:{}ms", retention.as_millis()),
             };
             rules.push(policy::parse_rule(&format!("dead={spec}")).expect("a valid dead-letter policy"));
+        }
+        let feed =
+            TrimPolicy { max_len: Some(10_000), max_age: Some(Duration::from_secs(3600)), exact: false };
+        for pattern in ["pf:*", "pfeed"] {
+            if !rules.iter().any(|rule| rule.pattern == pattern) {
+                rules.push(PolicyRule { pattern: pattern.to_owned(), policy: feed });
+            }
         }
         Policies::new(rules, self.default_policy)
     }
@@ -276,6 +285,13 @@ mod tests {
         let policies = config.policies();
         assert!(policies.for_stream("dead").exact);
         assert_eq!(policies.for_stream("other").max_len, Some(10_000));
+        assert_eq!(policies.for_stream("other").max_age, None);
+        let feed = policies.for_stream("pf:_portal.job1");
+        assert_eq!((feed.max_len, feed.max_age), (Some(10_000), Some(Duration::from_secs(3600))));
+        assert_eq!(policies.for_stream("pfeed"), feed);
+        let own =
+            Config::try_parse_from(["stream-trimmer", "--policy", "pf:*=maxlen:50"]).unwrap().policies();
+        assert_eq!(own.for_stream("pf:x").max_len, Some(50), "a configured rule wins");
     }
 
     #[test]

@@ -113,8 +113,10 @@ async fn finished_records_past_retention_go_with_their_index_entries_and_idempot
 
     // Every stream the requests created is registered for the trimmer: the queue's, and the
     // change feed of each request's progress tree (written with its node).
-    let registered: HashSet<String> =
+    let mut registered: HashSet<String> =
         redis::cmd("SMEMBERS").arg(registry_key(&ns.prefix)).query_async(&mut conn).await.unwrap();
+    // And the notification stream every change also appends to.
+    assert!(registered.remove(&ns.key("pfeed")), "{registered:?}");
     let feeds = ns.key("pf:");
     let (feeds, queue): (HashSet<String>, HashSet<String>) =
         registered.into_iter().partition(|k| k.starts_with(&feeds));

@@ -245,10 +245,19 @@ local function root_of(k)
   return r
 end
 
--- Appends one entry per changed tree (`changed`: root -> list of keys) and one notification.
-local NOTE_ARGS = {}
+-- Appends one entry per changed tree (`changed`: root -> list of keys) and one notification, and
+-- registers the streams for the trimmer (P:streams; its policy for pf:* and pfeed keeps 10 000
+-- entries and one hour). Roots go in chunks, like the ZADD of `flush`.
+local NOTE_ARGS, REG_ARGS = {}, {}
 local function feed_write(changed)
-  local n = 0
+  local n, r = 0, 0
+  local note = P .. ':pfeed'
+  local function send()
+    redis.call('XADD', note, 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
+    REG_ARGS[r + 1] = note
+    redis.call('SADD', P .. ':streams', unpack(REG_ARGS, 1, r + 1))
+    n, r = 0, 0
+  end
   for root, keys in pairs(changed) do
     local fk = P .. ':pf:' .. root
     local id
@@ -256,22 +265,19 @@ local function feed_write(changed)
     if FEED_DROP then
       redis.call('DEL', fk)
       id = '-'
-    elseif deleted then
-      id = redis.call('XADD', fk, 'MAXLEN', '~', FEED_MAXLEN, '*', 'k', table.concat(keys, ' '), 'd',
-        table.concat(deleted, ' '))
     else
-      id = redis.call('XADD', fk, 'MAXLEN', '~', FEED_MAXLEN, '*', 'k', table.concat(keys, ' '))
+      if deleted then
+        id = redis.call('XADD', fk, 'MAXLEN', '~', FEED_MAXLEN, '*', 'k', table.concat(keys, ' '), 'd',
+          table.concat(deleted, ' '))
+      else
+        id = redis.call('XADD', fk, 'MAXLEN', '~', FEED_MAXLEN, '*', 'k', table.concat(keys, ' '))
+      end
+      r = r + 1; REG_ARGS[r] = fk
     end
-    if id ~= '-' then redis.call('SADD', P .. ':streams', fk) end
     NOTE_ARGS[n + 1] = root; NOTE_ARGS[n + 2] = id; n = n + 2
-    if n == 2 * ROOTS_PER_ZADD then
-      redis.call('XADD', P .. ':pfeed', 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
-      n = 0
-    end
+    if n == 2 * ROOTS_PER_ZADD then send() end
   end
-  if n > 0 then
-    redis.call('XADD', P .. ':pfeed', 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
-  end
+  if n > 0 then send() end
   FEED_DELETED = {}
 end
 

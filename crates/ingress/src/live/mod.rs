@@ -1,8 +1,10 @@
 //! The live progress endpoints (SPEC §2 Live) over the process's [`cairn_live::Live`] fan-out:
-//! SSE (`sse.rs`). Each adapts a subscription's events to its wire format; the subscription
+//! SSE (`sse.rs`), WebSocket (`ws.rs`) and socket.io (`socketio.rs`). Each adapts a subscription's events to its wire format; the subscription
 //! logic (feed, coalescing, snapshots, resume) lives in `cairn-live`.
 
+mod socketio;
 mod sse;
+mod ws;
 
 use std::time::Duration;
 
@@ -17,28 +19,18 @@ pub(crate) use sse::router as sse_router;
 /// Live settings of the ingress.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LiveConfig {
-    /// Live subscribers (SSE streams, WebSocket subscriptions) this replica serves at once;
-    /// more get 503 with `Retry-After`.
-    #[arg(long = "max-live-subscribers", env = "CAIRN_MAX_LIVE_SUBSCRIBERS", default_value_t = 10_000)]
-    pub max_subscribers: usize,
-    /// A `running` node silent longer than this is shown with `_stalled: true` (a node's own
-    /// `stall_after_ms` field overrides it).
-    #[arg(long = "stall-after", env = "CAIRN_STALL_AFTER", default_value = "60s", value_parser = cairn_runtime::parse_duration)]
-    pub stall_after: Duration,
+    #[command(flatten)]
+    pub live: cairn_live::LiveArgs,
+    /// Browser origins (`https://app.example.com`, comma-separated, `*` for any) allowed to open
+    /// a cross-site WebSocket; same-origin and non-browser clients need no entry.
+    #[arg(long = "allowed-origins", env = "CAIRN_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
-impl LiveConfig {
-    pub fn settings(&self) -> cairn_live::Settings {
-        cairn_live::Settings {
-            max_subscribers: self.max_subscribers,
-            stall_after: self.stall_after,
-            ..cairn_live::Settings::default()
-        }
-    }
-}
-
-pub(crate) fn router(live: Live) -> Router {
-    sse_router(live)
+pub(crate) fn router(live: Live, config: &LiveConfig) -> Router {
+    sse_router(live.clone())
+        .merge(ws::router(live.clone(), config.allowed_origins.clone()))
+        .merge(socketio::router(live, config.allowed_origins.clone()))
 }
 
 impl From<LiveError> for ApiError {
