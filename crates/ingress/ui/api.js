@@ -56,8 +56,10 @@ export async function api(path, { method = 'GET', body, headers = {}, signal } =
     const t = token();
     if (t) h.authorization = `Bearer ${t}`;
     if (body !== undefined) h['content-type'] = 'application/json';
+    // no-store: API answers are live state, and Chromium's HTTP cache would hold a second
+    // request to a URL (a cancel, a refresh) behind a long poll of the same URL.
     const response = await fetch(path, {
-      method, headers: h, signal, credentials: 'same-origin',
+      method, headers: h, signal, credentials: 'same-origin', cache: 'no-store',
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     if (response.status === 401 && attempt === 0) {

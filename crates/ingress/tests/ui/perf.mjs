@@ -1,0 +1,61 @@
+// How busy the browser's main thread is while a page shows 1 000 live nodes that change at
+// 10 Hz (crates/ingress/tests/ui.rs updates them while this runs). Prints one line
+// `PERF {json}`: the main thread's busy share over 10 s (Chromium's TaskDuration through the
+// DevTools protocol), and how many update events and node states the page received meanwhile.
+//
+//   node perf.mjs <base-url> <key>
+
+import { check, launch, newPage } from './browser.mjs';
+
+const [base, key] = process.argv.slice(2);
+if (!base || !key) throw new Error('usage: node perf.mjs <base-url> <key>');
+const WINDOW_MS = 10000;
+
+const browser = await launch();
+try {
+  const page = await newPage(browser, base, { width: 1280, height: 900 });
+  // Counts what the server pushes, without changing what the page does with it.
+  await page.addInitScript(() => {
+    window.received = { events: 0, nodes: 0 };
+    const add = EventSource.prototype.addEventListener;
+    EventSource.prototype.addEventListener = function (type, listener, options) {
+      if (type !== 'update') return add.call(this, type, listener, options);
+      return add.call(this, type, (e) => {
+        window.received.events += 1;
+        try { window.received.nodes += JSON.parse(e.data).length || 0; } catch { /* counted by the page */ }
+        listener(e);
+      }, options);
+    };
+  });
+  await page.goto(`/trees/${key}?limit=1000`);
+  await page.waitForFunction(() => document.querySelectorAll('li.node').length === 1000, null, { timeout: 30000 });
+  await page.waitForFunction(() => window.received.nodes > 1000, null, { timeout: 30000 });
+  const cdp = await page.context().newCDPSession(page);
+  await cdp.send('Performance.enable', { timeDomain: 'timeTicks' });
+  const metrics = async () => Object.fromEntries((await cdp.send('Performance.getMetrics')).metrics.map((m) => [m.name, m.value]));
+  const m0 = await metrics();
+  const r0 = await page.evaluate(() => ({ ...window.received }));
+  const t0 = Date.now();
+  await page.waitForTimeout(WINDOW_MS);
+  const m1 = await metrics();
+  const r1 = await page.evaluate(() => ({ ...window.received }));
+  const wall = (Date.now() - t0) / 1000;
+  const inView = await page.evaluate(() => [...document.querySelectorAll('li.node')]
+    .filter((el) => { const r = el.getBoundingClientRect(); return r.bottom > 0 && r.top < innerHeight; }).length);
+  const result = {
+    busy_share: +((m1.TaskDuration - m0.TaskDuration) / wall).toFixed(3),
+    script_share: +((m1.ScriptDuration - m0.ScriptDuration) / wall).toFixed(3),
+    layout_share: +((m1.LayoutDuration - m0.LayoutDuration + m1.RecalcStyleDuration - m0.RecalcStyleDuration) / wall).toFixed(3),
+    window_s: +wall.toFixed(2),
+    rows: await page.locator('li.node').count(),
+    rows_in_viewport: inView,
+    update_events_per_s: +((r1.events - r0.events) / wall).toFixed(1),
+    node_updates_per_s: +((r1.nodes - r0.nodes) / wall).toFixed(0),
+  };
+  check(result.rows === 1000, 'the page shows 1 000 nodes');
+  check(r1.events > r0.events, 'updates arrived during the measurement');
+  check(page.errors.length === 0, `page errors: ${page.errors}`);
+  console.log(`PERF ${JSON.stringify(result)}`);
+} finally {
+  await browser.close();
+}
