@@ -89,8 +89,19 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 }
 
 impl Config {
+    /// The configured rules, then the built-in ones for the live change feed (SPEC §2 Live: 10 000
+    /// entries per tree and one hour; `pf:<root>` per tree, `pfeed` the notifications), which a
+    /// configured rule for the same names overrides.
     pub fn policies(&self) -> Policies {
-        Policies::new(self.policies.clone(), self.default_policy)
+        let feed =
+            TrimPolicy { max_len: Some(10_000), max_age: Some(Duration::from_secs(3600)), exact: false };
+        let mut rules = self.policies.clone();
+        for pattern in ["pf:*", "pfeed"] {
+            if !rules.iter().any(|rule| rule.pattern == pattern) {
+                rules.push(PolicyRule { pattern: pattern.to_owned(), policy: feed });
+            }
+        }
+        Policies::new(rules, self.default_policy)
     }
 
     pub fn settings(&self) -> Settings {
@@ -248,6 +259,13 @@ mod tests {
         let policies = config.policies();
         assert!(policies.for_stream("dead").exact);
         assert_eq!(policies.for_stream("other").max_len, Some(10_000));
+        assert_eq!(policies.for_stream("other").max_age, None);
+        let feed = policies.for_stream("pf:_portal.job1");
+        assert_eq!((feed.max_len, feed.max_age), (Some(10_000), Some(Duration::from_secs(3600))));
+        assert_eq!(policies.for_stream("pfeed"), feed);
+        let own =
+            Config::try_parse_from(["stream-trimmer", "--policy", "pf:*=maxlen:50"]).unwrap().policies();
+        assert_eq!(own.for_stream("pf:x").max_len, Some(50), "a configured rule wins");
     }
 
     #[test]
