@@ -3,7 +3,9 @@
 // the page once over REST, then follows the subtree live over SSE. Updates are merged per node
 // (a state older than the one shown is dropped, so REST and SSE may race), collected, and
 // written once per animation frame into the rows that exist: values change in place, rows never
-// move, and new children are appended only on the last page.
+// move, and new children are appended only on the last page. Rows out of sight keep their newest
+// state aside and show it when scrolled to, so a page of 1 000 busy children costs the browser
+// the rows on screen, not all of them.
 
 import { api, statusPath } from './api.js';
 import { clear, h, setData, setShown, setText } from './dom.js';
@@ -102,6 +104,7 @@ class NodeRow {
     if (this.bar.getAttribute('aria-valuenow') !== now) this.bar.setAttribute('aria-valuenow', now);
     setText(this.pct, percent(node.progress));
     setText(this.msg, node.msg || '');
+    if (!this.focus && this.msg.title !== (node.msg || '')) this.msg.title = node.msg || '';
     setShown(this.msg, !!node.msg);
     const last = node._last_msg && node._last_msg !== node.msg ? `↳ ${node._last_msg}` : '';
     setText(this.lastMsg, last);
@@ -210,9 +213,9 @@ export function treeView(container, key, { limit = DEFAULT_PAGE, after = '', fro
     for (const node of nodes) {
       if (!node || typeof node.key !== 'string') continue;
       const [old] = state.pending.get(node.key) || [];
-      const shown = node.key === key ? state.focus?.node : state.rows.get(node.key)?.node;
-      if (!newer(old || shown, node)) continue;
-      if (node.key === key || state.rows.has(node.key)) {
+      const row = node.key === key ? state.focus : state.rows.get(node.key);
+      if (!newer(old || row?.stale?.[0] || row?.node, node)) continue;
+      if ((node.key === key && state.focus) || state.rows.has(node.key)) {
         state.pending.set(node.key, [node, receivedAt]);
       } else if (parentOf(node.key) === key && state.loaded && (fromPage || !state.next)) {
         // A child this page has not shown: appended at the end (children come by start time).
@@ -222,11 +225,32 @@ export function treeView(container, key, { limit = DEFAULT_PAGE, after = '', fro
     schedule();
   }
 
+  // Which rows are on (or near) the screen.
+  const seen = new IntersectionObserver((entries) => {
+    const now = Date.now();
+    for (const entry of entries) {
+      const row = entry.target.row;
+      row.visible = entry.isIntersecting;
+      if (row.visible) {
+        if (row.stale) {
+          const [node, at] = row.stale;
+          row.stale = null;
+          row.update(node, at);
+        } else {
+          row.tick(now);
+        }
+      }
+    }
+  }, { rootMargin: '300px 0px' });
+
   function addRow(node, receivedAt) {
     const row = new NodeRow(node);
     row.update(node, receivedAt);
+    row.visible = false;
+    row.el.row = row;
     state.rows.set(node.key, row);
     list.append(row.el);
+    seen.observe(row.el);
     childrenBox.hidden = false;
   }
 
@@ -237,7 +261,7 @@ export function treeView(container, key, { limit = DEFAULT_PAGE, after = '', fro
   function flush() {
     state.frame = 0;
     for (const [k, [node, at]] of state.pending) {
-      if (k === key) {
+      if (k === key && state.focus) {
         const prev = state.focus.node;
         // Paging fields come with reads, not with every update: keep them.
         const merged = { ...node };
@@ -247,7 +271,9 @@ export function treeView(container, key, { limit = DEFAULT_PAGE, after = '', fro
         if (merged._child_count !== prev._child_count) renderPager(merged._child_count);
         onNode?.(merged);
       } else {
-        state.rows.get(k)?.update(node, at);
+        const row = state.rows.get(k);
+        if (row?.visible) row.update(node, at);
+        else if (row) row.stale = [node, at];
       }
     }
     state.pending.clear();
@@ -331,13 +357,14 @@ export function treeView(container, key, { limit = DEFAULT_PAGE, after = '', fro
   const ticker = setInterval(() => {
     const now = Date.now();
     state.focus?.tick(now);
-    for (const row of state.rows.values()) row.tick(now);
+    for (const row of state.rows.values()) if (row.visible) row.tick(now);
   }, 1000);
 
   return () => {
     state.closed = true;
     cancelAnimationFrame(state.frame);
     clearInterval(ticker);
+    seen.disconnect();
     close();
   };
 }

@@ -1,7 +1,8 @@
 // How busy the browser's main thread is while a page shows 1 000 live nodes that change at
 // 10 Hz (crates/ingress/tests/ui.rs updates them while this runs). Prints one line
 // `PERF {json}`: the main thread's busy share over 10 s (Chromium's TaskDuration through the
-// DevTools protocol), and how many update events and node states the page received meanwhile.
+// DevTools protocol, and its CPU time, ThreadTime, which other processes on the machine do not
+// inflate), and how many update events and node states the page received meanwhile.
 //
 //   node perf.mjs <base-url> <key>
 
@@ -13,7 +14,14 @@ const WINDOW_MS = 10000;
 
 const browser = await launch();
 try {
-  const page = await newPage(browser, base, { width: 1280, height: 900 });
+  // A usual window (a few rows on screen), then a very tall one (dozens of rows on screen).
+  for (const height of [900, 6000]) console.log(`PERF ${JSON.stringify(await measure(height))}`);
+} finally {
+  await browser.close();
+}
+
+async function measure(height) {
+  const page = await newPage(browser, base, { width: 1280, height });
   // Counts what the server pushes, without changing what the page does with it.
   await page.addInitScript(() => {
     window.received = { events: 0, nodes: 0 };
@@ -43,7 +51,11 @@ try {
   const inView = await page.evaluate(() => [...document.querySelectorAll('li.node')]
     .filter((el) => { const r = el.getBoundingClientRect(); return r.bottom > 0 && r.top < innerHeight; }).length);
   const result = {
+    viewport: `1280x${height}`,
+    // Wall time the main thread spent in tasks: inflated when other processes hold the cores.
     busy_share: +((m1.TaskDuration - m0.TaskDuration) / wall).toFixed(3),
+    // CPU time of the main thread: what the page itself costs, whatever else runs.
+    cpu_share: +((m1.ThreadTime - m0.ThreadTime) / wall).toFixed(3),
     script_share: +((m1.ScriptDuration - m0.ScriptDuration) / wall).toFixed(3),
     layout_share: +((m1.LayoutDuration - m0.LayoutDuration + m1.RecalcStyleDuration - m0.RecalcStyleDuration) / wall).toFixed(3),
     window_s: +wall.toFixed(2),
@@ -55,7 +67,6 @@ try {
   check(result.rows === 1000, 'the page shows 1 000 nodes');
   check(r1.events > r0.events, 'updates arrived during the measurement');
   check(page.errors.length === 0, `page errors: ${page.errors}`);
-  console.log(`PERF ${JSON.stringify(result)}`);
-} finally {
-  await browser.close();
+  await page.context().close();
+  return result;
 }

@@ -22,9 +22,11 @@ async function open(viewport) {
 }
 
 async function waitRequest(id, states) {
-  for (let i = 0; i < 20; i++) {
-    const r = await api(base, `/v1/requests/${id}`, { headers: { prefer: 'wait=5' } });
+  const deadline = Date.now() + 60000;
+  while (Date.now() < deadline) {
+    const r = await api(base, `/v1/requests/${id}`);
     if (states.includes(r.state)) return r;
+    await new Promise((resolve) => setTimeout(resolve, 100));
   }
   throw new Error(`request ${id} never reached ${states}`);
 }
