@@ -63,6 +63,16 @@ impl Handler for Flaky {
     }
 }
 
+/// Always fails for good, with the payload's `error`.
+struct Fail;
+
+impl Handler for Fail {
+    fn handle<'a>(&'a self, ctx: &'a Context) -> BoxFuture<'a, Result<Value, HandlerError>> {
+        let error = ctx.payload["error"].as_str().unwrap_or("failed").to_owned();
+        async move { Err(HandlerError::Permanent(error)) }.boxed()
+    }
+}
+
 fn scripts_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ui")
 }
@@ -138,11 +148,14 @@ async fn ui_stack() -> Stack {
     let handlers = HandlerSet::new()
         .with("echo", Echo)
         .with("block", Block)
-        .with("flaky", Flaky(AtomicBool::new(false)));
+        .with("flaky", Flaky(AtomicBool::new(false)))
+        .with("fail", Fail);
     let dir = tempfile::tempdir().expect("temporary directory");
     let file = dir.path().join("handlers.toml");
-    let names: String =
-        ["echo", "block", "flaky"].iter().map(|n| format!("[handlers.{n}]\nkind = \"echo\"\n\n")).collect();
+    let names: String = ["echo", "block", "flaky", "fail"]
+        .iter()
+        .map(|n| format!("[handlers.{n}]\nkind = \"echo\"\n\n"))
+        .collect();
     std::fs::write(&file, names).expect("write handlers file");
     let stack =
         Stack::with(Options::default().handlers(handlers).arg("--handlers", file.to_str().expect("UTF-8")))

@@ -1,6 +1,6 @@
 // Browser tests of the web UI in headless Chromium, against a running stack (ingress with an
-// aggregator and a processor whose handlers are `echo`, `block` (runs until canceled) and
-// `flaky` (fails for good once, then succeeds)), started by crates/ingress/tests/ui.rs, which
+// aggregator and a processor whose handlers are `echo`, `block` (runs until canceled), `flaky`
+// (fails for good once, then succeeds) and `fail` (fails for good)), started by crates/ingress/tests/ui.rs, which
 // also seeds `_uitest.big` with 10 000 children. Any failed assertion exits non-zero.
 //
 //   node ui.test.mjs <base-url> [--screenshots <dir>]
@@ -153,6 +153,8 @@ try {
     await row.locator('.badge', { hasText: 'queued again' }).waitFor();
     const r = await waitRequest(sub.id, ['succeeded']);
     check(r.state === 'succeeded', `state ${r.state}`);
+    await page.reload();
+    await row.locator('.badge', { hasText: 'retried: succeeded' }).waitFor();
     await row.locator('a.id').click();
     await page.locator('#request-state', { hasText: 'succeeded' }).waitFor();
   });
@@ -200,6 +202,10 @@ try {
       await shot.goto(`/requests/${echoId}`);
       await shot.locator('section.node.focus').waitFor();
       await shot.screenshot({ path: `${screenshots}/ui-request.png`, fullPage: true });
+      for (const error of ['upstream answered 422: width must be at most 8192', 'no such bucket: renders-eu']) {
+        const sub = await api(base, '/v1/requests', { method: 'POST', body: { handler: 'fail', payload: { error } } });
+        await waitRequest(sub.id, ['dead']);
+      }
       await shot.goto('/dead-letters');
       await shot.locator('table.list tbody tr').first().waitFor();
       await shot.screenshot({ path: `${screenshots}/ui-dead-letters.png`, fullPage: true });

@@ -30,6 +30,16 @@ export function deadLettersPage(main, params) {
       // Newest first within the page, whichever order the API pages in.
       const rows = [...items].sort((a, b) => (b.time ?? 0) - (a.time ?? 0));
       for (const letter of rows) body.append(row(letter, signal));
+      // A letter stays in the list after its request was retried: say what became of it.
+      for (const letter of rows) {
+        api(`/v1/requests/${letter.id}`, { signal })
+          .then((r) => {
+            if (r.state === 'dead') return;
+            const cell = body.querySelector(`tr[data-id="${letter.id}"] td.act`);
+            cell?.replaceChildren(h('span.badge', { dataset: { status: r.state } }, `retried: ${r.state}`));
+          })
+          .catch(() => { /* purged or unreadable: the letter still says what happened */ });
+      }
       if (after) pager.append(h('a', { href: '/dead-letters', dataset: { nav: '' } }, '« First page'));
       if (next) pager.append(h('a.next', { href: `/dead-letters?after=${encodeURIComponent(next)}`, dataset: { nav: '' }, rel: 'next' }, 'Next page »'));
     })
