@@ -5,6 +5,8 @@
 //
 //   node ui.test.mjs <base-url> [--screenshots <dir>]
 
+import net from 'node:net';
+
 import { api, check, launch, newPage, post, step } from './browser.mjs';
 
 const [base, flag, shotsDir] = process.argv.slice(2);
@@ -12,6 +14,35 @@ if (!base) throw new Error('usage: node ui.test.mjs <base-url> [--screenshots <d
 const screenshots = flag === '--screenshots' ? shotsDir : null;
 const origin = new URL(base).origin;
 const digits = (s) => s.replace(/\D+/g, ' ').trim();
+
+/** A TCP proxy to `target` on 127.0.0.1: `start(port)` listens (0: any port), `stop()` refuses
+ * new connections and drops the open ones. */
+function tcpProxy(target) {
+  const sockets = new Set();
+  let server = null;
+  return {
+    start(port) {
+      server = net.createServer((client) => {
+        const upstream = net.connect(Number(target.port), target.hostname);
+        for (const s of [client, upstream]) {
+          sockets.add(s);
+          s.on('error', () => s.destroy());
+          s.on('close', () => { sockets.delete(s); client.destroy(); upstream.destroy(); });
+        }
+        client.pipe(upstream);
+        upstream.pipe(client);
+      });
+      return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server.address().port)));
+    },
+    stop() {
+      if (!server) return Promise.resolve();
+      const closing = server;
+      server = null;
+      for (const s of sockets) s.destroy();
+      return new Promise((resolve) => closing.close(() => resolve()));
+    },
+  };
+}
 
 const browser = await launch();
 const pages = [];
@@ -66,6 +97,29 @@ try {
     check(last === '_uitest.live.c', `new child is not last: ${last}`);
     check(page.requests.length === before, 'a new child cost a request');
     console.log(`   update shown ${took} ms after the POST was sent`);
+  });
+
+  await step('a lost connection shows, and the stream resumes by itself without missing an update', async () => {
+    // The page talks to ingress through a TCP proxy that the test cuts and restores.
+    const proxy = tcpProxy(new URL(base));
+    const port = await proxy.start(0);
+    const cut = await newPage(browser, `http://127.0.0.1:${port}`);
+    try {
+      await cut.goto('/trees/_uitest.live');
+      await cut.locator('#conn[data-state="live"]').waitFor({ timeout: 10000 });
+      await proxy.stop();
+      await cut.locator('#conn[data-state="lost"]').waitFor({ timeout: 10000 });
+      // Changed while the page is cut off: it must arrive once the stream resumes.
+      await post(base, '_uitest.live.b', { progress: 0.9, msg: 'while cut off' });
+      await proxy.start(port);
+      await cut.locator('#conn[data-state="live"]').waitFor({ timeout: 20000 });
+      await cut.locator('li.node[data-key="_uitest.live.b"] .msg', { hasText: 'while cut off' }).waitFor({ timeout: 5000 });
+      check((await cut.textContent('li.node[data-key="_uitest.live.b"] .pct')) === '90 %', 'resumed state');
+      check(cut.errors.length === 0, `page errors: ${cut.errors}`);
+    } finally {
+      await cut.context().close();
+      await proxy.stop();
+    }
   });
 
   await step('a six-level tree drilled to its deepest leaf, by keyboard, with breadcrumbs and deep links', async () => {
