@@ -7,7 +7,7 @@
 # the caller can stop exactly that (scripts/dev.sh does).
 #
 # With --browser (scripts/test.sh), also what the web UI's browser tests need: Debian's chromium
-# and Node with the test package's npm dependencies (crates/ingress/tests/ui, `npm ci`).
+# and Node (18 or later) with the test package's npm dependencies (crates/ingress/tests/ui, `npm ci`).
 set -euo pipefail
 
 log() { echo "deps: $*" >&2; }
