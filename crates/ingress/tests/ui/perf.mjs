@@ -38,6 +38,12 @@ async function measure(height) {
   await page.goto(`/trees/${key}?limit=1000`);
   await page.waitForFunction(() => document.querySelectorAll('li.node').length === 1000, null, { timeout: 30000 });
   await page.waitForFunction(() => window.received.nodes > 1000, null, { timeout: 30000 });
+  // The reader is halfway down the list: what they look at must not move while values change.
+  await page.evaluate(() => document.querySelectorAll('li.node')[500].scrollIntoView());
+  await page.waitForTimeout(500);
+  const firstInView = () => page.evaluate(() => [...document.querySelectorAll('li.node')]
+    .find((el) => el.getBoundingClientRect().bottom > 0)?.dataset.key);
+  const where0 = [await page.evaluate(() => scrollY), await firstInView()];
   const cdp = await page.context().newCDPSession(page);
   await cdp.send('Performance.enable', { timeDomain: 'timeTicks' });
   const metrics = async () => Object.fromEntries((await cdp.send('Performance.getMetrics')).metrics.map((m) => [m.name, m.value]));
@@ -48,6 +54,8 @@ async function measure(height) {
   const m1 = await metrics();
   const r1 = await page.evaluate(() => ({ ...window.received }));
   const wall = (Date.now() - t0) / 1000;
+  const where1 = [await page.evaluate(() => scrollY), await firstInView()];
+  check(JSON.stringify(where1) === JSON.stringify(where0), `the view moved: ${where0} -> ${where1}`);
   const inView = await page.evaluate(() => [...document.querySelectorAll('li.node')]
     .filter((el) => { const r = el.getBoundingClientRect(); return r.bottom > 0 && r.top < innerHeight; }).length);
   const result = {
@@ -61,6 +69,7 @@ async function measure(height) {
     window_s: +wall.toFixed(2),
     rows: await page.locator('li.node').count(),
     rows_in_viewport: inView,
+    first_row_in_view: where0[1],
     update_events_per_s: +((r1.events - r0.events) / wall).toFixed(1),
     node_updates_per_s: +((r1.nodes - r0.nodes) / wall).toFixed(0),
   };
