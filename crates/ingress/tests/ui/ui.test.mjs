@@ -220,8 +220,10 @@ try {
     for (const path of ['/', '/trees/_uitest.live', '/trees/_uitest.big', '/trees/_uitest.six.l2.l3.l4.l5.l6',
       '/requests', ...(echoId ? [`/requests/${echoId}`] : []), '/dead-letters']) {
       await narrow.goto(path);
-      await narrow.waitForLoadState('networkidle').catch(() => {});
       await narrow.locator('main h1, section.node.focus').first().waitFor();
+      // Loaded: no "Loading…" left on the page.
+      await narrow.waitForFunction(() => ![...document.querySelectorAll('p.notice')]
+        .some((p) => !p.hidden && p.textContent === 'Loading…'));
       const [scroll, client] = await narrow.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]);
       check(scroll <= client, `${path} scrolls sideways at 360 px: ${scroll} > ${client}`);
     }
