@@ -5,6 +5,9 @@
 #
 # With CAIRN_STARTED_FILE set, appends "redis" / "rabbitmq" to that file for what it started, so
 # the caller can stop exactly that (scripts/dev.sh does).
+#
+# With --browser (scripts/test.sh), also what the web UI's browser tests need: Debian's chromium
+# and Node (18 or later) with the test package's npm dependencies (crates/ingress/tests/ui, `npm ci`).
 set -euo pipefail
 
 log() { echo "deps: $*" >&2; }
@@ -45,3 +48,14 @@ as_root rabbitmqctl -q await_startup >/dev/null
 as_root rabbitmq-plugins -q enable rabbitmq_management rabbitmq_consistent_hash_exchange >/dev/null
 wait_port 15672 "rabbitmq management" 240
 log "redis on 127.0.0.1:6379, rabbitmq on 127.0.0.1:5672 (management on :15672)"
+
+if [ "${1:-}" = --browser ]; then
+  if ! command -v chromium >/dev/null; then log "installing chromium"; apt_install chromium; fi
+  if ! command -v npm >/dev/null; then log "installing node and npm"; apt_install nodejs npm; fi
+  ui_tests="$(cd "$(dirname "$0")/.." && pwd)/crates/ingress/tests/ui"
+  if [ ! -d "$ui_tests/node_modules/playwright-core" ]; then
+    log "installing the browser tests' npm packages"
+    (cd "$ui_tests" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+  log "chromium $(chromium --version 2>/dev/null | awk '{print $2}'), node $(node --version)"
+fi

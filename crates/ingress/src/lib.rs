@@ -8,6 +8,7 @@
 //! port.
 
 mod aggregator;
+mod browse_api;
 mod error;
 mod handler_names;
 mod http_metrics;
@@ -17,6 +18,7 @@ mod progress_api;
 mod replies;
 mod requests;
 mod requests_api;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -291,6 +293,8 @@ impl App {
             .merge(live::router(self.live.clone(), &self.config.live))
             .merge(requests_api::router(self.requests.clone()))
             .merge(admin)
+            .merge(browse_api::router(self.redis.clone(), self.config.queue_names()))
+            .merge(ui::router())
             .fallback(error::route_not_found)
             .method_not_allowed_fallback(error::method_not_allowed)
             .layer(axum::middleware::from_fn(http_metrics::record))
