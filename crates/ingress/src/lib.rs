@@ -7,6 +7,7 @@
 //! `/readyz` and `/metrics` on the same port.
 
 mod aggregator;
+mod browse_api;
 mod error;
 mod handler_names;
 mod http_metrics;
@@ -14,6 +15,7 @@ mod progress_api;
 mod replies;
 mod requests;
 mod requests_api;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -208,6 +210,8 @@ impl App {
         progress_api::router(self.aggregator.clone())
             .merge(requests_api::router(self.requests.clone()))
             .merge(admin)
+            .merge(browse_api::router(self.redis.clone(), self.config.queue_names()))
+            .merge(ui::router())
             .fallback(error::route_not_found)
             .method_not_allowed_fallback(error::method_not_allowed)
             .layer(axum::middleware::from_fn(http_metrics::record))

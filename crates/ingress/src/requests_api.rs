@@ -180,7 +180,7 @@ fn body_rejection(rejection: BytesRejection) -> ApiError {
 }
 
 /// A stream entry id: `<ms>-<seq>` or `<ms>`.
-fn is_entry_id(s: &str) -> bool {
+pub(crate) fn is_entry_id(s: &str) -> bool {
     let mut parts = s.splitn(2, '-');
     let digits = |p: Option<&str>| {
         p.is_some_and(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))

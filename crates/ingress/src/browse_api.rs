@@ -1,0 +1,316 @@
+//! Read-only listings to start browsing from, for the web UI and any other client:
+//! `GET /v1/trees` (progress tree roots, most recently updated first), `GET /v1/requests`
+//! (requests, newest first, filtered by state and handler) and `GET /v1/requests/{id}/payload`
+//! (what a request was submitted with, which its public view leaves out).
+//!
+//! They read what the progress store and the request queue already keep, without an index of
+//! their own: roots from the `P:proots` sorted set (score: the root's latest update time),
+//! requests from the request stream read backwards, each entry joined with its record `P:req:<id>`.
+//! An entry whose record is gone (purged) or names a newer entry (a dead request queued again) is
+//! skipped, so every request appears once, at its latest submission.
+
+use std::collections::HashMap;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::routing::get;
+use axum::{Json, Router};
+use cairn_progress::Key;
+use cairn_redis::ProgressStore;
+use cairn_redis::progress::ReadOptions;
+use cairn_redis::requests::QueueNames;
+use cairn_requests::{RequestRecord, RequestState, is_valid_request_id};
+use futures::future::join_all;
+use redis::AsyncCommands as _;
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::warn;
+
+use crate::error::ApiError;
+use crate::progress_api::bounded;
+use crate::requests::REDIS_TIMEOUT;
+
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 1000;
+/// Most stream entries one `GET /v1/requests` looks at; a filter that matches little answers a
+/// short page with a `next` cursor instead of scanning the whole stream.
+const MAX_SCANNED: usize = 5000;
+/// Stream entries read per round trip.
+const SCAN_BATCH: usize = 200;
+/// Longest handler name accepted as a filter (names come from the handlers file).
+const MAX_HANDLER_LEN: usize = 256;
+
+#[derive(Clone)]
+struct Browse {
+    redis: ConnectionManager,
+    store: ProgressStore,
+    names: QueueNames,
+}
+
+pub(crate) fn router(redis: ConnectionManager, names: QueueNames) -> Router {
+    let store = ProgressStore::new(redis.clone(), names.prefix.clone());
+    Router::new()
+        .route("/v1/trees", get(trees))
+        .route("/v1/requests", get(requests))
+        .route("/v1/requests/{id}/payload", get(payload))
+        .with_state(Browse { redis, store, names })
+}
+
+#[derive(Deserialize)]
+struct TreeParams {
+    limit: Option<String>,
+    offset: Option<String>,
+}
+
+/// `GET /v1/trees?limit=N&offset=M`: roots by latest update, newest first, each with its node
+/// (depth 1, one child key); `next` is the offset of the following page, `null` at the end.
+async fn trees(
+    State(browse): State<Browse>,
+    params: Result<Query<TreeParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as isize;
+    let offset = match params.offset.as_deref() {
+        None | Some("") => 0,
+        Some(raw) => raw.parse::<isize>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ApiError::BadRequest(format!("offset must be a non-negative integer, got {raw:?}"))
+        })?,
+    };
+    let roots_key = format!("{}:proots", browse.names.prefix);
+    let mut redis = browse.redis.clone();
+    let read = redis.zrevrange_withscores(&roots_key, offset, offset + limit);
+    let mut roots: Vec<(String, f64)> = timed("tree roots", read).await?;
+    let more = roots.len() as isize > limit;
+    roots.truncate(limit as usize);
+    let options = ReadOptions { depth: 1, limit: 1, after: None };
+    let nodes = join_all(roots.iter().map(|(root, _)| {
+        let (store, options) = (&browse.store, &options);
+        async move {
+            let key = Key::parse(root).ok()?;
+            let read = tokio::time::timeout(REDIS_TIMEOUT, store.get(&key, options)).await;
+            read.ok()?.ok()?
+        }
+    }))
+    .await;
+    let items: Vec<Value> = roots
+        .iter()
+        .zip(nodes)
+        .map(|((key, updated), node)| {
+            json!({ "key": key, "update_time": *updated as i64, "node": node.map(|n| n.to_sca_json()) })
+        })
+        .collect();
+    let next = more.then(|| (offset + limit).to_string());
+    Ok(Json(json!({ "items": items, "next": next })))
+}
+
+#[derive(Deserialize)]
+struct RequestParams {
+    state: Option<String>,
+    handler: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// What `GET /v1/requests` keeps.
+#[derive(Debug, Default, PartialEq)]
+struct Filter {
+    state: Option<RequestState>,
+    handler: Option<String>,
+}
+
+impl Filter {
+    fn from_params(state: Option<&str>, handler: Option<&str>) -> Result<Filter, ApiError> {
+        let state = match state {
+            None | Some("") => None,
+            Some(raw) => Some(raw.parse::<RequestState>().map_err(|_| {
+                let known: Vec<&str> = RequestState::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::BadRequest(format!("state must be one of {}, got {raw:?}", known.join(", ")))
+            })?),
+        };
+        let handler = match handler {
+            None | Some("") => None,
+            Some(raw) if raw.len() > MAX_HANDLER_LEN => {
+                return Err(ApiError::BadRequest(format!(
+                    "handler must be at most {MAX_HANDLER_LEN} bytes, got {}",
+                    raw.len()
+                )));
+            }
+            Some(raw) => Some(raw.to_owned()),
+        };
+        Ok(Filter { state, handler })
+    }
+
+    fn keeps(&self, record: &RequestRecord) -> bool {
+        self.state.is_none_or(|state| record.state == state)
+            && self.handler.as_deref().is_none_or(|handler| record.handler == handler)
+    }
+}
+
+/// `GET /v1/requests?state=S&handler=H&limit=N&after=<entry id>`: requests newest first, each
+/// as `GET /v1/requests/{id}` shows it (without progress); `next` continues after the last entry
+/// looked at, `null` once the stream is exhausted.
+async fn requests(
+    State(browse): State<Browse>,
+    params: Result<Query<RequestParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as usize;
+    let filter = Filter::from_params(params.state.as_deref(), params.handler.as_deref())?;
+    let mut cursor = match params.after.as_deref() {
+        None | Some("") => None,
+        Some(after) if crate::requests_api::is_entry_id(after) => Some(after.to_owned()),
+        Some(after) => {
+            return Err(ApiError::BadRequest(format!(
+                "after must be a request stream entry id such as 1700000000000-0 (the `next` of the previous page), got {after:?}"
+            )));
+        }
+    };
+    let mut redis = browse.redis.clone();
+    let (mut items, mut scanned) = (Vec::new(), 0);
+    let exhausted = loop {
+        let end = cursor.as_ref().map_or_else(|| "+".to_owned(), |c| format!("({c}"));
+        let batch = SCAN_BATCH.min(MAX_SCANNED - scanned);
+        let read = redis.xrevrange_count(&browse.names.stream, end, "-", batch);
+        let page: redis::streams::StreamRangeReply = timed("request stream", read).await?;
+        let entries: Vec<(String, String)> = page
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let id: String = entry.get("id").unwrap_or_default();
+                (entry.id, id)
+            })
+            .collect();
+        let records = records(&mut redis, &browse.names, &entries).await?;
+        let read_all = entries.len() < batch;
+        for ((entry_id, _), record) in entries.iter().zip(records) {
+            scanned += 1;
+            cursor = Some(entry_id.clone());
+            let Some(record) = record else { continue };
+            if record.entry_id.as_deref() == Some(entry_id) && filter.keeps(&record) {
+                items.push(record.to_json());
+                if items.len() == limit {
+                    break;
+                }
+            }
+        }
+        if items.len() == limit {
+            break false;
+        }
+        if read_all {
+            break true;
+        }
+        if scanned >= MAX_SCANNED {
+            break false;
+        }
+    };
+    let next = if exhausted { None } else { cursor };
+    Ok(Json(json!({ "items": items, "next": next })))
+}
+
+/// The records of `(entry id, request id)` pairs in one pipelined round trip; `None` for a
+/// record that is gone, or unreadable (logged).
+async fn records(
+    redis: &mut ConnectionManager,
+    names: &QueueNames,
+    entries: &[(String, String)],
+) -> Result<Vec<Option<RequestRecord>>, ApiError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for (_, id) in entries {
+        pipe.hgetall(names.record(id));
+    }
+    let hashes: Vec<HashMap<String, String>> = timed("request records", pipe.query_async(redis)).await?;
+    Ok(hashes
+        .into_iter()
+        .zip(entries)
+        .map(|(hash, (_, id))| {
+            if hash.is_empty() {
+                return None;
+            }
+            RequestRecord::from_hash(&hash)
+                .inspect_err(|error| warn!(request = %id, %error, "skipping an unreadable request record"))
+                .ok()
+        })
+        .collect())
+}
+
+/// `GET /v1/requests/{id}/payload`: the payload the request was submitted with.
+async fn payload(
+    State(browse): State<Browse>,
+    RequestPath(id): RequestPath,
+) -> Result<Json<Value>, ApiError> {
+    let mut redis = browse.redis.clone();
+    let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PAYLOAD);
+    let stored: Option<String> = timed("request payload", read).await?;
+    let stored = stored.ok_or(ApiError::RequestMissing { id: id.clone() })?;
+    serde_json::from_str(&stored).map(Json).map_err(|error| {
+        warn!(request = %id, %error, "stored payload is not JSON");
+        ApiError::Internal
+    })
+}
+
+/// A Redis read bounded by [`REDIS_TIMEOUT`]; Redis away or slow is a 503.
+async fn timed<T>(
+    what: &'static str,
+    read: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(REDIS_TIMEOUT, read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => {
+            warn!(%error, what, "redis read failed");
+            Err(ApiError::QueueUnavailable)
+        }
+        Err(_) => {
+            warn!(what, "redis read timed out");
+            Err(ApiError::QueueUnavailable)
+        }
+    }
+}
+
+/// The `{id}` path segment, a request id.
+struct RequestPath(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+        if is_valid_request_id(&id) {
+            Ok(RequestPath(id))
+        } else {
+            let shown: String = id.chars().take(64).collect();
+            Err(ApiError::BadRequest(format!("invalid request id {shown:?}: expected a lowercase UUID")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(result: Result<Filter, ApiError>) -> String {
+        match result.unwrap_err() {
+            ApiError::BadRequest(message) => message,
+            other => panic!("expected a bad request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn filters_are_checked() {
+        assert_eq!(Filter::from_params(None, Some("")).unwrap(), Filter::default());
+        let filter = Filter::from_params(Some("dead"), Some("echo")).unwrap();
+        assert_eq!(filter, Filter { state: Some(RequestState::Dead), handler: Some("echo".into()) });
+        let got = message(Filter::from_params(Some("done"), None));
+        assert_eq!(
+            got,
+            "state must be one of queued, running, failed, succeeded, canceled, dead, got \"done\""
+        );
+        let long = "h".repeat(257);
+        assert!(message(Filter::from_params(None, Some(&long))).contains("at most 256 bytes"));
+    }
+}
