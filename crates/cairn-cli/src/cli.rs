@@ -69,7 +69,9 @@ Examples:
     #[command(after_help = "Example:\n  cairn delete _portal.job42")]
     Delete(KeyArg),
     /// List requests, newest first.
-    #[command(after_help = "Examples:\n  cairn requests\n  cairn requests --state running --limit 20")]
+    #[command(
+        after_help = "Examples:\n  cairn requests\n  cairn requests --state dead --handler convert --limit 20"
+    )]
     Requests(RequestList),
     /// Show one request: state, attempts, timestamps, result or error.
     #[command(after_help = "\
@@ -194,6 +196,9 @@ pub struct RequestList {
     /// Only requests in this state (queued, running, failed, succeeded, canceled, dead).
     #[arg(long)]
     pub state: Option<String>,
+    /// Only requests to this handler.
+    #[arg(long)]
+    pub handler: Option<String>,
     /// Requests per page (1-1000).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub limit: u32,

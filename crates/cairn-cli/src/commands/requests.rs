@@ -164,6 +164,9 @@ pub async fn list(client: &Client, out: Output, args: RequestList) -> Result<Exi
     if let Some(state) = args.state {
         query.push(("state", state));
     }
+    if let Some(handler) = args.handler {
+        query.push(("handler", handler));
+    }
     if let Some(after) = args.after {
         query.push(("after", after));
     }
@@ -193,15 +196,15 @@ pub async fn list(client: &Client, out: Output, args: RequestList) -> Result<Exi
                 cell(&r["handler"]),
                 output::status_style(state).apply_to(state).to_string(),
                 format!("{}/{}", cell(&r["attempts"]), cell(&r["max_attempts"])),
-                progress_cell(&r["progress"]),
                 timestamp(r["created_at"].as_i64()),
+                timestamp(r["finished_at"].as_i64()),
             ]
         })
         .collect();
     if rows.is_empty() {
         out.text("no requests");
     } else {
-        out.text(&output::table(&["ID", "HANDLER", "STATE", "ATTEMPTS", "PROGRESS", "CREATED"], &rows));
+        out.text(&output::table(&["ID", "HANDLER", "STATE", "ATTEMPTS", "CREATED", "FINISHED"], &rows));
     }
     print_next(out, &page, "cairn requests");
     Ok(Exit::Success)

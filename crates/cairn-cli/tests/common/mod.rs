@@ -1,0 +1,234 @@
+//! Runs the built `cairn` binary against a real stack: an aggregator, a request processor (with
+//! `echo` and the example `steps` handler) and an ingress, in this test process on port 0, on
+//! their own Redis key prefix and RabbitMQ vhost (the pattern of ingress's test harness).
+
+#![allow(dead_code)] // Each test binary uses its own part of the harness.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
+use clap::Parser as _;
+use request_processor::HandlerSet;
+use reqwest::Method;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Bound on every wait: start-up, each HTTP call, each command.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The fields of a node that change between two reads of the same state.
+const VOLATILE: [&str; 1] = ["_age_ms"];
+
+pub struct Stack {
+    /// `http://127.0.0.1:{port}` of the ingress.
+    pub base: String,
+    http: reqwest::Client,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    _ns: RedisNamespace,
+    _vhost: AmqpVhost,
+}
+
+/// What a `cairn` run left behind.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout as one JSON document; fails the test otherwise.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+
+    /// Fails the test unless the command exited with `code`.
+    #[track_caller]
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(self.code, code, "unexpected exit code: {self:#?}");
+        self
+    }
+}
+
+/// The request processor's handlers: `echo` and the example `steps`.
+pub fn handlers() -> HandlerSet {
+    request_processor::handlers::default_handlers().with("steps", example_processor::Steps)
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let ns = RedisNamespace::new();
+        let vhost = AmqpVhost::new().await;
+        let cancel = CancellationToken::new();
+        let config = progress_aggregator::Config::try_parse_from([
+            "progress-aggregator",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--redis-url",
+            &ns.url,
+            "--key-prefix",
+            &ns.prefix,
+            "--amqp-url",
+            &vhost.url,
+            "--shards",
+            "1",
+            "--grace",
+            "5s",
+        ])
+        .expect("valid aggregator config");
+        let aggregator = progress_aggregator::App::build(config).await.expect("aggregator builds");
+        let aggregator_url = format!("http://{}", aggregator.grpc_addr());
+        let mut tasks = vec![tokio::spawn(aggregator.run(cancel.clone()))];
+
+        let config = request_processor::Config::try_parse_from([
+            "request-processor",
+            "--redis-url",
+            &ns.url,
+            "--key-prefix",
+            &ns.prefix,
+            "--amqp-url",
+            &vhost.url,
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--heartbeat-interval",
+            "200ms",
+            "--lease-timeout",
+            "1s",
+            "--grace",
+            "2s",
+        ])
+        .expect("valid processor config");
+        let processor =
+            request_processor::App::build_with_handlers(config, handlers()).await.expect("processor builds");
+        let processor_ready = format!("http://{}/readyz", processor.admin_addr());
+        tasks.push(tokio::spawn(processor.run(cancel.clone())));
+
+        let config = ingress::Config::try_parse_from([
+            "ingress",
+            "--addr",
+            "127.0.0.1:0",
+            "--aggregator-url",
+            &aggregator_url,
+            "--grace",
+            "5s",
+            "--redis-url",
+            &ns.url,
+            "--key-prefix",
+            &ns.prefix,
+            "--handlers",
+            &handlers_file(),
+        ])
+        .expect("valid ingress config");
+        let ingress = ingress::App::build(config).await.expect("ingress builds");
+        let base = format!("http://{}", ingress.local_addr());
+        tasks.push(tokio::spawn(ingress.run(cancel.clone())));
+
+        let http = reqwest::Client::builder().timeout(WAIT).build().expect("http client");
+        let stack = Stack { base, http, cancel, tasks, _ns: ns, _vhost: vhost };
+        for ready in [format!("{}/readyz", stack.base), processor_ready] {
+            wait_until(&ready, WAIT, || async {
+                stack.http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
+            })
+            .await
+            .expect("stack becomes ready");
+        }
+        stack
+    }
+
+    /// `cairn ARGS` against this stack (`CAIRN_URL` set, stdin empty), to its end.
+    pub async fn cairn(&self, args: &[&str]) -> Run {
+        cairn_at(&self.base, args).await
+    }
+
+    /// The JSON answer of `METHOD path` (any status).
+    pub async fn rest(&self, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.expect("ingress answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}")))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let (status, json) = self.rest(Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {json}");
+        json
+    }
+
+    /// Posts a progress update over REST.
+    pub async fn post(&self, key: &str, update: Value) {
+        let (status, json) = self.rest(Method::POST, &format!("/status/{key}"), Some(&update)).await;
+        assert_eq!(status, 200, "POST {key}: {json}");
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A handlers file naming what the processor runs, so ingress accepts `steps` too.
+fn handlers_file() -> String {
+    let dir = std::env::temp_dir().join("cairn-cli-tests");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("handlers.toml");
+    std::fs::write(&path, "[handlers.echo]\nkind = \"echo\"\n\n[handlers.steps]\nkind = \"echo\"\n")
+        .expect("handlers file");
+    path.to_string_lossy().into_owned()
+}
+
+/// The `cairn` command with a clean environment: no token, colours or URL from the caller.
+pub fn command(base: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command
+        .env("CAIRN_URL", base)
+        .env_remove("CAIRN_TOKEN")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+pub async fn cairn_at(base: &str, args: &[&str]) -> Run {
+    let output = tokio::time::timeout(WAIT, command(base).args(args).output())
+        .await
+        .unwrap_or_else(|_| panic!("cairn {args:?} did not end within {WAIT:?}"))
+        .expect("cairn runs");
+    Run {
+        code: output.status.code().expect("cairn exited, not killed by a signal"),
+        stdout: String::from_utf8(output.stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(output.stderr).expect("utf-8 stderr"),
+    }
+}
+
+/// `value` without the fields that change between two reads of the same state, at any depth.
+pub fn stable(mut value: Value) -> Value {
+    fn strip(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                for field in VOLATILE {
+                    map.remove(field);
+                }
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut value);
+    value
+}
