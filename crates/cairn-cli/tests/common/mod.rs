@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of the harness.
 
+pub mod live;
+
 use std::process::Stdio;
 use std::time::Duration;
 

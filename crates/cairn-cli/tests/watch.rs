@@ -1,0 +1,123 @@
+//! `cairn watch`: JSON lines and text outside a terminal, nested progress bars in a real
+//! pseudo-terminal (tmux), resuming with `Last-Event-ID` after a dropped connection, and the exit
+//! code from the root's final status. A scripted SSE server drives what the real stack cannot
+//! (a dropped connection at a chosen event); the real stack drives the rest.
+
+mod common;
+
+use common::live::{ScriptedLive, Tmux, quote};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+fn node(key: &str, start: i64, progress: f64, status: &str) -> Value {
+    json!({"key": key, "start_time": start, "update_time": start, "progress": progress, "status": status})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_after_a_dropped_connection() {
+    let live = ScriptedLive::start().await;
+    let mut child = common::command(&live.base).args(["watch", "_w.job", "--json"]).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    let mut root = node("_w.job", 1, 0.0, "running");
+    root["tasks"] = json!([node("_w.job.a", 2, 0.0, "waiting")]);
+    live.event("snapshot", "1-0", root);
+    live.event(
+        "update",
+        "2-0",
+        json!([node("_w.job", 1, 0.5, "running"), node("_w.job.a", 2, 0.5, "running")]),
+    );
+    let first: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!((first["type"].as_str(), first["id"].as_str()), (Some("snapshot"), Some("1-0")));
+    assert_eq!(first["nodes"][0]["tasks"][0]["key"], "_w.job.a");
+    let second: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        second,
+        json!({"type": "update", "id": "2-0", "key": "_w.job",
+        "nodes": [node("_w.job", 1, 0.5, "running"), node("_w.job.a", 2, 0.5, "running")]})
+    );
+
+    // The connection drops; the watch reconnects by itself, resuming after event 2-0.
+    live.close();
+    live.event("delete", "3-0", json!(["_w.job.a"]));
+    live.event("update", "4-0", json!([node("_w.job", 1, 1.0, "finished")]));
+    let third: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(third, json!({"type": "delete", "id": "3-0", "key": "_w.job", "keys": ["_w.job.a"]}));
+    let fourth: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(fourth["nodes"][0]["status"], "finished");
+    assert_eq!(lines.next_line().await.unwrap(), None, "nothing after the root finished");
+    let status = tokio::time::timeout(common::WAIT, child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(live.connections(), [None, Some("2-0".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_outside_a_terminal_prints_lines_and_exits_1_when_the_root_fails() {
+    let live = ScriptedLive::start().await;
+    let child = common::command(&live.base).args(["watch", "_w.job"]).spawn().unwrap();
+    let mut root = node("_w.job", 1, 0.25, "running");
+    root["tasks"] = json!([node("_w.job.a", 2, 0.25, "running")]);
+    root["_child_count"] = json!(1);
+    live.event("snapshot", "1-0", root);
+    let mut failed = node("_w.job", 1, 0.25, "failed");
+    failed["msg"] = json!("disk full");
+    live.event("update", "2-0", json!([failed, node("_w.job.a", 2, 0.25, "failed")]));
+    let output = tokio::time::timeout(common::WAIT, child.wait_with_output()).await.unwrap().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{stdout}");
+    assert!(lines[0].starts_with("_w.job ") && lines[0].contains(" 25%  running"), "{stdout}");
+    assert!(lines[1].contains("└ a") && lines[1].contains(" 25%  running"), "{stdout}");
+    assert_eq!(lines[2], "_w.job  25%  failed  disk full");
+    assert_eq!(lines[3], "_w.job.a  25%  failed");
+    assert_eq!(lines[4], "_w.job failed in 0ms: disk full");
+    assert!(!stdout.contains('\x1b'), "no colours outside a terminal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_draws_moving_bars_in_a_terminal() {
+    let live = ScriptedLive::start().await;
+    let command =
+        format!("CAIRN_URL={} {} watch _w.job", quote(&live.base), quote(env!("CARGO_BIN_EXE_cairn")));
+    let tmux = Tmux::start(&command, 110, 20);
+    let mut root = node("_w.job", 1, 0.1, "running");
+    root["tasks"] = json!([node("_w.job.copy", 2, 0.2, "running"), node("_w.job.index", 3, 0.0, "waiting")]);
+    live.event("snapshot", "1-0", root);
+    let screen = tmux.wait_for("the first bars", |s| s.contains(" 10%") && s.contains(" 20%")).await;
+    let lines: Vec<&str> = screen.lines().filter(|l| l.contains('%')).collect();
+    assert_eq!(lines.len(), 3, "{screen}");
+    assert!(lines[0].starts_with("_w.job ") && lines[0].contains("running"), "{screen}");
+    assert!(
+        lines[1].contains("└ copy") && lines[2].contains("└ index") && lines[2].contains("waiting"),
+        "{screen}"
+    );
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut copy = node("_w.job.copy", 2, 0.8, "running");
+    copy["msg"] = json!("copying part 4");
+    copy["_eta"] = json!(now + 90_000);
+    let mut index = node("_w.job.index", 3, 0.1, "running");
+    index["_stalled"] = json!(true);
+    index["_age_ms"] = json!(75_000);
+    live.event("update", "2-0", json!([node("_w.job", 1, 0.45, "running"), copy, index]));
+    let screen = tmux.wait_for("the bars to move", |s| s.contains(" 45%") && s.contains(" 80%")).await;
+    assert!(screen.contains("copying part 4") && screen.contains("ETA 1m"), "{screen}");
+    assert!(screen.contains("⚠ stalled 1m15s"), "{screen}");
+    assert!(screen.contains('█'), "{screen}");
+
+    live.event(
+        "update",
+        "3-0",
+        json!([
+            node("_w.job", 1, 1.0, "finished"),
+            node("_w.job.copy", 2, 1.0, "finished"),
+            node("_w.job.index", 3, 1.0, "finished")
+        ]),
+    );
+    let screen = tmux.wait_for("the watch to end", |s| s.contains("EXIT=")).await;
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    assert!(screen.contains("_w.job finished"), "{screen}");
+    assert_eq!(screen.matches("100%").count(), 3, "{screen}");
+    assert!(!screen.contains("stalled"), "{screen}");
+}
