@@ -84,7 +84,9 @@ async fn watch_draws_moving_bars_in_a_terminal() {
     let mut root = node("_w.job", 1, 0.1, "running");
     root["tasks"] = json!([node("_w.job.copy", 2, 0.2, "running"), node("_w.job.index", 3, 0.0, "waiting")]);
     live.event("snapshot", "1-0", root);
-    let screen = tmux.wait_for("the first bars", |s| s.contains(" 10%") && s.contains(" 20%")).await;
+    let screen = tmux
+        .wait_for("the first bars", |s| s.contains(" 10%") && s.contains(" 20%") && s.contains("waiting"))
+        .await;
     let lines: Vec<&str> = screen.lines().filter(|l| l.contains('%')).collect();
     assert_eq!(lines.len(), 3, "{screen}");
     assert!(lines[0].starts_with("_w.job ") && lines[0].contains("running"), "{screen}");
@@ -101,9 +103,16 @@ async fn watch_draws_moving_bars_in_a_terminal() {
     index["_stalled"] = json!(true);
     index["_age_ms"] = json!(75_000);
     live.event("update", "2-0", json!([node("_w.job", 1, 0.45, "running"), copy, index]));
-    let screen = tmux.wait_for("the bars to move", |s| s.contains(" 45%") && s.contains(" 80%")).await;
-    assert!(screen.contains("copying part 4") && screen.contains("ETA 1m"), "{screen}");
-    assert!(screen.contains("⚠ stalled 1m15s"), "{screen}");
+    // indicatif redraws as each bar changes: wait for the whole update to be on screen.
+    let screen = tmux
+        .wait_for("the bars to move", |s| {
+            s.contains(" 45%")
+                && s.contains(" 80%")
+                && s.contains("copying part 4")
+                && s.contains("⚠ stalled 1m15s")
+        })
+        .await;
+    assert!(screen.contains("ETA 1m"), "{screen}");
     assert!(screen.contains('█'), "{screen}");
 
     live.event(
