@@ -23,11 +23,16 @@ pub struct Bars {
     footer: Option<ProgressBar>,
     link: Option<String>,
     hidden: usize,
+    /// Shown while the key has no node yet (the stream waits for it to appear).
+    waiting: Option<String>,
+    key: String,
 }
 
 impl Bars {
-    pub fn new() -> Bars {
+    pub fn new(key: &str) -> Bars {
         Bars {
+            waiting: None,
+            key: key.to_owned(),
             multi: MultiProgress::with_draw_target(ProgressDrawTarget::stdout()),
             bars: Vec::new(),
             footer: None,
@@ -46,6 +51,7 @@ impl Bars {
         // One line for the footer, one for the cursor.
         let (rows, hidden) = tree.rows(height.saturating_sub(2).max(1));
         self.hidden = hidden;
+        self.waiting = rows.is_empty().then(|| format!("waiting for {} to appear", self.key));
         let keys_changed = rows.len() != self.bars.len()
             || rows.iter().zip(&self.bars).any(|(row, (key, _))| &row.key != key);
         if keys_changed {
@@ -89,6 +95,9 @@ impl Bars {
 
     fn update_footer(&mut self) {
         let mut parts = Vec::new();
+        if let Some(waiting) = &self.waiting {
+            parts.push(waiting.clone());
+        }
         if self.hidden > 0 {
             parts.push(format!("… and {} more nodes (see `cairn status`)", self.hidden));
         }

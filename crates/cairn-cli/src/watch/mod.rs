@@ -75,7 +75,7 @@ async fn show(
     let mut view = if out.json {
         View::Json(out)
     } else if out.terminal {
-        View::Bars(Bars::new())
+        View::Bars(Bars::new(key))
     } else {
         View::Lines { width: 200 }
     };
