@@ -130,3 +130,27 @@ async fn watch_draws_moving_bars_in_a_terminal() {
     assert_eq!(screen.matches("100%").count(), 3, "{screen}");
     assert!(!screen.contains("stalled"), "{screen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_color_turns_colours_off_but_keeps_the_bars() {
+    for no_color in [false, true] {
+        let live = ScriptedLive::start().await;
+        let env = if no_color { "NO_COLOR=1 " } else { "" };
+        let command = format!(
+            "{env}CAIRN_URL={} {} watch _w.job",
+            quote(&live.base),
+            quote(env!("CARGO_BIN_EXE_cairn"))
+        );
+        let tmux = Tmux::start(&command, 100, 10);
+        live.event("snapshot", "1-0", node("_w.job", 1, 0.5, "running"));
+        tmux.wait_for("the bar", |s| s.contains(" 50%") && s.contains("running")).await;
+        let styled = tmux.styled_screen();
+        // SGR colour codes: 30-37 foreground, 40-47 background.
+        let coloured = (30..48)
+            .any(|code| styled.contains(&format!("\x1b[{code}m")) || styled.contains(&format!(";{code}m")));
+        assert_eq!(coloured, !no_color, "NO_COLOR={no_color}: {styled:?}");
+        assert!(styled.contains('█'), "bars either way: {styled:?}");
+        live.event("update", "2-0", json!([node("_w.job", 1, 1.0, "finished")]));
+        tmux.wait_for("the end", |s| s.contains("EXIT=0")).await;
+    }
+}

@@ -109,8 +109,18 @@ impl Tmux {
 
     /// The visible screen, as text.
     pub fn screen(&self) -> String {
+        self.capture(false)
+    }
+
+    /// The visible screen with its colours and attributes as escape sequences.
+    pub fn styled_screen(&self) -> String {
+        self.capture(true)
+    }
+
+    fn capture(&self, escapes: bool) -> String {
+        let flags = if escapes { "-pe" } else { "-p" };
         let output = std::process::Command::new("tmux")
-            .args(["-L", &self.socket, "capture-pane", "-p", "-t", "t"])
+            .args(["-L", &self.socket, "capture-pane", flags, "-t", "t"])
             .output()
             .expect("tmux capture-pane");
         String::from_utf8_lossy(&output.stdout).into_owned()
