@@ -121,6 +121,24 @@ async fn request_commands_match_rest() {
     let ended = stack.cairn(&["request", &running, "--wait", "--json"]).await.expect(1).json();
     assert_eq!(ended["state"], "canceled", "{ended}");
 
+    // streams (read from Redis): the request stream and its group, with nothing left to deliver
+    let (redis_url, prefix) = stack.redis();
+    let streams = common::command(&stack.base)
+        .env("CAIRN_REDIS_URL", redis_url)
+        .env("CAIRN_KEY_PREFIX", prefix)
+        .args(["streams", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(streams.status.code(), Some(0), "{streams:?}");
+    let streams: serde_json::Value = serde_json::from_slice(&streams.stdout).unwrap();
+    let requests =
+        streams.as_array().unwrap().iter().find(|s| s["stream"] == "requests").expect("the request stream");
+    assert_eq!(requests["key"], format!("{prefix}:requests"));
+    assert_eq!(requests["length"], 4, "{requests}");
+    assert_eq!(requests["groups"][0]["name"], "processors");
+    assert_eq!(requests["groups"][0]["lag"], 0, "{requests}");
+
     // failures: unknown request (1), malformed id (2), unknown handler (2)
     let missing = stack.cairn(&["request", "0190f5c2-7b8e-4c3d-9a2b-123456789abc"]).await.expect(1);
     assert!(missing.stderr.contains("0190f5c2-7b8e-4c3d-9a2b-123456789abc"), "{missing:?}");

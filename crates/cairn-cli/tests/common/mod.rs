@@ -29,7 +29,7 @@ pub struct Stack {
     http: reqwest::Client,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
-    _ns: RedisNamespace,
+    ns: RedisNamespace,
     _vhost: AmqpVhost,
 }
 
@@ -131,7 +131,7 @@ impl Stack {
         tasks.push(tokio::spawn(ingress.run(cancel.clone())));
 
         let http = reqwest::Client::builder().timeout(WAIT).build().expect("http client");
-        let stack = Stack { base, http, cancel, tasks, _ns: ns, _vhost: vhost };
+        let stack = Stack { base, http, cancel, tasks, ns, _vhost: vhost };
         for ready in [format!("{}/readyz", stack.base), processor_ready] {
             wait_until(&ready, WAIT, || async {
                 stack.http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
@@ -140,6 +140,11 @@ impl Stack {
             .expect("stack becomes ready");
         }
         stack
+    }
+
+    /// The stack's Redis URL and key prefix (for `cairn streams`).
+    pub fn redis(&self) -> (&str, &str) {
+        (&self.ns.url, &self.ns.prefix)
     }
 
     /// `cairn ARGS` against this stack (`CAIRN_URL` set, stdin empty), to its end.
