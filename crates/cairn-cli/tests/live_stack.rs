@@ -16,7 +16,8 @@ async fn line_until(
 ) -> Value {
     let read = async {
         while let Some(line) = lines.next_line().await.expect("stdout") {
-            let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            let event: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
             if check(&event) {
                 return event;
             }
@@ -44,7 +45,9 @@ async fn watch_json_follows_updates_until_the_root_finishes() {
     assert_eq!(snapshot["nodes"][0]["tasks"][0]["key"], "_ws.job.a", "{snapshot}");
 
     stack.post("_ws.job.a", json!({"progress": 0.6, "msg": "more"})).await;
-    let update = line_until(&mut lines, "the update", |e| node(e, "_ws.job.a").is_some_and(|n| n["progress"] == 0.6)).await;
+    let update =
+        line_until(&mut lines, "the update", |e| node(e, "_ws.job.a").is_some_and(|n| n["progress"] == 0.6))
+            .await;
     assert_eq!(update["type"], "update");
     assert_eq!(node(&update, "_ws.job.a").unwrap()["msg"], "more");
 
@@ -64,7 +67,8 @@ async fn watch_json_follows_updates_until_the_root_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_in_a_terminal_moves_its_bars_and_exits_with_the_root() {
     let stack = Stack::start().await;
-    let command = format!("CAIRN_URL={} {} watch _wt.job", quote(&stack.base), quote(env!("CARGO_BIN_EXE_cairn")));
+    let command =
+        format!("CAIRN_URL={} {} watch _wt.job", quote(&stack.base), quote(env!("CARGO_BIN_EXE_cairn")));
     let tmux = Tmux::start(&command, 110, 20);
     tmux.wait_for("the watch to wait for the key", |s| s.contains("waiting for _wt.job to appear")).await;
 
@@ -77,7 +81,8 @@ async fn watch_in_a_terminal_moves_its_bars_and_exits_with_the_root() {
 
     stack.post("_wt.job.copy", json!({"progress": 0.7})).await;
     stack.post("_wt.job.index", json!({"progress": 0.5, "status": "running"})).await;
-    tmux.wait_for("the bars to move", |s| s.contains(" 70%") && s.contains(" 60%") && s.contains(" 50%")).await;
+    tmux.wait_for("the bars to move", |s| s.contains(" 70%") && s.contains(" 60%") && s.contains(" 50%"))
+        .await;
 
     stack.post("_wt.job.copy", json!({"progress": 1, "status": "finished"})).await;
     stack.post("_wt.job.index", json!({"progress": 1, "status": "finished"})).await;
@@ -98,7 +103,9 @@ async fn submit_wait_in_a_terminal_shows_the_request_live_then_its_result() {
     );
     let tmux = Tmux::start(&command, 120, 24);
     let screen = tmux
-        .wait_for("the steps as bars", |s| s.contains("└ step-0") && s.contains("└ step-2") && s.contains("running"))
+        .wait_for("the steps as bars", |s| {
+            s.contains("└ step-0") && s.contains("└ step-2") && s.contains("running")
+        })
         .await;
     assert!(screen.contains("submitted ") && screen.contains("following _requests."), "{screen}");
     let screen = tmux.wait_for("the request to end", |s| s.contains("EXIT=")).await;
