@@ -43,6 +43,39 @@ impl NodeView {
         self.fields.get("status").and_then(Value::as_str)
     }
 
+    /// [SCA's wire format](NodeView::to_sca_json) with what tells whether work is stuck, on this
+    /// node and every node of `tasks`: `_age_ms` (`now_ms` − `update_time`), and `_stalled: true`
+    /// on a `running` node silent longer than its `stall_after_ms` field, else `stall_after_ms`.
+    pub fn to_json_at(&self, now_ms: i64, stall_after_ms: i64) -> Value {
+        let mut out = self.to_sca_json();
+        self.decorate(&mut out, now_ms, stall_after_ms);
+        out
+    }
+
+    /// Whether this node is `running` and has been silent longer than its threshold.
+    pub fn is_stalled(&self, now_ms: i64, stall_after_ms: i64) -> bool {
+        let threshold = self
+            .fields
+            .get("stall_after_ms")
+            .and_then(Value::as_f64)
+            .filter(|ms| ms.is_finite() && *ms >= 0.0)
+            .map_or(stall_after_ms, |ms| ms as i64);
+        self.status() == Some("running") && now_ms - self.update_time > threshold
+    }
+
+    fn decorate(&self, out: &mut Value, now_ms: i64, stall_after_ms: i64) {
+        let Value::Object(map) = out else { return };
+        map.insert("_age_ms".into(), Value::from((now_ms - self.update_time).max(0)));
+        if self.is_stalled(now_ms, stall_after_ms) {
+            map.insert("_stalled".into(), Value::Bool(true));
+        }
+        if let Some(Value::Array(tasks)) = map.get_mut("tasks") {
+            for (task, view) in tasks.iter_mut().zip(&self.tasks) {
+                view.decorate(task, now_ms, stall_after_ms);
+            }
+        }
+    }
+
     /// SCA's wire format: node fields flat, `_children` on parents, `tasks` when read deeper.
     pub fn to_sca_json(&self) -> Value {
         let mut out = Map::with_capacity(self.fields.len() + 8);
@@ -73,5 +106,33 @@ impl NodeView {
             }
         }
         Value::Object(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn age_and_stall_are_added_to_every_node() {
+        let mut child = NodeView { key: "_t.a.b".into(), update_time: 1_000, ..NodeView::default() };
+        child.fields.insert("status".into(), Value::from("running"));
+        let mut own = child.clone();
+        own.key = "_t.a.c".into();
+        own.fields.insert("stall_after_ms".into(), Value::from(100_000));
+        let parent = NodeView {
+            key: "_t.a".into(),
+            update_time: 50_000,
+            child_count: 2,
+            children: vec!["_t.a.b".into(), "_t.a.c".into()],
+            tasks: vec![child, own],
+            ..NodeView::default()
+        };
+        let json = parent.to_json_at(70_000, 60_000);
+        assert_eq!(json["_age_ms"], 20_000);
+        assert!(json.get("_stalled").is_none(), "not running");
+        assert_eq!(json["tasks"][0]["_age_ms"], 69_000);
+        assert_eq!(json["tasks"][0]["_stalled"], true, "running, silent 69 s > 60 s");
+        assert!(json["tasks"][1].get("_stalled").is_none(), "its own threshold is 100 s");
     }
 }

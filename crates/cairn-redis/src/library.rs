@@ -35,6 +35,9 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
             ("progress_apply", "begin(ARGV[1])", include_str!("progress/apply.lua")),
             ("progress_read", "begin(ARGV[1])", include_str!("progress/read_main.lua")),
             ("progress_delete", "begin(ARGV[1])", include_str!("progress/delete.lua")),
+            ("progress_snapshot", "begin(ARGV[1])", include_str!("progress/snapshot.lua")),
+            ("progress_read_nodes", "begin(ARGV[1])", include_str!("progress/read_nodes.lua")),
+            ("progress_feed_since", "begin(ARGV[1])", include_str!("progress/feed_since.lua")),
             (
                 "progress_purge",
                 "begin(ARGV[1])",

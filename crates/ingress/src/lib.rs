@@ -11,6 +11,7 @@ mod browse_api;
 mod error;
 mod handler_names;
 mod http_metrics;
+mod live;
 mod progress_api;
 mod replies;
 mod requests;
@@ -41,6 +42,7 @@ use tracing::{info, warn};
 pub use crate::aggregator::{Aggregator, Read, UrlError};
 pub use crate::error::ApiError;
 pub use crate::handler_names::{DEFAULT_HANDLERS, HandlersFileError};
+pub use crate::live::LiveConfig;
 pub use crate::requests::RequestsError;
 
 /// Settings of the ingress: flags, or `CAIRN_*` environment variables.
@@ -63,6 +65,8 @@ pub struct Config {
     pub log: LogConfig,
     #[command(flatten)]
     pub redis: RedisConfig,
+    #[command(flatten)]
+    pub live: LiveConfig,
     /// Request stream (key `{prefix}:{stream}`), as the processors read it.
     #[arg(long = "request-stream", env = "CAIRN_REQUEST_STREAM", default_value = "requests")]
     pub stream: String,
@@ -145,6 +149,10 @@ pub struct App {
     requests: Arc<requests::Requests>,
     waiters: Arc<replies::Waiters>,
     replica: String,
+    live: cairn_live::Live,
+    /// Cancelled when shutdown begins, ending every live stream (they would hold the graceful
+    /// shutdown open forever).
+    live_stop: CancellationToken,
     /// Cancelled when shutdown begins, so `/readyz` answers 503 while requests drain and waiting
     /// clients get their answer.
     draining: CancellationToken,
@@ -188,7 +196,14 @@ impl App {
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on CAIRN_INGRESS_ADDR={}", config.addr))?;
-        Ok(App { config, listener, aggregator, redis, requests, waiters, replica, draining })
+        let live_stop = CancellationToken::new();
+        let live = cairn_live::Live::start(
+            config.redis.clone(),
+            redis.clone(),
+            config.live.settings(),
+            live_stop.clone(),
+        );
+        Ok(App { config, listener, aggregator, redis, requests, waiters, replica, live, live_stop, draining })
     }
 
     /// This replica's name (its reply stream is `{prefix}:replies:{replica}`).
@@ -207,7 +222,8 @@ impl App {
             .readiness(Arc::new(RedisReady(self.redis.clone())))
             .with_shutdown(self.draining.clone())
             .router();
-        progress_api::router(self.aggregator.clone())
+        progress_api::router(self.aggregator.clone(), self.config.live.stall_after)
+            .merge(live::router(self.live.clone()))
             .merge(requests_api::router(self.requests.clone()))
             .merge(admin)
             .merge(browse_api::router(self.redis.clone(), self.config.queue_names()))
@@ -224,7 +240,7 @@ impl App {
     /// fails the start.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let router = self.router();
-        let App { config, listener, mut redis, requests, waiters, replica, draining, .. } = self;
+        let App { config, listener, mut redis, requests, waiters, replica, draining, live_stop, .. } = self;
         info!(
             addr = %listener.local_addr()?,
             aggregator = %config.aggregator_url,
@@ -251,12 +267,14 @@ impl App {
         tokio::select! {
             result = &mut server => {
                 background.cancel();
+                live_stop.cancel();
                 // The server only returns by itself when accepting connections failed for good.
                 return result.context("ingress server task failed")?.context("ingress server failed");
             }
             () = shutdown.cancelled() => {}
         }
         draining.cancel();
+        live_stop.cancel();
         stop.cancel();
         info!(grace = ?config.grace, "ingress shutting down");
         let drained = cairn_runtime::drain("ingress", config.grace, &mut server).await;

@@ -3,7 +3,7 @@
 //! answer to SCA's wire format; the tree itself lives behind the aggregator.
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRef, FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -24,24 +24,55 @@ const MAX_DEPTH: u32 = 8;
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 
-pub(crate) fn router(aggregator: Aggregator) -> Router {
+/// What the progress routes need: the aggregator, and when a running node counts as stalled.
+#[derive(Clone)]
+struct Progress {
+    aggregator: Aggregator,
+    stall_after: StallAfter,
+}
+
+/// `CAIRN_STALL_AFTER` in ms, for the `_stalled` flag of nodes read.
+#[derive(Clone, Copy)]
+struct StallAfter(i64);
+
+impl FromRef<Progress> for Aggregator {
+    fn from_ref(state: &Progress) -> Aggregator {
+        state.aggregator.clone()
+    }
+}
+
+impl FromRef<Progress> for StallAfter {
+    fn from_ref(state: &Progress) -> StallAfter {
+        state.stall_after
+    }
+}
+
+impl StallAfter {
+    fn json(self, node: &cairn_progress::view::NodeView) -> Value {
+        node.to_json_at(cairn_live::now_ms(), self.0)
+    }
+}
+
+pub(crate) fn router(aggregator: Aggregator, stall_after: std::time::Duration) -> Router {
+    let stall_after = StallAfter(i64::try_from(stall_after.as_millis()).unwrap_or(i64::MAX));
     Router::new()
         .route("/status/{key}", get(read).post(update).delete(remove))
         .route("/health", get(health))
         // The body limit is the update limit, so an oversized body is refused before it is
         // buffered; the rejection becomes a JSON 413 in `body_rejection`.
         .layer(DefaultBodyLimit::max(MAX_UPDATE_BYTES))
-        .with_state(aggregator)
+        .with_state(Progress { aggregator, stall_after })
 }
 
 /// `GET /status/{key}?depth=N&limit=M&after=K`: the node in SCA's format, or SCA's
 /// `{"key": …, "missing": true}` with 404.
 async fn read(
     State(aggregator): State<Aggregator>,
+    State(stall_after): State<StallAfter>,
     ReadQuery(read): ReadQuery,
 ) -> Result<Json<Value>, ApiError> {
     match aggregator.get(&read).await {
-        Ok(node) => Ok(Json(node.to_sca_json())),
+        Ok(node) => Ok(Json(stall_after.json(&node))),
         Err(status) if status.code() == Code::NotFound => {
             Err(ApiError::Missing { key: read.key.to_string() })
         }
@@ -53,13 +84,14 @@ async fn read(
 /// `application/x-www-form-urlencoded`), validated here so a bad field is named before any call.
 async fn update(
     State(aggregator): State<Aggregator>,
+    State(stall_after): State<StallAfter>,
     ProgressKey(key): ProgressKey,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = body.map_err(body_rejection)?;
     let update = Update::from_slice(&body)?;
     let node = aggregator.update(&key, &update).await?;
-    Ok(Json(json!({ "status": "published", "node": node.to_sca_json() })))
+    Ok(Json(json!({ "status": "published", "node": stall_after.json(&node) })))
 }
 
 /// `DELETE /status/{key}`: removes the node and its subtree.
@@ -103,7 +135,7 @@ fn body_rejection(rejection: BytesRejection) -> ApiError {
 }
 
 /// The `{key}` path segment, percent-decoded and validated.
-struct ProgressKey(Key);
+pub(crate) struct ProgressKey(pub(crate) Key);
 
 impl<S: Send + Sync> FromRequestParts<S> for ProgressKey {
     type Rejection = ApiError;

@@ -7,6 +7,12 @@
 --               node shows when its children weigh nothing).
 --   P:pc:<key>  zset of direct child keys scored by their start_time (the ordered child index)
 --   P:proots    zset of tree roots scored by their latest update_time (retention scans it)
+--   P:pf:<root> the tree's change feed: a capped stream, one entry per call that changed the
+--               tree: `k` the changed node keys, `d` the keys whose subtrees were deleted (both
+--               space-separated). Its entry ids are the live event ids.
+--   P:pfeed     the notification stream every ingress replica tails: one entry per call, field
+--               <root> = the id of that root's new feed entry, or '-' when the feed was dropped
+--               with the tree (purge).
 --
 -- _s packs, after a kind byte, little-endian doubles (NaN: absent) and then the status as its
 -- JSON text (empty: none):
@@ -189,10 +195,64 @@ local ROOTS_PER_ZADD = 500
 -- Argument buffers shared by every flush (entries past the count in use are stale).
 local HSET_ARGS, HDEL_ARGS, ZADD_ARGS = {}, {}, {}
 
--- Writes every node the call touched, and the changed roots into P:proots.
+-- The change feed (see the key layout). Written by `flush` and the deletes in the same call as
+-- the change itself, so a reader of a feed never sees a state the feed does not name.
+local FEED_MAXLEN = 10000
+-- Keys whose subtrees this call deleted, by tree root; and whether the feed goes with the tree.
+local FEED_DELETED, FEED_DROP = {}, false
+local ROOT_OF = {}
+local function root_of(k)
+  local r = ROOT_OF[k]
+  if r then return r end
+  r = k
+  local p = parent_of(r)
+  while p do
+    r = p
+    p = parent_of(r)
+  end
+  ROOT_OF[k] = r
+  return r
+end
+
+-- Appends one entry per changed tree (`changed`: root -> list of keys) and one notification.
+local NOTE_ARGS = {}
+local function feed_write(changed)
+  local n = 0
+  for root, keys in pairs(changed) do
+    local fk = P .. ':pf:' .. root
+    local id
+    local deleted = FEED_DELETED[root]
+    if FEED_DROP then
+      redis.call('DEL', fk)
+      id = '-'
+    elseif deleted then
+      id = redis.call('XADD', fk, 'MAXLEN', '~', FEED_MAXLEN, '*', 'k', table.concat(keys, ' '), 'd',
+        table.concat(deleted, ' '))
+    else
+      id = redis.call('XADD', fk, 'MAXLEN', '~', FEED_MAXLEN, '*', 'k', table.concat(keys, ' '))
+    end
+    if id ~= '-' then redis.call('SADD', P .. ':streams', fk) end
+    NOTE_ARGS[n + 1] = root; NOTE_ARGS[n + 2] = id; n = n + 2
+    if n == 2 * ROOTS_PER_ZADD then
+      redis.call('XADD', P .. ':pfeed', 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
+      n = 0
+    end
+  end
+  if n > 0 then
+    redis.call('XADD', P .. ':pfeed', 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
+  end
+  FEED_DELETED = {}
+end
+
+-- Writes every node the call touched, the changed roots into P:proots, and the change feed.
 local function flush()
   local a, d = HSET_ARGS, HDEL_ARGS
-  for _, n in pairs(cache) do
+  local changed = {}
+  for root in pairs(FEED_DELETED) do changed[root] = {} end
+  for k, n in pairs(cache) do
+    local r = root_of(k)
+    local keys = changed[r]
+    if keys then keys[#keys + 1] = k else changed[r] = { k } end
     a[1] = '_s'; a[2] = encode(n)
     local na, nd = 2, 0
     if n[CREATED] then a[3] = '_st'; a[4] = num(n[CREATED]); na = 4 end
@@ -231,6 +291,7 @@ local function flush()
   end
   if n > 0 then redis.call('ZADD', pk, unpack(ZADD_ARGS, 1, n)) end
   roots = {}
+  feed_write(changed)
 end
 
 -- Refreshes the ETA of node `n` whose progress moved to p at time t, from an exponential moving
@@ -373,4 +434,5 @@ local function begin(prefix)
   P = prefix
   NUMS, NUMBERS, BEFORE_LAST_DOT, PARENTS = {}, {}, {}, {}
   cache, roots = {}, {}
+  FEED_DELETED, FEED_DROP, ROOT_OF = {}, false, {}
 end

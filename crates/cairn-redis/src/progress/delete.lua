@@ -1,5 +1,6 @@
 -- Removes the subtree at a key and takes its contribution out of its ancestors.
--- ARGV: prefix, key, time_ms. Returns the number of nodes removed.
+-- ARGV: prefix, key, time_ms. Returns the number of nodes removed. The tree's change feed gets
+-- one entry naming the deleted key (`d`) and the ancestors it changed (`k`).
 local k, t = ARGV[2], tonumber(ARGV[3])
 local state = redis.call('HGET', nkey(k), '_s')
 if not state then return 0 end
@@ -13,10 +14,12 @@ while #stack > 0 do
   removed = removed + 1
 end
 p = p or 0
+FEED_DELETED[root_of(k)] = { k }
 if parent_of(k) then
   propagate(k, false, true, t, -w, -w * p, status, false, false, t)
   flush()
 else
   redis.call('ZREM', P .. ':proots', k)
+  feed_write({ [k] = {} })
 end
 return removed

@@ -17,6 +17,8 @@ use serde_json::{Map, Value as Json};
 
 use crate::library::{Function, Invocation, LIBRARY};
 
+pub mod feed;
+
 // The store's Lua (common.lua: key layout, node cache, roll-up and `apply_update`; read.lua; one
 // file per function) is part of the library (crate::library). The request queue's submit calls
 // `apply_update` too, to write a request's first progress state in the same atomic step.

@@ -1,7 +1,8 @@
 -- Guard in front of the progress store's delete.lua (same ARGV: prefix, key, time_ms, then
 -- ARGV[4] the cutoff): the tree goes only if its root is a root in P:proots last updated at or
 -- before the cutoff and its status is terminal, checked in the same script that deletes, so an
--- update arriving meanwhile keeps the tree. Returns -1 when the tree stays.
+-- update arriving meanwhile keeps the tree. Returns -1 when the tree stays. The tree's change
+-- feed goes with it (watchers are told through P:pfeed).
 do
   local root = ARGV[2]
   local score = tonumber(redis.call('ZSCORE', P .. ':proots', root))
@@ -14,4 +15,5 @@ do
   if parent_of(root) or not score or score > tonumber(ARGV[4]) or not status or not TERMINAL[status] then
     return -1
   end
+  FEED_DROP = true
 end

@@ -25,6 +25,8 @@ pub struct Stack {
     pub base: String,
     /// The ingress replica's name.
     pub replica: String,
+    /// The gRPC URL of the aggregator the ingress calls.
+    pub aggregator_url: String,
     http: reqwest::Client,
     cancel: CancellationToken,
     ingress: Option<JoinHandle<anyhow::Result<()>>>,
@@ -168,7 +170,18 @@ impl Stack {
         let replica = app.replica().to_owned();
         let ingress = tokio::spawn(app.run(cancel.clone()));
         let http = reqwest::Client::builder().timeout(WAIT).build().expect("http client");
-        Stack { base, replica, http, cancel, ingress: Some(ingress), services: Vec::new(), ns, vhost: None }
+        let aggregator_url = aggregator_url.to_owned();
+        Stack {
+            base,
+            replica,
+            aggregator_url,
+            http,
+            cancel,
+            ingress: Some(ingress),
+            services: Vec::new(),
+            ns,
+            vhost: None,
+        }
     }
 
     /// Starts a request processor with `handlers` on the stack's prefix and vhost (fast leases, so
@@ -202,6 +215,44 @@ impl Stack {
         })
         .await
         .expect("processor becomes ready");
+    }
+
+    /// The stack's RabbitMQ vhost URL (stacks built with [`Stack::with`]).
+    pub fn amqp_url(&self) -> &str {
+        &self.vhost.as_ref().expect("a stack with a vhost (Stack::with)").url
+    }
+
+    /// Another ingress replica on the same Redis prefix (its own reply stream and live reader),
+    /// pointed at the same aggregator; stops with this stack or when `stop` fires. Returns its base URL.
+    pub async fn another_ingress(&self, stop: &CancellationToken) -> String {
+        let argv = [
+            "ingress",
+            "--addr",
+            "127.0.0.1:0",
+            "--aggregator-url",
+            &self.aggregator_url,
+            "--grace",
+            "5s",
+            "--redis-url",
+            &self.ns.url,
+            "--key-prefix",
+            &self.ns.prefix,
+        ];
+        let config = ingress::Config::try_parse_from(argv).expect("valid ingress config");
+        let app = ingress::App::build(config).await.expect("ingress builds");
+        let base = format!("http://{}", app.local_addr());
+        let stop = stop.clone();
+        let parent = self.cancel.clone();
+        tokio::spawn(async move {
+            let both = CancellationToken::new();
+            let fire = both.clone();
+            tokio::spawn(async move {
+                tokio::select! { () = stop.cancelled() => {}, () = parent.cancelled() => {} }
+                fire.cancel();
+            });
+            app.run(both).await
+        });
+        base
     }
 
     /// The stack's key prefix and Redis.
