@@ -31,6 +31,7 @@ pub struct Stack {
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     ns: RedisNamespace,
     _vhost: AmqpVhost,
+    _handlers: tempfile::NamedTempFile,
 }
 
 /// What a `cairn` run left behind.
@@ -110,6 +111,7 @@ impl Stack {
         let processor_ready = format!("http://{}/readyz", processor.admin_addr());
         tasks.push(tokio::spawn(processor.run(cancel.clone())));
 
+        let handlers = handlers_file();
         let config = ingress::Config::try_parse_from([
             "ingress",
             "--addr",
@@ -123,7 +125,7 @@ impl Stack {
             "--key-prefix",
             &ns.prefix,
             "--handlers",
-            &handlers_file(),
+            &handlers.path().to_string_lossy(),
         ])
         .expect("valid ingress config");
         let ingress = ingress::App::build(config).await.expect("ingress builds");
@@ -131,7 +133,7 @@ impl Stack {
         tasks.push(tokio::spawn(ingress.run(cancel.clone())));
 
         let http = reqwest::Client::builder().timeout(WAIT).build().expect("http client");
-        let stack = Stack { base, http, cancel, tasks, ns, _vhost: vhost };
+        let stack = Stack { base, http, cancel, tasks, ns, _vhost: vhost, _handlers: handlers };
         for ready in [format!("{}/readyz", stack.base), processor_ready] {
             wait_until(&ready, WAIT, || async {
                 stack.http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
@@ -186,14 +188,16 @@ impl Drop for Stack {
     }
 }
 
-/// A handlers file naming what the processor runs, so ingress accepts `steps` too.
-fn handlers_file() -> String {
-    let dir = std::env::temp_dir().join("cairn-cli-tests");
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("handlers.toml");
-    std::fs::write(&path, "[handlers.echo]\nkind = \"echo\"\n\n[handlers.steps]\nkind = \"echo\"\n")
-        .expect("handlers file");
-    path.to_string_lossy().into_owned()
+/// A handlers file naming what the processor runs, so ingress accepts `steps` too (one per
+/// stack: tests run in parallel).
+fn handlers_file() -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp file");
+    std::io::Write::write_all(
+        &mut file,
+        b"[handlers.echo]\nkind = \"echo\"\n\n[handlers.steps]\nkind = \"echo\"\n",
+    )
+    .expect("handlers file");
+    file
 }
 
 /// The `cairn` command with a clean environment: no token, colours or URL from the caller.
