@@ -107,7 +107,11 @@ async fn submit_wait_in_a_terminal_shows_the_request_live_then_its_result() {
             s.contains("└ step-0") && s.contains("└ step-2") && s.contains("running")
         })
         .await;
-    assert!(screen.contains("submitted ") && screen.contains("following _requests."), "{screen}");
+    assert!(screen.contains("submitted "), "{screen}");
+    assert!(
+        screen.lines().any(|l| l.starts_with("_requests.") && l.contains('%')),
+        "the request's bar: {screen}"
+    );
     let screen = tmux.wait_for("the request to end", |s| s.contains("EXIT=")).await;
     assert!(screen.contains("EXIT=0"), "{screen}");
     assert!(screen.contains("state         succeeded"), "{screen}");

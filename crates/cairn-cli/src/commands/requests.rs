@@ -44,7 +44,7 @@ pub async fn submit(client: &Client, out: Output, args: Submit) -> Result<Exit, 
     let finished = answer.status == StatusCode::OK;
     if out.terminal && !finished {
         let key = answer.json["progress_key"].as_str().unwrap_or_default().to_owned();
-        println!("submitted {id}; following {key} (Ctrl-C stops watching, not the request)");
+        println!("submitted {id} (Ctrl-C stops watching, not the request)");
         match watch::follow(client, &key, 8, out).await {
             Ok(_) => {}
             // Without a live endpoint the wait below still works.
@@ -143,7 +143,7 @@ pub fn print_request(out: Output, view: &Value) {
         format!("started       {}", timestamp(view["started_at"].as_i64())),
         format!("finished      {}", timestamp(view["finished_at"].as_i64())),
     ];
-    if let Some(heartbeat) = view["heartbeat_at"].as_i64() {
+    if let Some(heartbeat) = view["heartbeat_at"].as_i64().filter(|_| !is_terminal(view)) {
         lines.push(format!("heartbeat     {} ago", output::short_duration(output::now_ms() - heartbeat)));
     }
     if view["cancel_requested"] == Value::Bool(true) {
@@ -197,17 +197,26 @@ pub async fn list(client: &Client, out: Output, args: RequestList) -> Result<Exi
                 output::status_style(state).apply_to(state).to_string(),
                 format!("{}/{}", cell(&r["attempts"]), cell(&r["max_attempts"])),
                 timestamp(r["created_at"].as_i64()),
-                timestamp(r["finished_at"].as_i64()),
+                took(r),
             ]
         })
         .collect();
     if rows.is_empty() {
         out.text("no requests");
     } else {
-        out.text(&output::table(&["ID", "HANDLER", "STATE", "ATTEMPTS", "CREATED", "FINISHED"], &rows));
+        out.text(&output::table(&["ID", "HANDLER", "STATE", "ATTEMPTS", "CREATED", "TOOK"], &rows));
     }
     print_next(out, &page, "cairn requests");
     Ok(Exit::Success)
+}
+
+/// How long a request ran (start to finish), or has been running; `-` before it starts.
+fn took(view: &Value) -> String {
+    match (view["started_at"].as_i64(), view["finished_at"].as_i64()) {
+        (Some(start), Some(end)) => output::short_duration(end - start),
+        (Some(start), None) => format!("{}…", output::short_duration(output::now_ms() - start)),
+        _ => "-".to_owned(),
+    }
 }
 
 /// The items of a paged answer (`{"items": […], "next": …}`, or a bare list).
@@ -276,5 +285,7 @@ mod tests {
         assert_eq!(exit_of(&json!({"state": "dead"})), Exit::Failed);
         assert_eq!(exit_of(&json!({"state": "canceled"})), Exit::Failed);
         assert!(!is_terminal(&json!({"state": "failed"})), "a failed attempt is retried");
+        assert_eq!(took(&json!({"started_at": 1000, "finished_at": 3500})), "2s");
+        assert_eq!(took(&json!({"started_at": null})), "-");
     }
 }

@@ -12,8 +12,10 @@ use super::tree::{self, Row, Tree};
 const SCALE: u64 = 1000;
 /// Cells of each bar.
 const BAR_WIDTH: usize = 24;
-/// The widest label column; longer labels are cut.
-const MAX_LABEL: usize = 40;
+/// The widest label column; longer labels are cut (also to leave room for the message).
+const MAX_LABEL: usize = 64;
+/// Columns kept for the message, when the terminal is narrow.
+const MIN_MESSAGE: usize = 20;
 
 pub struct Bars {
     multi: MultiProgress,
@@ -57,12 +59,13 @@ impl Bars {
         if keys_changed {
             self.rebuild(&rows);
         }
+        let label_cap = width.saturating_sub(BAR_WIDTH + 10 + MIN_MESSAGE).clamp(16, MAX_LABEL);
         let label_width = rows
             .iter()
             .map(|r| console::measure_text_width(&tree::indented_label(r)))
             .max()
             .unwrap_or(0)
-            .min(MAX_LABEL);
+            .min(label_cap);
         // label, space, [bar], space, percentage, two spaces
         let message_width = width.saturating_sub(label_width + BAR_WIDTH + 10).max(8);
         for (row, (_, bar)) in rows.iter().zip(&self.bars) {
