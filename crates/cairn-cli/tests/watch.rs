@@ -154,3 +154,44 @@ async fn no_color_turns_colours_off_but_keeps_the_bars() {
         tmux.wait_for("the end", |s| s.contains("EXIT=0")).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_constant_updates_every_bar_shows_its_last_state() {
+    let live = std::sync::Arc::new(ScriptedLive::start().await);
+    let command =
+        format!("CAIRN_URL={} {} watch _w.job", quote(&live.base), quote(env!("CARGO_BIN_EXE_cairn")));
+    let tmux = Tmux::start(&command, 110, 20);
+    let mut root = node("_w.job", 1, 0.0, "running");
+    root["tasks"] = json!([node("_w.job.a", 2, 0.0, "running"), node("_w.job.b", 3, 0.0, "running")]);
+    live.event("snapshot", "1-0", root);
+    tmux.wait_for("the bars", |s| s.contains("└ b")).await;
+    // The root alone changes far faster than indicatif draws (20 a second) for 5 s; after 1 s
+    // the children change once, with it.
+    let ticker = live.clone();
+    tokio::spawn(async move {
+        for i in 0..500u32 {
+            let mut update = node("_w.job", 1, 0.45, "running");
+            update["msg"] = json!(format!("tick {i}"));
+            let nodes = if i == 100 {
+                json!([update, node("_w.job.a", 2, 0.6, "running"), node("_w.job.b", 3, 0.3, "running")])
+            } else {
+                json!([update])
+            };
+            ticker.event("update", &format!("{}-0", i + 2), nodes);
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+    let mut seen = false;
+    for _ in 0..200 {
+        let screen = tmux.screen();
+        assert!(!screen.contains("tick 499"), "the children never showed their last state:\n{screen}");
+        if screen.contains(" 45%") && screen.contains(" 60%") && screen.contains(" 30%") {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(seen, "the children never showed their last state:\n{}", tmux.screen());
+    live.event("update", "999-0", json!([node("_w.job", 1, 1.0, "finished")]));
+    tmux.wait_for("the end", |s| s.contains("EXIT=0")).await;
+}

@@ -71,9 +71,18 @@ impl Bars {
         for (row, (_, bar)) in rows.iter().zip(&self.bars) {
             let label = crate::output::truncate(&tree::indented_label(row), label_width);
             let pad = label_width.saturating_sub(console::measure_text_width(&label));
-            bar.set_prefix(format!("{label}{}", " ".repeat(pad)));
-            bar.set_position(position(row));
-            bar.set_message(crate::output::truncate(&row.summary(), message_width));
+            let prefix = format!("{label}{}", " ".repeat(pad));
+            let message = crate::output::truncate(&row.summary(), message_width);
+            let position = position(row);
+            if bar.prefix() == prefix && bar.message() == message && bar.position() == position {
+                continue;
+            }
+            bar.set_prefix(prefix);
+            bar.set_position(position);
+            bar.set_message(message);
+            // indicatif drops draws past its rate limit; the last state of every changed bar
+            // must reach the screen, so draw it regardless.
+            bar.force_draw();
         }
         self.update_footer();
     }
@@ -113,7 +122,13 @@ impl Bars {
                 self.footer = None;
             }
             (true, None) => {}
-            (false, Some(footer)) => footer.set_message(parts.join("  ")),
+            (false, Some(footer)) => {
+                let message = parts.join("  ");
+                if footer.message() != message {
+                    footer.set_message(message);
+                    footer.force_draw();
+                }
+            }
             (false, None) => {
                 let footer = self.multi.add(
                     ProgressBar::new_spinner()
