@@ -30,25 +30,31 @@ impl Output {
 
     /// Prints one JSON document on one line (so a stream of them is JSON lines).
     pub fn json_line(&self, value: &Value) {
-        let mut stdout = std::io::stdout().lock();
-        // A closed pipe (`cairn … | head`) ends output quietly.
-        let _ = writeln!(stdout, "{value}");
-        let _ = stdout.flush();
+        print(&format!("{value}\n"));
     }
 
     /// Prints one JSON document, indented.
     pub fn json(&self, value: &Value) {
         let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
-        let _ = writeln!(std::io::stdout().lock(), "{text}");
+        print(&format!("{text}\n"));
     }
 
+    /// Prints text, ending it with a newline when it has none.
     pub fn text(&self, text: &str) {
-        let mut stdout = std::io::stdout().lock();
-        let _ = stdout.write_all(text.as_bytes());
-        if !text.ends_with('\n') {
-            let _ = stdout.write_all(b"\n");
-        }
-        let _ = stdout.flush();
+        if text.ends_with('\n') { print(text) } else { print(&format!("{text}\n")) }
+    }
+}
+
+/// Writes `text` to stdout and flushes it. When the reader has gone (`cairn watch --json | head`)
+/// there is nobody left to tell anything: the command ends at once, successfully, as `head`
+/// asked.
+pub fn print(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+    if let Err(error) = written
+        && error.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
     }
 }
 

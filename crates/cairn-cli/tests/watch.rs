@@ -195,3 +195,18 @@ async fn under_constant_updates_every_bar_shows_its_last_state() {
     live.event("update", "999-0", json!([node("_w.job", 1, 1.0, "finished")]));
     tmux.wait_for("the end", |s| s.contains("EXIT=0")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_json_ends_when_its_reader_goes() {
+    // `cairn watch KEY --json | head -1`: once head has its line, the watch ends (exit 0) instead
+    // of following a tree nobody reads.
+    let live = ScriptedLive::start().await;
+    let mut child = common::command(&live.base).args(["watch", "_w.job", "--json"]).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    live.event("snapshot", "1-0", node("_w.job", 1, 0.1, "running"));
+    assert!(lines.next_line().await.unwrap().is_some());
+    drop(lines);
+    live.event("update", "2-0", json!([node("_w.job", 1, 0.2, "running")]));
+    let status = tokio::time::timeout(common::WAIT, child.wait()).await.expect("the watch ends").unwrap();
+    assert_eq!(status.code(), Some(0));
+}

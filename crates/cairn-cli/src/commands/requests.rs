@@ -44,7 +44,7 @@ pub async fn submit(client: &Client, out: Output, args: Submit) -> Result<Exit, 
     let finished = answer.status == StatusCode::OK;
     if out.terminal && !finished {
         let key = answer.json["progress_key"].as_str().unwrap_or_default().to_owned();
-        println!("submitted {id} (Ctrl-C stops watching, not the request)");
+        output::print(&format!("submitted {id} (Ctrl-C stops watching, not the request)\n"));
         match watch::follow(client, &key, 8, out).await {
             Ok(_) => {}
             // Without a live endpoint the wait below still works.

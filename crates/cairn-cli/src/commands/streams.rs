@@ -26,10 +26,10 @@ pub async fn streams(redis: &RedisConfig, out: Output) -> anyhow::Result<()> {
         return Ok(());
     }
     if found.is_empty() {
-        println!("no streams registered under prefix {:?} ({})", redis.prefix, streams.registry());
+        out.text(&format!("no streams registered under prefix {:?} ({})", redis.prefix, streams.registry()));
         return Ok(());
     }
-    print!("{}", table(&redis.prefix, &found));
+    out.text(&table(&redis.prefix, &found));
     Ok(())
 }
 

@@ -139,9 +139,9 @@ impl View {
             View::Bars(bars) => bars.show(tree),
             View::Lines { width } => match event {
                 LiveEvent::Snapshot { .. } if tree.root().is_none() => {
-                    println!("waiting for {key} to appear");
+                    output::print(&format!("waiting for {key} to appear\n"));
                 }
-                LiveEvent::Snapshot { .. } => print!("{}", tree.render_text(TEXT_ROWS, *width)),
+                LiveEvent::Snapshot { .. } => output::print(&tree.render_text(TEXT_ROWS, *width)),
                 LiveEvent::Update { nodes, .. } => {
                     let changed: Vec<&str> =
                         nodes.iter().filter_map(|n| n.get("key").and_then(|k| k.as_str())).collect();
@@ -155,12 +155,12 @@ impl View {
                             output::percent(row.progress).trim_start(),
                             row.summary()
                         );
-                        println!("{}", output::truncate(line.trim_end(), *width));
+                        output::print(&format!("{}\n", output::truncate(line.trim_end(), *width)));
                     }
                 }
                 LiveEvent::Delete { keys, .. } => {
                     for key in keys {
-                        println!("{key}  deleted");
+                        output::print(&format!("{key}  deleted\n"));
                     }
                 }
             },
@@ -189,9 +189,9 @@ impl View {
             View::Json(_) => {}
             View::Bars(bars) => {
                 bars.finish(tree);
-                println!("{line}");
+                output::print(&format!("{line}\n"));
             }
-            View::Lines { .. } => println!("{line}"),
+            View::Lines { .. } => output::print(&format!("{line}\n")),
         }
     }
 
