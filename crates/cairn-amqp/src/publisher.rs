@@ -59,6 +59,11 @@ pub struct PublisherConfig {
     /// How long one attempt may wait for the broker (connecting, declaring, confirms) before
     /// its messages count as not delivered and stay buffered.
     pub confirm_timeout: Duration,
+    /// Most keys buffered. While RabbitMQ is away a processor reports about new requests all
+    /// the time; past this bound the oldest keys' states are dropped (a tenth at a time), so
+    /// memory stays bounded. Terminal request states do not depend on them: the request queue
+    /// writes those to the node itself.
+    pub max_pending: usize,
 }
 
 impl PublisherConfig {
@@ -70,6 +75,7 @@ impl PublisherConfig {
             interval: Duration::from_millis(100),
             max_burst: 1000,
             confirm_timeout: Duration::from_secs(10),
+            max_pending: 100_000,
         }
     }
 }
@@ -127,14 +133,28 @@ struct Inner {
     connected: AtomicBool,
 }
 
-/// Latest state of every key waiting to be sent, in first-seen order.
-#[derive(Default)]
+/// Latest state of every key waiting to be sent, in first-seen order, at most `max` keys.
 struct Pending {
     entries: Vec<(Key, Update)>,
     index: HashMap<Key, usize>,
+    max: usize,
+    /// Keys dropped since the count was last reported.
+    dropped: u64,
 }
 
 impl Pending {
+    fn new(max: usize) -> Self {
+        Pending { entries: Vec::new(), index: HashMap::new(), max: max.max(1), dropped: 0 }
+    }
+
+    /// Makes room for one more key by dropping the oldest tenth.
+    fn make_room(&mut self) {
+        let drop = (self.max / 10).max(1).min(self.entries.len());
+        self.entries.drain(..drop);
+        self.dropped += drop as u64;
+        self.index = self.entries.iter().enumerate().map(|(i, (key, _))| (key.clone(), i)).collect();
+    }
+
     /// Folds `update` into the key's pending state. Should the merged state break the update
     /// limits (too many fields or bytes in all), the later update replaces it: a burst holding
     /// an invalid update would be dead-lettered with every other key in it.
@@ -149,6 +169,9 @@ impl Pending {
                 }
             }
             None => {
+                if self.entries.len() >= self.max {
+                    self.make_room();
+                }
                 self.index.insert(key.clone(), self.entries.len());
                 self.entries.push((key, update.clone()));
             }
@@ -243,8 +266,8 @@ impl ProgressPublisher {
     /// every `interval`, flushes what is pending. Must be called inside a tokio runtime.
     pub fn start(config: PublisherConfig) -> Self {
         let inner = Arc::new(Inner {
+            pending: StdMutex::new(Pending::new(config.max_pending)),
             config,
-            pending: StdMutex::new(Pending::default()),
             sender: Mutex::new(Sender { link: None, retry_at: None, backoff: FIRST_BACKOFF }),
             connected: AtomicBool::new(false),
         });
@@ -364,6 +387,19 @@ impl Inner {
     /// One period of the background task: notice a dead connection, reconnect when the backoff
     /// allows, and flush.
     async fn tick(&self, sender: &mut Sender) {
+        {
+            let mut pending = self.lock_pending();
+            metrics::gauge!("cairn_publisher_buffered_keys").set(pending.entries.len() as f64);
+            if pending.dropped > 0 {
+                warn!(
+                    dropped = pending.dropped,
+                    max = pending.max,
+                    "progress buffer full; dropped the oldest keys' states"
+                );
+                metrics::counter!("cairn_publisher_dropped_total").increment(pending.dropped);
+                pending.dropped = 0;
+            }
+        }
         if sender.link.as_ref().is_some_and(|link| !link.healthy()) {
             warn!(pending = self.lock_pending().entries.len(), "rabbitmq connection lost; reconnecting");
             self.drop_link(sender);
@@ -685,7 +721,7 @@ mod tests {
 
     #[test]
     fn pending_merges_per_key_in_first_seen_order() {
-        let mut pending = Pending::default();
+        let mut pending = Pending::new(100);
         pending.add(key("_t.a"), &Update::new().progress(0.1).status("running"));
         pending.add(key("_t.b"), &Update::new().progress(0.2));
         pending.add(key("_t.a"), &Update::new().progress(0.3));
@@ -696,8 +732,29 @@ mod tests {
     }
 
     #[test]
+    fn a_full_buffer_drops_its_oldest_keys() {
+        let mut pending = Pending::new(20);
+        for i in 0..25 {
+            pending.add(key(&format!("_t.k{i}")), &Update::new().progress(0.5));
+        }
+        // each time 20 keys are held and a new one comes, the oldest two (a tenth) go
+        assert_eq!(pending.dropped, 6);
+        assert_eq!(pending.entries.len(), 19);
+        assert_eq!(pending.entries[0].0.as_str(), "_t.k6");
+        pending.add(key("_t.k24"), &Update::new().progress(1.0));
+        let taken = pending.take();
+        assert_eq!(
+            taken.last().map(|(k, u)| (k.as_str(), u.progress)),
+            Some(("_t.k24", Some(1.0))),
+            "a known key merges"
+        );
+        assert!(!keys(&taken).contains(&"_t.k0"), "the oldest went first");
+        assert_eq!(pending.index.len(), 0);
+    }
+
+    #[test]
     fn restore_puts_older_state_under_newer_fields() {
-        let mut pending = Pending::default();
+        let mut pending = Pending::new(100);
         pending.add(key("_t.new"), &Update::new().progress(0.9));
         pending.add(key("_t.a"), &Update::new().progress(0.5));
         pending.restore(vec![

@@ -32,11 +32,37 @@ pub(crate) const OUT_OF_RANGE: &str = "number is out of range; values must be fi
 
 pub(crate) fn parse(bytes: &[u8]) -> Result<Value, ParseError> {
     serde_json::from_slice(bytes).map_err(|err| {
-        if err.to_string().starts_with("number out of range") {
+        if err.to_string().starts_with("number out of range")
+            || non_finite_at(bytes, err.line(), err.column())
+        {
             ParseError::OutOfRange(locate(bytes))
         } else {
             ParseError::Syntax(err.to_string())
         }
+    })
+}
+
+/// Whether the parser stopped at `NaN` or an infinity (which some encoders write although JSON
+/// has no such numbers): then the field gets named like any other number out of range.
+fn non_finite_at(bytes: &[u8], line: usize, column: usize) -> bool {
+    if line == 0 {
+        return false;
+    }
+    let line_start = if line == 1 {
+        0
+    } else {
+        match bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(line - 2) {
+            Some((at, _)) => at + 1,
+            None => return false,
+        }
+    };
+    // serde_json points at, or just after, the first byte it could not take.
+    let at = line_start + column;
+    (at.saturating_sub(2)..=at).any(|start| {
+        let rest = bytes.get(start..).unwrap_or_default();
+        [&b"NaN"[..], b"Infinity", b"-Infinity", b"+Infinity", b"-NaN"]
+            .iter()
+            .any(|token| rest.starts_with(token))
     })
 }
 

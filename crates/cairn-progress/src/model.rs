@@ -251,6 +251,12 @@ impl Tree {
                     parent.sum_w -= old.w;
                     parent.sum_wp -= old.wp;
                     parent.uncount(&old.status);
+                    if parent.children.is_empty() {
+                        // its last child gone, a parent keeps the progress it last had
+                        if let Some(last) = parent.fields.get("progress") {
+                            parent.own_progress = Some(last.clone());
+                        }
+                    }
                 }
             }
             if parent.children.is_empty() {
@@ -578,14 +584,15 @@ mod tests {
         assert_eq!(progress(&tree, "r"), Some(1.0));
         assert_eq!(tree.get(&key("r")).unwrap().update_time, 10);
 
-        // Deleting the last child leaves exact zero sums and no progress: none was posted on it.
+        // Deleting the last child leaves exact zero sums, and the parent keeps the progress it
+        // last had.
         assert_eq!(tree.delete(&key("r.j.a"), 11), 1);
         tree.check_invariants().unwrap();
         let j = tree.get(&key("r.j")).unwrap();
         assert!(j.children.is_empty());
         assert_eq!((j.sum_w, j.sum_wp), (0.0, 0.0));
-        assert_eq!(j.progress(), None);
-        assert_eq!(progress(&tree, "r"), Some(0.0));
+        assert_eq!(j.progress(), Some(1.0));
+        assert_eq!(progress(&tree, "r"), Some(1.0));
 
         assert_eq!(tree.delete(&key("nope"), 12), 0);
         assert_eq!(tree.delete(&key("r"), 12), 2);

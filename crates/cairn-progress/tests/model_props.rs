@@ -174,6 +174,14 @@ impl Naive {
         for k in doomed {
             self.nodes.remove(&k);
         }
+        // A parent left without children keeps the progress it last had.
+        if let Some(parent) = key.parent()
+            && self.children(&parent).is_empty()
+            && let Some(node) = self.nodes.get_mut(&parent)
+            && let Some(last) = node.fields.get("progress").cloned()
+        {
+            node.own_progress = Some(last);
+        }
         self.roll_up(key, None, now);
     }
 }

@@ -22,6 +22,36 @@ pub fn function_library() -> &'static str {
     library::LIBRARY.code()
 }
 
+/// Whether Redis received a call and refused it as such (a script error, `WRONGTYPE`, a wrong
+/// argument), so that sending the same call again fails again. The connection, a timeout and the
+/// server states that pass by themselves (`LOADING`, `BUSY`, `OOM`, `READONLY`, `MASTERDOWN`, a
+/// failover, a function library still to load) are not refusals.
+pub fn is_refusal(error: &redis::RedisError) -> bool {
+    if error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+    {
+        return false;
+    }
+    const PASSING: &[&str] = &[
+        "LOADING",
+        "BUSY",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "MASTERDOWN",
+        "READONLY",
+        "OOM",
+        "NOSCRIPT",
+        "MOVED",
+        "ASK",
+        "NOREPLICAS",
+        "MISCONF",
+        "UNBLOCKED",
+    ];
+    error.code().is_some_and(|code| !PASSING.contains(&code))
+}
+
 /// Where Redis is and how Cairn names its keys there.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RedisConfig {
@@ -81,9 +111,16 @@ fn parse_prefix(s: &str) -> Result<String, String> {
 
 /// Answers whether Redis responds, for readiness probes.
 pub async fn ping(conn: &mut ConnectionManager) -> Result<(), String> {
-    let pong: Result<String, _> = redis::cmd("PING").query_async(conn).await;
-    pong.map(drop).map_err(|e| format!("redis: {e}"))
+    // A hung Redis (paused, half-open connection) must read as not ready, not as a slow probe.
+    let pong = tokio::time::timeout(PING_TIMEOUT, redis::cmd("PING").query_async::<String>(conn)).await;
+    match pong {
+        Ok(pong) => pong.map(drop).map_err(|e| format!("redis: {e}")),
+        Err(_) => Err(format!("redis: no answer to PING within {PING_TIMEOUT:?}")),
+    }
 }
+
+/// How long a readiness probe waits for Redis's answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -370,3 +370,79 @@ async fn a_restarted_redis_gets_the_function_library_again() {
     let job = store.get(&key("_f.job"), &ReadOptions::default()).await.unwrap().expect("job rebuilt");
     assert_eq!(job.progress(), Some(1.0), "only b is left after the restart");
 }
+
+/// One call touching one node thousands of times, and a node given thousands of distinct fields
+/// in one call: every write lands (Lua's unpack limit once failed such a call for good).
+#[tokio::test]
+async fn a_call_touching_one_node_thousands_of_times_applies() {
+    let ns = RedisNamespace::new();
+    let store = store(&ns);
+    let n = 3000;
+    let repeated: Vec<Change> = (0..n)
+        .map(|i| {
+            let update =
+                Update::new().progress(f64::from(i) / f64::from(n)).field("step", json!(i)).status("running");
+            change("_w.job.step", update, 1000 + i64::from(i))
+        })
+        .collect();
+    store.apply(&repeated).await.unwrap();
+    let node = store.get(&key("_w.job.step"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!(node.fields.get("step"), Some(&json!(n - 1)));
+    assert!(close(node.progress(), Some(f64::from(n - 1) / f64::from(n))));
+
+    // 200 SCA-style updates of 60 custom fields each, all different: 12 000 fields on one node.
+    let wide: Vec<Change> = (0..200)
+        .map(|i| {
+            let update = (0..60).fold(Update::new(), |u, j| u.field(format!("f{i}_{j}"), json!(j)));
+            change("_w.job.wide", update, 5000 + i64::from(i))
+        })
+        .collect();
+    store.apply(&wide).await.unwrap();
+    let node = store.get(&key("_w.job.wide"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!(node.fields.len(), 12_000);
+    assert_eq!(node.fields.get("f199_59"), Some(&json!(59)));
+    let job = store.get(&key("_w.job"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!(job.child_count, 2);
+}
+
+/// Weights from 1e-9 to 1e12 (the largest allowed), changed and deleted in any order: what a
+/// parent shows is the weighted mean of the children it has now, as if computed afresh.
+#[test]
+fn extreme_weights_keep_parents_exact() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let weights = prop::sample::select(vec![0.0, 1e-9, 0.1, 1.0, 3.0, 1e6, 1e12]);
+    let op = (0usize..4, weights, 0.0f64..=1.0, prop::bool::weighted(0.2));
+    let config = ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() };
+    proptest!(config, |(ops in prop::collection::vec(op, 1..40))| {
+        runtime.block_on(async {
+            let ns = RedisNamespace::new();
+            let store = store(&ns);
+            let mut children = std::collections::BTreeMap::new();
+            for (t, (child, weight, progress, delete)) in ops.into_iter().enumerate() {
+                let k = format!("_x.p.c{child}");
+                if delete {
+                    store.delete(&key(&k), t as i64).await.unwrap();
+                    children.remove(&child);
+                } else {
+                    let update = Update::new().weight(weight).progress(progress);
+                    store.apply(&[change(&k, update, t as i64)]).await.unwrap();
+                    children.insert(child, (weight, progress));
+                }
+                let sum_w: f64 = children.values().map(|(w, _)| w).sum();
+                let sum_wp: f64 = children.values().map(|(w, p)| w * p).sum();
+                let Some(parent) = store.get(&key("_x.p"), &ReadOptions::default()).await.unwrap() else {
+                    continue;
+                };
+                let (stored_w, stored_wp) = store.sums(&key("_x.p")).await.unwrap().unwrap();
+                prop_assert!((stored_w - sum_w).abs() <= 1e-12 * sum_w.max(1.0), "Σw {stored_w} vs {sum_w}");
+                prop_assert!((stored_wp - sum_wp).abs() <= 1e-12 * sum_w.max(1.0), "Σw·p {stored_wp} vs {sum_wp}");
+                if sum_w > 1e-9 {
+                    let expected = sum_wp / sum_w;
+                    let shown = parent.progress().unwrap();
+                    prop_assert!((shown - expected).abs() < 1e-9, "progress {shown} vs {expected}");
+                }
+            }
+            Ok(())
+        })?;
+    });
+}

@@ -167,7 +167,17 @@ impl Submission {
         let progress_key = match present(&map, "progress_key") {
             None => None,
             Some(Value::String(s)) => {
-                Some(Key::parse(s).map_err(|err| SubmitError::field("progress_key", err.to_string()))?)
+                let key = Key::parse(s).map_err(|err| SubmitError::field("progress_key", err.to_string()))?;
+                // A namespace names no node: the request's lifecycle could never be written there.
+                if key.is_namespace() {
+                    return Err(SubmitError::field(
+                        "progress_key",
+                        format!(
+                            "{s:?} is a namespace (its last segment starts with '_'); name a key below it"
+                        ),
+                    ));
+                }
+                Some(key)
             }
             Some(other) => {
                 return Err(SubmitError::field(
@@ -607,6 +617,19 @@ mod tests {
                     r#"field "timeout_ms": must be an integer between 1 and 86400000 (milliseconds), got {shown}"#
                 ),
                 "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn progress_key_is_not_a_namespace() {
+        for key in ["_portal", "a._x", "_requests._y"] {
+            let body = format!(r#"{{"handler": "h", "progress_key": "{key}"}}"#);
+            assert_eq!(
+                message(&body),
+                format!(
+                    r#"field "progress_key": "{key}" is a namespace (its last segment starts with '_'); name a key below it"#
+                )
             );
         }
     }

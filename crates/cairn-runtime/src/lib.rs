@@ -17,7 +17,7 @@ mod service;
 mod shutdown;
 
 pub use admin::{Admin, READINESS_TIMEOUT, Readiness, serve_admin};
-pub use args::{parse_args, parse_args_with, try_parse_from};
+pub use args::{parse_args, parse_args_with, redact_url, try_parse_from};
 pub use duration::parse_duration;
 pub use healthcheck::{HEALTHCHECK_TIMEOUT, healthcheck};
 pub use logging::{LogConfig, LogFormat, init_logging};

@@ -87,13 +87,16 @@ impl Aggregator {
         Ok(response.into_inner().removed)
     }
 
-    /// Asks the aggregator's `grpc.health.v1` service (the server as a whole) whether it serves.
+    /// Asks the aggregator's `grpc.health.v1` service whether it answers. Its status also
+    /// says whether it consumes AMQP, which ingress does not need: reads and writes through
+    /// gRPC work while RabbitMQ is away, so an aggregator that answers at all counts, unless it
+    /// is shutting down (`SERVICE_UNKNOWN` never comes back for the empty name).
     /// `Err` is a message for people: what is wrong, without internals.
     pub async fn check_health(&self) -> Result<(), String> {
         let request = HealthCheckRequest { service: String::new() };
         match self.health.clone().check(request).await {
             Ok(response) => match response.into_inner().status() {
-                ServingStatus::Serving => Ok(()),
+                ServingStatus::Serving | ServingStatus::NotServing => Ok(()),
                 status => Err(format!("the progress aggregator reports {}", status.as_str_name())),
             },
             Err(status) => {

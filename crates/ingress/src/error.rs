@@ -46,6 +46,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("too many requests; retry later")]
     TooManyRequests,
+    /// The client did not send its request in time; the message says what was late.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// Backpressure: the queue is longer than the configured bound.
     #[error("{0}")]
     Overloaded(String),
@@ -72,6 +75,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable | ApiError::Overloaded(_) | ApiError::QueueUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

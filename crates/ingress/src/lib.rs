@@ -11,6 +11,7 @@ mod browse_api;
 mod error;
 mod handler_names;
 mod http_metrics;
+mod listener;
 mod live;
 mod progress_api;
 mod replies;
@@ -26,7 +27,6 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::serve::ListenerExt as _;
 use cairn_redis::requests::{QueueNames, RequestQueue};
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
@@ -97,11 +97,49 @@ pub struct Config {
     /// one the known handlers are the processor's default: `echo`.
     #[arg(long = "handlers", env = "CAIRN_HANDLERS_FILE")]
     pub handlers: Option<PathBuf>,
+    /// A client must send a request's headers within this time (an idle keep-alive connection
+    /// that starts no request within it is closed too).
+    #[arg(long, env = "CAIRN_HEADER_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight that moves no byte for this long is closed.
+    #[arg(long, env = "CAIRN_IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+    /// A request body must arrive whole within this time, or the request is answered 408.
+    #[arg(long, env = "CAIRN_BODY_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub body_timeout: Duration,
+    /// Most connections open at once; more wait to be accepted.
+    #[arg(long, env = "CAIRN_MAX_CONNECTIONS", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Most requests answered at once (long-polls and live streams count apart); more wait up to
+    /// CAIRN_CONCURRENCY_WAIT for a slot, then get 503.
+    #[arg(long, env = "CAIRN_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+    /// How long a request waits for a slot when CAIRN_MAX_CONCURRENT_REQUESTS are running.
+    #[arg(long, env = "CAIRN_CONCURRENCY_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub concurrency_wait: Duration,
+    /// Most long-polls (`Prefer: wait`) at once; more get 503 with Retry-After.
+    #[arg(long, env = "CAIRN_MAX_WAITERS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waiters: u32,
 }
 
 impl Config {
     pub fn queue_names(&self) -> QueueNames {
         QueueNames::new(&self.redis.prefix, &self.stream, &self.group)
+    }
+
+    fn limits(&self) -> listener::Limits {
+        listener::Limits {
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            body_timeout: self.body_timeout,
+            max_connections: self.max_connections as usize,
+            max_concurrent: self.max_concurrent_requests as usize,
+            concurrency_wait: self.concurrency_wait,
+            max_waiters: self.max_waiters as usize,
+        }
     }
 }
 
@@ -244,7 +282,7 @@ impl App {
         info!(
             addr = %listener.local_addr()?,
             aggregator = %config.aggregator_url,
-            redis = %config.redis.url,
+            redis = %cairn_runtime::redact_url(&config.redis.url),
             prefix = %config.redis.prefix,
             replica = %replica,
             "ingress starting"
@@ -258,18 +296,13 @@ impl App {
             background.clone(),
         ));
         let stop = CancellationToken::new();
-        let mut server = tokio::spawn(
-            // TCP_NODELAY: small request/response pairs must not wait on Nagle + delayed ACKs.
-            axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), router)
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        );
+        let mut server = tokio::spawn(listener::serve(listener, router, config.limits(), stop.clone()));
         tokio::select! {
             result = &mut server => {
                 background.cancel();
                 live_stop.cancel();
-                // The server only returns by itself when accepting connections failed for good.
-                return result.context("ingress server task failed")?.context("ingress server failed");
+                result.context("ingress server task failed")?;
+                anyhow::bail!("ingress server stopped by itself");
             }
             () = shutdown.cancelled() => {}
         }

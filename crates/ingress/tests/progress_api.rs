@@ -48,7 +48,7 @@ async fn every_validation_rule_is_a_4xx_naming_the_problem() {
     let bad_bodies = [
         (r#"{"progress": 1.5}"#, r#"field "progress": must be a number between 0 and 1"#),
         (r#"{"progress": -0.1}"#, r#"field "progress": must be a number between 0 and 1"#),
-        (r#"{"weight": -1}"#, r#"field "weight": must be a number >= 0"#),
+        (r#"{"weight": -1}"#, r#"field "weight": must be a number between 0 and 1e12"#),
         (r#"{"progress": "abc"}"#, r#"field "progress": must be a number between 0 and 1, got "abc""#),
         (r#"{"foo": {"a": 1}}"#, r#"field "foo": nested objects are not allowed"#),
         (r#"{"foo": [1, 2]}"#, r#"field "foo": arrays are not allowed"#),
@@ -58,6 +58,10 @@ async fn every_validation_rule_is_a_4xx_naming_the_problem() {
         (r#"{"progress":"#, "invalid JSON: EOF while parsing"),
         (r#"[{"progress": 0.5}]"#, "update must be a JSON object"),
         (r#"{"progress": 1e400}"#, r#"field "progress": number is out of range"#),
+        (r#"{"weight": NaN}"#, r#"field "weight": number is out of range"#),
+        (r#"{"progress": Infinity}"#, r#"field "progress": number is out of range"#),
+        (r#"{"weight": 1e308}"#, r#"field "weight": must be a number between 0 and 1e12"#),
+        (r#"{"weight": 1e17}"#, r#"field "weight": must be a number between 0 and 1e12"#),
     ];
     for (body, problem) in bad_bodies {
         let reply = stack.post(key, body).await;

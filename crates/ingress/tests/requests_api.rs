@@ -215,8 +215,18 @@ async fn an_idempotency_key_names_one_request() {
 async fn bad_input_is_a_4xx_naming_the_problem() {
     let stack = Stack::start().await;
     let huge = format!(r#"{{"handler": "echo", "payload": "{}"}}"#, "x".repeat(3 * 1024 * 1024));
-    let cases: [(&str, u16, &str); 8] = [
+    let cases: [(&str, u16, &str); 10] = [
         (r#"{"handler": "nope"}"#, 400, "unknown handler \"nope\"; this deployment has: echo"),
+        (
+            r#"{"handler": "echo", "progress_key": "_portal"}"#,
+            400,
+            "field \"progress_key\": \"_portal\" is a namespace",
+        ),
+        (
+            r#"{"handler": "echo", "progress_key": "a._x"}"#,
+            400,
+            "field \"progress_key\": \"a._x\" is a namespace",
+        ),
         (r#"{"payload": {}}"#, 400, "field \"handler\" is required"),
         (r#"{"handler": "echo", "max_attempts": "3"}"#, 400, "field \"max_attempts\": must be an integer"),
         (r#"{"handler": "echo", "timeout_ms": -1}"#, 400, "field \"timeout_ms\": must be an integer"),
@@ -494,4 +504,50 @@ async fn dead_letters_are_listed_inspected_and_retried() {
     let last = second.json["next"].as_str().unwrap().to_owned();
     let end = stack.get(&format!("/v1/dead-letters?limit=1&after={last}")).await;
     assert_eq!(end.json, json!({"items": [], "next": null}));
+}
+
+/// A request's own node ends in its record's terminal state even when the processor cannot
+/// report anything over AMQP: the request queue writes it in the step that stores the outcome,
+/// to the request's own `progress_key` (also when canceled before it ran).
+#[tokio::test]
+async fn terminal_states_reach_the_node_without_rabbitmq() {
+    let mut stack = Stack::start().await;
+    stack
+        .start_processor_on(
+            request_processor::handlers::default_handlers(),
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+        )
+        .await;
+    let done =
+        stack.submit(&json!({"handler": "echo", "payload": 1, "progress_key": "_t.job1"}), Some(10)).await;
+    assert_eq!(done.status, 200, "{}", done.json);
+    let node = stack.get("/status/_t.job1").await;
+    assert_eq!(node.status, 200, "{}", node.json);
+    assert_eq!(
+        (&node.json["status"], &node.json["state"], &node.json["progress"]),
+        (&json!("finished"), &json!("succeeded"), &json!(1))
+    );
+    assert_eq!(node.json["handler"], "echo");
+
+    let mut idle = Stack::start().await;
+    let queued =
+        idle.submit(&json!({"handler": "echo", "payload": 1, "progress_key": "_t.job2"}), None).await;
+    let id = queued.json["id"].as_str().unwrap().to_owned();
+    let canceled = idle.send(idle.request(Method::DELETE, &format!("/v1/requests/{id}"))).await;
+    assert_eq!(canceled.status, 200, "{}", canceled.json);
+    let node = idle.get("/status/_t.job2").await;
+    assert_eq!(
+        (&node.json["status"], &node.json["state"]),
+        (&json!("canceled"), &json!("canceled")),
+        "{}",
+        node.json
+    );
+    assert_eq!(idle.get(&format!("/status/_requests.{id}")).await.status, 404, "nothing at the default key");
+    // A processor that later receives the canceled entry acks it and writes nothing else.
+    idle.start_processor_on(
+        request_processor::handlers::default_handlers(),
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+    )
+    .await;
+    stack.stop().await;
 }

@@ -6,13 +6,14 @@
 //! with several aggregator replicas. A failed batch is never acked: RabbitMQ redelivers it, and
 //! applying an update again leaves the same tree.
 
+use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_amqp::{Topology, connect_with_retry, explain, name};
 use cairn_progress::parse_message;
-use cairn_redis::progress::{Change, ProgressStore};
+use cairn_redis::progress::{Change, ProgressStore, StoreError};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -34,6 +35,14 @@ pub const ROUTING_KEY_HEADER: &str = "x-cairn-routing-key";
 /// Most updates sent to Redis in one script call, so one call never blocks Redis for long.
 const MAX_UPDATES_PER_CALL: usize = 2000;
 
+/// How far ahead of this process's clock a publisher's `cairn-time-ms` may be. Later times are
+/// clamped to it: a clock in the future would otherwise pin a tree against purging.
+const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
+
+/// How long a shard may fail to store its batch (Redis answering errors, or away) before the
+/// aggregator reports itself not ready.
+const STALL_AFTER: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
     #[error("rabbitmq: {0}")]
@@ -44,6 +53,25 @@ pub enum ConsumeError {
     Ended,
     #[error("shutting down before the batch was stored")]
     Shutdown,
+}
+
+/// Shards that cannot store their batch: their count shows in readiness and a metric.
+#[derive(Debug, Default)]
+pub struct Stalls(AtomicUsize);
+
+impl Stalls {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, delta: isize) {
+        let now = if delta > 0 {
+            self.0.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.0.fetch_sub(1, Ordering::SeqCst) - 1
+        };
+        metrics::gauge!("cairn_progress_shards_stalled").set(now as f64);
+    }
 }
 
 /// What one batch did.
@@ -67,78 +95,110 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn header_time(properties: &BasicProperties) -> Option<i64> {
+/// The publisher's time of a message, never more than [`MAX_CLOCK_AHEAD_MS`] ahead of `now` and
+/// never before the epoch.
+fn header_time(properties: &BasicProperties, now: i64) -> Option<i64> {
     let headers = properties.headers().as_ref()?;
-    match headers.inner().get(&ShortString::from(TIME_HEADER))? {
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
-        _ => None,
-    }
+    let time = match headers.inner().get(&ShortString::from(TIME_HEADER))? {
+        AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).unwrap_or(i64::MAX),
+        _ => return None,
+    };
+    Some(time.clamp(0, now.saturating_add(MAX_CLOCK_AHEAD_MS)))
 }
 
 /// A batch parsed and validated, its invalid messages already dead-lettered: what is left is to
 /// store its updates and ack it.
 pub struct Prepared {
     changes: Vec<Change>,
-    last: Option<Delivery>,
+    /// Each valid message and the range of `changes` it holds, in delivery order.
+    messages: Vec<(Delivery, Range<usize>)>,
+    last: Option<lapin::Acker>,
     report: BatchReport,
 }
 
-/// One step of the consumer: parse, dead-letter the invalid, store the rest, then ack the batch.
-/// Redis failures are retried (with backoff) until they succeed or `cancel` fires; the batch is
-/// acked only once every update of it is stored.
-pub async fn handle_batch(
-    store: &ProgressStore,
-    dead_letters: &Channel,
-    topology: &Topology,
-    deliveries: Vec<Delivery>,
-    cancel: &CancellationToken,
-) -> Result<BatchReport, ConsumeError> {
-    let prepared = prepare_batch(dead_letters, topology, deliveries).await?;
-    commit_batch(store, prepared, cancel).await
+/// Where a shard sends what can never apply: a confirming channel and the topology's dead-letter
+/// exchange.
+#[derive(Clone)]
+pub struct DeadLetters {
+    pub channel: Channel,
+    pub topology: Topology,
 }
 
-/// The first half of [`handle_batch`]: parse and validate; dead-letter (confirmed) the invalid.
+/// The first half of a batch's handling: parse and validate; dead-letter (confirmed) the invalid.
 pub async fn prepare_batch(
-    dead_letters: &Channel,
-    topology: &Topology,
+    dead_letters: &DeadLetters,
     deliveries: Vec<Delivery>,
 ) -> Result<Prepared, ConsumeError> {
     let mut report = BatchReport { messages: deliveries.len(), ..BatchReport::default() };
     let mut changes = Vec::new();
+    let mut messages = Vec::with_capacity(deliveries.len());
     let now = now_ms();
-    for delivery in &deliveries {
+    let last = deliveries.last().map(|d| d.acker.clone());
+    for delivery in deliveries {
         match parse_message(delivery.routing_key.as_str(), &delivery.data) {
             Ok(updates) => {
-                let time_ms = header_time(&delivery.properties).unwrap_or(now);
+                let time_ms = header_time(&delivery.properties, now).unwrap_or(now);
+                let start = changes.len();
                 changes.extend(updates.into_iter().map(|(key, update)| Change { key, update, time_ms }));
+                messages.push((delivery, start..changes.len()));
             }
             Err(error) => {
                 warn!(routing_key = %delivery.routing_key, %error, "dead-lettering invalid progress message");
                 let reason = format!("{error} (routing key {:?})", delivery.routing_key.as_str());
-                dead_letter(dead_letters, topology, delivery, &reason).await?;
+                dead_letter(dead_letters, &delivery, &reason).await?;
                 report.dead_lettered += 1;
             }
         }
     }
     report.updates = changes.len();
-    Ok(Prepared { changes, last: deliveries.into_iter().last(), report })
+    Ok(Prepared { changes, messages, last, report })
 }
 
-/// The second half of [`handle_batch`]: store every update, then ack the batch (`multiple`).
+/// The second half: store every update, then ack the batch (`multiple`).
+///
+/// Messages go to Redis in calls of whole messages (up to [`MAX_UPDATES_PER_CALL`] updates, more
+/// only for one message that big). When Redis refuses a call (a script error, which would recur
+/// on every retry), its messages are applied one at a time and the ones refused are
+/// dead-lettered with the reason, so one message never holds up the shard.
 pub async fn commit_batch(
     store: &ProgressStore,
+    dead_letters: &DeadLetters,
     prepared: Prepared,
+    stalls: &Stalls,
     cancel: &CancellationToken,
 ) -> Result<BatchReport, ConsumeError> {
-    let Prepared { changes, last, report } = prepared;
+    let Prepared { changes, messages, last, mut report } = prepared;
     let Some(last) = last else { return Ok(report) };
-    for chunk in changes.chunks(MAX_UPDATES_PER_CALL) {
-        store_with_retry(store, chunk, cancel).await?;
+    let mut first = 0;
+    while first < messages.len() {
+        let start = messages[first].1.start;
+        let mut end = first + 1;
+        while end < messages.len() && messages[end].1.end - start <= MAX_UPDATES_PER_CALL {
+            end += 1;
+        }
+        let group = &messages[first..end];
+        let range = start..group[group.len() - 1].1.end;
+        if let Err(error) = store_in_calls(store, &changes[range], stalls, cancel).await? {
+            warn!(%error, messages = group.len(), "redis refused a progress batch; applying its messages one by one");
+            for (delivery, range) in group {
+                if let Err(error) = store_in_calls(store, &changes[range.clone()], stalls, cancel).await? {
+                    warn!(routing_key = %delivery.routing_key, %error, "dead-lettering a progress message redis refused");
+                    let reason = format!(
+                        "could not be applied: {error} (routing key {:?})",
+                        delivery.routing_key.as_str()
+                    );
+                    dead_letter(dead_letters, delivery, &reason).await?;
+                    report.dead_lettered += 1;
+                    report.updates -= range.len();
+                }
+            }
+        }
+        first = end;
     }
-    last.acker.ack(BasicAckOptions { multiple: true }).await?;
+    last.ack(BasicAckOptions { multiple: true }).await?;
     metrics::counter!("cairn_progress_messages_total", "outcome" => "applied")
         .increment((report.messages - report.dead_lettered) as u64);
     metrics::counter!("cairn_progress_messages_total", "outcome" => "dead_lettered")
@@ -147,34 +207,67 @@ pub async fn commit_batch(
     Ok(report)
 }
 
+/// Stores `changes` in calls of at most [`MAX_UPDATES_PER_CALL`]; `Ok(Err(..))` when Redis
+/// refused one of them (the calls before it are stored).
+async fn store_in_calls(
+    store: &ProgressStore,
+    changes: &[Change],
+    stalls: &Stalls,
+    cancel: &CancellationToken,
+) -> Result<Result<(), StoreError>, ConsumeError> {
+    for chunk in changes.chunks(MAX_UPDATES_PER_CALL) {
+        if let Err(refused) = store_with_retry(store, chunk, stalls, cancel).await? {
+            return Ok(Err(refused));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Stores one call's changes, retrying with backoff while Redis is away (a shard failing longer
+/// than [`STALL_AFTER`] counts as stalled meanwhile). `Ok(Err(..))` when Redis refused the call.
 async fn store_with_retry(
     store: &ProgressStore,
     changes: &[Change],
+    stalls: &Stalls,
     cancel: &CancellationToken,
-) -> Result<(), ConsumeError> {
+) -> Result<Result<(), StoreError>, ConsumeError> {
     let mut delay = Duration::from_millis(50);
-    loop {
+    let started = Instant::now();
+    let mut stalled = false;
+    let result = loop {
         match store.apply(changes).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => break Ok(Ok(())),
+            Err(error) if !error.is_retryable() => {
+                metrics::counter!("cairn_progress_store_refusals_total").increment(1);
+                break Ok(Err(error));
+            }
             Err(error) => {
                 metrics::counter!("cairn_progress_store_failures_total").increment(1);
                 warn!(%error, retry_in = ?delay, updates = changes.len(), "cannot store progress; retrying");
             }
         }
+        if !stalled && started.elapsed() >= STALL_AFTER {
+            stalled = true;
+            stalls.set(1);
+        }
         tokio::select! {
-            () = cancel.cancelled() => return Err(ConsumeError::Shutdown),
+            () = cancel.cancelled() => break Err(ConsumeError::Shutdown),
             () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(2));
+    };
+    if stalled {
+        stalls.set(-1);
     }
+    result
 }
 
 async fn dead_letter(
-    channel: &Channel,
-    topology: &Topology,
+    dead_letters: &DeadLetters,
     delivery: &Delivery,
     reason: &str,
 ) -> Result<(), ConsumeError> {
+    let DeadLetters { channel, topology } = dead_letters;
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(reason.into()));
     headers.insert(ROUTING_KEY_HEADER.into(), AMQPValue::LongString(delivery.routing_key.as_str().into()));
@@ -198,13 +291,14 @@ pub async fn run(
     store: ProgressStore,
     settings: ConsumerSettings,
     connected: Arc<AtomicBool>,
+    stalls: Arc<Stalls>,
     cancel: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
     while !cancel.is_cancelled() {
         let Some(conn) = connect_with_retry(&settings.url, &cancel).await else { break };
         let started = Instant::now();
-        match consume(&conn, &store, &settings, &connected, &cancel).await {
+        match consume(&conn, &store, &settings, &connected, &stalls, &cancel).await {
             Ok(()) => info!("progress consumers stopped"),
             Err(error) => warn!(error = %error, "progress consumers lost their connection; reconnecting"),
         }
@@ -227,6 +321,7 @@ async fn consume(
     store: &ProgressStore,
     settings: &ConsumerSettings,
     connected: &AtomicBool,
+    stalls: &Arc<Stalls>,
     cancel: &CancellationToken,
 ) -> Result<(), ConsumeError> {
     let setup = conn.create_channel().await?;
@@ -243,10 +338,10 @@ async fn consume(
         let consumer = channel
             .basic_consume(name(&queue), name(""), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        let dead_letters = conn.create_channel().await?;
-        dead_letters.confirm_select(ConfirmSelectOptions::default()).await?;
-        let (store, topology, batch, cancel) =
-            (store.clone(), settings.topology.clone(), settings.batch, stop.clone());
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        let dead_letters = DeadLetters { channel, topology: settings.topology.clone() };
+        let (store, batch, stalls, cancel) = (store.clone(), settings.batch, stalls.clone(), stop.clone());
         shards.spawn(async move {
             let mut batches = consumer.ready_chunks(batch.max(1));
             // One batch is stored while the next is parsed: Redis and this process overlap.
@@ -268,7 +363,7 @@ async fn consume(
                         Err(e) => failure = Some(e),
                     }
                 }
-                let prepared = match prepare_batch(&dead_letters, &topology, deliveries).await {
+                let prepared = match prepare_batch(&dead_letters, deliveries).await {
                     Ok(prepared) => prepared,
                     Err(error) => break Err(error),
                 };
@@ -279,10 +374,11 @@ async fn consume(
                         Err(_) => break Err(ConsumeError::Ended),
                     }
                 }
-                let (store, cancel) = (store.clone(), cancel.clone());
+                let (store, dead_letters, stalls, cancel) =
+                    (store.clone(), dead_letters.clone(), stalls.clone(), cancel.clone());
                 in_flight = Some(tokio::spawn(async move {
                     let started = Instant::now();
-                    let report = commit_batch(&store, prepared, &cancel).await;
+                    let report = commit_batch(&store, &dead_letters, prepared, &stalls, &cancel).await;
                     metrics::histogram!("cairn_progress_batch_seconds")
                         .record(started.elapsed().as_secs_f64());
                     report

@@ -89,7 +89,7 @@ fn store_status(error: StoreError) -> Status {
             tracing::warn!(%error, "progress store unavailable");
             Status::unavailable("the progress store is unavailable; try again")
         }
-        StoreError::Protocol(_) => {
+        StoreError::Protocol(_) | StoreError::Rejected(_) => {
             tracing::error!(%error, "progress store answered something unexpected");
             Status::internal("internal error reading progress")
         }

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::consumer::ConsumerSettings;
+use crate::consumer::{ConsumerSettings, Stalls};
 use crate::grpc::ProgressService;
 
 /// Settings of the aggregator: flags, or `CAIRN_*` environment variables.
@@ -76,13 +76,20 @@ impl Config {
 struct Ready {
     redis: ConnectionManager,
     amqp: Arc<AtomicBool>,
+    stalls: Arc<Stalls>,
 }
 
 impl Readiness for Ready {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         async move {
             cairn_redis::ping(&mut self.redis.clone()).await?;
-            if self.amqp.load(Ordering::SeqCst) { Ok(()) } else { Err("rabbitmq: not consuming".into()) }
+            if !self.amqp.load(Ordering::SeqCst) {
+                return Err("rabbitmq: not consuming".into());
+            }
+            match self.stalls.count() {
+                0 => Ok(()),
+                n => Err(format!("{n} progress shard(s) cannot store their batch in redis")),
+            }
         }
         .boxed()
     }
@@ -134,17 +141,43 @@ impl App {
             prefetch: config.prefetch,
             batch: config.batch as usize,
         };
-        let consumers =
-            tokio::spawn(consumer::run(store.clone(), settings, connected.clone(), shutdown.clone()));
+        let stalls = Arc::new(Stalls::default());
+        let consumers = tokio::spawn(consumer::run(
+            store.clone(),
+            settings,
+            connected.clone(),
+            stalls.clone(),
+            shutdown.clone(),
+        ));
 
+        let ready = Arc::new(Ready { redis, amqp: connected, stalls });
         let admin_router = Admin::new("progress-aggregator")
-            .readiness(Arc::new(Ready { redis, amqp: connected }))
+            .readiness(ready.clone())
             .with_shutdown(shutdown.clone())
             .router();
         let admin_server = tokio::spawn(serve_admin(admin, admin_router, shutdown.clone()));
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<ProgressServer<ProgressService>>().await;
+        // grpc.health.v1 tells what /readyz tells: SERVING only while Redis answers and the
+        // shards consume and store.
+        let health_task = tokio::spawn({
+            let (health, ready, shutdown) = (health.clone(), ready.clone(), shutdown.clone());
+            async move {
+                let mut ticks = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        _ = ticks.tick() => {}
+                    }
+                    let status = match ready.check().await {
+                        Ok(()) => tonic_health::ServingStatus::Serving,
+                        Err(_) => tonic_health::ServingStatus::NotServing,
+                    };
+                    health.set_service_status("", status).await;
+                    health.set_service_status(cairn_proto::v1::progress_server::SERVICE_NAME, status).await;
+                }
+            }
+        });
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(cairn_proto::FILE_DESCRIPTOR_SET)
@@ -168,6 +201,7 @@ impl App {
                     async move {
                         grpc_shutdown.cancelled().await;
                         health.set_not_serving::<ProgressServer<ProgressService>>().await;
+                        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                     },
                 ),
         );
@@ -176,6 +210,7 @@ impl App {
         info!(grace = ?config.grace, "progress-aggregator shutting down");
         let drained = cairn_runtime::drain("progress-aggregator", config.grace, async {
             let _ = consumers.await;
+            let _ = health_task.await;
             let _ = grpc_server.await;
             let _ = admin_server.await;
         })

@@ -158,6 +158,79 @@ async fn poison_messages_are_dead_lettered_while_good_ones_apply() {
     assert_eq!(vhost.get_message("progress.dead").await, None, "exactly the four poison messages");
 }
 
+/// A valid message that Redis refuses (here: its node's key holds a string) is dead-lettered
+/// with the reason, and the messages around it, on the same shard, still apply.
+#[tokio::test]
+async fn a_message_redis_refuses_is_dead_lettered_and_the_shard_goes_on() {
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let _aggregator = start(&ns, &vhost, 1).await;
+    let (_conn, channel) = publisher(&vhost).await;
+    let store = store(&ns);
+    let mut redis = ns.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:pn:_t.bad.x", ns.prefix))
+        .arg("not a hash")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    publish(&channel, "_t.ok.a", br#"{"progress": 0.1}"#, None).await;
+    publish(&channel, "_t.bad.x", br#"{"progress": 0.5}"#, None).await;
+    publish(
+        &channel,
+        "_t.ok",
+        br#"[{"key": "_t.ok.a", "progress": 0.9}, {"key": "_t.ok.b", "progress": 1}]"#,
+        None,
+    )
+    .await;
+    wait_until("the messages after the refused one applied", WAIT, || async {
+        progress_of(&store, "_t.ok.a").await == Some(0.9) && progress_of(&store, "_t.ok.b").await == Some(1.0)
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dead = loop {
+        if let Some(message) = vhost.get_message("progress.dead").await {
+            break message;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the refused message is dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead["routing_key"], "_t.bad.x");
+    let reason = dead["properties"]["headers"][ERROR_HEADER].as_str().unwrap_or_default();
+    assert!(reason.contains("could not be applied") && reason.contains("WRONGTYPE"), "reason: {reason}");
+    assert_eq!(vhost.get_message("progress.dead").await, None, "only the refused message");
+}
+
+/// grpc.health.v1 says what /readyz says: NOT_SERVING while Redis hangs, SERVING again after.
+#[tokio::test]
+async fn grpc_health_follows_a_hung_redis() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let mut server = cairn_testkit::RedisServer::new().await;
+    let (ns, vhost) = (RedisNamespace::with_url(server.url()), AmqpVhost::new().await);
+    let aggregator = start(&ns, &vhost, 1).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(aggregator.grpc.clone()).unwrap().connect().await.unwrap();
+    let health = HealthClient::new(channel);
+    let status_is = |wanted: ServingStatus| {
+        let health = health.clone();
+        move || {
+            let mut health = health.clone();
+            async move {
+                let status = health.check(HealthCheckRequest { service: "cairn.v1.Progress".into() }).await;
+                status.is_ok_and(|s| s.into_inner().status() == wanted)
+            }
+        }
+    };
+    wait_until("SERVING", WAIT, status_is(ServingStatus::Serving)).await.unwrap();
+    server.pause();
+    wait_until("NOT_SERVING while redis hangs", WAIT, status_is(ServingStatus::NotServing)).await.unwrap();
+    server.resume();
+    wait_until("SERVING again", WAIT, status_is(ServingStatus::Serving)).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_duplicated_message_does_not_double_count() {
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
@@ -271,10 +344,18 @@ async fn grpc_progress_health_and_reflection() {
     let channel =
         tonic::transport::Endpoint::from_shared(aggregator.grpc.clone()).unwrap().connect().await.unwrap();
 
-    let mut health = HealthClient::new(channel.clone());
+    // Health follows readiness (checked every second): SERVING once Redis and RabbitMQ answer.
+    let health = HealthClient::new(channel.clone());
     for service in ["", "cairn.v1.Progress"] {
-        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
-        assert_eq!(status.status(), ServingStatus::Serving, "health of {service:?}");
+        wait_until(&format!("health of {service:?} is SERVING"), WAIT, || {
+            let mut health = health.clone();
+            async move {
+                let status = health.check(HealthCheckRequest { service: service.into() }).await;
+                status.is_ok_and(|s| s.into_inner().status() == ServingStatus::Serving)
+            }
+        })
+        .await
+        .unwrap();
     }
 
     let services = reflection_services(channel.clone()).await;

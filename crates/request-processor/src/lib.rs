@@ -39,6 +39,11 @@ pub struct Config {
     /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "CAIRN_PROCESSOR_ADMIN_ADDR", default_value = "0.0.0.0:9092")]
     pub admin_addr: SocketAddr,
+    /// Most progress nodes whose latest state waits to be sent while RabbitMQ is away; past it
+    /// the oldest are dropped (terminal request states are written to the node by Redis itself).
+    #[arg(long, env = "CAIRN_PROGRESS_BUFFER_KEYS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub progress_buffer_keys: u32,
     /// Request stream (key `{prefix}:{stream}`).
     #[arg(long, env = "CAIRN_REQUEST_STREAM", default_value = "requests")]
     pub stream: String,
@@ -128,10 +133,10 @@ impl App {
         let lease = config.lease()?;
         let redis = config.redis.manager().context("invalid CAIRN_REDIS_URL")?;
         let queue = RequestQueue::new(redis.clone(), config.queue_names());
-        let publisher = ProgressPublisher::start(PublisherConfig::new(
-            config.amqp.url.clone(),
-            config.amqp.exchange.clone(),
-        ));
+        let mut publisher_config =
+            PublisherConfig::new(config.amqp.url.clone(), config.amqp.exchange.clone());
+        publisher_config.max_pending = config.progress_buffer_keys as usize;
+        let publisher = ProgressPublisher::start(publisher_config);
         let settings = worker::Settings {
             consumer: config.name.clone().unwrap_or_else(default_consumer_name),
             concurrency: config.concurrency as usize,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cairn_amqp::ProgressPublisher;
 use cairn_progress::{Key, Update};
 use cairn_redis::RedisConfig;
-use cairn_redis::requests::{Commit, Entry, Heartbeat, Renewal, RequestQueue, Start};
+use cairn_redis::requests::{Commit, Entry, Heartbeat, QueueError, Renewal, RequestQueue, Start};
 use cairn_requests::{Backoff, Failure, LeaseSettings, Next, RequestRecord, RequestState, next_step};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
@@ -23,6 +23,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::handler::{Context, HandlerError, HandlerSet, LastProgress};
+
+/// How long past its block time a read of the request stream may take before the reader counts
+/// Redis as gone.
+const READ_SLACK: Duration = Duration::from_secs(5);
 
 /// How the processor runs.
 #[derive(Debug, Clone)]
@@ -140,6 +144,10 @@ impl Registry {
         signals
     }
 
+    fn contains(&self, entry: &Entry) -> bool {
+        self.0.lock().expect("registry lock").contains_key(&entry.entry_id)
+    }
+
     fn remove(&self, entry: &Entry) {
         self.0.lock().expect("registry lock").remove(&entry.entry_id);
     }
@@ -235,9 +243,21 @@ pub async fn run(deps: Arc<Deps>, redis: RedisConfig, shutdown: CancellationToke
                 Err(error) => warn!(%error, "cannot reclaim expired leases"),
             }
         }
+        // The reader's connection has no response timeout (BLOCK must wait), so a Redis that
+        // stops answering (paused, a half-open connection) is noticed here: past its block time
+        // and some slack the read counts as failed and the connection is made again.
+        let bounded = tokio::time::timeout(
+            Duration::from_millis(block_ms as u64) + READ_SLACK,
+            deps.queue.read_new(conn, &deps.settings.consumer, batch.len(), block_ms),
+        );
         let read = tokio::select! {
             () = shutdown.cancelled() => break,
-            read = deps.queue.read_new(conn, &deps.settings.consumer, batch.len(), block_ms) => read,
+            read = bounded => read.unwrap_or_else(|_| {
+                Err(QueueError::Redis(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "redis did not answer a blocking read in time",
+                ))))
+            }),
         };
         match read {
             Ok(entries) => {
@@ -247,7 +267,7 @@ pub async fn run(deps: Arc<Deps>, redis: RedisConfig, shutdown: CancellationToke
             Err(error) => {
                 failures += 1;
                 reader = None;
-                if error.to_string().contains("NOGROUP") {
+                if matches!(&error, QueueError::Redis(e) if e.code() == Some("NOGROUP")) {
                     // Redis came back without our data (no persistence): make the group again.
                     let _ = deps.queue.ensure_group().await;
                 }
@@ -279,6 +299,9 @@ async fn dispatch(
     entries: Vec<Entry>,
     mut permits: Vec<OwnedSemaphorePermit>,
 ) {
+    // An entry this process still runs comes back when its lease ran out meanwhile (Redis away
+    // for longer than the lease, say) and it reclaims its own entry: never run it twice.
+    let entries: Vec<Entry> = entries.into_iter().filter(|entry| !registry.contains(entry)).collect();
     if entries.is_empty() {
         return;
     }
@@ -305,29 +328,19 @@ async fn dispatch(
                     drop(permit);
                 });
             }
-            Start::Canceled => report(deps, &entry.request_id, None, RequestState::Canceled, None),
-            Start::Dead { error } => report(deps, &entry.request_id, None, RequestState::Dead, Some(&error)),
-            Start::Skip | Start::Lost => {}
+            // start.lua wrote these to the request's own node, in the step that stored them.
+            Start::Canceled | Start::Dead { .. } | Start::Skip | Start::Lost => {}
         }
     }
 }
 
 /// Reports a request's lifecycle to its progress node (coalesced; never blocks the work).
-fn report(
-    deps: &Deps,
-    request_id: &str,
-    record: Option<&RequestRecord>,
-    state: RequestState,
-    error: Option<&str>,
-) {
-    let key = match record {
-        Some(record) => record.progress_key.clone(),
-        None => cairn_requests::default_progress_key(request_id),
-    };
-    let mut update = state.progress_update();
-    if let Some(record) = record {
-        update = update.field("attempts", json!(record.attempts)).field("handler", json!(record.handler));
-    }
+fn report(deps: &Deps, record: &RequestRecord, state: RequestState, error: Option<&str>) {
+    let key = record.progress_key.clone();
+    let mut update = state
+        .progress_update()
+        .field("attempts", json!(record.attempts))
+        .field("handler", json!(record.handler));
     if state == RequestState::Succeeded {
         update = update.progress(1.0);
     }
@@ -366,7 +379,7 @@ async fn run_request(
     let RunSignals { cancel, stop, .. } = &signals;
     loop {
         record.attempts = attempt;
-        report(deps, &entry.request_id, Some(&record), RequestState::Running, None);
+        report(deps, &record, RequestState::Running, None);
         let started = Instant::now();
         let outcome = run_attempt(deps, &record, attempt, &signals).await;
         metrics::histogram!("cairn_request_attempt_seconds").record(started.elapsed().as_secs_f64());
@@ -389,7 +402,7 @@ async fn run_request(
             return;
         }
         metrics::counter!("cairn_requests_finished_total", "state" => state.as_str()).increment(1);
-        report(deps, &entry.request_id, Some(&record), state, error.as_deref());
+        report(deps, &record, state, error.as_deref());
         if state != RequestState::Failed {
             return;
         }
@@ -410,11 +423,11 @@ async fn run_request(
                     record = *stored;
                 }
                 Some(Start::Canceled) => {
-                    report(deps, &entry.request_id, Some(&record), RequestState::Canceled, None);
+                    report(deps, &record, RequestState::Canceled, None);
                     return;
                 }
                 Some(Start::Dead { error }) => {
-                    report(deps, &entry.request_id, Some(&record), RequestState::Dead, Some(&error));
+                    report(deps, &record, RequestState::Dead, Some(&error));
                     return;
                 }
                 _ => return,

@@ -391,3 +391,27 @@ async fn a_redis_restart_under_load_loses_no_request() {
     }
     world.wait_all(&ids, RequestState::Succeeded, WAIT).await;
 }
+
+/// Redis hung (SIGSTOP) for longer than the reader's block and slack, and past the lease: the
+/// processor notices, reconnects by itself once Redis answers, and every request submitted
+/// before, during (queued by a client that retries) and after completes exactly once.
+#[tokio::test]
+async fn a_hung_redis_under_load_recovers_on_its_own() {
+    let server = RedisServer::new().await;
+    let world = World::with(server.url(), "t:hung".into(), None).await;
+    let _processor = world.processor("p", &["--concurrency", "8"]);
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids.push(world.submit("echo", 3).await);
+    }
+    let mut server = server;
+    server.pause();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    server.resume();
+    for _ in 0..50 {
+        ids.push(world.submit("echo", 3).await);
+    }
+    world.wait_all(&ids, RequestState::Succeeded, WAIT).await;
+    let states = world.states(&ids).await;
+    assert!(states.values().all(|r| r.attempts >= 1), "every request ran");
+}

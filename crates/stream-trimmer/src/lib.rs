@@ -59,6 +59,10 @@ pub struct Config {
     /// Finished requests (succeeded, canceled, dead) are deleted this long after they finished.
     #[arg(long, env = "CAIRN_REQUEST_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub request_retention: Duration,
+    /// Dead requests (and the dead-letter stream's entries) are deleted this long after they
+    /// died; `forever` (the default) keeps them until retried or deleted.
+    #[arg(long, env = "CAIRN_DEAD_RETENTION", default_value = "forever", value_parser = parse_retention)]
+    pub dead_retention: Retention,
     /// Finished progress trees (root finished, failed or canceled) are deleted this long after
     /// their last update.
     #[arg(long, env = "CAIRN_PROGRESS_RETENTION", default_value = "7d", value_parser = parse_duration)]
@@ -88,14 +92,38 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(interval)
 }
 
+/// How long something is kept: a duration, or for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    match s.trim() {
+        "forever" | "never" | "keep" => Ok(Retention(None)),
+        other => {
+            parse_duration(other).map(|d| Retention(Some(d))).map_err(|e| format!("{e}, or \"forever\""))
+        }
+    }
+}
+
 impl Config {
+    /// The policies given, and for the dead-letter stream, unless one is given for it, the dead
+    /// retention: `keep`, or `maxage` of it.
     pub fn policies(&self) -> Policies {
-        Policies::new(self.policies.clone(), self.default_policy)
+        let mut rules = self.policies.clone();
+        if !rules.iter().any(|rule| rule.pattern == "dead") {
+            let spec = match self.dead_retention.0 {
+                None => "keep".to_owned(),
+                Some(retention) => format!("maxage:{}ms", retention.as_millis()),
+            };
+            rules.push(policy::parse_rule(&format!("dead={spec}")).expect("a valid dead-letter policy"));
+        }
+        Policies::new(rules, self.default_policy)
     }
 
     pub fn settings(&self) -> Settings {
         Settings {
             request_retention: self.request_retention,
+            dead_retention: self.dead_retention.0,
             progress_retention: self.progress_retention,
             consumer_idle: self.consumer_idle,
             purge_limit: self.purge_limit as usize,

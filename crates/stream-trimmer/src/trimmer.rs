@@ -33,6 +33,9 @@ const ROOTS_SCAN_EXTRA: usize = 20_000;
 pub struct Settings {
     /// Finished request records older than this are deleted.
     pub request_retention: Duration,
+    /// Dead requests are deleted this long after they died; `None`: kept until retried or
+    /// deleted.
+    pub dead_retention: Option<Duration>,
     /// Finished progress trees not updated for this long are deleted.
     pub progress_retention: Duration,
     /// Consumers idle this long that own no entry are removed from their group.
@@ -241,10 +244,11 @@ fn record_stream(name: &str, outcome: &TrimOutcome) {
 
 async fn purge_requests(deps: &Deps, now_ms: i64, report: &mut TrimReport) {
     let cutoff = now_ms.saturating_sub(millis(deps.settings.request_retention));
+    let dead_cutoff = deps.settings.dead_retention.map(|retention| now_ms.saturating_sub(millis(retention)));
     let mut budget = deps.settings.purge_limit;
     while budget > 0 {
         let chunk = budget.min(REQUEST_CHUNK);
-        match deps.purger.purge_requests(cutoff, chunk).await {
+        match deps.purger.purge_requests(cutoff, dead_cutoff, chunk).await {
             Ok(done) => {
                 report.records_purged += done.purged;
                 budget -= (done.examined as usize).min(budget);

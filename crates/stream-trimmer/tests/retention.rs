@@ -126,16 +126,39 @@ async fn finished_records_past_retention_go_with_their_index_entries_and_idempot
 
     let app = trimmer(&ns, &["--request-retention=1h"]).await;
     let report = trim_once(&app.deps(), now).await.unwrap();
-    assert_eq!(report.records_purged, 4, "{report:?}");
-    for id in [&succeeded, &dead, &canceled, &reused] {
+    assert_eq!(report.records_purged, 3, "{report:?}");
+    for id in [&succeeded, &canceled, &reused] {
         assert!(!requests.record_exists(id).await, "{id} purged");
     }
-    for id in [&running, &recent, &retried, &other] {
+    // Dead letters are kept until retried or deleted: out of the index, so never examined again.
+    for id in [&running, &recent, &retried, &other, &dead] {
         assert!(requests.record_exists(id).await, "{id} kept");
     }
     assert!(!requests.exists(&ns.key("idem:order-1")).await, "the purged request's idempotency key goes");
     assert!(requests.exists(&ns.key("idem:order-2")).await, "a key pointing to another request stays");
-    assert_eq!(requests.indexed().await, HashSet::from([recent.clone()]), "the retried one left the index");
+    assert_eq!(
+        requests.indexed().await,
+        HashSet::from([recent.clone()]),
+        "the retried and dead ones left the index"
+    );
+}
+
+#[tokio::test]
+async fn dead_requests_have_a_retention_of_their_own() {
+    let ns = RedisNamespace::new();
+    let requests = Requests::new(&ns).await;
+    let now = now_ms();
+    let long_dead = requests.finished(RequestState::Dead, None, now - 3 * HOUR_MS).await;
+    let dead = requests.finished(RequestState::Dead, None, now - 2 * HOUR_MS).await;
+    let app = trimmer(&ns, &["--request-retention=1h", "--dead-retention=150m"]).await;
+    let report = trim_once(&app.deps(), now).await.unwrap();
+    assert_eq!(report.records_purged, 1, "{report:?}");
+    assert!(!requests.record_exists(&long_dead).await);
+    assert!(requests.record_exists(&dead).await);
+    // Re-scored to when it is due: half an hour from now, with the request retention's cutoff.
+    let later = now + 31 * 60_000;
+    assert_eq!(trim_once(&app.deps(), later).await.unwrap().records_purged, 1);
+    assert!(!requests.record_exists(&dead).await);
 }
 
 #[tokio::test]

@@ -113,8 +113,11 @@ async fn streams_without_groups_are_trimmed_by_age_and_approximately() {
     }
     let _: () = redis::cmd("SADD").arg(&registry).arg(&replies).query_async(&mut conn).await.unwrap();
     // A long stream trimmed approximately: Redis drops whole nodes only, never below the target.
+    let events = ns.key("events");
+    add(&mut conn, &registry, &events, 1_000).await;
+    // Dead letters are kept until retried or deleted (CAIRN_DEAD_RETENTION=forever).
     let dead = ns.key("dead");
-    add(&mut conn, &registry, &dead, 1_000).await;
+    add(&mut conn, &registry, &dead, 100).await;
 
     let app = trimmer(&ns, &["--policy=replies:*=maxage:1h,exact", "--default-policy=maxlen:10"]).await;
     let report = trim_once(&app.deps(), now).await.unwrap();
@@ -122,10 +125,11 @@ async fn streams_without_groups_are_trimmed_by_age_and_approximately() {
     assert_eq!(stream.outcome.trimmed, 3, "{stream:?}");
     assert_eq!(stream.outcome.safe, None, "no groups: nothing holds trimming back");
     assert_eq!(ids(&mut conn, &replies).await.len(), 2);
-    let dead = report.stream("dead").unwrap();
-    assert!(!dead.policy.exact);
-    assert!(dead.outcome.trimmed > 0 && dead.outcome.length >= 10, "{dead:?}");
-    assert_eq!(dead.outcome.length + dead.outcome.trimmed, 1_000);
+    let events = report.stream("events").unwrap();
+    assert!(!events.policy.exact);
+    assert!(events.outcome.trimmed > 0 && events.outcome.length >= 10, "{events:?}");
+    assert_eq!(events.outcome.length + events.outcome.trimmed, 1_000);
+    assert_eq!(ids(&mut conn, &dead).await.len(), 100, "the dead-letter stream is kept whole");
 }
 
 #[tokio::test]

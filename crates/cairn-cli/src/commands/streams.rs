@@ -12,7 +12,11 @@ pub async fn streams(redis: &RedisConfig, out: Output) -> anyhow::Result<()> {
     let conn = redis.manager().context("invalid CAIRN_REDIS_URL")?;
     let streams = Streams::new(conn, redis.prefix.clone());
     let keys = streams.registered().await.with_context(|| {
-        format!("cannot read the stream registry {} at {}", streams.registry(), redis.url)
+        format!(
+            "cannot read the stream registry {} at {}",
+            streams.registry(),
+            cairn_runtime::redact_url(&redis.url)
+        )
     })?;
     let mut found = Vec::with_capacity(keys.len());
     for key in &keys {

@@ -17,7 +17,13 @@
 -- _s packs, after a kind byte, little-endian doubles (NaN: absent) and then the status as its
 -- JSON text (empty: none):
 --   'l' (a leaf):   update_time, progress, weight, ETA rate anchor time and progress, rate
---   'p' (a parent): update_time, Σw, Σw·p over the direct children, then the leaf's other five
+--   'P' (a parent): update_time, Σw, Σw·p over the direct children, then the leaf's other five,
+--                   then the low parts of Σw and Σw·p (below); 'p' is the same without them
+--                   (written by earlier versions; read with low parts of zero)
+-- A parent's sums are kept compensated (a high and a low double, TwoSum): a child's weight can be
+-- as large as 1e12 and as small as 1e-9, and without the low part adding and then removing a heavy
+-- child would leave its rounding error in the sum for good (1e12 + 0.1 - 1e12 gives 0.10009765625).
+-- With it, what remains is exact to about 1e-20 of the largest weight ever added.
 -- A node exists exactly when it has _s. It is the one field the maths reads (HGET: a third of
 -- the cost of reading six text fields, and no decimal parsing) and the one every write sets: a
 -- node's update time and progress live only here (the read path decodes them), so a leaf's
@@ -102,18 +108,24 @@ end
 local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = true }
 
 -- Slots of a node table (see `load`).
-local NK, EXISTS, CREATED, UT, SW, SWP, PR, W, RT, RP, RATE, STATUS, ETA, OP, OPD, LM, CF, COUNTS =
-  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
+local NK, EXISTS, CREATED, UT, SW, SWP, PR, W, RT, RP, RATE, STATUS, ETA, OP, OPD, LM, CF, COUNTS, SWL, SWPL =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20
 
-local LEAF, PARENT = 108, 112 -- 'l', 'p'
-local LEAF_FORMAT, PARENT_FORMAT = '<Bdddddd', '<Bdddddddd'
+local LEAF, PARENT, OLD_PARENT = 108, 80, 112 -- 'l', 'P', 'p'
+local LEAF_FORMAT, PARENT_FORMAT, OLD_PARENT_FORMAT = '<Bdddddd', '<Bdddddddddd', '<Bdddddddd'
 local NAN = 0 / 0
 
--- The state in _s: ut, sw, swp (false for a leaf), p, w, rt, rp, rate, status (false: absent).
+-- The state in _s: ut, sw, swp (false for a leaf), p, w, rt, rp, rate, status (false: absent),
+-- swl, swpl (the sums' low parts; false for a leaf).
 local function decode(s)
   local kind, ut, sw, swp, p, w, rt, rp, rate, at
-  if string.byte(s, 1) == PARENT then
-    kind, ut, sw, swp, p, w, rt, rp, rate, at = struct.unpack(PARENT_FORMAT, s)
+  local swl, swpl = false, false
+  local k = string.byte(s, 1)
+  if k == PARENT then
+    kind, ut, sw, swp, p, w, rt, rp, rate, swl, swpl, at = struct.unpack(PARENT_FORMAT, s)
+  elseif k == OLD_PARENT then
+    kind, ut, sw, swp, p, w, rt, rp, rate, at = struct.unpack(OLD_PARENT_FORMAT, s)
+    swl, swpl = 0, 0
   else
     sw, swp = false, false
     kind, ut, p, w, rt, rp, rate, at = struct.unpack(LEAF_FORMAT, s)
@@ -123,14 +135,14 @@ local function decode(s)
   if p ~= p then p = false end
   if rt ~= rt then rt = false; rp = false end -- the anchor's two parts come together
   if rate ~= rate then rate = false end
-  return ut, sw, swp, p, w, rt, rp, rate, status
+  return ut, sw, swp, p, w, rt, rp, rate, status, swl, swpl
 end
 
 local function encode(n)
   local s
   if n[SW] then
     s = struct.pack(PARENT_FORMAT, PARENT, n[UT], n[SW], n[SWP], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN,
-      n[RATE] or NAN)
+      n[RATE] or NAN, n[SWL], n[SWPL])
   else
     s = struct.pack(LEAF_FORMAT, LEAF, n[UT], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN, n[RATE] or NAN)
   end
@@ -160,12 +172,12 @@ local function load(k)
   local nk = nkey(k)
   local s = redis.call('HGET', nk, '_s')
   if s then
-    local ut, sw, swp, p, w, rt, rp, rate, status = decode(s)
+    local ut, sw, swp, p, w, rt, rp, rate, status, swl, swpl = decode(s)
     n = { nk, true, false, ut, sw, swp, p, w, rt, rp, rate, status, false, sw and UNREAD or false, false, false,
-      false, false }
+      false, false, swl, swpl }
   else
     n = { nk, false, false, false, false, false, false, 1, false, false, false, false, false, false, false, false,
-      false, false }
+      false, false, false, false }
   end
   cache[k] = n
   return n
@@ -194,6 +206,25 @@ local ROOTS_PER_ZADD = 500
 
 -- Argument buffers shared by every flush (entries past the count in use are stale).
 local HSET_ARGS, HDEL_ARGS, ZADD_ARGS = {}, {}, {}
+
+-- Most arguments one HSET gets: unpack() cannot pass more than about 8000 values from Lua, and a
+-- batch may touch one node thousands of times, each time with a few fields.
+local HSET_MAX_ARGS = 1000
+
+-- The client fields of a node as name/value pairs, each name once with its last value (the list
+-- holds every write of the call in order; it is only deduplicated when long, where it matters).
+local function distinct_fields(cf)
+  if #cf <= 2 * 64 then return cf end
+  local seen, out = {}, {}
+  for j = #cf - 1, 1, -2 do
+    local name = cf[j]
+    if not seen[name] then
+      seen[name] = true
+      out[#out + 1] = name; out[#out + 1] = cf[j + 1]
+    end
+  end
+  return out
+end
 
 -- The change feed (see the key layout). Written by `flush` and the deletes in the same call as
 -- the change itself, so a reader of a feed never sees a state the feed does not name.
@@ -264,13 +295,19 @@ local function flush()
     end
     if n[OPD] then a[na + 1] = '_op'; a[na + 2] = n[OP]; na = na + 2 end
     if n[LM] then a[na + 1] = '_lm'; a[na + 2] = n[LM]; na = na + 2 end
+    local nk = n[NK]
     local cf = n[CF]
     if cf then
-      for j = 1, #cf do a[na + j] = cf[j] end
-      na = na + #cf
+      cf = distinct_fields(cf)
+      for j = 1, #cf do
+        a[na + 1] = cf[j]; na = na + 1
+        if na == HSET_MAX_ARGS then
+          redis.call('HSET', nk, unpack(a, 1, na))
+          na = 0
+        end
+      end
     end
-    local nk = n[NK]
-    redis.call('HSET', nk, unpack(a, 1, na))
+    if na > 0 then redis.call('HSET', nk, unpack(a, 1, na)) end
     if nd > 0 then redis.call('HDEL', nk, unpack(d, 1, nd)) end
     if n[COUNTS] then
       for status, delta in pairs(n[COUNTS]) do
@@ -319,39 +356,60 @@ local function update_eta(n, t, p, status)
   n[ETA] = math.floor(t + (1 - p) / rate)
 end
 
+-- hi + lo + x as a new (hi, lo): TwoSum keeps the rounding error of the addition in lo.
+local function acc(hi, lo, x)
+  if x == 0 then return hi, lo end
+  local s = hi + x
+  local bb = s - hi
+  return s, lo + ((hi - (s - bb)) + (x - bb))
+end
+
+-- The same value with as much of it as possible in hi.
+local function renormalize(hi, lo)
+  local s = hi + lo
+  return s, lo - (s - hi)
+end
+
 -- Carries one child's change into its ancestors, one level at a time: O(depth), never O(children).
 --   child: key whose contribution changed; created: the child did not exist before;
 --   removed: the child was just deleted (it leaves the parent's child index);
---   dw, dwp: change of the child's weight and weight·progress (for a new child, its full values);
+--   w_add, w_sub, wp_add, wp_sub: the child's weight and weight·progress as now counted, and as
+--     counted before (zero for a new child): added and taken away as separate terms, so that the
+--     very value once added is the one later taken away, and the compensated sums stay exact;
 --   s_from, s_to: its status before and after (JSON text or false); lm: message to bubble or false.
 -- Records the root of the tree in `roots`.
-local function propagate(child, created, removed, child_start, dw, dwp, s_from, s_to, lm, t)
+local function propagate(child, created, removed, child_start, w_add, w_sub, wp_add, wp_sub, s_from, s_to, lm, t)
   local parent = parent_of(child)
   while parent do
     local n = load(parent)
     local p_created = not n[EXISTS]
     n[UT] = t
     if p_created then n[EXISTS] = true; n[CREATED] = t end
-    local sw, swp = n[SW], n[SWP]
+    local sw, swp, swl, swpl = n[SW], n[SWP], n[SWL], n[SWPL]
     if not sw then
       -- becoming a parent: remember the progress posted on it, which roll-ups now overwrite
-      sw = 0; swp = 0
+      sw = 0; swp = 0; swl = 0; swpl = 0
       if n[PR] then n[OP] = num(n[PR]); n[OPD] = true end
     end
-    sw = sw + dw
-    swp = swp + dwp
+    sw, swl = acc(sw, swl, w_add); sw, swl = acc(sw, swl, -w_sub); sw, swl = renormalize(sw, swl)
+    swp, swpl = acc(swp, swpl, wp_add); swp, swpl = acc(swp, swpl, -wp_sub); swp, swpl = renormalize(swp, swpl)
     if created then
       redis.call('ZADD', ckey(parent), num(child_start), child)
     elseif removed then
       redis.call('ZREM', ckey(parent), child)
-      -- no children left: the sums are exactly zero, whatever rounding accumulated
-      if redis.call('ZCARD', ckey(parent)) == 0 then sw = 0; swp = 0 end
+      if redis.call('ZCARD', ckey(parent)) == 0 then
+        -- no children left: the sums are exactly zero, and the node keeps the progress it last
+        -- had (it becomes what was posted on it)
+        sw = 0; swp = 0; swl = 0; swpl = 0
+        if n[PR] then n[OP] = num(n[PR]); n[OPD] = true end
+      end
     end
     if s_from ~= s_to then
       if s_from then count(n, s_from, -1) end
       if s_to then count(n, s_to, 1) end
     end
-    n[SW] = sw; n[SWP] = swp
+    n[SW] = sw; n[SWP] = swp; n[SWL] = swl; n[SWPL] = swpl
+    sw = sw + swl; swp = swp + swpl
     local had = n[PR]
     local pp_old = had or 0
     -- Σw > 0: the weighted mean. Otherwise the progress posted on the node itself, or none, so
@@ -372,9 +430,9 @@ local function propagate(child, created, removed, child_start, dw, dwp, s_from, 
     if lm then n[LM] = lm end
     local pw = n[W]
     if p_created then
-      dw = pw; dwp = pw * pp_new
+      w_add = pw; w_sub = 0; wp_add = pw * pp_new; wp_sub = 0
     else
-      dw = 0; dwp = pw * pp_new - pw * pp_old
+      w_add = 0; w_sub = 0; wp_add = pw * pp_new; wp_sub = pw * pp_old
     end
     created = p_created
     removed = false
@@ -422,9 +480,9 @@ local function apply_update(k, t, args, i, nf)
   if lm then n[LM] = lm end
   if p_set or s_new ~= s_old then update_eta(n, t, p_new, s_new) end
   if created then
-    propagate(k, true, false, t, w_new, w_new * p_new, false, s_new, lm, t)
+    propagate(k, true, false, t, w_new, 0, w_new * p_new, 0, false, s_new, lm, t)
   else
-    propagate(k, false, false, t, w_new - w_old, w_new * p_new - w_old * p_old, s_old, s_new, lm, t)
+    propagate(k, false, false, t, w_new, w_old, w_new * p_new, w_old * p_old, s_old, s_new, lm, t)
   end
 end
 

@@ -16,7 +16,7 @@ end
 p = p or 0
 FEED_DELETED[root_of(k)] = { k }
 if parent_of(k) then
-  propagate(k, false, true, t, -w, -w * p, status, false, false, t)
+  propagate(k, false, true, t, 0, w, 0, w * p, status, false, false, t)
   flush()
 else
   redis.call('ZREM', P .. ':proots', k)

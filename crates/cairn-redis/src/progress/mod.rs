@@ -35,7 +35,11 @@ pub const MAX_LIMIT: u32 = 1000;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis is unavailable: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(redis::RedisError),
+    /// Redis ran the call and refused it (a script error): the same call fails again, so it must
+    /// not be retried forever.
+    #[error("redis refused the call: {0}")]
+    Rejected(redis::RedisError),
     #[error("\"after\" = {after:?} is not a child of {key:?}")]
     BadCursor { key: String, after: String },
     #[error("depth must be between 1 and {MAX_DEPTH}, got {0}")]
@@ -50,6 +54,12 @@ impl StoreError {
     /// Whether trying again later may succeed (Redis away) rather than the request being wrong.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Redis(_))
+    }
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(error: redis::RedisError) -> Self {
+        if crate::is_refusal(&error) { StoreError::Rejected(error) } else { StoreError::Redis(error) }
     }
 }
 
@@ -183,9 +193,10 @@ impl ProgressStore {
     }
 }
 
-/// The hash field holding a node's state (common.lua): a kind byte, `l` (leaf) or `p`
-/// (parent), then little-endian doubles (NaN: absent): the update time, a parent's Σw and Σw·p,
-/// the progress, then what only the maths reads; then the status.
+/// The hash field holding a node's state (common.lua): a kind byte, `l` (leaf) or `P` (parent;
+/// `p` from earlier versions), then little-endian doubles (NaN: absent): the update time, a
+/// parent's Σw and Σw·p, the progress, then what only the maths reads (for `P`, ending with the
+/// low parts of the compensated sums); then the status.
 const STATE_FIELD: &str = "_s";
 
 /// What the read path and checks take from a node's state field.
@@ -202,6 +213,8 @@ fn decode_state(bytes: &[u8]) -> Option<State> {
     let double = |i: usize| Some(f64::from_le_bytes(bytes.get(1 + 8 * i..9 + 8 * i)?.try_into().ok()?));
     let (sums, progress) = match bytes.first()? {
         b'l' => ((0.0, 0.0), double(1)?),
+        // sums kept compensated: the high part, then (after the ETA's rate) the low part
+        b'P' => ((double(1)? + double(8)?, double(2)? + double(9)?), double(3)?),
         b'p' => ((double(1)?, double(2)?), double(3)?),
         _ => return None,
     };
@@ -332,6 +345,9 @@ mod tests {
         let expected = State { update_time: 1_796_000_000_123, progress: Some(0.5), sums: (2.5, 1.25) };
         assert_eq!(decode_state(&parent), Some(expected));
         assert_eq!(decode_state(&parent[..24]), None, "too short for the progress");
+        let compensated = state(b'P', &[7.0, 1e12, 5e11, 0.5, 1.0, nan, nan, nan, 0.25, -0.5], "");
+        let expected = State { update_time: 7, progress: Some(0.5), sums: (1e12 + 0.25, 5e11 - 0.5) };
+        assert_eq!(decode_state(&compensated), Some(expected));
         let leaf = state(b'l', &[7.0, nan, 1.0, nan, nan, nan], "\"running\"");
         assert_eq!(decode_state(&leaf), Some(State { update_time: 7, progress: None, sums: (0.0, 0.0) }));
         assert_eq!(decode_state(&state(b'x', &[1.0, 1.0], "")), None, "unknown kind");

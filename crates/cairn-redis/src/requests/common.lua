@@ -6,7 +6,7 @@
 --   P:dead            dead-letter stream
 --   <reply_to>        the submitting ingress replica's reply stream (named in the record)
 --   P:req:finished    zset of finished request ids scored by finished_ms (the trimmer purges
---                     from it, SPEC §4)
+--                     from it)
 --   P:streams         registry of every stream Cairn creates (the trimmer finds them here)
 local STREAM, GROUP
 local function rkey(id) return P .. ':req:' .. id end
@@ -26,8 +26,47 @@ local TERMINAL_STATES = { succeeded = true, canceled = true, dead = true }
 -- A batch of outcomes mostly answers one replica: its stream's expiry and registration are
 -- refreshed once per script call.
 local REFRESHED = {}
+
+-- The status a terminal state shows on the request's progress node (cairn_requests'
+-- RequestState::progress_status).
+local NODE_STATUS = { succeeded = '"finished"', canceled = '"canceled"', dead = '"failed"' }
+local MAX_NODE_MSG = 1024
+
+-- Writes a terminal state to the request's own progress node in the step that stores it, so
+-- the node ends as the record does whatever happens to the processor's AMQP reports (a lost
+-- commit reply, RabbitMQ away, the processor killed). The processor's report of the same state
+-- arrives later and changes nothing.
+local function show_terminal(id, state, now)
+  local v = redis.call('HMGET', rkey(id), 'progress_key', 'attempts', 'handler', 'error')
+  local key = v[1]
+  if not key or key == '' then return end
+  local args = { 'status', NODE_STATUS[state], 'state', cjson.encode(state) }
+  if v[2] then args[#args + 1] = 'attempts'; args[#args + 1] = v[2] end
+  if v[3] then args[#args + 1] = 'handler'; args[#args + 1] = cjson.encode(v[3]) end
+  if state == 'succeeded' then
+    args[#args + 1] = 'progress'; args[#args + 1] = '1'
+  elseif v[4] and v[4] ~= '' then
+    local msg = v[4]
+    if #msg > MAX_NODE_MSG then
+      local cut = MAX_NODE_MSG
+      -- never split a UTF-8 sequence: back off over continuation bytes
+      while cut > 0 and string.byte(msg, cut + 1) and string.byte(msg, cut + 1) >= 128
+        and string.byte(msg, cut + 1) < 192 do
+        cut = cut - 1
+      end
+      msg = string.sub(msg, 1, cut) .. '…'
+    end
+    args[#args + 1] = 'msg'; args[#args + 1] = cjson.encode(msg)
+  end
+  apply_update(key, now, args, 1, #args / 2)
+  flush()
+end
+
 local function reply(id, state, now)
-  if TERMINAL_STATES[state] then redis.call('ZADD', P .. ':req:finished', now, id) end
+  if TERMINAL_STATES[state] then
+    redis.call('ZADD', P .. ':req:finished', now, id)
+    show_terminal(id, state, now)
+  end
   local to = redis.call('HGET', rkey(id), 'reply_to')
   if to and to ~= '' then
     redis.call('XADD', to, 'MAXLEN', '~', 10000, '*', 'id', id, 'state', state, 'time', now)

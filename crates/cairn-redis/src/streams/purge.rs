@@ -47,13 +47,20 @@ impl Purger {
         format!("{}:proots", self.prefix)
     }
 
-    /// Deletes up to `limit` request records in a terminal state (succeeded, canceled, dead)
-    /// that finished at or before `cutoff_ms`, with their idempotency keys.
-    pub async fn purge_requests(&self, cutoff_ms: i64, limit: usize) -> Result<RequestPurge, StreamError> {
+    /// Deletes up to `limit` request records in a terminal state (succeeded, canceled) that
+    /// finished at or before `cutoff_ms`, and dead ones that died at or before `dead_cutoff_ms`
+    /// (`None`: dead ones are kept until retried or deleted), with their idempotency keys.
+    pub async fn purge_requests(
+        &self,
+        cutoff_ms: i64,
+        dead_cutoff_ms: Option<i64>,
+        limit: usize,
+    ) -> Result<RequestPurge, StreamError> {
         let (purged, examined): (u64, u64) = PURGE_REQUESTS
             .arg(&self.prefix)
             .arg(cutoff_ms)
             .arg(limit)
+            .arg(dead_cutoff_ms.map_or(-1, |cutoff| cutoff.max(0)))
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(RequestPurge { purged, examined })

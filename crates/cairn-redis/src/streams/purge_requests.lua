@@ -5,8 +5,11 @@
 -- The record itself decides: one that is no longer terminal (a dead request retried) leaves the
 -- index and rejoins it when it ends again; one that finished later than its score is re-scored.
 -- The idempotency key goes with the record only while it still points to it.
+-- Dead requests have their own retention (ARGV[4]: their cutoff, or -1 to keep them until
+-- retried or deleted): one kept for good leaves the index (it rejoins if retried and finished
+-- again); one kept for longer is re-scored to when it becomes due.
 -- Returns {purged, examined}.
-local P, cutoff, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local P, cutoff, limit, dead_cutoff = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local TERMINAL = { succeeded = true, canceled = true, dead = true }
 local index = P .. ':req:finished'
 local ids = redis.call('ZRANGEBYSCORE', index, '-inf', cutoff, 'LIMIT', 0, limit)
@@ -19,6 +22,10 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', index, id)
   elseif finished and finished > cutoff then
     redis.call('ZADD', index, finished, id)
+  elseif v[1] == 'dead' and dead_cutoff < 0 then
+    redis.call('ZREM', index, id)
+  elseif v[1] == 'dead' and finished and finished > dead_cutoff then
+    redis.call('ZADD', index, finished + (cutoff - dead_cutoff), id)
   else
     redis.call('DEL', k)
     if v[3] and v[3] ~= '' then

@@ -188,6 +188,13 @@ impl Stack {
     /// tests do not wait long), and waits until it is ready.
     pub async fn start_processor(&mut self, handlers: HandlerSet) {
         let vhost = self.vhost.as_ref().expect("a stack with a vhost (Stack::with)");
+        let amqp = vhost.url.clone();
+        self.start_processor_on(handlers, &amqp).await;
+    }
+
+    /// [`Stack::start_processor`], reporting progress to the broker at `amqp_url` (which need
+    /// not answer).
+    pub async fn start_processor_on(&mut self, handlers: HandlerSet, amqp_url: &str) {
         let config = request_processor::Config::try_parse_from([
             "request-processor",
             "--redis-url",
@@ -195,7 +202,7 @@ impl Stack {
             "--key-prefix",
             &self.ns.prefix,
             "--amqp-url",
-            &vhost.url,
+            amqp_url,
             "--admin-addr",
             "127.0.0.1:0",
             "--heartbeat-interval",

@@ -135,6 +135,15 @@ impl CommandHandler {
         let args = self.render_args(ctx)?;
         let payload = ctx.payload.to_string();
         let mut command = tokio::process::Command::new(&self.program);
+        // Nothing of the processor's own environment reaches the program but what a program needs
+        // to run (a variable such as CAIRN_REDIS_URL may hold a password): the allowlist, then the
+        // handler's configured `env`, then Cairn's variables.
+        command.env_clear();
+        for (name, value) in std::env::vars_os() {
+            if name.to_str().is_some_and(inherited) {
+                command.env(name, value);
+            }
+        }
         command
             .args(&args)
             .envs(&self.env)
@@ -429,6 +438,13 @@ fn kill_command(target: &str, shell: bool) -> std::process::Command {
     command
 }
 
+/// The processor's variables a `command` program inherits: where programs and the home folder
+/// are, the locale, the time zone and the temporary folder; nothing that could hold a secret.
+fn inherited(name: &str) -> bool {
+    matches!(name, "PATH" | "HOME" | "USER" | "LOGNAME" | "SHELL" | "LANG" | "LANGUAGE" | "TZ" | "TMPDIR")
+        || name.starts_with("LC_")
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -491,6 +507,20 @@ mod tests {
                 "stdin": payload,
             })
         );
+    }
+
+    /// The program sees PATH and Cairn's variables, never the processor's own (cargo runs this
+    /// test with CARGO_* variables set; a deployed processor has CAIRN_REDIS_URL and the like).
+    #[tokio::test]
+    async fn the_program_inherits_nothing_that_could_hold_a_secret() {
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some(), "cargo sets it for tests");
+        let handler = CommandHandler::new("/usr/bin/env", vec![]).unwrap();
+        let Ok(Value::String(env)) = handler.handle(&test_context(json!({}))).await else {
+            panic!("env prints text")
+        };
+        let names: Vec<&str> = env.lines().filter_map(|line| line.split_once('=').map(|(n, _)| n)).collect();
+        assert!(names.contains(&"PATH") && names.contains(&"CAIRN_REQUEST_ID"), "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with("CARGO")), "{names:?}");
     }
 
     #[tokio::test]
