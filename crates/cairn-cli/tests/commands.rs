@@ -100,6 +100,15 @@ async fn request_commands_match_rest() {
     let filtered =
         stack.cairn(&["requests", "--state", "succeeded", "--limit", "1", "--json"]).await.expect(0).json();
     assert_eq!(filtered, stack.get("/v1/requests?limit=1&state=succeeded").await);
+    // paging: `next` of one page is `--after` of the following one
+    let first = stack.cairn(&["requests", "--limit", "1", "--json"]).await.expect(0).json();
+    let next = first["next"].as_str().expect("a next page").to_owned();
+    let second =
+        stack.cairn(&["requests", "--limit", "1", "--after", &next, "--json"]).await.expect(0).json();
+    assert_eq!(second, stack.get(&format!("/v1/requests?limit=1&after={next}")).await);
+    assert_eq!(second["items"][0]["id"].as_str(), Some(ids[1]), "{second}");
+    let text = stack.cairn(&["requests", "--limit", "1"]).await.expect(0).stdout;
+    assert!(text.trim_end().ends_with(&format!("more: cairn requests --limit 1 --after {next}")), "{text}");
     let table = stack.cairn(&["requests"]).await.expect(0).stdout;
     assert!(table.starts_with("ID ") && table.lines().count() == 4, "{table}");
     assert!(table.contains(&id), "{table}");

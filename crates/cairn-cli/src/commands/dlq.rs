@@ -37,7 +37,7 @@ pub async fn run(client: &Client, out: Output, command: Dlq) -> Result<Exit, Cli
             } else {
                 out.text(&output::table(&["ID", "DIED", "ERROR"], &rows));
             }
-            print_next(out, &page, "cairn dlq list");
+            print_next(out, &page, &format!("cairn dlq list --limit {limit}"));
             Ok(Exit::Success)
         }
         Dlq::Show(id) => {

@@ -167,8 +167,8 @@ pub async fn list(client: &Client, out: Output, args: RequestList) -> Result<Exi
     if let Some(handler) = args.handler {
         query.push(("handler", handler));
     }
-    if let Some(after) = args.after {
-        query.push(("after", after));
+    if let Some(after) = &args.after {
+        query.push(("after", after.clone()));
     }
     let page = match client.get(&["v1", "requests"], &query).await {
         Err(CliError::Api { status: 404 | 405, .. }) => {
@@ -206,7 +206,13 @@ pub async fn list(client: &Client, out: Output, args: RequestList) -> Result<Exi
     } else {
         out.text(&output::table(&["ID", "HANDLER", "STATE", "ATTEMPTS", "CREATED", "TOOK"], &rows));
     }
-    print_next(out, &page, "cairn requests");
+    // The same filters and page size, from where this page ended.
+    let again: Vec<String> = query
+        .iter()
+        .filter(|(name, _)| *name != "after")
+        .map(|(name, value)| format!("--{name} {value}"))
+        .collect();
+    print_next(out, &page, &format!("cairn requests {}", again.join(" ")));
     Ok(Exit::Success)
 }
 
