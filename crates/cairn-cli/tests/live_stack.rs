@@ -118,3 +118,34 @@ async fn submit_wait_in_a_terminal_shows_the_request_live_then_its_result() {
     assert!(screen.contains("\"steps_done\": 3"), "{screen}");
     assert!(screen.matches("100%").count() >= 4, "the request and its three steps: {screen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_across_an_ingress_restart() {
+    let mut stack = Stack::start().await;
+    stack.post("_wr.job.a", json!({"progress": 0.2, "status": "running"})).await;
+    let mut child = common::command(&stack.base).args(["watch", "_wr.job", "--json"]).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    line_until(&mut lines, "the snapshot", |e| e["type"] == "snapshot").await;
+    stack.post("_wr.job.a", json!({"progress": 0.4})).await;
+    line_until(&mut lines, "0.4", |e| node(e, "_wr.job.a").is_some_and(|n| n["progress"] == 0.4)).await;
+
+    // The ingress goes away (its live streams end) and comes back on the same address.
+    stack.restart_ingress().await;
+    stack.post("_wr.job.a", json!({"progress": 0.9})).await;
+    stack.post("_wr.job", json!({"status": "finished"})).await;
+    let mut events = Vec::new();
+    while let Some(line) = tokio::time::timeout(common::WAIT, lines.next_line()).await.unwrap().unwrap() {
+        events.push(serde_json::from_str::<Value>(&line).unwrap());
+    }
+    // Resumed after the last event seen: no second snapshot, and every later change arrives.
+    assert!(events.iter().all(|e| e["type"] == "update"), "{events:#?}");
+    assert!(events.iter().any(|e| node(e, "_wr.job.a").is_some_and(|n| n["progress"] == 0.9)), "{events:#?}");
+    assert!(
+        node(events.last().unwrap(), "_wr.job").is_some_and(|n| n["status"] == "finished"),
+        "{events:#?}"
+    );
+    let output = tokio::time::timeout(common::WAIT, child.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("reconnecting"), "the drop was noticed: {stderr}");
+}

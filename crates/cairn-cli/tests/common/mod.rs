@@ -28,6 +28,9 @@ pub struct Stack {
     pub base: String,
     http: reqwest::Client,
     cancel: CancellationToken,
+    /// Stops the ingress alone (see [`Stack::restart_ingress`]).
+    ingress_stop: CancellationToken,
+    ingress_args: Vec<String>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     ns: RedisNamespace,
     _vhost: AmqpVhost,
@@ -112,28 +115,35 @@ impl Stack {
         tasks.push(tokio::spawn(processor.run(cancel.clone())));
 
         let handlers = handlers_file();
-        let config = ingress::Config::try_parse_from([
-            "ingress",
-            "--addr",
-            "127.0.0.1:0",
-            "--aggregator-url",
-            &aggregator_url,
-            "--grace",
-            "5s",
-            "--redis-url",
-            &ns.url,
-            "--key-prefix",
-            &ns.prefix,
-            "--handlers",
-            &handlers.path().to_string_lossy(),
-        ])
-        .expect("valid ingress config");
-        let ingress = ingress::App::build(config).await.expect("ingress builds");
-        let base = format!("http://{}", ingress.local_addr());
-        tasks.push(tokio::spawn(ingress.run(cancel.clone())));
+        let ingress_args = vec![
+            "ingress".to_owned(),
+            "--aggregator-url".to_owned(),
+            aggregator_url,
+            "--grace".to_owned(),
+            "5s".to_owned(),
+            "--redis-url".to_owned(),
+            ns.url.clone(),
+            "--key-prefix".to_owned(),
+            ns.prefix.clone(),
+            "--handlers".to_owned(),
+            handlers.path().to_string_lossy().into_owned(),
+        ];
+        let ingress_stop = cancel.child_token();
+        let (base, ingress) = start_ingress(&ingress_args, "127.0.0.1:0", ingress_stop.clone()).await;
+        tasks.push(ingress);
 
         let http = reqwest::Client::builder().timeout(WAIT).build().expect("http client");
-        let stack = Stack { base, http, cancel, tasks, ns, _vhost: vhost, _handlers: handlers };
+        let stack = Stack {
+            base,
+            http,
+            cancel,
+            ingress_stop,
+            ingress_args,
+            tasks,
+            ns,
+            _vhost: vhost,
+            _handlers: handlers,
+        };
         for ready in [format!("{}/readyz", stack.base), processor_ready] {
             wait_until(&ready, WAIT, || async {
                 stack.http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
@@ -142,6 +152,28 @@ impl Stack {
             .expect("stack becomes ready");
         }
         stack
+    }
+
+    /// Stops the ingress (ending its live streams, as a deploy would) and starts a new one on
+    /// the same address; returns once it is ready.
+    pub async fn restart_ingress(&mut self) {
+        self.ingress_stop.cancel();
+        let old = self.tasks.pop().expect("the ingress task is the last one");
+        tokio::time::timeout(WAIT, old)
+            .await
+            .expect("ingress stops")
+            .expect("ingress task")
+            .expect("ingress run");
+        self.ingress_stop = self.cancel.child_token();
+        let addr = self.base.trim_start_matches("http://").to_owned();
+        let (_, ingress) = start_ingress(&self.ingress_args, &addr, self.ingress_stop.clone()).await;
+        self.tasks.push(ingress);
+        let ready = format!("{}/readyz", self.base);
+        wait_until(&ready, WAIT, || async {
+            self.http.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await
+        .expect("the new ingress becomes ready");
     }
 
     /// The stack's Redis URL and key prefix (for `cairn streams`).
@@ -186,6 +218,20 @@ impl Drop for Stack {
             task.abort();
         }
     }
+}
+
+/// An ingress with `args` listening on `addr`, running until `stop` fires: its base URL and task.
+async fn start_ingress(
+    args: &[String],
+    addr: &str,
+    stop: CancellationToken,
+) -> (String, JoinHandle<anyhow::Result<()>>) {
+    let mut argv = args.to_vec();
+    argv.extend(["--addr".to_owned(), addr.to_owned()]);
+    let config = ingress::Config::try_parse_from(argv).expect("valid ingress config");
+    let ingress = ingress::App::build(config).await.expect("ingress builds");
+    let base = format!("http://{}", ingress.local_addr());
+    (base, tokio::spawn(ingress.run(stop)))
 }
 
 /// A handlers file naming what the processor runs, so ingress accepts `steps` too (one per
