@@ -39,6 +39,21 @@ async fn progress_commands_match_rest() {
     assert!(lines[2].contains("└ b") && lines[2].contains("100%  finished"), "{text}");
     assert!(!text.contains('\x1b'), "no colours when stdout is not a terminal: {text:?}");
 
+    // a node silent past its stall_after_ms is marked; children beyond the depth are counted
+    stack.post("_cli.job.c", json!({"status": "running", "progress": 0.1, "stall_after_ms": 1})).await;
+    cairn_testkit::wait_until("c stalls", common::WAIT, || async {
+        stack.get("/status/_cli.job.c").await["_stalled"] == true
+    })
+    .await
+    .unwrap();
+    let text = stack.cairn(&["status", key]).await.expect(0).stdout;
+    let c = text.lines().find(|l| l.contains("└ c")).unwrap_or_else(|| panic!("{text}"));
+    assert!(c.contains(" 10%  running  ⚠ stalled "), "{text}");
+    let text = stack.cairn(&["status", key, "--depth", "1"]).await.expect(0).stdout;
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("(+3 more)"), "{text}");
+    stack.cairn(&["delete", "_cli.job.c"]).await.expect(0);
+
     // post with the update from stdin-less @file
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("update.json");
