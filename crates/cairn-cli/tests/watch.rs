@@ -210,3 +210,22 @@ async fn watch_json_ends_when_its_reader_goes() {
     let status = tokio::time::timeout(common::WAIT, child.wait()).await.expect("the watch ends").unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_taller_than_the_terminal_shows_what_fits_and_counts_the_rest() {
+    let live = ScriptedLive::start().await;
+    let command =
+        format!("CAIRN_URL={} {} watch _w.big", quote(&live.base), quote(env!("CARGO_BIN_EXE_cairn")));
+    let tmux = Tmux::start(&command, 100, 12);
+    let mut root = node("_w.big", 1, 0.0, "running");
+    root["tasks"] =
+        Value::Array((0..30).map(|i| node(&format!("_w.big.n{i:02}"), 2 + i, 0.0, "waiting")).collect());
+    live.event("snapshot", "1-0", root);
+    // 12 rows: 10 bars, the count of the rest, and the cursor's row
+    let screen = tmux.wait_for("the footer", |s| s.contains("… and 21 more nodes")).await;
+    let bars = screen.lines().filter(|l| l.contains('%')).count();
+    assert_eq!(bars, 10, "{screen}");
+    assert!(screen.contains("└ n00") && screen.contains("└ n08") && !screen.contains("└ n09"), "{screen}");
+    live.event("update", "2-0", json!([node("_w.big", 1, 1.0, "finished")]));
+    tmux.wait_for("the end", |s| s.contains("EXIT=0")).await;
+}

@@ -135,6 +135,7 @@ impl Bars {
                         .with_style(ProgressStyle::with_template("{msg}").expect("valid footer template")),
                 );
                 footer.set_message(parts.join("  "));
+                footer.force_draw();
                 self.footer = Some(footer);
             }
         }
