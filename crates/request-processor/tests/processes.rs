@@ -415,3 +415,30 @@ async fn a_hung_redis_under_load_recovers_on_its_own() {
     let states = world.states(&ids).await;
     assert!(states.values().all(|r| r.attempts >= 1), "every request ran");
 }
+
+/// A processor killed mid-request and started again under the same consumer name drains its
+/// own pending entries: every request ends once, none is left pending for that name.
+#[tokio::test]
+async fn a_processor_restarted_with_its_name_drains_its_own_pending_entries() {
+    let world = World::new().await;
+    let mut first = world.processor("same", &["--concurrency", "8"]);
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(world.submit("slow_effect", 3).await);
+    }
+    wait_until("the first life runs requests", WAIT, || async {
+        world.states(&ids).await.values().any(|r| r.state == RequestState::Running)
+    })
+    .await
+    .unwrap();
+    first.signal_tree("KILL");
+    assert!(first.wait_exit(Duration::from_secs(5)).is_some(), "killed");
+    assert!(world.pending_of("same").await > 0, "the killed life left entries pending");
+    let _second = world.processor("same", &["--concurrency", "8"]);
+    world.wait_all(&ids, RequestState::Succeeded, WAIT).await;
+    let effects = world.effects();
+    for id in &ids {
+        assert_eq!(effects.iter().filter(|e| *e == id).count(), 1, "request {id}: {effects:?}");
+    }
+    assert_eq!(world.pending_of("same").await, 0);
+}

@@ -111,12 +111,17 @@ async fn finished_records_past_retention_go_with_their_index_entries_and_idempot
     let retried = requests.finished(RequestState::Dead, None, old).await;
     requests.queue.retry_dead(&retried, now).await.unwrap();
 
-    // Every stream the requests created is registered for the trimmer.
+    // Every stream the requests created is registered for the trimmer: the queue's, and the
+    // change feed of each request's progress tree (written with its node).
     let registered: HashSet<String> =
         redis::cmd("SMEMBERS").arg(registry_key(&ns.prefix)).query_async(&mut conn).await.unwrap();
+    let feeds = ns.key("pf:");
+    let (feeds, queue): (HashSet<String>, HashSet<String>) =
+        registered.into_iter().partition(|k| k.starts_with(&feeds));
     let expected: HashSet<String> =
         ["requests", "dead", "replies:r1"].into_iter().map(|s| ns.key(s)).collect();
-    assert_eq!(registered, expected);
+    assert_eq!(queue, expected);
+    assert!(feeds.iter().all(|k| k.contains(":pf:_requests.")), "{feeds:?}");
 
     let before = requests.indexed().await;
     for id in [&succeeded, &dead, &canceled, &reused, &recent, &retried] {
