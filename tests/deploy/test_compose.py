@@ -162,6 +162,7 @@ def test_urls_point_at_compose_services():
         name = next(n for n, s in services().items() if s is service)
         listening[name] = {SERVICES[binary_name][1]}
     listening["progress-aggregator"].add(AGGREGATOR_GRPC_PORT)
+    listening["ingress"].add(8080)  # the public port; SERVICES names its admin port
     rabbit_env = environment(services()["rabbitmq"])
     for binary_name, service in cairn_services().items():
         for var, value in environment(service).items():

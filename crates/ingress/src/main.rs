@@ -9,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
     let service = ServiceMain {
         name: "ingress",
         about: "Cairn's public REST API",
-        health_port: |config: &Config| config.addr.port(),
+        health_port: |config: &Config| config.admin_addr.port(),
         log: |config: &Config| &config.log,
     };
     service
