@@ -11,15 +11,14 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
+use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use cairn_progress::Key;
 use cairn_redis::ProgressStore;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::requests::QueueNames;
-use cairn_requests::{RequestRecord, RequestState, is_valid_request_id};
+use cairn_requests::{RequestRecord, RequestState};
 use futures::future::join_all;
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
@@ -30,6 +29,7 @@ use tracing::warn;
 use crate::error::ApiError;
 use crate::progress_api::bounded;
 use crate::requests::REDIS_TIMEOUT;
+use crate::requests_api::RequestId;
 
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 1000;
@@ -238,10 +238,7 @@ async fn records(
 }
 
 /// `GET /v1/requests/{id}/payload`: the payload the request was submitted with.
-async fn payload(
-    State(browse): State<Browse>,
-    RequestPath(id): RequestPath,
-) -> Result<Json<Value>, ApiError> {
+async fn payload(State(browse): State<Browse>, RequestId(id): RequestId) -> Result<Json<Value>, ApiError> {
     let mut redis = browse.redis.clone();
     let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PAYLOAD);
     let stored: Option<String> = timed("request payload", read).await?;
@@ -266,25 +263,6 @@ async fn timed<T>(
         Err(_) => {
             warn!(what, "redis read timed out");
             Err(ApiError::QueueUnavailable)
-        }
-    }
-}
-
-/// The `{id}` path segment, a request id.
-struct RequestPath(String);
-
-impl<S: Send + Sync> FromRequestParts<S> for RequestPath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(id) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-        if is_valid_request_id(&id) {
-            Ok(RequestPath(id))
-        } else {
-            let shown: String = id.chars().take(64).collect();
-            Err(ApiError::BadRequest(format!("invalid request id {shown:?}: expected a lowercase UUID")))
         }
     }
 }

@@ -193,7 +193,7 @@ pub(crate) fn is_entry_id(s: &str) -> bool {
 }
 
 /// The `{id}` path segment, a request id.
-struct RequestId(String);
+pub(crate) struct RequestId(pub(crate) String);
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     type Rejection = ApiError;

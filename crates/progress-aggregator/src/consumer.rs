@@ -64,12 +64,13 @@ impl Stalls {
         self.0.load(Ordering::SeqCst)
     }
 
-    fn set(&self, delta: isize) {
-        let now = if delta > 0 {
-            self.0.fetch_add(1, Ordering::SeqCst) + 1
-        } else {
-            self.0.fetch_sub(1, Ordering::SeqCst) - 1
-        };
+    fn enter(&self) {
+        let now = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::gauge!("cairn_progress_shards_stalled").set(now as f64);
+    }
+
+    fn leave(&self) {
+        let now = self.0.fetch_sub(1, Ordering::SeqCst) - 1;
         metrics::gauge!("cairn_progress_shards_stalled").set(now as f64);
     }
 }
@@ -248,7 +249,7 @@ async fn store_with_retry(
         }
         if !stalled && started.elapsed() >= STALL_AFTER {
             stalled = true;
-            stalls.set(1);
+            stalls.enter();
         }
         tokio::select! {
             () = cancel.cancelled() => break Err(ConsumeError::Shutdown),
@@ -257,7 +258,7 @@ async fn store_with_retry(
         delay = (delay * 2).min(Duration::from_secs(2));
     };
     if stalled {
-        stalls.set(-1);
+        stalls.leave();
     }
     result
 }

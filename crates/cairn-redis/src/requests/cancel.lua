@@ -11,6 +11,7 @@ if state == 'queued' then
   -- The entry stays in the stream; whichever processor receives it acks it without running it.
   redis.call('HSET', k, 'state', 'canceled', 'finished_ms', now, 'error', 'canceled before it ran')
   reply(id, 'canceled', now)
+  flush()
   return { 'canceled', 'canceled' }
 end
 return { 'signaled', state }

@@ -17,4 +17,5 @@ for i = 6, #ARGV, 5 do
     out[#out + 1] = 1
   end
 end
+flush()
 return out

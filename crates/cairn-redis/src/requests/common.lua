@@ -32,7 +32,8 @@ local REFRESHED = {}
 local NODE_STATUS = { succeeded = '"finished"', canceled = '"canceled"', dead = '"failed"' }
 local MAX_NODE_MSG = 1024
 
--- Writes a terminal state to the request's own progress node in the step that stores it, so
+-- Writes a terminal state to the request's own progress node in the step that stores it (the
+-- script calling it ends with one `flush` for all its requests: one feed entry per call), so
 -- the node ends as the record does whatever happens to the processor's AMQP reports (a lost
 -- commit reply, RabbitMQ away, the processor killed). The processor's report of the same state
 -- arrives later and changes nothing.
@@ -59,7 +60,6 @@ local function show_terminal(id, state, now)
     args[#args + 1] = 'msg'; args[#args + 1] = cjson.encode(msg)
   end
   apply_update(key, now, args, 1, #args / 2)
-  flush()
 end
 
 local function reply(id, state, now)

@@ -32,4 +32,5 @@ for i = 6, #ARGV, 2 do
   end
   out[#out + 1] = { entry, verdict, attempts, err, record }
 end
+flush()
 return out
