@@ -16,7 +16,7 @@ pub use key::{Key, KeyError, MAX_KEY_BYTES, MAX_SEGMENT_LEN, MAX_SEGMENTS};
 pub use message::{
     MAX_BURST_BYTES, MAX_BURST_UPDATES, MessageError, encode_burst, encode_bursts, parse_message,
 };
-pub use model::{Node, Tree};
+pub use model::{ETA_SAMPLE_MS, Node, Pace, Tree};
 pub use update::{
     MAX_FIELD_NAME_LEN, MAX_MSG_BYTES, MAX_NAME_CHARS, MAX_STATUS_CHARS, MAX_UPDATE_BYTES, MAX_UPDATE_FIELDS,
     SERVER_FIELDS, Update, UpdateError, WELL_KNOWN_STATUSES,

@@ -5,12 +5,16 @@
 //!
 //! Sums are adjusted in this order of operations, which stores should reproduce to compare
 //! exactly: `sum_w += w_new - w_old` and `sum_wp += wp_new - wp_old`.
+//!
+//! Each node also has a [`Pace`]: how fast it moves and when it should finish (`_eta`). A leaf
+//! measures its own rate; a parent's rate is its children's, weighted (`Σwᵢ·rateᵢ / Σwᵢ`, kept
+//! as a running sum like the others), so its ETA follows its weighted remaining work.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Number, Value};
 
-use crate::aggregate::{contribution, rollup};
+use crate::aggregate::{EPSILON, contribution, rollup};
 use crate::key::Key;
 use crate::update::Update;
 
@@ -39,6 +43,72 @@ pub struct Node {
     /// The progress last posted on this node itself: what it shows while its children weigh
     /// nothing (`Σwᵢ = 0`, or no children left).
     pub own_progress: Option<Value>,
+    /// How fast it moves, and its ETA.
+    pub pace: Pace,
+    /// `Σwᵢ·rateᵢ` over the direct children (a child without a rate adds 0).
+    pub sum_wr: f64,
+    /// How many direct children add more than 0 to `sum_wr`; while none does, `sum_wr` is 0.
+    pub rated_children: u64,
+}
+
+/// How fast a node's progress moves and when it should reach 1 (SPEC §2 "Is it stuck?").
+///
+/// A leaf (or a parent whose children weigh nothing) measures its own rate: an exponential
+/// moving average of the progress it gained per millisecond, sampled at most once per
+/// [`ETA_SAMPLE_MS`] from an anchor (the time and progress of the last sample). A parent whose
+/// children weigh something takes the weighted mean of its children's rates, which is how fast
+/// its own progress moves while they keep their pace; it has no anchor. Either way the ETA is
+/// `now + (1 − p) / rate`, and a node that is finished, failed, canceled or at progress 1 has
+/// neither rate nor ETA.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pace {
+    /// Progress per millisecond, when known (always > 0).
+    pub rate: Option<f64>,
+    /// The last sample of a node's own rate: `(time_ms, progress)`.
+    pub anchor: Option<(i64, f64)>,
+    /// When the node should finish, ms since the epoch (SPEC `_eta`).
+    pub eta: Option<i64>,
+}
+
+/// A node's own rate is sampled at most this often: a node updated a thousand times a second
+/// costs a comparison.
+pub const ETA_SAMPLE_MS: i64 = 1000;
+
+fn is_terminal(status: Option<&str>) -> bool {
+    matches!(status, Some("finished" | "failed" | "canceled"))
+}
+
+fn eta(now_ms: i64, progress: f64, rate: f64) -> i64 {
+    (now_ms as f64 + (1.0 - progress) / rate).floor() as i64
+}
+
+impl Pace {
+    /// A node's own rate after its progress moved to `progress` at `now_ms`.
+    fn measure(&mut self, now_ms: i64, progress: f64, terminal: bool) {
+        if terminal || progress >= 1.0 {
+            if self.anchor.is_some() {
+                *self = Pace::default();
+            }
+            return;
+        }
+        match self.anchor {
+            // no anchor yet, or it went back: start measuring again
+            None => self.anchor = Some((now_ms, progress)),
+            Some((_, from)) if progress < from => self.anchor = Some((now_ms, progress)),
+            Some((at, from)) => {
+                if now_ms - at < ETA_SAMPLE_MS || progress == from {
+                    return;
+                }
+                let instant = (progress - from) / (now_ms - at) as f64;
+                let rate = self.rate.map_or(instant, |rate| 0.3 * instant + 0.7 * rate);
+                *self = Pace {
+                    rate: Some(rate),
+                    anchor: Some((now_ms, progress)),
+                    eta: Some(eta(now_ms, progress, rate)),
+                };
+            }
+        }
+    }
 }
 
 impl Node {
@@ -54,6 +124,9 @@ impl Node {
             counts: BTreeMap::new(),
             progress_from_children: false,
             own_progress: None,
+            pace: Pace::default(),
+            sum_wr: 0.0,
+            rated_children: 0,
         }
     }
 
@@ -100,7 +173,30 @@ impl Node {
 
     fn state(&self) -> ChildState {
         let (w, wp) = self.contribution();
-        ChildState { w, wp, status: self.status().map(str::to_owned) }
+        let wr = w * self.pace.rate.unwrap_or(0.0);
+        ChildState { w, wp, wr, status: self.status().map(str::to_owned) }
+    }
+
+    /// Refreshes the pace at `now_ms`; `moved`: its progress or status just changed.
+    fn refresh_pace(&mut self, now_ms: i64, moved: bool) {
+        let progress = self.progress().unwrap_or(0.0);
+        let terminal = is_terminal(self.status());
+        if self.sum_w > EPSILON {
+            let rate = self.sum_wr / self.sum_w;
+            self.pace = if rate > 0.0 && progress < 1.0 && !terminal {
+                Pace { rate: Some(rate), anchor: None, eta: Some(eta(now_ms, progress, rate)) }
+            } else {
+                Pace::default()
+            };
+            return;
+        }
+        if self.pace.rate.is_some() && self.pace.anchor.is_none() {
+            // its rate came from children it no longer has, or that weigh nothing
+            self.pace = Pace::default();
+        }
+        if moved {
+            self.pace.measure(now_ms, progress, terminal);
+        }
     }
 
     fn count(&mut self, status: &Option<String>) {
@@ -126,6 +222,8 @@ impl Node {
 struct ChildState {
     w: f64,
     wp: f64,
+    /// `w·rate`
+    wr: f64,
     status: Option<String>,
 }
 
@@ -173,6 +271,7 @@ impl Tree {
         let created = !self.nodes.contains_key(key);
         let node = self.nodes.entry(key.clone()).or_insert_with(|| Node::new(now_ms));
         let before = node.state();
+        let status_before = node.fields.get("status").cloned();
         for (name, value) in update.fields() {
             node.fields.insert(name, value);
         }
@@ -184,6 +283,8 @@ impl Tree {
         if let Some(msg) = &update.msg {
             node.last_msg = Some(msg.clone());
         }
+        let moved = update.progress.is_some() || node.fields.get("status") != status_before.as_ref();
+        node.refresh_pace(now_ms, moved);
         let after = node.state();
         let change = if created { ChildChange::Created(after) } else { ChildChange::Changed(before, after) };
         let mut touched = vec![key.clone()];
@@ -231,6 +332,18 @@ impl Tree {
             }
             let parent = self.nodes.entry(parent_key.clone()).or_insert_with(|| Node::new(now_ms));
             let before = parent.state();
+            let progress_before = parent.progress();
+            let (wr_new, wr_old) = match &change {
+                ChildChange::Created(new) => (new.wr, 0.0),
+                ChildChange::Changed(old, new) => (new.wr, old.wr),
+                ChildChange::Removed(old) => (0.0, old.wr),
+            };
+            parent.sum_wr += wr_new - wr_old;
+            parent.rated_children =
+                (parent.rated_children + u64::from(wr_new > 0.0)).saturating_sub(u64::from(wr_old > 0.0));
+            if parent.rated_children == 0 {
+                parent.sum_wr = 0.0;
+            }
             match &change {
                 ChildChange::Created(new) => {
                     parent.children.insert(child.clone());
@@ -262,6 +375,8 @@ impl Tree {
             if parent.children.is_empty() {
                 parent.sum_w = 0.0;
                 parent.sum_wp = 0.0;
+                parent.sum_wr = 0.0;
+                parent.rated_children = 0;
             }
             // Σw > 0: the weighted mean; otherwise the progress posted on the node itself, or
             // none. Never "whatever it showed before": that would make the result depend on
@@ -281,6 +396,8 @@ impl Tree {
             if let Some(msg) = msg {
                 parent.last_msg = Some(msg.to_owned());
             }
+            let progress_after = parent.progress();
+            parent.refresh_pace(now_ms, progress_after.is_some() && progress_after != progress_before);
             let after = parent.state();
             change = if created { ChildChange::Created(after) } else { ChildChange::Changed(before, after) };
             touched.push(parent_key.clone());
@@ -303,6 +420,8 @@ impl Tree {
             }
             let mut sum_w = 0.0;
             let mut sum_wp = 0.0;
+            let mut sum_wr = 0.0;
+            let mut rated = 0;
             let mut counts = BTreeMap::<String, u64>::new();
             for child in &node.children {
                 if child.parent().as_ref() != Some(key) {
@@ -311,9 +430,11 @@ impl Tree {
                 let Some(c) = self.nodes.get(child) else {
                     return Err(format!("node {key} lists its child {child}, which does not exist"));
                 };
-                let (w, wp) = c.contribution();
-                sum_w += w;
-                sum_wp += wp;
+                let state = c.state();
+                sum_w += state.w;
+                sum_wp += state.wp;
+                sum_wr += state.wr;
+                rated += u64::from(state.wr > 0.0);
                 if let Some(status) = c.status() {
                     *counts.entry(status.to_owned()).or_insert(0) += 1;
                 }
@@ -326,6 +447,18 @@ impl Tree {
                     "node {key} has sums ({}, {}) but its children add up to ({sum_w}, {sum_wp})",
                     node.sum_w, node.sum_wp
                 ));
+            }
+            if node.rated_children != rated || !close(node.sum_wr, sum_wr) {
+                return Err(format!(
+                    "node {key} has Σw·rate {} over {} children but its children add up to {sum_wr} over {rated}",
+                    node.sum_wr, node.rated_children
+                ));
+            }
+            if node.pace.eta.is_some() != node.pace.rate.is_some()
+                || node.pace.rate.is_some_and(|rate| rate <= 0.0)
+                || (node.pace.rate.is_some() && (is_terminal(node.status()) || node.progress() >= Some(1.0)))
+            {
+                return Err(format!("node {key} has pace {:?} with status {:?}", node.pace, node.status()));
             }
             if node.counts != counts {
                 return Err(format!(
@@ -377,6 +510,67 @@ mod tests {
     fn apply(tree: &mut Tree, k: &str, update: Update, now: i64) {
         tree.apply(&key(k), &update, now);
         tree.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_leaf_measures_its_own_rate() {
+        let mut tree = Tree::new();
+        apply(&mut tree, "_e.job", Update::new().progress(0.1).status("running"), 10_000);
+        assert_eq!(tree.get(&key("_e.job")).unwrap().pace.eta, None, "one sample is no rate");
+        apply(&mut tree, "_e.job", Update::new().progress(0.15), 10_500);
+        assert_eq!(tree.get(&key("_e.job")).unwrap().pace.eta, None, "sampled at most once a second");
+        apply(&mut tree, "_e.job", Update::new().progress(0.2), 11_000);
+        // 0.1 per second, 0.8 to go: eight more seconds.
+        assert_eq!(tree.get(&key("_e.job")).unwrap().pace.eta, Some(19_000));
+        apply(&mut tree, "_e.job", Update::new().progress(0.5), 12_000);
+        // an average leaning to the newest rate: 0.3·0.3 + 0.7·0.1 = 0.16 per second
+        let pace = tree.get(&key("_e.job")).unwrap().pace;
+        assert!((pace.rate.unwrap() - 0.16e-3).abs() < 1e-15, "{pace:?}");
+        assert_eq!(pace.eta, Some((12_000.0 + 0.5 / pace.rate.unwrap()).floor() as i64));
+        apply(&mut tree, "_e.job", Update::new().progress(1.0).status("finished"), 13_000);
+        assert_eq!(tree.get(&key("_e.job")).unwrap().pace, Pace::default());
+    }
+
+    #[test]
+    fn a_parent_takes_its_pace_from_its_children() {
+        let mut tree = Tree::new();
+        // Four equal steps; one runs at 0.1 per second, the others have not started.
+        for step in ["c", "d"] {
+            apply(&mut tree, &format!("_e.job.{step}"), Update::new().status("waiting"), 1_000);
+        }
+        apply(&mut tree, "_e.job.b", Update::new(), 1_000);
+        apply(&mut tree, "_e.job.a", Update::new().progress(0.0).status("running"), 10_000);
+        apply(&mut tree, "_e.job.a", Update::new().progress(0.1), 11_000);
+        let job = tree.get(&key("_e.job")).unwrap();
+        // the job moves at a quarter of its running step's pace: 0.025 per second, 0.975 to go
+        assert!((job.pace.rate.unwrap() - 0.025e-3).abs() < 1e-15, "{:?}", job.pace);
+        assert_eq!(job.pace.eta, Some(11_000 + 39_000));
+        assert_eq!(job.pace.anchor, None);
+        // Its own history would say otherwise: its progress moved 0.025 in one second, the same
+        // here, but a second step starting doubles the parent's pace at once.
+        apply(&mut tree, "_e.job.b", Update::new().progress(0.0).status("running"), 11_000);
+        apply(&mut tree, "_e.job.b", Update::new().progress(0.1), 12_000);
+        let job = tree.get(&key("_e.job")).unwrap();
+        assert!((job.pace.rate.unwrap() - 0.05e-3).abs() < 1e-15, "{:?}", job.pace);
+        // The rates roll up another level, weighted: the job weighs 3 of its root's 4.
+        apply(&mut tree, "_e.other", Update::new().weight(1.0), 12_000);
+        let root_rate = tree.get(&key("_e")).map(|n| n.pace.rate);
+        assert_eq!(root_rate, None, "_e is a namespace, not a node");
+        apply(&mut tree, "_e.job", Update::new().weight(3.0), 12_000);
+        apply(&mut tree, "_e.job.c", Update::new().msg("still waiting"), 12_500);
+        let job = tree.get(&key("_e.job")).unwrap();
+        assert_eq!(job.pace.eta, Some((12_500.0 + (1.0 - job.progress().unwrap()) / 0.05e-3).floor() as i64));
+        // Steps that finish stop adding their rate; a finished parent has no ETA.
+        for step in ["a", "b", "c", "d"] {
+            apply(
+                &mut tree,
+                &format!("_e.job.{step}"),
+                Update::new().progress(1.0).status("finished"),
+                20_000,
+            );
+        }
+        let job = tree.get(&key("_e.job")).unwrap();
+        assert_eq!((job.pace, job.sum_wr, job.rated_children), (Pace::default(), 0.0, 0));
     }
 
     #[test]

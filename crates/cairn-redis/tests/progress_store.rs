@@ -58,6 +58,12 @@ async fn assert_matches(store: &ProgressStore, tree: &Tree, k: &Key) -> Result<(
     prop_assert_eq!(stored.update_time, model.update_time, "{} update_time", k);
     prop_assert_eq!(&stored.last_msg, &model.last_msg, "{} last_msg", k);
     prop_assert_eq!(&stored.counts, &model.counts, "{} counts", k);
+    // The ETA: the same arithmetic, on sums Redis keeps compensated (rounding may move it by 1 ms).
+    let same_eta = match (stored.eta, model.pace.eta) {
+        (Some(a), Some(b)) => (a - b).abs() <= 1 + (a - stored.update_time).abs() / 1_000_000_000,
+        (a, b) => a == b,
+    };
+    prop_assert!(same_eta, "{}: eta {:?} vs model {:?}", k, stored.eta, model.pace);
     let mut children = stored.children.clone();
     children.sort();
     let model_children: Vec<String> = model.children.iter().map(|c| c.to_string()).collect();
@@ -136,7 +142,9 @@ proptest! {
     /// Random updates (duplicates, weight and status changes, zero weights) and deletes, applied
     /// one at a time, in bursts, and replayed: Redis always equals the model.
     #[test]
-    fn redis_store_matches_the_model(ops in prop::collection::vec((op_strategy(), any::<bool>(), 0u8..12), 1..50)) {
+    fn redis_store_matches_the_model(
+        ops in prop::collection::vec((op_strategy(), any::<bool>(), 0u8..12, prop_oneof![Just(1i64), 200i64..1500]), 1..50),
+    ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let ns = RedisNamespace::new();
@@ -144,8 +152,9 @@ proptest! {
             let mut tree = Tree::new();
             let mut time = 1_000;
             let mut burst: Vec<Change> = Vec::new();
-            for (op, replay, burst_len) in ops {
-                time += 1;
+            // Steps of up to 1.5 s, so that rates are sampled and ETAs derived.
+            for (op, replay, burst_len, step) in ops {
+                time += step;
                 match op {
                     Op::Update(k, update) => {
                         let key = key(KEYS[k]);
@@ -230,6 +239,38 @@ async fn eta_follows_the_recent_rate_and_clears_when_finished() {
     store.apply(&[change("_e.job", Update::new().progress(1.0).status("finished"), 12_000)]).await.unwrap();
     let done = store.get(&key("_e.job"), &ReadOptions::default()).await.unwrap().unwrap();
     assert_eq!(done.eta, None);
+}
+
+/// A parent's ETA comes from its weighted remaining work and its children's rates: one of four
+/// equal steps running at 0.1 per second moves the job at 0.025 per second.
+#[tokio::test]
+async fn a_parents_eta_follows_its_childrens_rates() {
+    let ns = RedisNamespace::new();
+    let store = store(&ns);
+    for step in ["c", "d"] {
+        store
+            .apply(&[change(&format!("_e.job.{step}"), Update::new().status("waiting"), 1_000)])
+            .await
+            .unwrap();
+    }
+    store.apply(&[change("_e.job.b", Update::new(), 1_000)]).await.unwrap();
+    store.apply(&[change("_e.job.a", Update::new().progress(0.0).status("running"), 10_000)]).await.unwrap();
+    store.apply(&[change("_e.job.a", Update::new().progress(0.1), 11_000)]).await.unwrap();
+    let job = store.get(&key("_e.job"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!(job.eta, Some(11_000 + 39_000), "0.975 to go at 0.025 per second");
+    // A second step at the same pace doubles the job's.
+    store.apply(&[change("_e.job.b", Update::new().progress(0.0).status("running"), 11_000)]).await.unwrap();
+    store.apply(&[change("_e.job.b", Update::new().progress(0.1), 12_000)]).await.unwrap();
+    let job = store.get(&key("_e.job"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!(job.progress(), Some(0.05));
+    assert_eq!(job.eta, Some(12_000 + 19_000), "0.95 to go at 0.05 per second");
+    // Steps that finish stop adding their rate; a finished job has no ETA.
+    for step in ["a", "b", "c", "d"] {
+        let done = Update::new().progress(1.0).status("finished");
+        store.apply(&[change(&format!("_e.job.{step}"), done, 20_000)]).await.unwrap();
+    }
+    let job = store.get(&key("_e.job"), &ReadOptions::default()).await.unwrap().unwrap();
+    assert_eq!((job.progress(), job.eta), (Some(1.0), None));
 }
 
 #[tokio::test]

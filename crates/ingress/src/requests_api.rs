@@ -100,7 +100,7 @@ struct PageParams {
     limit: Option<String>,
 }
 
-/// `GET /v1/dead-letters?after=<entry id>&limit=N`: oldest first; `next` is the cursor of the
+/// `GET /v1/dead-letters?after=<entry id>&limit=N`: newest first (`after` pages to older ones); `next` is the cursor of the
 /// following page, `null` once a page comes back short.
 async fn dead_letters(
     State(requests): State<Arc<Requests>>,

@@ -494,13 +494,17 @@ async fn dead_letters_are_listed_inspected_and_retried() {
         "attempts start over"
     );
 
-    // Two dead letters now, one page at a time.
+    // Two dead letters now (the same request died twice), newest first, one page at a time.
     let first = stack.get("/v1/dead-letters?limit=1").await;
     let next = first.json["next"].as_str().expect("a full page has a next cursor").to_owned();
     assert_eq!(first.json["items"][0]["entry_id"], next.as_str());
+    assert_eq!(
+        first.json["items"][0]["entry_id"],
+        stack.get("/v1/dead-letters").await.json["items"][0]["entry_id"]
+    );
     let second = stack.get(&format!("/v1/dead-letters?limit=1&after={next}")).await;
     assert_eq!(second.json["items"][0]["id"], id.as_str());
-    assert_ne!(second.json["items"][0]["entry_id"], next.as_str());
+    assert_eq!(second.json["items"][0]["entry_id"], items[0]["entry_id"], "the older letter comes second");
     let last = second.json["next"].as_str().unwrap().to_owned();
     let end = stack.get(&format!("/v1/dead-letters?limit=1&after={last}")).await;
     assert_eq!(end.json, json!({"items": [], "next": null}));

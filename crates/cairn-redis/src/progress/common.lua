@@ -2,7 +2,7 @@
 -- layout under prefix P (ARGV[1]):
 --   P:pn:<key>  hash: client fields (JSON-encoded values) but progress, and server fields
 --               starting with '_': _s the node's state (below), _st start_time, _c:<status json>
---               children by status, _lm last message (JSON), _eta, _op the progress last posted
+--               children by status, _lm last message (JSON), _eta (below), _op the progress last posted
 --               on the node itself (kept only once the node is or was a parent: it is what the
 --               node shows when its children weigh nothing).
 --   P:pc:<key>  zset of direct child keys scored by their start_time (the ordered child index)
@@ -17,9 +17,17 @@
 -- _s packs, after a kind byte, little-endian doubles (NaN: absent) and then the status as its
 -- JSON text (empty: none):
 --   'l' (a leaf):   update_time, progress, weight, ETA rate anchor time and progress, rate
---   'P' (a parent): update_time, Σw, Σw·p over the direct children, then the leaf's other five,
---                   then the low parts of Σw and Σw·p (below); 'p' is the same without them
---                   (written by earlier versions; read with low parts of zero)
+--   'Q' (a parent): update_time, Σw, Σw·p over the direct children, then the leaf's other five,
+--                   then the low parts of Σw and Σw·p (below), then Σw·rate over the direct
+--                   children, its low part, and how many children have a rate. Earlier versions
+--                   wrote 'P' (without the last three: read as zero) and 'p' (also without the
+--                   low parts).
+-- _eta, the time a node should finish: for a leaf (and a parent whose children weigh nothing),
+-- from an exponential moving average of its own rate (`update_eta`); for a parent, from its
+-- weighted remaining work and its children's rates: rate = Σwᵢ·rateᵢ / Σwᵢ (a parent's rate is
+-- this derived one, so it rolls up a level at a time like progress: it is how fast the parent's
+-- progress moves while its children keep their pace), ETA = now + (1 − p) / rate. A finished,
+-- failed or canceled node, or one at progress 1, has no rate and no ETA.
 -- A parent's sums are kept compensated (a high and a low double, TwoSum): a child's weight can be
 -- as large as 1e12 and as small as 1e-9, and without the low part adding and then removing a heavy
 -- child would leave its rounding error in the sum for good (1e12 + 0.1 - 1e12 gives 0.10009765625).
@@ -108,24 +116,29 @@ end
 local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = true }
 
 -- Slots of a node table (see `load`).
-local NK, EXISTS, CREATED, UT, SW, SWP, PR, W, RT, RP, RATE, STATUS, ETA, OP, OPD, LM, CF, COUNTS, SWL, SWPL =
-  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20
+local NK, EXISTS, CREATED, UT, SW, SWP, PR, W, RT, RP, RATE, STATUS, ETA, OP, OPD, LM, CF, COUNTS, SWL, SWPL,
+  SWR, SWRL, NR = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23
 
-local LEAF, PARENT, OLD_PARENT = 108, 80, 112 -- 'l', 'P', 'p'
-local LEAF_FORMAT, PARENT_FORMAT, OLD_PARENT_FORMAT = '<Bdddddd', '<Bdddddddddd', '<Bdddddddd'
+local LEAF, PARENT, PARENT_V2, PARENT_V1 = 108, 81, 80, 112 -- 'l', 'Q', 'P', 'p'
+local LEAF_FORMAT, PARENT_FORMAT = '<Bdddddd', '<Bddddddddddddd'
+local PARENT_V2_FORMAT, PARENT_V1_FORMAT = '<Bdddddddddd', '<Bdddddddd'
 local NAN = 0 / 0
 
 -- The state in _s: ut, sw, swp (false for a leaf), p, w, rt, rp, rate, status (false: absent),
--- swl, swpl (the sums' low parts; false for a leaf).
+-- swl, swpl (the sums' low parts), swr, swrl (Σw·rate and its low part), nr (children with a
+-- rate); the last five false for a leaf.
 local function decode(s)
   local kind, ut, sw, swp, p, w, rt, rp, rate, at
-  local swl, swpl = false, false
+  local swl, swpl, swr, swrl, nr = false, false, false, false, false
   local k = string.byte(s, 1)
   if k == PARENT then
-    kind, ut, sw, swp, p, w, rt, rp, rate, swl, swpl, at = struct.unpack(PARENT_FORMAT, s)
-  elseif k == OLD_PARENT then
-    kind, ut, sw, swp, p, w, rt, rp, rate, at = struct.unpack(OLD_PARENT_FORMAT, s)
-    swl, swpl = 0, 0
+    kind, ut, sw, swp, p, w, rt, rp, rate, swl, swpl, swr, swrl, nr, at = struct.unpack(PARENT_FORMAT, s)
+  elseif k == PARENT_V2 then
+    kind, ut, sw, swp, p, w, rt, rp, rate, swl, swpl, at = struct.unpack(PARENT_V2_FORMAT, s)
+    swr, swrl, nr = 0, 0, 0
+  elseif k == PARENT_V1 then
+    kind, ut, sw, swp, p, w, rt, rp, rate, at = struct.unpack(PARENT_V1_FORMAT, s)
+    swl, swpl, swr, swrl, nr = 0, 0, 0, 0, 0
   else
     sw, swp = false, false
     kind, ut, p, w, rt, rp, rate, at = struct.unpack(LEAF_FORMAT, s)
@@ -135,14 +148,14 @@ local function decode(s)
   if p ~= p then p = false end
   if rt ~= rt then rt = false; rp = false end -- the anchor's two parts come together
   if rate ~= rate then rate = false end
-  return ut, sw, swp, p, w, rt, rp, rate, status, swl, swpl
+  return ut, sw, swp, p, w, rt, rp, rate, status, swl, swpl, swr, swrl, nr
 end
 
 local function encode(n)
   local s
   if n[SW] then
     s = struct.pack(PARENT_FORMAT, PARENT, n[UT], n[SW], n[SWP], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN,
-      n[RATE] or NAN, n[SWL], n[SWPL])
+      n[RATE] or NAN, n[SWL], n[SWPL], n[SWR], n[SWRL], n[NR])
   else
     s = struct.pack(LEAF_FORMAT, LEAF, n[UT], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN, n[RATE] or NAN)
   end
@@ -172,12 +185,12 @@ local function load(k)
   local nk = nkey(k)
   local s = redis.call('HGET', nk, '_s')
   if s then
-    local ut, sw, swp, p, w, rt, rp, rate, status, swl, swpl = decode(s)
+    local ut, sw, swp, p, w, rt, rp, rate, status, swl, swpl, swr, swrl, nr = decode(s)
     n = { nk, true, false, ut, sw, swp, p, w, rt, rp, rate, status, false, sw and UNREAD or false, false, false,
-      false, false, swl, swpl }
+      false, false, swl, swpl, swr, swrl, nr }
   else
     n = { nk, false, false, false, false, false, false, 1, false, false, false, false, false, false, false, false,
-      false, false, false, false }
+      false, false, false, false, false, false, false }
   end
   cache[k] = n
   return n
@@ -362,6 +375,30 @@ local function update_eta(n, t, p, status)
   n[ETA] = math.floor(t + (1 - p) / rate)
 end
 
+-- Refreshes the rate and ETA of node `n` at time t, now at progress p with status `status`; `moved`:
+-- its progress or status just changed. A parent whose children weigh something takes its rate
+-- from them (Σw·rate / Σw: its RATE then has no anchor RT); any other node measures its own.
+local function refresh_eta(n, t, p, status, moved)
+  local sw = n[SW]
+  if sw and sw + n[SWL] > EPS then
+    local had = n[RATE] or n[RT]
+    n[RT] = false; n[RP] = false
+    local rate = (n[SWR] + n[SWRL]) / (sw + n[SWL])
+    if rate > 0 and p < 1 and not (status and TERMINAL[status]) then
+      n[RATE] = rate
+      n[ETA] = math.floor(t + (1 - p) / rate)
+    else
+      n[RATE] = false
+      if had then n[ETA] = REMOVE end
+    end
+    return
+  end
+  if n[RATE] and not n[RT] then -- its rate came from children it no longer has (or that weigh nothing)
+    n[RATE] = false; n[ETA] = REMOVE
+  end
+  if moved then update_eta(n, t, p, status) end
+end
+
 -- hi + lo + x as a new (hi, lo): TwoSum keeps the rounding error of the addition in lo.
 local function acc(hi, lo, x)
   if x == 0 then return hi, lo end
@@ -382,23 +419,35 @@ end
 --   w_add, w_sub, wp_add, wp_sub: the child's weight and weight·progress as now counted, and as
 --     counted before (zero for a new child): added and taken away as separate terms, so that the
 --     very value once added is the one later taken away, and the compensated sums stay exact;
+--   wr_add, wr_sub: the same for its weight·rate;
 --   s_from, s_to: its status before and after (JSON text or false); lm: message to bubble or false.
 -- Records the root of the tree in `roots`.
-local function propagate(child, created, removed, child_start, w_add, w_sub, wp_add, wp_sub, s_from, s_to, lm, t)
+local function propagate(child, created, removed, child_start, w_add, w_sub, wp_add, wp_sub, wr_add, wr_sub, s_from,
+                         s_to, lm, t)
   local parent = parent_of(child)
   while parent do
     local n = load(parent)
     local p_created = not n[EXISTS]
     n[UT] = t
     if p_created then n[EXISTS] = true; n[CREATED] = t end
-    local sw, swp, swl, swpl = n[SW], n[SWP], n[SWL], n[SWPL]
+    local sw, swp, swl, swpl, swr, swrl, nr = n[SW], n[SWP], n[SWL], n[SWPL], n[SWR], n[SWRL], n[NR]
     if not sw then
       -- becoming a parent: remember the progress posted on it, which roll-ups now overwrite
-      sw = 0; swp = 0; swl = 0; swpl = 0
+      sw = 0; swp = 0; swl = 0; swpl = 0; swr = 0; swrl = 0; nr = 0
       if n[PR] then n[OP] = num(n[PR]); n[OPD] = true end
     end
+    local rate_old = n[RATE] or 0
     sw, swl = acc(sw, swl, w_add); sw, swl = acc(sw, swl, -w_sub); sw, swl = renormalize(sw, swl)
     swp, swpl = acc(swp, swpl, wp_add); swp, swpl = acc(swp, swpl, -wp_sub); swp, swpl = renormalize(swp, swpl)
+    if wr_add > 0 then nr = nr + 1 end
+    if wr_sub > 0 then nr = nr - 1 end
+    if nr > 0 then
+      swr, swrl = acc(swr, swrl, wr_add); swr, swrl = acc(swr, swrl, -wr_sub); swr, swrl = renormalize(swr, swrl)
+    else
+      -- no child has a rate: the sum is exactly zero, whatever rounding left (and a tree written
+      -- before rates were summed starts counting here)
+      nr = 0; swr = 0; swrl = 0
+    end
     if created then
       redis.call('ZADD', ckey(parent), num(child_start), child)
     elseif removed then
@@ -406,7 +455,7 @@ local function propagate(child, created, removed, child_start, w_add, w_sub, wp_
       if redis.call('ZCARD', ckey(parent)) == 0 then
         -- no children left: the sums are exactly zero, and the node keeps the progress it last
         -- had (it becomes what was posted on it)
-        sw = 0; swp = 0; swl = 0; swpl = 0
+        sw = 0; swp = 0; swl = 0; swpl = 0; swr = 0; swrl = 0; nr = 0
         if n[PR] then n[OP] = num(n[PR]); n[OPD] = true end
       end
     end
@@ -414,7 +463,7 @@ local function propagate(child, created, removed, child_start, w_add, w_sub, wp_
       if s_from then count(n, s_from, -1) end
       if s_to then count(n, s_to, 1) end
     end
-    n[SW] = sw; n[SWP] = swp; n[SWL] = swl; n[SWPL] = swpl
+    n[SW] = sw; n[SWP] = swp; n[SWL] = swl; n[SWPL] = swpl; n[SWR] = swr; n[SWRL] = swrl; n[NR] = nr
     sw = sw + swl; swp = swp + swpl
     local had = n[PR]
     local pp_old = had or 0
@@ -431,14 +480,15 @@ local function propagate(child, created, removed, child_start, w_add, w_sub, wp_
       pp_new = op and tonumber(op)
       n[PR] = pp_new or false
     end
-    if pp_new and (pp_new ~= pp_old or not had) then update_eta(n, t, pp_new, n[STATUS]) end
+    refresh_eta(n, t, pp_new or 0, n[STATUS], pp_new and (pp_new ~= pp_old or not had))
     pp_new = pp_new or 0
     if lm then n[LM] = lm end
     local pw = n[W]
     if p_created then
-      w_add = pw; w_sub = 0; wp_add = pw * pp_new; wp_sub = 0
+      w_add = pw; w_sub = 0; wp_add = pw * pp_new; wp_sub = 0; wr_add = pw * (n[RATE] or 0); wr_sub = 0
     else
       w_add = 0; w_sub = 0; wp_add = pw * pp_new; wp_sub = pw * pp_old
+      wr_add = pw * (n[RATE] or 0); wr_sub = pw * rate_old
     end
     created = p_created
     removed = false
@@ -455,7 +505,7 @@ end
 local function apply_update(k, t, args, i, nf)
   local n = load(k)
   local created = not n[EXISTS]
-  local p_old, w_old, s_old = n[PR] or 0, n[W], n[STATUS]
+  local p_old, w_old, s_old, r_old = n[PR] or 0, n[W], n[STATUS], n[RATE] or 0
   local p_new, w_new, s_new, lm = p_old, w_old, s_old, false
   local p_set = false
   n[UT] = t
@@ -484,11 +534,13 @@ local function apply_update(k, t, args, i, nf)
     end
   end
   if lm then n[LM] = lm end
-  if p_set or s_new ~= s_old then update_eta(n, t, p_new, s_new) end
+  refresh_eta(n, t, p_new, s_new, p_set or s_new ~= s_old)
+  local r_new = n[RATE] or 0
   if created then
-    propagate(k, true, false, t, w_new, 0, w_new * p_new, 0, false, s_new, lm, t)
+    propagate(k, true, false, t, w_new, 0, w_new * p_new, 0, w_new * r_new, 0, false, s_new, lm, t)
   else
-    propagate(k, false, false, t, w_new, w_old, w_new * p_new, w_old * p_old, s_old, s_new, lm, t)
+    propagate(k, false, false, t, w_new, w_old, w_new * p_new, w_old * p_old, w_new * r_new, w_old * r_old, s_old, s_new,
+      lm, t)
   end
 end
 

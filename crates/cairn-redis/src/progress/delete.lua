@@ -4,7 +4,7 @@
 local k, t = ARGV[2], tonumber(ARGV[3])
 local state = redis.call('HGET', nkey(k), '_s')
 if not state then return 0 end
-local _, _, _, p, w, _, _, _, status = decode(state)
+local _, _, _, p, w, _, _, rate, status = decode(state)
 local removed = 0
 local stack = { k }
 while #stack > 0 do
@@ -16,7 +16,7 @@ end
 p = p or 0
 FEED_DELETED[root_of(k)] = { k }
 if parent_of(k) then
-  propagate(k, false, true, t, 0, w, 0, w * p, status, false, false, t)
+  propagate(k, false, true, t, 0, w, 0, w * p, 0, w * (rate or 0), status, false, false, t)
   flush()
 else
   redis.call('ZREM', P .. ':proots', k)

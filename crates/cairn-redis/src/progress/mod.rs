@@ -193,10 +193,10 @@ impl ProgressStore {
     }
 }
 
-/// The hash field holding a node's state (common.lua): a kind byte, `l` (leaf) or `P` (parent;
-/// `p` from earlier versions), then little-endian doubles (NaN: absent): the update time, a
-/// parent's Σw and Σw·p, the progress, then what only the maths reads (for `P`, ending with the
-/// low parts of the compensated sums); then the status.
+/// The hash field holding a node's state (common.lua): a kind byte, `l` (leaf) or `Q` (parent;
+/// `P` and `p` from earlier versions), then little-endian doubles (NaN: absent): the update time,
+/// a parent's Σw and Σw·p, the progress, then what only the maths reads (for `Q` and `P`, the low
+/// parts of the compensated sums among them); then the status.
 const STATE_FIELD: &str = "_s";
 
 /// What the read path and checks take from a node's state field.
@@ -214,7 +214,7 @@ fn decode_state(bytes: &[u8]) -> Option<State> {
     let (sums, progress) = match bytes.first()? {
         b'l' => ((0.0, 0.0), double(1)?),
         // sums kept compensated: the high part, then (after the ETA's rate) the low part
-        b'P' => ((double(1)? + double(8)?, double(2)? + double(9)?), double(3)?),
+        b'Q' | b'P' => ((double(1)? + double(8)?, double(2)? + double(9)?), double(3)?),
         b'p' => ((double(1)?, double(2)?), double(3)?),
         _ => return None,
     };
@@ -348,6 +348,9 @@ mod tests {
         let compensated = state(b'P', &[7.0, 1e12, 5e11, 0.5, 1.0, nan, nan, nan, 0.25, -0.5], "");
         let expected = State { update_time: 7, progress: Some(0.5), sums: (1e12 + 0.25, 5e11 - 0.5) };
         assert_eq!(decode_state(&compensated), Some(expected));
+        let with_rates =
+            state(b'Q', &[7.0, 1e12, 5e11, 0.5, 1.0, nan, nan, 1e-3, 0.25, -0.5, 2e-3, 0.0, 2.0], "");
+        assert_eq!(decode_state(&with_rates), Some(expected));
         let leaf = state(b'l', &[7.0, nan, 1.0, nan, nan, nan], "\"running\"");
         assert_eq!(decode_state(&leaf), Some(State { update_time: 7, progress: None, sums: (0.0, 0.0) }));
         assert_eq!(decode_state(&state(b'x', &[1.0, 1.0], "")), None, "unknown kind");

@@ -415,11 +415,11 @@ impl RequestQueue {
         }
     }
 
-    /// Dead letters after the entry id `after` (`"-"` from the start), oldest first.
+    /// Dead letters older than the entry id `after` (`"-"`: from the newest), newest first.
     pub async fn dead_letters(&self, after: &str, count: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let start = if after == "-" { "-".to_owned() } else { format!("({after}") };
+        let end = if after == "-" { "+".to_owned() } else { format!("({after}") };
         let reply: redis::streams::StreamRangeReply =
-            self.conn.clone().xrange_count(self.names.dead(), start, "+", count).await?;
+            self.conn.clone().xrevrange_count(self.names.dead(), end, "-", count).await?;
         Ok(reply
             .ids
             .into_iter()
