@@ -19,9 +19,9 @@
 --   'l' (a leaf):   update_time, progress, weight, ETA rate anchor time and progress, rate
 --   'Q' (a parent): update_time, Σw, Σw·p over the direct children, then the leaf's other five,
 --                   then the low parts of Σw and Σw·p (below), then Σw·rate over the direct
---                   children, its low part, and how many children have a rate. Earlier versions
---                   wrote 'P' (without the last three: read as zero) and 'p' (also without the
---                   low parts).
+--                   children, its low part, and how many children have a rate; 'P' is the same
+--                   without the last three, written while no child has a rate (they are then
+--                   zero); 'p', written by earlier versions, is also without the low parts.
 -- _eta, the time a node should finish: for a leaf (and a parent whose children weigh nothing),
 -- from an exponential moving average of its own rate (`update_eta`); for a parent, from its
 -- weighted remaining work and its children's rates: rate = Σwᵢ·rateᵢ / Σwᵢ (a parent's rate is
@@ -154,8 +154,13 @@ end
 local function encode(n)
   local s
   if n[SW] then
-    s = struct.pack(PARENT_FORMAT, PARENT, n[UT], n[SW], n[SWP], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN,
-      n[RATE] or NAN, n[SWL], n[SWPL], n[SWR], n[SWRL], n[NR])
+    if n[NR] > 0 then
+      s = struct.pack(PARENT_FORMAT, PARENT, n[UT], n[SW], n[SWP], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN,
+        n[RATE] or NAN, n[SWL], n[SWPL], n[SWR], n[SWRL], n[NR])
+    else -- no child has a rate (Σw·rate is then 0): the shorter form, cheaper to pack and unpack
+      s = struct.pack(PARENT_V2_FORMAT, PARENT_V2, n[UT], n[SW], n[SWP], n[PR] or NAN, n[W], n[RT] or NAN,
+        n[RP] or NAN, n[RATE] or NAN, n[SWL], n[SWPL])
+    end
   else
     s = struct.pack(LEAF_FORMAT, LEAF, n[UT], n[PR] or NAN, n[W], n[RT] or NAN, n[RP] or NAN, n[RATE] or NAN)
   end
@@ -430,23 +435,30 @@ local function propagate(child, created, removed, child_start, w_add, w_sub, wp_
     local p_created = not n[EXISTS]
     n[UT] = t
     if p_created then n[EXISTS] = true; n[CREATED] = t end
-    local sw, swp, swl, swpl, swr, swrl, nr = n[SW], n[SWP], n[SWL], n[SWPL], n[SWR], n[SWRL], n[NR]
+    local sw, swp, swl, swpl = n[SW], n[SWP], n[SWL], n[SWPL]
     if not sw then
       -- becoming a parent: remember the progress posted on it, which roll-ups now overwrite
-      sw = 0; swp = 0; swl = 0; swpl = 0; swr = 0; swrl = 0; nr = 0
+      sw = 0; swp = 0; swl = 0; swpl = 0
+      n[SWR] = 0; n[SWRL] = 0; n[NR] = 0
       if n[PR] then n[OP] = num(n[PR]); n[OPD] = true end
     end
-    local rate_old = n[RATE] or 0
+    local rate_old = n[RATE]
     sw, swl = acc(sw, swl, w_add); sw, swl = acc(sw, swl, -w_sub); sw, swl = renormalize(sw, swl)
     swp, swpl = acc(swp, swpl, wp_add); swp, swpl = acc(swp, swpl, -wp_sub); swp, swpl = renormalize(swp, swpl)
-    if wr_add > 0 then nr = nr + 1 end
-    if wr_sub > 0 then nr = nr - 1 end
-    if nr > 0 then
-      swr, swrl = acc(swr, swrl, wr_add); swr, swrl = acc(swr, swrl, -wr_sub); swr, swrl = renormalize(swr, swrl)
-    else
-      -- no child has a rate: the sum is exactly zero, whatever rounding left (and a tree written
-      -- before rates were summed starts counting here)
-      nr = 0; swr = 0; swrl = 0
+    if wr_add ~= wr_sub then -- most updates change no rate (a rate is sampled once a second)
+      local nr = n[NR]
+      if wr_add > 0 then nr = nr + 1 end
+      if wr_sub > 0 then nr = nr - 1 end
+      if nr > 0 then
+        local swr, swrl = acc(n[SWR], n[SWRL], wr_add)
+        swr, swrl = acc(swr, swrl, -wr_sub)
+        n[SWR], n[SWRL] = renormalize(swr, swrl)
+        n[NR] = nr
+      else
+        -- no child has a rate: the sum is exactly zero, whatever rounding left (and a tree written
+        -- before rates were summed starts counting here)
+        n[SWR] = 0; n[SWRL] = 0; n[NR] = 0
+      end
     end
     if created then
       redis.call('ZADD', ckey(parent), num(child_start), child)
@@ -455,7 +467,8 @@ local function propagate(child, created, removed, child_start, w_add, w_sub, wp_
       if redis.call('ZCARD', ckey(parent)) == 0 then
         -- no children left: the sums are exactly zero, and the node keeps the progress it last
         -- had (it becomes what was posted on it)
-        sw = 0; swp = 0; swl = 0; swpl = 0; swr = 0; swrl = 0; nr = 0
+        sw = 0; swp = 0; swl = 0; swpl = 0
+        n[SWR] = 0; n[SWRL] = 0; n[NR] = 0
         if n[PR] then n[OP] = num(n[PR]); n[OPD] = true end
       end
     end
@@ -463,7 +476,7 @@ local function propagate(child, created, removed, child_start, w_add, w_sub, wp_
       if s_from then count(n, s_from, -1) end
       if s_to then count(n, s_to, 1) end
     end
-    n[SW] = sw; n[SWP] = swp; n[SWL] = swl; n[SWPL] = swpl; n[SWR] = swr; n[SWRL] = swrl; n[NR] = nr
+    n[SW] = sw; n[SWP] = swp; n[SWL] = swl; n[SWPL] = swpl
     sw = sw + swl; swp = swp + swpl
     local had = n[PR]
     local pp_old = had or 0
@@ -480,15 +493,20 @@ local function propagate(child, created, removed, child_start, w_add, w_sub, wp_
       pp_new = op and tonumber(op)
       n[PR] = pp_new or false
     end
-    refresh_eta(n, t, pp_new or 0, n[STATUS], pp_new and (pp_new ~= pp_old or not had))
+    -- (a parent with neither children's rates nor a rate of its own has nothing to refresh)
+    if n[SWR] ~= 0 or rate_old or n[RT] or sw <= EPS then
+      refresh_eta(n, t, pp_new or 0, n[STATUS], pp_new and (pp_new ~= pp_old or not had))
+    end
     pp_new = pp_new or 0
     if lm then n[LM] = lm end
     local pw = n[W]
+    local rate_new = n[RATE]
+    wr_add = rate_new and pw * rate_new or 0
+    wr_sub = (not p_created and rate_old) and pw * rate_old or 0
     if p_created then
-      w_add = pw; w_sub = 0; wp_add = pw * pp_new; wp_sub = 0; wr_add = pw * (n[RATE] or 0); wr_sub = 0
+      w_add = pw; w_sub = 0; wp_add = pw * pp_new; wp_sub = 0
     else
       w_add = 0; w_sub = 0; wp_add = pw * pp_new; wp_sub = pw * pp_old
-      wr_add = pw * (n[RATE] or 0); wr_sub = pw * rate_old
     end
     created = p_created
     removed = false
