@@ -47,12 +47,28 @@ impl AmqpConfig {
     }
 }
 
+/// The kind of queue the aggregator declares (`CAIRN_AMQP_QUEUE_TYPE`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic queues: one broker node holds each (the default).
+    #[default]
+    Classic,
+    /// Quorum queues, replicated over a clustered broker: a message redelivered more than
+    /// [`QUORUM_DELIVERY_LIMIT`] times (a message that keeps crashing its consumer) is
+    /// dead-lettered to `{queue}.dead` rather than retried forever or dropped.
+    Quorum,
+}
+
+/// Deliveries of one message to a quorum queue's consumers before it is dead-lettered.
+pub const QUORUM_DELIVERY_LIMIT: i64 = 20;
+
 /// The exchanges and queues the aggregator consumes from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
     pub exchange: String,
     pub queue: String,
     pub shards: u16,
+    pub queue_type: QueueType,
 }
 
 impl Topology {
@@ -81,7 +97,11 @@ impl Topology {
         let dead = self.dead_letter_exchange();
         channel.exchange_declare(name(&dead), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
         let queue_options = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(name(&dead), queue_options, FieldTable::default()).await?;
+        let mut dead_args = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        channel.queue_declare(name(&dead), queue_options, dead_args).await?;
         channel
             .queue_bind(
                 name(&dead),
@@ -94,6 +114,11 @@ impl Topology {
 
         let mut args = FieldTable::default();
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        if self.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(QUORUM_DELIVERY_LIMIT));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dead.clone().into()));
+        }
         if self.shards <= 1 {
             let queue = self.shard_queue(0);
             channel.queue_declare(name(&queue), queue_options, args).await?;
@@ -156,7 +181,12 @@ pub fn name(s: &str) -> ShortString {
 /// Explains the errors that have a known cause, so the log says what to do.
 pub fn explain(error: &lapin::Error) -> String {
     let text = error.to_string();
-    if text.contains("x-consistent-hash") || text.contains("invalid exchange type") {
+    if text.contains("inequivalent arg") {
+        format!(
+            "{text} (a queue of this name exists with other settings, such as another CAIRN_AMQP_QUEUE_TYPE: \
+             drain and delete it, or use another CAIRN_PROGRESS_QUEUE)"
+        )
+    } else if text.contains("x-consistent-hash") || text.contains("invalid exchange type") {
         format!(
             "{text} (enable the plugin: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange, or use one shard)"
         )

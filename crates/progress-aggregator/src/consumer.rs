@@ -3,9 +3,10 @@
 //!
 //! Order: each shard queue has a single active consumer and one batch is handled at a time per
 //! shard, in delivery order, so updates with one routing key are applied in publish order even
-//! with several aggregator replicas. A failed batch is never acked: RabbitMQ redelivers it, and
+//! with several aggregator replicas, which share the shards ([`crate::shards`]). A failed batch is never acked: RabbitMQ redelivers it, and
 //! applying an update again leaves the same tree.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cairn_amqp::{Topology, connect_with_retry, explain, name};
 use cairn_progress::parse_message;
 use cairn_redis::progress::{Change, ProgressStore, StoreError};
+use cairn_redis::streams::LeaseState;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -21,9 +23,11 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::shards::{ShardLeases, fair_share, plan};
 
 /// Header a Cairn publisher sets: the update time (ms epoch) to store, so a redelivered message
 /// leaves the identical tree. Messages without it (SCA publishers) get the time they are applied.
@@ -286,20 +290,24 @@ async fn dead_letter(
     if confirm.is_ack() { Ok(()) } else { Err(ConsumeError::NotConfirmed) }
 }
 
-/// Keeps consumers running on every shard queue until `cancel` fires, reconnecting (and
-/// re-declaring the topology) whenever the connection is lost. `connected` tells readiness.
+/// Keeps consumers running on this replica's share of the shard queues until `cancel` fires,
+/// reconnecting (and re-declaring the topology) whenever the connection is lost. `connected`
+/// tells readiness. Shards are shared with the other replicas through `leases` (see
+/// [`crate::shards`]); on shutdown this replica stops its shards and hands their leases back.
 pub async fn run(
     store: ProgressStore,
     settings: ConsumerSettings,
+    leases: ShardLeases,
     connected: Arc<AtomicBool>,
     stalls: Arc<Stalls>,
     cancel: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
+    let mut owner = Owner::new(leases);
     while !cancel.is_cancelled() {
         let Some(conn) = connect_with_retry(&settings.url, &cancel).await else { break };
         let started = Instant::now();
-        match consume(&conn, &store, &settings, &connected, &stalls, &cancel).await {
+        match consume(&conn, &store, &settings, &mut owner, &connected, &stalls, &cancel).await {
             Ok(()) => info!("progress consumers stopped"),
             Err(error) => warn!(error = %error, "progress consumers lost their connection; reconnecting"),
         }
@@ -315,12 +323,118 @@ pub async fn run(
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+    owner.hand_back_all().await;
+}
+
+/// The shards this replica holds, and the consumers running on them.
+struct Owner {
+    leases: ShardLeases,
+    /// Shards whose lease this replica holds.
+    held: BTreeSet<u16>,
+    /// The consumer of each held shard on the current connection, with its stop token.
+    running: BTreeMap<u16, (CancellationToken, JoinHandle<Result<(), ConsumeError>>)>,
+}
+
+impl Owner {
+    fn new(leases: ShardLeases) -> Self {
+        Self { leases, held: BTreeSet::new(), running: BTreeMap::new() }
+    }
+
+    fn set_owned(&self, shard: u16, owned: bool) {
+        metrics::gauge!("cairn_aggregator_shard_owned", "shard" => shard.to_string()).set(if owned {
+            1.0
+        } else {
+            0.0
+        });
+    }
+
+    /// Stops one shard's consumer: it finishes the batch in hand, and its channel closes, which
+    /// gives its unacked messages back to the queue in order.
+    async fn stop(&mut self, shard: u16) {
+        if let Some((token, handle)) = self.running.remove(&shard) {
+            token.cancel();
+            if let Ok(Err(error)) = handle.await {
+                warn!(shard, %error, "shard stopped with an error");
+            }
+        }
+    }
+
+    /// Renews the leases held, aims at the fair share (handing back or taking shards), and
+    /// returns the shards to start consuming.
+    async fn rebalance(&mut self, shards: u16) -> Vec<u16> {
+        let members = match self.leases.heartbeat(now_ms()).await {
+            Ok(members) => members,
+            Err(error) => {
+                // Redis away: keep what is running (the leases run out on their own if this lasts).
+                warn!(%error, "cannot announce this aggregator replica in redis; keeping its shards");
+                return Vec::new();
+            }
+        };
+        metrics::gauge!("cairn_aggregator_replicas").set(members as f64);
+        for shard in self.held.clone() {
+            match self.leases.acquire_or_renew(shard).await {
+                Ok(LeaseState::HeldBy(other)) => {
+                    warn!(shard, holder = %other, "lost the lease of a shard; stopping it");
+                    self.stop(shard).await;
+                    self.held.remove(&shard);
+                    self.set_owned(shard, false);
+                }
+                Ok(_) => {}
+                Err(error) => warn!(shard, %error, "cannot renew a shard lease"),
+            }
+        }
+        let target = fair_share(shards, members);
+        let plan = plan(shards, &self.held, target, self.leases.start());
+        for shard in plan.release {
+            self.stop(shard).await;
+            if let Err(error) = self.leases.release(shard).await {
+                warn!(shard, %error, "cannot hand a shard lease back; it runs out by itself");
+            }
+            self.held.remove(&shard);
+            self.set_owned(shard, false);
+            info!(shard, members, "handed a shard to another replica");
+        }
+        for shard in plan.candidates {
+            if self.held.len() >= target {
+                break;
+            }
+            match self.leases.acquire_or_renew(shard).await {
+                Ok(state) if state.is_held() => {
+                    self.held.insert(shard);
+                    self.set_owned(shard, true);
+                    info!(shard, members, "took a shard");
+                }
+                Ok(_) => {}
+                Err(error) => warn!(shard, %error, "cannot take a shard lease"),
+            }
+        }
+        self.held.iter().filter(|shard| !self.running.contains_key(shard)).copied().collect()
+    }
+
+    /// Stops every consumer (they finish their batches) without handing the leases back: the
+    /// connection is being replaced, and the next one consumes the same shards.
+    async fn stop_all(&mut self) {
+        for shard in self.running.keys().copied().collect::<Vec<_>>() {
+            self.stop(shard).await;
+        }
+    }
+
+    /// Shutdown: stops everything, then hands every lease back so the others take over at once.
+    async fn hand_back_all(&mut self) {
+        self.stop_all().await;
+        for shard in std::mem::take(&mut self.held) {
+            let _ = self.leases.release(shard).await;
+            self.set_owned(shard, false);
+        }
+        let _ = self.leases.leave().await;
+    }
 }
 
 async fn consume(
     conn: &Connection,
     store: &ProgressStore,
     settings: &ConsumerSettings,
+    owner: &mut Owner,
     connected: &AtomicBool,
     stalls: &Arc<Stalls>,
     cancel: &CancellationToken,
@@ -329,94 +443,128 @@ async fn consume(
     settings.topology.declare(&setup).await.inspect_err(|e| {
         warn!(error = %explain(e), "cannot declare the progress topology");
     })?;
-    let mut shards = JoinSet::new();
-    // Stops this connection's shards (shutdown, or one shard failing): each finishes the store
-    // in flight before returning, so no store of this connection outlives it.
-    let stop = cancel.child_token();
-    for queue in settings.topology.queues() {
-        let channel = conn.create_channel().await?;
-        channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
-        let consumer = channel
-            .basic_consume(name(&queue), name(""), BasicConsumeOptions::default(), FieldTable::default())
-            .await?;
-        let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        let dead_letters = DeadLetters { channel, topology: settings.topology.clone() };
-        let (store, batch, stalls, cancel) = (store.clone(), settings.batch, stalls.clone(), stop.clone());
-        shards.spawn(async move {
-            let mut batches = consumer.ready_chunks(batch.max(1));
-            // One batch is stored while the next is parsed: Redis and this process overlap.
-            // Stores (and acks) stay in delivery order: a batch starts storing only after the
-            // one before it is stored and acked.
-            let mut in_flight: Option<tokio::task::JoinHandle<Result<BatchReport, ConsumeError>>> = None;
-            let result = loop {
-                // Shutdown stops intake between batches; a batch in hand is finished first.
-                let next = tokio::select! {
-                    () = cancel.cancelled() => break Ok(()),
-                    next = batches.next() => next,
-                };
-                let Some(results) = next else { break Err(ConsumeError::Ended) };
-                let mut deliveries = Vec::with_capacity(results.len());
-                let mut failure = None;
-                for result in results {
-                    match result {
-                        Ok(delivery) => deliveries.push(delivery),
-                        Err(e) => failure = Some(e),
-                    }
+    connected.store(true, Ordering::SeqCst);
+    metrics::gauge!("cairn_aggregator_amqp_connected").set(1.0);
+    let queues = settings.topology.queues();
+    let shards = queues.len() as u16;
+    info!(queues = queues.len(), instance = owner.leases.instance(), "consuming progress");
+    // A shard consumer that ends by itself means the connection (or its channel) is gone.
+    let (failed_tx, mut failed) = tokio::sync::mpsc::channel::<(u16, ConsumeError)>(queues.len().max(1));
+    let mut ticks = tokio::time::interval(owner.leases.ttl() / 3);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let outcome = loop {
+        tokio::select! {
+            () = cancel.cancelled() => break Ok(()),
+            Some((shard, error)) = failed.recv() => {
+                warn!(shard, %error, "a shard consumer failed");
+                break Err(error);
+            }
+            _ = ticks.tick() => {
+                for shard in owner.rebalance(shards).await {
+                    let token = cancel.child_token();
+                    let queue = queues[usize::from(shard)].clone();
+                    let task = match run_shard(conn, queue, store.clone(), settings, stalls.clone(), token.clone()).await {
+                        Ok(task) => task,
+                        Err(error) => {
+                            let _ = failed_tx.try_send((shard, error));
+                            break;
+                        }
+                    };
+                    let failed_tx = failed_tx.clone();
+                    let stopped = token.clone();
+                    let handle = tokio::spawn(async move {
+                        let result = task.await;
+                        if result.is_err() && !stopped.is_cancelled() {
+                            let _ = failed_tx.try_send((shard, ConsumeError::Ended));
+                        }
+                        result
+                    });
+                    owner.running.insert(shard, (token, handle));
                 }
-                let prepared = match prepare_batch(&dead_letters, deliveries).await {
-                    Ok(prepared) => prepared,
-                    Err(error) => break Err(error),
-                };
-                if let Some(previous) = in_flight.take() {
-                    match previous.await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(error)) => break Err(error),
-                        Err(_) => break Err(ConsumeError::Ended),
-                    }
+            }
+        }
+    };
+    connected.store(false, Ordering::SeqCst);
+    // Each shard finishes the batch it holds (on shutdown, the caller bounds this by the grace
+    // period) before the connection goes.
+    owner.stop_all().await;
+    outcome
+}
+
+/// Starts consuming one shard queue on `conn`: returns the consumer's future, which runs until
+/// `stop` fires (then finishes the batch in hand, closes its channel so RabbitMQ gives the
+/// messages it prefetched back to the queue, and returns) or the channel fails.
+async fn run_shard(
+    conn: &Connection,
+    queue: String,
+    store: ProgressStore,
+    settings: &ConsumerSettings,
+    stalls: Arc<Stalls>,
+    stop: CancellationToken,
+) -> Result<impl std::future::Future<Output = Result<(), ConsumeError>> + Send + 'static, ConsumeError> {
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+    let consumer = channel
+        .basic_consume(name(&queue), name(""), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let confirm = conn.create_channel().await?;
+    confirm.confirm_select(ConfirmSelectOptions::default()).await?;
+    let dead_letters = DeadLetters { channel: confirm, topology: settings.topology.clone() };
+    let batch = settings.batch;
+    Ok(async move {
+        let mut batches = consumer.ready_chunks(batch.max(1));
+        // One batch is stored while the next is parsed: Redis and this process overlap.
+        // Stores (and acks) stay in delivery order: a batch starts storing only after the
+        // one before it is stored and acked.
+        let mut in_flight: Option<tokio::task::JoinHandle<Result<BatchReport, ConsumeError>>> = None;
+        let result = loop {
+            // A stop ends intake between batches; a batch in hand is finished first.
+            let next = tokio::select! {
+                () = stop.cancelled() => break Ok(()),
+                next = batches.next() => next,
+            };
+            let Some(results) = next else { break Err(ConsumeError::Ended) };
+            let mut deliveries = Vec::with_capacity(results.len());
+            let mut failure = None;
+            for result in results {
+                match result {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err(e) => failure = Some(e),
                 }
-                let (store, dead_letters, stalls, cancel) =
-                    (store.clone(), dead_letters.clone(), stalls.clone(), cancel.clone());
-                in_flight = Some(tokio::spawn(async move {
-                    let started = Instant::now();
-                    let report = commit_batch(&store, &dead_letters, prepared, &stalls, &cancel).await;
-                    metrics::histogram!("cairn_progress_batch_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    report
-                }));
-                if let Some(e) = failure {
-                    break Err(e.into());
-                }
+            }
+            let prepared = match prepare_batch(&dead_letters, deliveries).await {
+                Ok(prepared) => prepared,
+                Err(error) => break Err(error),
             };
             if let Some(previous) = in_flight.take() {
                 match previous.await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(error)) => return Err(error),
-                    Err(_) => return Err(ConsumeError::Ended),
+                    Ok(Err(error)) => break Err(error),
+                    Err(_) => break Err(ConsumeError::Ended),
                 }
             }
-            result
-        });
-    }
-    connected.store(true, Ordering::SeqCst);
-    metrics::gauge!("cairn_aggregator_amqp_connected").set(1.0);
-    info!(queues = settings.topology.queues().len(), "consuming progress");
-    // Any shard failing means the connection (or its channels) is gone: start over.
-    let mut outcome = Ok(());
-    if let Some(joined) = shards.join_next().await {
-        outcome = joined.unwrap_or(Err(ConsumeError::Ended));
-    }
-    connected.store(false, Ordering::SeqCst);
-    if cancel.is_cancelled() {
-        // Let every shard finish the batch it holds (the caller bounds this by the grace period).
-        while let Some(joined) = shards.join_next().await {
-            if let Ok(Err(error)) = joined {
-                warn!(%error, "shard stopped with an error during shutdown");
+            let (store, dead_letters, stalls, stop) =
+                (store.clone(), dead_letters.clone(), stalls.clone(), stop.clone());
+            in_flight = Some(tokio::spawn(async move {
+                let started = Instant::now();
+                let report = commit_batch(&store, &dead_letters, prepared, &stalls, &stop).await;
+                metrics::histogram!("cairn_progress_batch_seconds").record(started.elapsed().as_secs_f64());
+                report
+            }));
+            if let Some(e) = failure {
+                break Err(e.into());
             }
-        }
-        return Ok(());
-    }
-    stop.cancel();
-    while shards.join_next().await.is_some() {}
-    outcome
+        };
+        let last = match in_flight.take() {
+            Some(previous) => match previous.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(error),
+                Err(_) => Err(ConsumeError::Ended),
+            },
+            None => Ok(()),
+        };
+        // Closing the channel hands back what was prefetched but not acked, in queue order.
+        let _ = channel.close(200, "shard stopped".into()).await;
+        result.and(last)
+    })
 }

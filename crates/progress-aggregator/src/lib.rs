@@ -4,6 +4,7 @@
 
 pub mod consumer;
 pub mod grpc;
+pub mod shards;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use cairn_amqp::{AmqpConfig, Topology};
+use cairn_amqp::{AmqpConfig, QueueType, Topology};
 use cairn_proto::v1::progress_server::ProgressServer;
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration, serve_admin};
@@ -24,6 +25,7 @@ use tracing::info;
 
 use crate::consumer::{ConsumerSettings, Stalls};
 use crate::grpc::ProgressService;
+use crate::shards::ShardLeases;
 
 /// Settings of the aggregator: flags, or `CAIRN_*` environment variables.
 #[derive(clap::Parser, Debug, Clone)]
@@ -53,6 +55,18 @@ pub struct Config {
     #[arg(long, env = "CAIRN_PROGRESS_SHARDS", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub shards: u16,
+    /// Kind of queues to declare: `classic`, or `quorum` for a clustered broker (with a delivery
+    /// limit, past which a message is dead-lettered). Every replica must use the same.
+    #[arg(long, env = "CAIRN_AMQP_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
+    pub queue_type: QueueType,
+    /// How long a replica's hold on a shard lasts without renewal: a replica that dies hands its
+    /// shards to the others this long after (renewed every third of it).
+    #[arg(long, env = "CAIRN_AGGREGATOR_LEASE_TTL", default_value = "10s", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
+    /// This replica's name among the aggregators sharing the shards; unique per process
+    /// (default: host, pid and a random tag).
+    #[arg(long = "name", env = "CAIRN_AGGREGATOR_NAME")]
+    pub name: Option<String>,
     /// Unacknowledged messages RabbitMQ may hand each shard consumer.
     #[arg(long, env = "CAIRN_AGGREGATOR_PREFETCH", default_value_t = 2000,
           value_parser = clap::value_parser!(u16).range(1..))]
@@ -68,9 +82,22 @@ pub struct Config {
     pub grace: Duration,
 }
 
+fn parse_lease_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < Duration::from_millis(300) {
+        return Err(format!("the lease ttl must be at least 300ms, got {text}"));
+    }
+    Ok(ttl)
+}
+
 impl Config {
     pub fn topology(&self) -> Topology {
-        Topology { exchange: self.amqp.exchange.clone(), queue: self.queue.clone(), shards: self.shards }
+        Topology {
+            exchange: self.amqp.exchange.clone(),
+            queue: self.queue.clone(),
+            shards: self.shards,
+            queue_type: self.queue_type,
+        }
     }
 }
 
@@ -145,9 +172,19 @@ impl App {
             batch: config.batch as usize,
         };
         let stalls = Arc::new(Stalls::default());
+        let topology = config.topology();
+        let leases = ShardLeases::new(
+            redis.clone(),
+            &config.redis.prefix,
+            &topology.queue,
+            &topology.queues(),
+            config.name.clone().unwrap_or_else(shards::default_instance_name),
+            config.lease_ttl,
+        );
         let consumers = tokio::spawn(consumer::run(
             store.clone(),
             settings,
+            leases,
             connected.clone(),
             stalls.clone(),
             shutdown.clone(),
@@ -252,5 +289,6 @@ mod tests {
         assert!(Config::try_parse_from(["progress-aggregator", "--shards", "0"]).is_err());
         assert!(Config::try_parse_from(["progress-aggregator", "--key-prefix", "a b"]).is_err());
         assert!(Config::try_parse_from(["progress-aggregator", "--grace", "soon"]).is_err());
+        assert!(Config::try_parse_from(["progress-aggregator", "--lease-ttl", "10ms"]).is_err());
     }
 }

@@ -44,16 +44,24 @@ impl Drop for Running {
 }
 
 async fn start(ns: &RedisNamespace, vhost: &AmqpVhost, shards: u16) -> Running {
-    let config = Config::try_parse_from([
-        "progress-aggregator",
-        "--grpc-addr=127.0.0.1:0",
-        "--admin-addr=127.0.0.1:0",
-        &format!("--redis-url={}", ns.url),
-        &format!("--key-prefix={}", ns.prefix),
-        &format!("--amqp-url={}", vhost.url),
-        &format!("--shards={shards}"),
-        "--grace=5s",
-    ])
+    start_with(ns, vhost, shards, &[]).await
+}
+
+async fn start_with(ns: &RedisNamespace, vhost: &AmqpVhost, shards: u16, extra: &[&str]) -> Running {
+    let config = Config::try_parse_from(
+        [
+            "progress-aggregator",
+            "--grpc-addr=127.0.0.1:0",
+            "--admin-addr=127.0.0.1:0",
+            &format!("--redis-url={}", ns.url),
+            &format!("--key-prefix={}", ns.prefix),
+            &format!("--amqp-url={}", vhost.url),
+            &format!("--shards={shards}"),
+            "--grace=5s",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied()),
+    )
     .expect("valid config");
     let app = App::build(config).await.expect("aggregator builds");
     let grpc = format!("http://{}", app.grpc_addr());
@@ -156,6 +164,41 @@ async fn poison_messages_are_dead_lettered_while_good_ones_apply() {
     assert!(reasons[2].contains("bad..key"), "reason names the routing key: {}", reasons[2]);
     assert!(reasons[3].contains("_t.other"), "reason names the key outside the subtree: {}", reasons[3]);
     assert_eq!(vhost.get_message("progress.dead").await, None, "exactly the four poison messages");
+}
+
+/// With `CAIRN_AMQP_QUEUE_TYPE=quorum` the shard and dead-letter queues are quorum queues (a
+/// classic declaration of the same name is refused), and updates and dead letters flow as before.
+#[tokio::test]
+async fn quorum_queues_carry_updates_and_dead_letters() {
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let aggregator = start_with(&ns, &vhost, 2, &["--queue-type=quorum"]).await;
+    let (conn, channel) = publisher(&vhost).await;
+    let store = store(&ns);
+    publish(&channel, "_t.q.a", br#"{"progress": 0.5}"#, None).await;
+    publish(&channel, "_t.q.b", b"{not json", None).await;
+    publish(&channel, "_t.q.b", br#"{"progress": 1}"#, None).await;
+    wait_until("updates applied through quorum queues", WAIT, || async {
+        progress_of(&store, "_t.q").await == Some(0.75)
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let letter = loop {
+        if let Some(message) = vhost.get_message("progress.dead").await {
+            break message;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the poison message reaches progress.dead");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(letter["properties"]["headers"][ERROR_HEADER].as_str().unwrap_or_default().contains("JSON"));
+    for queue in ["progress.0", "progress.1", "progress.dead"] {
+        let classic = conn.create_channel().await.unwrap();
+        let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+        let refused = classic.queue_declare(queue.into(), durable, FieldTable::default()).await;
+        let error = refused.expect_err("a classic declaration of a quorum queue is refused").to_string();
+        assert!(error.contains("inequivalent arg"), "{queue}: {error}");
+    }
+    aggregator.stop().await;
 }
 
 /// A valid message that Redis refuses (here: its node's key holds a string) is dead-lettered

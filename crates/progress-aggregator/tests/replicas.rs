@@ -1,0 +1,203 @@
+//! Aggregator replicas as separate OS processes sharing the shard queues (SPEC §8): each holds
+//! about shards/replicas of them (its `/metrics` says which), and when one is killed with
+//! SIGKILL its shards move to the others within the lease, with per-key order kept.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cairn_progress::Key;
+use cairn_redis::progress::ReadOptions;
+use cairn_redis::{ProgressStore, RedisConfig};
+use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_progress-aggregator");
+const SHARDS: u16 = 6;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One aggregator process; killed when dropped.
+struct Replica {
+    child: Child,
+    admin: String,
+}
+
+impl Replica {
+    fn start(ns: &RedisNamespace, vhost: &AmqpVhost, name: &str) -> Replica {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(BIN)
+            .args([
+                "--grpc-addr=127.0.0.1:0",
+                &format!("--admin-addr={admin}"),
+                &format!("--redis-url={}", ns.url),
+                &format!("--key-prefix={}", ns.prefix),
+                &format!("--amqp-url={}", vhost.url),
+                &format!("--shards={SHARDS}"),
+                "--lease-ttl=1500ms",
+                &format!("--name={name}"),
+                "--grace=5s",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the aggregator binary starts");
+        Replica { child, admin }
+    }
+
+    /// The shards this replica's `/metrics` says it owns; empty while it cannot answer.
+    async fn owned(&self) -> BTreeSet<u16> {
+        let Ok(text) = get(&self.admin, "/metrics").await else { return BTreeSet::new() };
+        text.lines()
+            .filter_map(|line| line.strip_prefix("cairn_aggregator_shard_owned{shard=\""))
+            .filter_map(|rest| rest.split_once("\"} "))
+            .filter(|(_, value)| value.trim() == "1")
+            .filter_map(|(shard, _)| shard.parse().ok())
+            .collect()
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.0 GET (the admin port closes the connection after the answer).
+async fn get(addr: &str, path: &str) -> std::io::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
+/// Waits until the replicas own disjoint sets covering every shard, each at most `most`.
+async fn wait_for_spread(replicas: &[&Replica], most: usize) -> Vec<BTreeSet<u16>> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut owned = Vec::new();
+        for replica in replicas {
+            owned.push(replica.owned().await);
+        }
+        let total: usize = owned.iter().map(BTreeSet::len).sum();
+        let union: BTreeSet<u16> = owned.iter().flatten().copied().collect();
+        if total == usize::from(SHARDS)
+            && union.len() == usize::from(SHARDS)
+            && owned.iter().all(|o| o.len() <= most)
+        {
+            return owned;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the shards never spread over the replicas: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn publisher(vhost: &AmqpVhost) -> (Connection, Channel) {
+    let conn = Connection::connect(&vhost.url, ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    channel
+        .exchange_declare("progress".into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .await
+        .unwrap();
+    (conn, channel)
+}
+
+async fn publish(channel: &Channel, routing_key: &str, body: &[u8]) {
+    let confirm = channel
+        .basic_publish(
+            "progress".into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_shards_and_a_killed_ones_move_within_the_lease() {
+    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    let mut replicas = [
+        Replica::start(&ns, &vhost, "agg-a"),
+        Replica::start(&ns, &vhost, "agg-b"),
+        Replica::start(&ns, &vhost, "agg-c"),
+    ];
+    // Six shards over three replicas: two each.
+    let owned = wait_for_spread(&replicas.iter().collect::<Vec<_>>(), 2).await;
+    assert!(owned.iter().all(|o| o.len() == 2), "{owned:?}");
+
+    let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
+    let store = ProgressStore::new(config.manager().unwrap(), ns.prefix.clone());
+    let (_conn, channel) = publisher(&vhost).await;
+    let (keys, steps) = (24, 40);
+    for step in 0..steps {
+        if step == steps / 2 {
+            // One replica dies without a word, batches in hand; its leases run out and the
+            // others take its shards.
+            replicas[0].kill();
+        }
+        for k in 0..keys {
+            let body = json!({"seq": step, "progress": f64::from(step) / f64::from(steps - 1)}).to_string();
+            publish(&channel, &format!("_t.o.k{k}"), body.as_bytes()).await;
+        }
+    }
+    let survivors: Vec<&Replica> = replicas[1..].iter().collect();
+    let owned = wait_for_spread(&survivors, 3).await;
+    assert!(owned.iter().all(|o| o.len() == 3), "the survivors hold three shards each: {owned:?}");
+
+    let last = json!(steps - 1);
+    wait_until("the last update of every key applied", WAIT, || async {
+        let mut done = true;
+        for k in 0..keys {
+            let node = store
+                .get(&Key::parse(&format!("_t.o.k{k}")).unwrap(), &ReadOptions::default())
+                .await
+                .unwrap();
+            done &= node.is_some_and(|n| n.fields.get("seq") == Some(&last));
+        }
+        done
+    })
+    .await
+    .unwrap();
+    // A reordered straggler would overwrite a final state: give it the chance, then check again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for k in 0..keys {
+        let node = store
+            .get(&Key::parse(&format!("_t.o.k{k}")).unwrap(), &ReadOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(node.fields.get("seq"), Some(&last), "key k{k} ends at its last update");
+        assert_eq!(node.progress(), Some(1.0));
+    }
+
+    // A replica that joins takes its share back from the others.
+    let joined = Replica::start(&ns, &vhost, "agg-d");
+    let all: Vec<&Replica> = replicas[1..].iter().chain(std::iter::once(&joined)).collect();
+    let owned = wait_for_spread(&all, 2).await;
+    assert!(owned.iter().all(|o| o.len() == 2), "{owned:?}");
+}
