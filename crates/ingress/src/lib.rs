@@ -94,7 +94,8 @@ pub struct Config {
     /// Longest `Prefer: wait` honoured; longer waits are cut to it.
     #[arg(long, env = "CAIRN_MAX_WAIT", default_value = "60s", value_parser = parse_duration)]
     pub max_wait: Duration,
-    /// How often a waiting client's request is re-read in case its reply was missed.
+    /// First pause before a waiting client's request is re-read in case its reply was missed or
+    /// went to another replica; it doubles after each re-read, up to 4 s.
     #[arg(long, env = "CAIRN_REPLY_POLL_INTERVAL", default_value = "500ms", value_parser = positive_duration)]
     pub reply_poll_interval: Duration,
     /// The processors' handlers file (TOML); only its `[handlers.NAME]` names are read. Without

@@ -25,6 +25,8 @@ use crate::replies::{Waiter, Waiters};
 
 /// Bound on every Redis call made while answering a client.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause between two re-reads of a waited-on request (see `wait_terminal`).
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(4);
 /// Oldest group lag a backpressure decision may use.
 const LAG_MAX_AGE: Duration = Duration::from_millis(500);
 
@@ -312,7 +314,11 @@ impl Requests {
     }
 
     /// Waits until the request is terminal, `wait` has passed or the replica drains; the record
-    /// as last read. Woken by replies, and re-reads on a timer in case one was missed.
+    /// as last read. Woken by replies; re-reads on a timer too, for a reply that was missed (the
+    /// reader reconnecting) or that went to another replica (a long-poll `GET` of a request
+    /// submitted elsewhere). The timer starts at `poll_interval` and doubles up to
+    /// [`MAX_POLL_INTERVAL`], so ten thousand long waits cost a few reads a second, not twenty
+    /// thousand.
     async fn wait_terminal(
         &self,
         mut record: RequestRecord,
@@ -320,12 +326,14 @@ impl Requests {
         wait: Duration,
     ) -> RequestRecord {
         let deadline = Instant::now() + wait;
+        let mut interval = self.settings.poll_interval;
         loop {
             let now = Instant::now();
             if record.state.is_terminal() || now >= deadline || self.draining.is_cancelled() {
                 return record;
             }
-            let nap = self.settings.poll_interval.min(deadline - now);
+            let nap = interval.min(deadline - now);
+            interval = (interval * 2).min(MAX_POLL_INTERVAL.max(self.settings.poll_interval));
             tokio::select! {
                 () = waiter.notified() => {}
                 () = tokio::time::sleep(nap) => {}
