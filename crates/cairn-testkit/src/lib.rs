@@ -2,7 +2,8 @@
 //! shared Redis and RabbitMQ and leave nothing behind: a Redis key prefix per test (keys deleted
 //! on drop), a throw-away `redis-server` process for tests that kill or restart Redis, a fresh
 //! RabbitMQ vhost per test (deleted on drop, with management-API helpers to drop connections and
-//! read queues), unique names and a polling `wait_until` used instead of sleeps.
+//! read queues), a TCP proxy that cuts a shared server off from the code under test, unique names
+//! and a polling `wait_until` used instead of sleeps.
 //!
 //! Fixtures panic with a message naming the problem (and the environment variable to set) when
 //! setup fails: a test without its environment should fail right there, loudly.
@@ -14,6 +15,7 @@
 mod amqp;
 mod redis_namespace;
 mod redis_server;
+mod tcp_proxy;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 pub use amqp::AmqpVhost;
 pub use redis_namespace::RedisNamespace;
 pub use redis_server::RedisServer;
+pub use tcp_proxy::TcpProxy;
 
 /// How often [`wait_until`] re-evaluates its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
