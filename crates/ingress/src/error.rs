@@ -167,7 +167,7 @@ impl From<RequestsError> for ApiError {
             RequestsError::Invalid(_) | RequestsError::UnknownHandler { .. } => {
                 ApiError::BadRequest(error.to_string())
             }
-            RequestsError::Overloaded { .. } => ApiError::Overloaded(error.to_string()),
+            RequestsError::Overloaded { .. } | RequestsError::Busy => ApiError::Overloaded(error.to_string()),
             RequestsError::Missing { id } => ApiError::RequestMissing { id },
             RequestsError::NotDeadLetter { .. } => ApiError::NotFound(error.to_string()),
             RequestsError::IdempotencyConflict { .. }

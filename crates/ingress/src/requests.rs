@@ -42,6 +42,8 @@ pub enum RequestsError {
         "too many requests are waiting to be processed ({lag} queued, the limit is {max}); retry shortly"
     )]
     Overloaded { lag: u64, max: u64 },
+    #[error("too many large submissions are being read at once; retry shortly")]
+    Busy,
     #[error("idempotency key {key:?} was already used with a different request body")]
     IdempotencyConflict { key: String },
     #[error("no request {id}")]
@@ -67,7 +69,7 @@ impl RequestsError {
             RequestsError::Invalid(e) if e.is_too_large() => "too_large",
             RequestsError::Invalid(_) => "invalid",
             RequestsError::UnknownHandler { .. } => "unknown_handler",
-            RequestsError::Overloaded { .. } => "backpressure",
+            RequestsError::Overloaded { .. } | RequestsError::Busy => "backpressure",
             RequestsError::IdempotencyConflict { .. } => "conflict",
             RequestsError::Unavailable => "unavailable",
             _ => "internal",
@@ -168,7 +170,18 @@ pub struct Requests {
     lag: tokio::sync::Mutex<Option<LagSample>>,
     /// Fires when the replica starts draining; waits end early then.
     draining: CancellationToken,
+    /// KiB of large bodies being parsed at once (see [`PARSE_BUDGET_KIB`]).
+    parsing: tokio::sync::Semaphore,
 }
+
+/// Bodies larger than this are parsed only within [`PARSE_BUDGET_KIB`].
+const LARGE_BODY: usize = 64 * 1024;
+/// How many KiB of large submission bodies one replica parses at once. A JSON document takes
+/// several times its size once parsed, so without a bound a thousand concurrent 2 MiB bodies
+/// would take tens of GB; with it, the parsed bodies stay within a few hundred MB and a body
+/// beyond the budget waits [`PARSE_WAIT`], then gets a 503 with `Retry-After`.
+const PARSE_BUDGET_KIB: usize = 64 * 1024;
+const PARSE_WAIT: Duration = Duration::from_secs(1);
 
 /// The group's lag as last read (`Err` when Redis did not answer), and when.
 #[derive(Debug, Clone, Copy)]
@@ -186,7 +199,16 @@ impl Requests {
         settings: Settings,
         draining: CancellationToken,
     ) -> Requests {
-        Requests { queue, store, waiters, handlers, settings, lag: tokio::sync::Mutex::new(None), draining }
+        Requests {
+            queue,
+            store,
+            waiters,
+            handlers,
+            settings,
+            lag: tokio::sync::Mutex::new(None),
+            draining,
+            parsing: tokio::sync::Semaphore::new(PARSE_BUDGET_KIB),
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -213,6 +235,16 @@ impl Requests {
     }
 
     async fn try_submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
+        // A large body parses only within the budget, and keeps its share until it is stored.
+        let _parsing = if body.len() > LARGE_BODY {
+            let kib = u32::try_from(body.len().div_ceil(1024).min(PARSE_BUDGET_KIB)).unwrap_or(u32::MAX);
+            match tokio::time::timeout(PARSE_WAIT, self.parsing.acquire_many(kib)).await {
+                Ok(Ok(permit)) => Some(permit),
+                _ => return Err(RequestsError::Busy),
+            }
+        } else {
+            None
+        };
         let submission = Submission::from_slice(body)?;
         self.check_handler(&submission.handler)?;
         self.check_backpressure().await?;
