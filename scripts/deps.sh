@@ -6,6 +6,8 @@
 # With CAIRN_STARTED_FILE set, appends "redis" / "rabbitmq" to that file for what it started, so
 # the caller can stop exactly that (scripts/dev.sh does).
 #
+# With --lint (.ci/run), only the linters: shellcheck and cargo-deny.
+#
 # With --browser (scripts/test.sh), also what the web UI's browser tests need: Debian's chromium
 # and Node (18 or later) with the test package's npm dependencies (crates/ingress/tests/ui, `npm ci`).
 set -euo pipefail
@@ -25,6 +27,17 @@ apt_install() {
   if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+
+if [ "${1:-}" = --lint ]; then
+  # What .ci/run lints with besides cargo: shellcheck for scripts/, cargo-deny for the dependency
+  # tree. Nothing else is needed, so no broker or browser.
+  if ! command -v shellcheck >/dev/null; then log "installing shellcheck"; apt_install shellcheck; fi
+  if ! command -v cargo-deny >/dev/null; then
+    log "installing cargo-deny (once; it compiles)"
+    cargo install --locked --quiet cargo-deny
+  fi
+  exit 0
+fi
 
 if ! command -v redis-server >/dev/null; then log "installing redis"; apt_install redis-server; fi
 if ! port_open 6379; then

@@ -73,7 +73,7 @@ callgrind_control -d "$vg" >/dev/null 2>&1
 redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true
 wait "$vg" 2>/dev/null || true
 
-profile=$(ls "$work"/cg.out.* | head -n1)
+profile=$(find "$work" -maxdepth 1 -name 'cg.out.*' | head -n1)
 callgrind_annotate --inclusive=yes --threshold=100 "$profile" >"$work/annotated.txt" 2>/dev/null
 if [ -n "${TOP:-}" ]; then # the functions with the most instructions of their own
   callgrind_annotate --threshold=100 "$profile" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | head -n "$TOP" >&2

@@ -1,7 +1,7 @@
 //! RabbitMQ for Cairn: connection settings, the progress topology, and the coalescing burst
 //! [`publisher`] that producers use to report progress.
 //!
-//! Topology (SPEC §2): publishers send to the durable topic exchange `progress` with the progress
+//! Topology (docs/contract.md §2): publishers send to the durable topic exchange `progress` with the progress
 //! key as routing key. With `shards > 1`, a consistent-hash exchange (`{exchange}.shards`, plugin
 //! `rabbitmq_consistent_hash_exchange`) spreads routing keys over `shards` durable queues
 //! `{queue}.{i}`; each queue has a single active consumer, so every routing key is applied by one

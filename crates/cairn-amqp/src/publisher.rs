@@ -3,7 +3,7 @@
 //! [`ProgressPublisher::publish`] never blocks and never fails. It folds the update into the
 //! pending state of its key ([`Update::merge`], later fields win), so memory is bounded by the
 //! number of distinct keys waiting, however fast a producer reports. Every
-//! [`PublisherConfig::interval`] (100 ms: at most ~10 bursts a second, SPEC §2) a background task
+//! [`PublisherConfig::interval`] (100 ms: at most ~10 bursts a second, docs/contract.md §2) a background task
 //! sends what is pending: one burst per route ([`Key::burst_route`]: the tree root, or the
 //! namespace holding it, so a thousand `_requests.{id}` trees make one message), routing key =
 //! the route, body = the updates of that route in first-seen order (split every
@@ -49,7 +49,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct PublisherConfig {
     /// AMQP URL (`amqp://user:pass@host:port/vhost`).
     pub url: String,
-    /// Durable topic exchange the bursts go to (SPEC default `progress`).
+    /// Durable topic exchange the bursts go to (default `progress`).
     pub exchange: String,
     /// Time between two flushes of the background task: at most one burst per route per interval.
     pub interval: Duration,
@@ -279,7 +279,7 @@ impl ProgressPublisher {
 
     /// Buffers the update: merged into the pending state of its key, so only the latest value of
     /// each field is sent. Never blocks on the network and never fails. An update that breaks
-    /// the limits of SPEC §2 is logged and dropped here, so it cannot get a whole burst
+    /// the limits of docs/contract.md §2 is logged and dropped here, so it cannot get a whole burst
     /// dead-lettered with the valid updates of other keys.
     pub fn publish(&self, key: Key, update: Update) {
         if let Err(e) = update.validate() {

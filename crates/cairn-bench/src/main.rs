@@ -36,6 +36,7 @@ mod live;
 mod progress;
 mod requests;
 mod soak;
+mod stats;
 
 use clap::Parser;
 

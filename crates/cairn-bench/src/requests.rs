@@ -15,6 +15,8 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::stats::percentile_ms;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Round trips measured with one client (after 200 warm-up ones).
@@ -38,14 +40,6 @@ const BODY: &str = r#"{"handler":"echo","payload":{"n":1}}"#;
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    (sorted[index].as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// Aggregator, ingress and processor in this process, in a fresh prefix and vhost.

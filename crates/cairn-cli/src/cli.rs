@@ -2,7 +2,7 @@
 
 use cairn_redis::RedisConfig;
 use cairn_runtime::LogConfig;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 
@@ -96,10 +96,14 @@ Examples:
     /// Run every service in this one process (ingress on :8080, aggregator gRPC on :50051,
     /// a request processor, the stream trimmer with its admin port on :9093).
     /// Each service is configured by its usual CAIRN_* variables.
-    #[command(after_help = "Example:\n  CAIRN_HANDLERS_FILE=handlers.toml cairn dev")]
+    #[command(after_help = "Examples:\n  CAIRN_HANDLERS_FILE=handlers.toml cairn dev\n  \
+cairn dev --only ingress,progress-aggregator   # the rest runs elsewhere")]
     Dev {
         #[command(flatten)]
         log: LogConfig,
+        /// Run only these services (comma-separated); the others are expected to run elsewhere.
+        #[arg(long, value_enum, value_delimiter = ',', env = "CAIRN_DEV_ONLY")]
+        only: Vec<Service>,
     },
     /// Print a shell completion script.
     #[command(after_help = "\
@@ -262,4 +266,13 @@ mod tests {
         assert_eq!(cli.global.url, "http://h:1");
         assert!(Cli::try_parse_from(["cairn", "status", "a", "--depth", "9"]).is_err());
     }
+}
+
+/// A service `cairn dev` can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Service {
+    Ingress,
+    ProgressAggregator,
+    RequestProcessor,
+    StreamTrimmer,
 }

@@ -38,7 +38,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli, out: Output) -> Result<Exit, CliError> {
     let client = || Client::new(&cli.global.url, cli.global.token.as_deref());
     match cli.command {
-        Command::Dev { log } => dev::dev(&log, cairn_runtime::shutdown_token()).await?,
+        Command::Dev { log, only } => dev::dev(&log, &only, cairn_runtime::shutdown_token()).await?,
         Command::Streams { redis } => streams::streams(&redis, out).await?,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "cairn", &mut std::io::stdout());

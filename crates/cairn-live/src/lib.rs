@@ -1,4 +1,4 @@
-//! Live progress (SPEC §2 Live): fans the Redis change feed out to this process's subscribers.
+//! Live progress (docs/contract.md §2 Live): fans the Redis change feed out to this process's subscribers.
 //!
 //! One reader per process tails the notification stream `P:pfeed` on a dedicated connection
 //! ([`cairn_redis::progress::feed`]). Subscribers are grouped by tree root into hubs
@@ -32,7 +32,7 @@ pub use hub::now_ms;
 
 use crate::hub::{HubHandle, SubSpec};
 
-/// Metric names (SPEC §5).
+/// Metric names (docs/contract.md §5).
 pub const SUBSCRIBERS_GAUGE: &str = "cairn_live_subscribers";
 pub const EVENTS_COUNTER: &str = "cairn_live_events_total";
 pub const COALESCED_COUNTER: &str = "cairn_live_coalesced_total";

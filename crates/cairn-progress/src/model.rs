@@ -28,7 +28,7 @@ pub struct Node {
     pub start_time: i64,
     /// Time of the last update of this node or of any descendant, ms since the epoch.
     pub update_time: i64,
-    /// The latest `msg` posted to this node or any descendant (SPEC `_last_msg`).
+    /// The latest `msg` posted to this node or any descendant (`_last_msg` in docs/contract.md).
     pub last_msg: Option<String>,
     /// Direct children: the nodes whose [`Key::parent`] is this node.
     pub children: BTreeSet<Key>,
@@ -51,7 +51,7 @@ pub struct Node {
     pub rated_children: u64,
 }
 
-/// How fast a node's progress moves and when it should reach 1 (SPEC §2 "Is it stuck?").
+/// How fast a node's progress moves and when it should reach 1 (docs/contract.md §2 "Is it stuck?").
 ///
 /// A leaf (or a parent whose children weigh nothing) measures its own rate: an exponential
 /// moving average of the progress it gained per millisecond, sampled at most once per
@@ -66,7 +66,7 @@ pub struct Pace {
     pub rate: Option<f64>,
     /// The last sample of a node's own rate: `(time_ms, progress)`.
     pub anchor: Option<(i64, f64)>,
-    /// When the node should finish, ms since the epoch (SPEC `_eta`).
+    /// When the node should finish, ms since the epoch (`_eta` in docs/contract.md).
     pub eta: Option<i64>,
 }
 

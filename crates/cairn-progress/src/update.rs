@@ -1,7 +1,7 @@
 //! Updates: the JSON object a producer posts to one key, merged field by field into its node.
 //!
 //! Builders never fail, so producers can chain them freely; [`Update::validate`] enforces the
-//! limits of SPEC §2 and every constructor from untrusted input calls it. Errors always name
+//! limits of docs/contract.md §2 and every constructor from untrusted input calls it. Errors always name
 //! the offending field so REST, gRPC and the AMQP dead-letter reason can pass them on as is.
 
 use std::collections::BTreeMap;
@@ -175,7 +175,7 @@ impl Update {
         Update::from_json(&value)
     }
 
-    /// Checks every limit of SPEC §2; the first problem found is returned.
+    /// Checks every limit of docs/contract.md §2; the first problem found is returned.
     pub fn validate(&self) -> Result<(), UpdateError> {
         let count = self.field_count();
         if count > MAX_UPDATE_FIELDS {

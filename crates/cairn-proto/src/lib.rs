@@ -95,7 +95,7 @@ impl From<&NodeView> for v1::Node {
     }
 }
 
-/// A node as [`v1::Node::from`] makes it, with `age_ms` and `stalled` (SPEC §2 "Is it stuck?")
+/// A node as [`v1::Node::from`] makes it, with `age_ms` and `stalled` (docs/contract.md §2 "Is it stuck?")
 /// as of `now_ms`, on it and every node of its `tasks`.
 pub fn node_at(view: &NodeView, now_ms: i64, stall_after_ms: i64) -> v1::Node {
     let mut node = v1::Node::from(view);

@@ -1,4 +1,4 @@
-//! The change feed the Lua library writes with every change (SPEC §2 Live), on real Redis: what
+//! The change feed the Lua library writes with every change (docs/contract.md §2 Live), on real Redis: what
 //! each writer appends, snapshots with their feed position, resume and gaps, purge.
 
 use std::collections::BTreeSet;

@@ -109,7 +109,7 @@ pub struct RequestRecord {
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
     pub heartbeat_ms: Option<i64>,
-    /// The handler's own progress as the last heartbeat carried it (SPEC §3: heartbeats carry
+    /// The handler's own progress as the last heartbeat carried it (docs/contract.md §3: heartbeats carry
     /// progress, so it is known even while progress reports over AMQP lag or are away).
     pub heartbeat_progress: Option<f64>,
     pub result: Option<Value>,

@@ -19,7 +19,7 @@ pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 pub const MAX_SUBMISSION_BYTES: usize = 2 * MAX_PAYLOAD_BYTES;
 /// Most characters in a handler name.
 pub const MAX_HANDLER_CHARS: usize = 64;
-/// Attempts a request gets when it names none (SPEC §3); the processor's config may change it.
+/// Attempts a request gets when it names none (docs/contract.md §3); the processor's config may change it.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Largest `max_attempts` a client may ask for.
 pub const MAX_MAX_ATTEMPTS: u32 = 100;

@@ -2,7 +2,7 @@
 //! shared Redis and RabbitMQ and leave nothing behind: a Redis key prefix per test (keys deleted
 //! on drop), a throw-away `redis-server` process for tests that kill or restart Redis, a fresh
 //! RabbitMQ vhost per test (deleted on drop, with management-API helpers to drop connections and
-//! read queues), a TCP proxy that cuts a shared server off from the code under test, unique names
+//! read queues), service processes to kill and restart, a TCP proxy that cuts a shared server off from the code under test, unique names
 //! and a polling `wait_until` used instead of sleeps.
 //!
 //! Fixtures panic with a message naming the problem (and the environment variable to set) when
@@ -13,6 +13,7 @@
 //! needs the `rabbitmq_management` plugin.
 
 mod amqp;
+mod process;
 mod redis_namespace;
 mod redis_server;
 mod tcp_proxy;
@@ -21,6 +22,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use amqp::AmqpVhost;
+pub use process::{ServiceProcess, free_port, rss_kib};
 pub use redis_namespace::RedisNamespace;
 pub use redis_server::RedisServer;
 pub use tcp_proxy::TcpProxy;

@@ -1,4 +1,4 @@
-//! The request side of the ingress (SPEC §3), free of HTTP: submission with validation,
+//! The request side of the ingress (docs/contract.md §3), free of HTTP: submission with validation,
 //! backpressure and idempotency, waiting for an outcome, reads, cancellation and dead letters.
 //! Every Redis call is bounded by [`REDIS_TIMEOUT`], so a Redis that is away or stalled becomes
 //! [`RequestsError::Unavailable`] within seconds, never a hang.

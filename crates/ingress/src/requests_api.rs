@@ -1,4 +1,4 @@
-//! The request REST API (SPEC §3): `POST /v1/requests`, `GET` and `DELETE /v1/requests/{id}`,
+//! The request REST API (docs/contract.md §3): `POST /v1/requests`, `GET` and `DELETE /v1/requests/{id}`,
 //! and the dead letters under `/v1/dead-letters`. Handlers extract and validate, call
 //! [`Requests`], and shape the answer; `Prefer: wait=N` (RFC 7240) makes a submission or a read
 //! wait for the outcome.

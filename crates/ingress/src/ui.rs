@@ -1,4 +1,4 @@
-//! The web UI (SPEC §6), served from files compiled into the binary (`crates/ingress/ui/`, see
+//! The web UI (docs/contract.md §6), served from files compiled into the binary (`crates/ingress/ui/`, see
 //! its README): `cargo build` alone produces it and nothing is fetched at run time.
 //!
 //! Pages live at `/`, `/trees/…`, `/requests/…` and `/dead-letters…`; each answers the same

@@ -1,4 +1,4 @@
-//! Live progress end to end (SPEC §2 Live): SSE from an ingress whose updates come through every
+//! Live progress end to end (docs/contract.md §2 Live): SSE from an ingress whose updates come through every
 //! writer (REST, gRPC, AMQP single and burst, a request's lifecycle), against the real Redis and
 //! RabbitMQ, each test with its own key prefix and vhost.
 

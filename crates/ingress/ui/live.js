@@ -1,4 +1,4 @@
-// One live subscription to a progress subtree over SSE (SPEC §2 Live): `snapshot`, `update` and
+// One live subscription to a progress subtree over SSE (docs/contract.md §2 Live): `snapshot`, `update` and
 // `delete` events. The browser's EventSource resends `Last-Event-ID` when it reconnects by
 // itself; when it gives up (an HTTP error), this module reconnects with `?after=<last id>` after
 // a backoff, so the stream resumes exactly where it stopped. The connection's state is shown in

@@ -164,7 +164,7 @@ pub async fn prepare_batch(
 
 /// The second half: store every update, then ack the batch (`multiple`).
 ///
-/// Messages go to Redis in calls of whole messages (up to [`MAX_UPDATES_PER_CALL`] updates, more
+/// Messages go to Redis in calls of whole messages (up to `MAX_UPDATES_PER_CALL` updates, more
 /// only for one message that big). When Redis refuses a call (a script error, which would recur
 /// on every retry), its messages are applied one at a time and the ones refused are
 /// dead-lettered with the reason, so one message never holds up the shard.

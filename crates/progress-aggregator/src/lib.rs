@@ -195,7 +195,9 @@ impl App {
             .readiness(ready.clone())
             .with_shutdown(shutdown.clone())
             .router();
-        let admin_server = tokio::spawn(serve_admin(admin, admin_router, shutdown.clone()));
+        // The admin port outlives the drain, so probes see /readyz turn 503 while it runs.
+        let admin_stop = CancellationToken::new();
+        let admin_server = tokio::spawn(serve_admin(admin, admin_router, admin_stop.clone()));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         // grpc.health.v1 tells what /readyz tells: SERVING only while Redis answers and the
@@ -259,9 +261,10 @@ impl App {
             let _ = consumers.await;
             let _ = health_task.await;
             let _ = grpc_server.await;
-            let _ = admin_server.await;
         })
         .await;
+        admin_stop.cancel();
+        let _ = admin_server.await;
         if drained {
             info!("progress-aggregator stopped");
         }

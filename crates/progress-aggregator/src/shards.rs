@@ -1,4 +1,4 @@
-//! Which shard queues this replica consumes: aggregator replicas share them (SPEC §8).
+//! Which shard queues this replica consumes: aggregator replicas share them (docs/contract.md §8).
 //!
 //! Each replica announces itself in a members sorted set in Redis (`{prefix}:aggregator:members:
 //! {queue}`, scored by when its announcement runs out) and holds a lease per shard it consumes

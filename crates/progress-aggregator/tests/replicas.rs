@@ -1,4 +1,4 @@
-//! Aggregator replicas as separate OS processes sharing the shard queues (SPEC §8): each holds
+//! Aggregator replicas as separate OS processes sharing the shard queues (docs/contract.md §8): each holds
 //! about shards/replicas of them (its `/metrics` says which), and when one is killed with
 //! SIGKILL its shards move to the others within the lease, with per-key order kept.
 

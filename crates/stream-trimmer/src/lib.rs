@@ -1,4 +1,4 @@
-//! stream-trimmer: owns retention in Redis (SPEC §4). It trims every registered stream by its
+//! stream-trimmer: owns retention in Redis (docs/contract.md §4). It trims every registered stream by its
 //! policy without ever removing an entry a consumer group has not received and acknowledged,
 //! removes idle consumers that own nothing, purges finished request records and progress trees
 //! past their retention, and reports stream lengths, group lag and pending counts as metrics.
@@ -107,7 +107,7 @@ fn parse_retention(s: &str) -> Result<Retention, String> {
 
 impl Config {
     /// The policies given; for the dead-letter stream, unless one is given for it, the dead
-    /// retention: `keep`, or `maxage` of it; and for the live change feed (SPEC §2 Live: 10 000
+    /// retention: `keep`, or `maxage` of it; and for the live change feed (docs/contract.md §2 Live: 10 000
     /// entries per tree and one hour; `pf:<root>` per tree, `pfeed` the notifications), unless
     /// rules for those names are given.
     pub fn policies(&self) -> Policies {

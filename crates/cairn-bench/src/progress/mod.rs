@@ -216,14 +216,7 @@ fn rate(count: u64, elapsed: Duration) -> f64 {
     round(count as f64 / elapsed.as_secs_f64(), 0)
 }
 
-/// The `p`-quantile (0..=1, nearest rank) of sorted latencies, in milliseconds.
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    round(sorted[rank - 1].as_secs_f64() * 1e3, 3)
-}
+pub(crate) use crate::stats::percentile_ms;
 
 fn key(raw: &str) -> anyhow::Result<Key> {
     Key::parse(raw).with_context(|| format!("benchmark key {raw:?} is invalid"))
@@ -434,16 +427,6 @@ mod tests {
         // Parents agree with children: s{i%100} lies under r{i%10}, and so on.
         let (a, _) = single_message(12_345);
         assert_eq!(a, "_bench.r5.s45.t345.u2345");
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let sorted: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile_ms(&sorted, 0.5), 50.0);
-        assert_eq!(percentile_ms(&sorted, 0.99), 99.0);
-        assert_eq!(percentile_ms(&sorted, 1.0), 100.0);
-        assert_eq!(percentile_ms(&sorted[..1], 0.5), 1.0);
-        assert!(percentile_ms(&[], 0.5).is_nan());
     }
 
     #[test]

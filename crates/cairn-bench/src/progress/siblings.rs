@@ -1,4 +1,4 @@
-//! (e) Whether an update costs the same whatever the number of its siblings (SPEC §2: O(depth)).
+//! (e) Whether an update costs the same whatever the number of its siblings (docs/contract.md §2: O(depth)).
 //!
 //! Parent A (`_bench.e.a`) gets 10 children and parent B (`_bench.e.b`) `--siblings` children,
 //! built with `ProgressStore::apply` in batches of 2 000. Then one child of each gets

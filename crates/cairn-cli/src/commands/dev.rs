@@ -3,60 +3,69 @@
 
 use anyhow::Context;
 use cairn_runtime::LogConfig;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+use crate::cli::Service;
 
 /// Each service parses only its environment here: `cairn dev` takes no service flags.
 fn service_config<T: clap::Parser>(name: &str) -> anyhow::Result<T> {
     cairn_runtime::try_parse_from::<T, _, _>([name]).map_err(|message| anyhow::anyhow!("{name}: {message}"))
 }
 
-pub async fn dev(log: &LogConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn dev(log: &LogConfig, only: &[Service], shutdown: CancellationToken) -> anyhow::Result<()> {
     cairn_runtime::init_logging(log)?;
-    let mut aggregator_config: progress_aggregator::Config = service_config("progress-aggregator")?;
-    let mut ingress_config: ingress::Config = service_config("ingress")?;
-    let mut processor_config: request_processor::Config = service_config("request-processor")?;
-    let mut trimmer_config: stream_trimmer::Config = service_config("stream-trimmer")?;
-    // A development stack is for this machine: every listener on 127.0.0.1 unless its variable
-    // says otherwise (deployed services default to all interfaces, as containers need).
-    loopback_unless_set(&mut ingress_config.addr, "CAIRN_INGRESS_ADDR");
-    loopback_unless_set(&mut ingress_config.admin_addr, "CAIRN_INGRESS_ADMIN_ADDR");
-    loopback_unless_set(&mut aggregator_config.grpc_addr, "CAIRN_AGGREGATOR_GRPC_ADDR");
-    loopback_unless_set(&mut aggregator_config.admin_addr, "CAIRN_AGGREGATOR_ADMIN_ADDR");
-    loopback_unless_set(&mut processor_config.admin_addr, "CAIRN_PROCESSOR_ADMIN_ADDR");
-    loopback_unless_set(&mut trimmer_config.admin_addr, "CAIRN_TRIMMER_ADMIN_ADDR");
-    let aggregator =
-        progress_aggregator::App::build(aggregator_config).await.context("progress-aggregator")?;
-    let ingress = ingress::App::build(ingress_config).await.context("ingress")?;
-    let processor = request_processor::App::build(processor_config).await.context("request-processor")?;
-    let trimmer = stream_trimmer::App::build(trimmer_config).await.context("stream-trimmer")?;
-    info!(
-        ingress = %ingress.local_addr(),
-        ingress_admin = %ingress.admin_addr(),
-        aggregator_grpc = %aggregator.grpc_addr(),
-        aggregator_admin = %aggregator.admin_addr(),
-        processor_admin = %processor.admin_addr(),
-        trimmer_admin = %trimmer.admin_addr(),
-        "cairn dev: every service runs in this process; ctrl-c stops them"
-    );
+    let runs = |service: Service| only.is_empty() || only.contains(&service);
     // One service ending (an error, or a panic) stops the others: a half-running stack would
     // only confuse.
     let stop = shutdown.child_token();
-    let mut services = tokio::task::JoinSet::new();
-    let service = |name: &'static str, run: futures::future::BoxFuture<'static, anyhow::Result<()>>| {
+    let mut services: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = Vec::new();
+    // A development stack is for this machine: every listener on 127.0.0.1 unless its variable
+    // says otherwise (deployed services default to all interfaces, as containers need).
+    // Each service is built (and binds its ports) before any starts, so a taken port fails fast.
+    if runs(Service::ProgressAggregator) {
+        let mut config: progress_aggregator::Config = service_config("progress-aggregator")?;
+        loopback_unless_set(&mut config.grpc_addr, "CAIRN_AGGREGATOR_GRPC_ADDR");
+        loopback_unless_set(&mut config.admin_addr, "CAIRN_AGGREGATOR_ADMIN_ADDR");
+        let app = progress_aggregator::App::build(config).await.context("progress-aggregator")?;
+        info!(grpc = %app.grpc_addr(), admin = %app.admin_addr(), "cairn dev: progress-aggregator");
+        services.push(("progress-aggregator", Box::pin(app.run(stop.clone()))));
+    }
+    if runs(Service::Ingress) {
+        let mut config: ingress::Config = service_config("ingress")?;
+        loopback_unless_set(&mut config.addr, "CAIRN_INGRESS_ADDR");
+        loopback_unless_set(&mut config.admin_addr, "CAIRN_INGRESS_ADMIN_ADDR");
+        let app = ingress::App::build(config).await.context("ingress")?;
+        info!(addr = %app.local_addr(), admin = %app.admin_addr(), "cairn dev: ingress");
+        services.push(("ingress", Box::pin(app.run(stop.clone()))));
+    }
+    if runs(Service::RequestProcessor) {
+        let mut config: request_processor::Config = service_config("request-processor")?;
+        loopback_unless_set(&mut config.admin_addr, "CAIRN_PROCESSOR_ADMIN_ADDR");
+        let app = request_processor::App::build(config).await.context("request-processor")?;
+        info!(admin = %app.admin_addr(), "cairn dev: request-processor");
+        services.push(("request-processor", Box::pin(app.run(stop.clone()))));
+    }
+    if runs(Service::StreamTrimmer) {
+        let mut config: stream_trimmer::Config = service_config("stream-trimmer")?;
+        loopback_unless_set(&mut config.admin_addr, "CAIRN_TRIMMER_ADMIN_ADDR");
+        let app = stream_trimmer::App::build(config).await.context("stream-trimmer")?;
+        info!(admin = %app.admin_addr(), "cairn dev: stream-trimmer");
+        services.push(("stream-trimmer", Box::pin(app.run(stop.clone()))));
+    }
+    info!(services = services.len(), "cairn dev: running in this process; ctrl-c stops them");
+    let mut running = tokio::task::JoinSet::new();
+    for (name, run) in services {
         let stop = stop.clone();
-        async move {
+        running.spawn(async move {
             let result = run.await.context(name);
             stop.cancel();
             result
-        }
-    };
-    services.spawn(service("progress-aggregator", Box::pin(aggregator.run(stop.clone()))));
-    services.spawn(service("ingress", Box::pin(ingress.run(stop.clone()))));
-    services.spawn(service("request-processor", Box::pin(processor.run(stop.clone()))));
-    services.spawn(service("stream-trimmer", Box::pin(trimmer.run(stop.clone()))));
+        });
+    }
     let mut first_error = None;
-    while let Some(joined) = services.join_next().await {
+    while let Some(joined) = running.join_next().await {
         let result = joined.unwrap_or_else(|panic| Err(anyhow::anyhow!("a service panicked: {panic}")));
         if !shutdown.is_cancelled() && first_error.is_none() {
             tracing::error!("a service stopped; stopping the others");

@@ -1,4 +1,4 @@
-//! The progress tree's change feed (SPEC §2 Live), as the Lua library writes it in the same call
+//! The progress tree's change feed (docs/contract.md §2 Live), as the Lua library writes it in the same call
 //! as every change: per tree root a capped stream `P:pf:<root>` whose entries name the changed
 //! node keys and deleted subtrees (their ids are the live event ids), and one capped
 //! notification stream `P:pfeed` naming, per call, each changed root and its new entry id.

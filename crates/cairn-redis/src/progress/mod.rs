@@ -1,4 +1,4 @@
-//! The progress tree in Redis (SPEC §2): every update is one Lua script call that merges the
+//! The progress tree in Redis (docs/contract.md §2): every update is one Lua script call that merges the
 //! fields, keeps each parent's running sums Σw and Σw·p, its `_counts` and ordered child index, and
 //! walks only the ancestors, so one update costs O(depth) whatever the number of siblings.
 //!
@@ -26,7 +26,7 @@ static APPLY: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_a
 static READ_MAIN: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_read"));
 static DELETE: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_delete"));
 
-/// Largest `depth` a read accepts (SPEC §2).
+/// Largest `depth` a read accepts (docs/contract.md §2).
 pub const MAX_DEPTH: u32 = 8;
 /// Children per page unless the caller asks otherwise, and the most it may ask for.
 pub const DEFAULT_LIMIT: u32 = 100;

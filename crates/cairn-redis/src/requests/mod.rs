@@ -1,9 +1,9 @@
-//! The request queue in Redis (SPEC §3): records, the request stream and its consumer group.
+//! The request queue in Redis (docs/contract.md §3): records, the request stream and its consumer group.
 //!
 //! A request is a hash `P:req:<id>` plus an entry in the stream whose consumer group's pending
 //! list holds the leases: the consumer that owns an entry owns the request. Every state change
 //! is one Lua step that first checks that ownership, so a processor that lost its lease (paused,
-//! partitioned, reclaimed by another) can neither store a result nor ack — the fence of SPEC §3.
+//! partitioned, reclaimed by another) can neither store a result nor ack — the fence of docs/contract.md §3.
 //! Blocking reads take a dedicated connection (see [`crate::RedisConfig::dedicated`]).
 
 use std::collections::HashMap;

@@ -1,4 +1,4 @@
-//! Stream retention in Redis (SPEC §4): the registry of every stream Cairn creates, safe
+//! Stream retention in Redis (docs/contract.md §4): the registry of every stream Cairn creates, safe
 //! trimming, idle-consumer clean-up, the purge of finished request records and progress trees,
 //! and the lease that lets one trimmer replica act at a time.
 //!

@@ -1,4 +1,4 @@
-//! The retention purge (SPEC §4): request records and progress trees that finished longer ago
+//! The retention purge (docs/contract.md §4): request records and progress trees that finished longer ago
 //! than their retention. Nothing unfinished is ever purged; each decision is re-checked inside
 //! the script that deletes, so a record retried or a tree updated meanwhile stays.
 

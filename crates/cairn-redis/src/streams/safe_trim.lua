@@ -1,5 +1,5 @@
 -- Trims one stream by its policy without removing any entry a consumer group has not both
--- received and acknowledged (SPEC §4). Everything happens in this one script, so no XREADGROUP,
+-- received and acknowledged (docs/contract.md §4). Everything happens in this one script, so no XREADGROUP,
 -- XCLAIM or XAUTOCLAIM can run between computing the safe point and trimming.
 --   KEYS[1] the stream, KEYS[2] the stream registry (a set of stream keys)
 --   ARGV[1] the age bound as an id ('' none): entries older than it are past the maximum age

@@ -1,4 +1,4 @@
-//! The live progress endpoints (SPEC §2 Live) over the process's [`cairn_live::Live`] fan-out:
+//! The live progress endpoints (docs/contract.md §2 Live) over the process's [`cairn_live::Live`] fan-out:
 //! SSE (`sse.rs`), WebSocket (`ws.rs`) and socket.io (`socketio.rs`). Each adapts a subscription's events to its wire format; the subscription
 //! logic (feed, coalescing, snapshots, resume) lives in `cairn-live`.
 

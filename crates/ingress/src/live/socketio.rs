@@ -1,4 +1,4 @@
-//! socket.io for SCA's clients (SPEC §2 Live), on the default namespace at `/socket.io/`:
+//! socket.io for SCA's clients (docs/contract.md §2 Live), on the default namespace at `/socket.io/`:
 //! `join` and `subscribe` with a key (SCA's clients send the tree root, e.g. `_portal.job123`;
 //! `{"key": …}` works too) and `leave`. The server emits `update` with an array of the changed
 //! nodes of one joined key, parents first (a join starts with the subtree's current nodes), and

@@ -1,4 +1,4 @@
-//! `GET /ws`: live events over a WebSocket, many subscriptions per socket (SPEC §2 Live).
+//! `GET /ws`: live events over a WebSocket, many subscriptions per socket (docs/contract.md §2 Live).
 //!
 //! The client sends `{"op":"subscribe","key":K,"depth":N,"limit":M,"after":ID}` (all but `op` and
 //! `key` optional) and `{"op":"unsubscribe","key":K}`; the server sends
