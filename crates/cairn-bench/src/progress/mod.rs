@@ -107,12 +107,18 @@ pub struct Args {
     /// The aggregator's `--batch` (messages per batch); its default when unset.
     #[arg(long)]
     pub aggregator_batch: Option<u32>,
+    /// Aggregator replicas that drain (c)'s backlog together, sharing the shard queues; the
+    /// CPU per update shows what a replica costs. (b) and the others always use one.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub aggregators: u16,
+    /// Shard queues (the aggregators' `--shards`); at least `--aggregators`, or replicas idle.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub shards: u16,
 }
 
 /// Where pre-filled messages go: the aggregator's exchange (its default name).
 const EXCHANGE: &str = "progress";
-/// The queue of `--shards 1`, and the dead-letter queue.
-const SHARD_QUEUE: &str = "progress.0";
+/// The dead-letter queue; shard queues are `progress.{n}`.
 const DEAD_LETTER_QUEUE: &str = "progress.dead";
 /// Published after the pre-filled messages; once it is applied, all before it are.
 const MARKER_KEY: &str = "_bench.done";
@@ -124,6 +130,12 @@ const MARKER_POLL: Duration = Duration::from_millis(2);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(args: Args) -> anyhow::Result<Value> {
+    ensure!(
+        args.shards >= args.aggregators,
+        "--aggregators {} needs --shards {} or more: a replica without a shard only stands by",
+        args.aggregators,
+        args.aggregators
+    );
     for (flag, seconds) in
         [("--grpc-seconds", args.grpc_seconds), ("--read-budget-seconds", args.read_budget_seconds)]
     {
@@ -190,6 +202,8 @@ fn params(args: &Args, only: &[Measurement]) -> Value {
         "prefetch": args.prefetch,
         "ack_every": args.ack_every,
         "aggregator_batch": args.aggregator_batch,
+        "aggregators": args.aggregators,
+        "shards": args.shards,
         "burst_updates": args.burst_updates,
         "burst_size": args.burst_size,
         "burst_producers": args.burst_producers,
@@ -264,9 +278,20 @@ struct Aggregator {
 }
 
 impl Aggregator {
-    /// Builds and starts one with `--shards 1` on port 0; it is not waited for (see
+    /// Builds and starts one with `--shards 1` on port 0 ([`Aggregator::start_replica`] for more); it is not waited for (see
     /// [`Aggregator::wait_ready`]), so a timed drain includes its start.
     async fn start(ns: &RedisNamespace, vhost: &AmqpVhost, args: &Args) -> anyhow::Result<Aggregator> {
+        Aggregator::start_replica(ns, vhost, args, 1, 0).await
+    }
+
+    /// Replica `index` of aggregators sharing `shards` shard queues.
+    async fn start_replica(
+        ns: &RedisNamespace,
+        vhost: &AmqpVhost,
+        args: &Args,
+        shards: u16,
+        index: u16,
+    ) -> anyhow::Result<Aggregator> {
         let mut flags = vec![
             "progress-aggregator".to_owned(),
             "--grpc-addr=127.0.0.1:0".to_owned(),
@@ -274,7 +299,8 @@ impl Aggregator {
             format!("--redis-url={}", ns.url),
             format!("--key-prefix={}", ns.prefix),
             format!("--amqp-url={}", vhost.url),
-            "--shards=1".to_owned(),
+            format!("--shards={shards}"),
+            format!("--name=bench-{index}"),
             format!("--prefetch={}", args.prefetch),
             "--grace=10s".to_owned(),
         ];

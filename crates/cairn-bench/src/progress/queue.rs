@@ -1,4 +1,5 @@
-//! (b) and (c): how fast one aggregator (`--shards 1`, so one queue as in (a)) applies a backlog.
+//! (b) and (c): how fast one aggregator (`--shards 1`, so one queue as in (a)) applies a backlog;
+//! (c) also with `--aggregators N --shards S`, replicas sharing the shard queues.
 //!
 //! Method: start an aggregator once so it declares its topology, stop it, pre-fill `progress.0`
 //! through the `progress` exchange (publisher confirms), then a marker message to
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use cairn_progress::{Key, Update, encode_burst};
+use cairn_redis::ProgressStore;
+use cairn_redis::progress::ReadOptions;
 use cairn_testkit::{AmqpVhost, RedisNamespace};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -19,7 +22,7 @@ use serde_json::{Map, Value, json};
 use super::system::{Probe, us_per_item};
 use super::{
     Aggregator, Args, DEAD_LETTER_QUEUE, DRAIN_TIMEOUT, EXCHANGE, MARKER_BODY, MARKER_KEY, Publisher,
-    SHARD_QUEUE, connect, key, properties, queue_len, rate, round, single_message, store, wait_for_key,
+    connect, key, properties, queue_len, rate, round, single_message, store, wait_for_key,
 };
 
 /// One message to pre-fill.
@@ -44,7 +47,7 @@ pub(super) async fn measure_single(args: &Args) -> anyhow::Result<Map<String, Va
         let (routing_key, body) = single_message(i);
         Message { routing_key, body, properties: properties() }
     });
-    let drained = prefill_and_drain(args, "b", n, messages).await?;
+    let drained = prefill_and_drain(args, "b", n, messages, Fleet::one(), &[]).await?;
     // The marker is one more single-update message.
     let per_s = rate(n + 1, drained.elapsed);
     eprintln!("cairn-bench: (b) {per_s} single updates/s");
@@ -87,7 +90,12 @@ pub(super) async fn measure_bursts(args: &Args) -> anyhow::Result<Map<String, Va
             properties: properties().with_headers(headers.clone()),
         }
     });
-    let drained = prefill_and_drain(args, "c", bursts, messages).await?;
+    // Every producer's subtree ends at progress 1: with several shards the marker alone does
+    // not say that every queue is drained.
+    let roots: Vec<Key> =
+        (0..args.burst_producers).map(|j| key(&format!("_bench.c{j}"))).collect::<anyhow::Result<_>>()?;
+    let fleet = Fleet { aggregators: args.aggregators, shards: args.shards };
+    let drained = prefill_and_drain(args, "c", bursts, messages, fleet, &roots).await?;
     let per_s = rate(updates + 1, drained.elapsed);
     eprintln!("cairn-bench: (c) {per_s} burst updates/s");
     let mut out = Map::new();
@@ -96,9 +104,28 @@ pub(super) async fn measure_bursts(args: &Args) -> anyhow::Result<Map<String, Va
     out.insert("c_drain_s".into(), json!(round(drained.elapsed.as_secs_f64(), 3)));
     out.insert("c_updates".into(), json!(updates));
     out.insert("c_dead_lettered".into(), json!(drained.dead_lettered));
+    out.insert("c_aggregators".into(), json!(args.aggregators));
+    out.insert("c_shards".into(), json!(args.shards));
     out.insert("c_cpu_us_per_update".into(), us_per_item(&drained.cpu, updates + 1));
     out.insert("c_cpu".into(), drained.cpu);
     Ok(out)
+}
+
+/// How many aggregators drain, over how many shard queues.
+#[derive(Clone, Copy)]
+struct Fleet {
+    aggregators: u16,
+    shards: u16,
+}
+
+impl Fleet {
+    fn one() -> Fleet {
+        Fleet { aggregators: 1, shards: 1 }
+    }
+
+    fn queues(self) -> impl Iterator<Item = String> {
+        (0..self.shards).map(|shard| format!("progress.{shard}"))
+    }
 }
 
 async fn prefill_and_drain(
@@ -106,9 +133,11 @@ async fn prefill_and_drain(
     label: &str,
     count: u64,
     messages: impl Iterator<Item = Message>,
+    fleet: Fleet,
+    finished: &[Key],
 ) -> anyhow::Result<Drained> {
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
-    let declaring = Aggregator::start(&ns, &vhost, args).await?;
+    let declaring = Aggregator::start_replica(&ns, &vhost, args, fleet.shards, 0).await?;
     declaring.wait_ready().await?;
     declaring.stop().await?;
 
@@ -123,24 +152,50 @@ async fn prefill_and_drain(
     publisher.finish().await?;
     let publish_elapsed = published.elapsed();
     let check = conn.create_channel().await?;
-    let queued = queue_len(&check, SHARD_QUEUE).await?;
-    ensure!(queued == count + 1, "{SHARD_QUEUE} holds {queued} messages, expected {}", count + 1);
+    let mut queued = 0;
+    for queue in fleet.queues() {
+        queued += queue_len(&check, &queue).await?;
+    }
+    ensure!(queued == count + 1, "the shard queues hold {queued} messages, expected {}", count + 1);
 
-    eprintln!("cairn-bench: ({label}) draining with a fresh aggregator");
+    eprintln!("cairn-bench: ({label}) draining with {} fresh aggregator(s)", fleet.aggregators);
     let store = store(&ns)?;
     let marker = key(MARKER_KEY)?;
     let mut probe = Probe::new(&ns.url).await?;
     let before = probe.sample().await?;
     let started = Instant::now();
-    let aggregator = Aggregator::start(&ns, &vhost, args).await?;
+    let mut aggregators = Vec::new();
+    for index in 0..fleet.aggregators {
+        aggregators.push(Aggregator::start_replica(&ns, &vhost, args, fleet.shards, index).await?);
+    }
     wait_for_key(&store, &marker, DRAIN_TIMEOUT).await?;
+    for root in finished {
+        wait_for_progress(&store, root, DRAIN_TIMEOUT).await?;
+    }
     let elapsed = started.elapsed();
     let after = probe.sample().await?;
-    aggregator.stop().await?;
+    for aggregator in aggregators {
+        aggregator.stop().await?;
+    }
     let dead_lettered = queue_len(&check, DEAD_LETTER_QUEUE).await?;
-    let left = queue_len(&check, SHARD_QUEUE).await?;
-    ensure!(left == 0, "{SHARD_QUEUE} still holds {left} messages after the marker was applied");
+    for queue in fleet.queues() {
+        let left = queue_len(&check, &queue).await?;
+        ensure!(left == 0, "{queue} still holds {left} messages after the drain");
+    }
     let _ = conn.close(200, "benchmark done".into()).await;
     eprintln!("cairn-bench: ({label}) cleaning up the key prefix and vhost");
     Ok(Drained { elapsed, publish_elapsed, dead_lettered, cpu: after.since(&before) })
+}
+
+/// Waits until `key`'s progress is 1.
+async fn wait_for_progress(store: &ProgressStore, key: &Key, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let node = store.get(key, &ReadOptions::default()).await?;
+        if node.and_then(|n| n.progress()).is_some_and(|p| p >= 1.0 - cairn_progress::EPSILON) {
+            return Ok(());
+        }
+        ensure!(started.elapsed() < timeout, "{key} did not reach progress 1 within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
