@@ -2,7 +2,8 @@
 //! progress aggregators and two stream trimmers, each `cairn dev --only <service>`) under a steady
 //! load of submissions and progress updates, while one process picked at random is killed with
 //! SIGKILL and started again every couple of seconds. Afterwards:
-//! - every submission answered 202 reaches `succeeded` (attempts are plentiful);
+//! - every submission answered 202 reaches `succeeded` (attempts are plentiful), and so does its
+//!   progress node;
 //! - the upstream saw each (request, attempt) at most once, and the attempt that succeeded;
 //! - every progress tree equals the reference model fed the same updates;
 //! - no process's resident memory passed a bound.
@@ -353,9 +354,21 @@ async fn a_stack_that_loses_a_random_process_every_few_seconds_loses_nothing() {
         );
     }
 
-    // Every progress node equals the model's.
+    // A request's node ends as its record.
     let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
     let store = ProgressStore::new(config.manager().unwrap(), ns.prefix.clone());
+    for id in records.keys() {
+        let key = Key::parse(&format!("_requests.{id}")).unwrap();
+        let node = store.get(&key, &ReadOptions::default()).await.unwrap();
+        let ended = node.as_ref().is_some_and(|n| {
+            n.status() == Some("finished")
+                && n.fields.get("state") == Some(&json!("succeeded"))
+                && n.progress() == Some(1.0)
+        });
+        assert!(ended, "the node of {id} ends finished, succeeded: {node:?}");
+    }
+
+    // Every progress node equals the model's.
     let model = model.lock().unwrap().clone();
     let last = json!(UPDATES - 1);
     let applied = wait_until("every leaf at its last update", SETTLE, || {
