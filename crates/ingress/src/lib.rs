@@ -18,6 +18,7 @@ mod progress_api;
 mod replies;
 mod requests;
 mod requests_api;
+mod streams;
 mod ui;
 mod uploads;
 mod uploads_api;
@@ -240,12 +241,16 @@ impl App {
             max_wait: config.max_wait,
             poll_interval: config.reply_poll_interval,
             reply_stream: names.replies(&replica),
+            max_stream_bytes: config.max_stream_bytes,
+            max_request_stream_bytes: config.max_request_stream_bytes,
+            stream_expiry: config.upload_expiry,
         };
         let waiters = Arc::new(replies::Waiters::default());
         let draining = CancellationToken::new();
         let requests = Arc::new(requests::Requests::new(
             RequestQueue::new(redis.clone(), names),
             ProgressStore::new(redis.clone(), config.redis.prefix.clone()),
+            cairn_redis::BlobStore::new(redis.clone(), config.redis.prefix.clone()),
             waiters.clone(),
             handlers,
             settings,

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::handler::{Context, HandlerError, HandlerSet, LastProgress};
+use crate::streams::Streams;
 
 /// How long past its block time a read of the request stream may take before the reader counts
 /// Redis as gone.
@@ -43,6 +44,8 @@ pub struct Settings {
 /// Everything the loop needs.
 pub struct Deps {
     pub queue: RequestQueue,
+    /// Where requests' data streams are read.
+    pub blobs: cairn_redis::BlobStore,
     pub handlers: HandlerSet,
     pub publisher: ProgressPublisher,
     pub settings: Settings,
@@ -454,6 +457,17 @@ async fn run_attempt(
         return Attempt::Failed(Failure::Permanent(message));
     };
     let run_cancel = cancel.child_token();
+    let streams = if record.streams.is_empty() {
+        Streams::none(&record.progress_key)
+    } else {
+        Streams::new(
+            deps.blobs.clone(),
+            &record.id,
+            &record.progress_key,
+            deps.publisher.clone(),
+            record.streams.clone(),
+        )
+    };
     let ctx = Context {
         request_id: record.id.clone(),
         handler: record.handler.clone(),
@@ -467,6 +481,7 @@ async fn run_attempt(
         ),
         traceparent: record.traceparent.clone(),
         cancel: run_cancel.clone(),
+        streams: streams.clone(),
         publisher: deps.publisher.clone(),
         last_progress: progress.clone(),
     };
@@ -474,7 +489,13 @@ async fn run_attempt(
     let mut task = tokio::spawn(async move { handler.handle(&ctx).await });
     let timeout = record.timeout_ms.map_or(Duration::MAX, Duration::from_millis);
     let stopped = tokio::select! {
-        joined = &mut task => return attempt_from(joined),
+        joined = &mut task => {
+            let attempt = attempt_from(joined);
+            if matches!(attempt, Attempt::Done(_)) {
+                streams.drained();
+            }
+            return attempt;
+        }
         () = cancel.cancelled() => stop.lock().expect("stop lock").unwrap_or(Stop::Shutdown),
         () = tokio::time::sleep(timeout) => {
             run_cancel.cancel();
