@@ -123,8 +123,9 @@ impl Stack {
             "2s",
         ])
         .expect("valid processor config");
-        let processor =
-            request_processor::App::build_with_handlers(config, processor_handlers).await.expect("processor builds");
+        let processor = request_processor::App::build_with_handlers(config, processor_handlers)
+            .await
+            .expect("processor builds");
         let processor_ready = format!("http://{}/readyz", processor.admin_addr());
         tasks.push(tokio::spawn(processor.run(cancel.clone())));
 
