@@ -280,3 +280,27 @@ async fn a_killed_upload_resumes_and_delivers_the_file_once() {
     assert_eq!(received[0].bytes, size);
     assert_eq!(received[0].payload["path"], "big/large.bin");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_with_files_sends_multipart_streams() {
+    let (stack, inbox) = stack_with_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(7, 300_000);
+    write(dir.path(), "photo.jpg", &data);
+    let file = format!("file={}", dir.path().join("photo.jpg").display());
+    let run =
+        stack.cairn(&["submit", "ingest", r#"{"path": "p"}"#, "--file", &file, "--wait", "--json"]).await;
+    let view = run.expect(0).json();
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let received = inbox.lock().unwrap().clone();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].sha256, hex(&Sha256::digest(&data)));
+    assert_eq!(received[0].payload, json!({"path": "p"}));
+
+    // a missing file and a repeated name are usage errors naming them
+    let run = stack.cairn(&["submit", "ingest", "--file", "file=/nonexistent/x"]).await.expect(2);
+    assert!(run.stderr.contains("/nonexistent/x"), "{run:?}");
+    let run = stack.cairn(&["submit", "ingest", "--file", &file, "--file", &file]).await.expect(2);
+    assert!(run.stderr.contains("twice"), "{run:?}");
+    stack.cairn(&["submit", "ingest", "--file", "nopath"]).await.expect(2);
+}
