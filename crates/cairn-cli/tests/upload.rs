@@ -304,3 +304,29 @@ async fn submit_with_files_sends_multipart_streams() {
     assert!(run.stderr.contains("twice"), "{run:?}");
     stack.cairn(&["submit", "ingest", "--file", "nopath"]).await.expect(2);
 }
+
+#[tokio::test]
+async fn upload_refuses_bad_arguments_and_stops_when_cairn_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let url = "http://127.0.0.1:1";
+    for (args, needle) in [
+        (vec!["--chunk-size", "3MiB"], "power of two"),
+        (vec!["--chunk-size", "8KiB"], "power of two"),
+        (vec!["--upload-regex", "("], "--upload-regex"),
+    ] {
+        let mut all = vec!["upload", root, "--handler", "ingest", "--once"];
+        all.extend(args);
+        let run = common::cairn_at(url, &all).await.expect(2);
+        assert!(run.stderr.contains(needle), "{run:?}");
+    }
+    let run = common::cairn_at(url, &["upload", "/nonexistent/dir", "--handler", "h"]).await.expect(2);
+    assert!(run.stderr.contains("/nonexistent/dir"), "{run:?}");
+
+    // nothing to send: success without a server
+    common::cairn_at(url, &["upload", root, "--handler", "h", "--once", "--lag", "10ms"]).await.expect(0);
+    write(dir.path(), "a.bin", b"data");
+    let run =
+        common::cairn_at(url, &["upload", root, "--handler", "h", "--once", "--lag", "10ms"]).await.expect(3);
+    assert!(run.stderr.contains("127.0.0.1:1"), "{run:?}");
+}

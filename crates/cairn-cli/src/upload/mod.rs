@@ -41,8 +41,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 pub const STREAM_NAME: &str = "file";
 const MIN_CHUNK: u64 = 16 << 10;
 const MAX_CHUNK: u64 = 64 << 20;
-/// Attempts at a file while Cairn is unreachable or busy, with doubling pauses from 1 s.
-const ATTEMPTS: u32 = 6;
+/// Attempts at a file while Cairn is unreachable or busy, with doubling pauses from 1 s; then
+/// the command stops (exit 3) and a later run resumes from the journal.
+const ATTEMPTS: u32 = 4;
 
 /// `--chunk-size`: bytes (`65536`) or a number with `KiB`/`MiB` (`64KiB`, `4MiB`), a power of
 /// two from 16 KiB to 64 MiB.
@@ -288,7 +289,11 @@ pub async fn run(client: &Client, out: Output, args: Upload) -> Result<Exit, Cli
                     Ok(Done::Uploaded) => shared.counts().uploaded += 1,
                     Ok(Done::Skipped) => shared.counts().skipped += 1,
                     Ok(Done::Changed) => observe(&root, &filter, &mut settler, &path),
-                    Err(error @ CliError::Unauthorized { .. }) => {
+                    Err(
+                        error @ (CliError::Unauthorized { .. }
+                        | CliError::Unreachable { .. }
+                        | CliError::Unavailable { .. }),
+                    ) => {
                         fatal = Some(error);
                         break;
                     }
