@@ -386,3 +386,31 @@ async fn data_streams_go_with_their_purged_request_and_stay_with_the_others() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_abandoned_uploads_tree_goes_once_its_upload_is_gone() {
+    let ns = RedisNamespace::new();
+    let store = ProgressStore::new(
+        RedisConfig::new(ns.url.clone(), ns.prefix.clone()).manager().unwrap(),
+        ns.prefix.clone(),
+    );
+    let now = now_ms();
+    let old = now - 10 * HOUR_MS;
+    let running = || Update::new().progress(0.4).status("running").field("bytes", 4).field("total_bytes", 10);
+    store
+        .apply(&[change("_uploads.gone", running(), old), change("_uploads.alive", running(), old)])
+        .await
+        .unwrap();
+    let mut conn = ns.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(ns.key("upload:alive"))
+        .arg("offset")
+        .arg(4)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let app = trimmer(&ns, &["--progress-retention=1h"]).await;
+    let report = trim_once(&app.deps(), now).await.unwrap();
+    assert_eq!(report.trees_purged, 1, "{report:?}");
+    assert_eq!(roots(&mut conn, &ns.prefix).await, HashSet::from(["_uploads.alive".to_owned()]));
+}
