@@ -279,6 +279,8 @@ async fn write_streams(ctx: &Context) -> Result<tempfile::TempDir, HandlerError>
         .prefix("cairn-streams-")
         .tempdir()
         .map_err(|e| failed("create a directory for", e))?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| failed("create a directory for", e))?;
     for stream in ctx.streams.list() {
         let Some(mut reader) = ctx.streams.open(&stream.name) else { continue };
         let mut file =
