@@ -62,6 +62,14 @@ as_root rabbitmq-plugins -q enable rabbitmq_management rabbitmq_consistent_hash_
 wait_port 15672 "rabbitmq management" 240
 log "redis on 127.0.0.1:6379, rabbitmq on 127.0.0.1:5672 (management on :15672)"
 
+# The upload tests drive the tus endpoint with the stock PyPI client (crates/ingress/tests/tus).
+tus_tests="$(cd "$(dirname "$0")/.." && pwd)/crates/ingress/tests/tus"
+if ! "$tus_tests/.venv/bin/python" -c 'import tusclient' 2>/dev/null; then
+  log "installing the upload tests' Python client (tuspy)"
+  python3 -m venv "$tus_tests/.venv" || { apt_install python3-venv; python3 -m venv "$tus_tests/.venv"; }
+  "$tus_tests/.venv/bin/pip" install -q -r "$tus_tests/requirements.txt"
+fi
+
 if [ "${1:-}" = --browser ]; then
   if ! command -v chromium >/dev/null; then log "installing chromium"; apt_install chromium; fi
   if ! command -v npm >/dev/null; then log "installing node and npm"; apt_install nodejs npm; fi

@@ -22,6 +22,11 @@
 //! ingress process of its own: update-to-client latency p50/p99, events per subscriber per
 //! second, ingress RSS per idle subscriber and CPU per delivered event.
 //!
+//! `cairn-bench upload` sends files with `cairn upload` through ingress (tus), Redis and the
+//! processor to an `http` handler, next to `curl -F` to the same receiving server: MB/s of both,
+//! and the ingress and processor RSS meanwhile (needs the release `ingress`,
+//! `request-processor` and `cairn` binaries next to it).
+//!
 //! `cairn-bench lua-library` prints the Redis function library with Cairn's Lua (plain text, not
 //! JSON), for `scripts/profile-progress-lua.sh`.
 //!
@@ -37,6 +42,7 @@ mod progress;
 mod requests;
 mod soak;
 mod stats;
+mod upload;
 
 use clap::Parser;
 
@@ -59,6 +65,9 @@ enum Command {
     Soak(soak::Args),
     /// Live fan-out: N SSE subscribers over M trees updated at a rate; latency, memory, CPU.
     Live(live::Args),
+    /// Files from `cairn upload` to an http handler through the system, next to plain curl;
+    /// ingress and processor RSS.
+    Upload(upload::Args),
     /// Prints the Redis function library with Cairn's Lua, as `FUNCTION LOAD` takes it.
     LuaLibrary,
 }
@@ -70,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Requests(args) => requests::run(args).await?,
         Command::Soak(args) => soak::run(args).await?,
         Command::Live(args) => live::run(args).await?,
+        Command::Upload(args) => upload::run(args).await?,
         Command::LuaLibrary => {
             print!("{}", cairn_redis::function_library());
             return Ok(());

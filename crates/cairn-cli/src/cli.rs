@@ -47,8 +47,20 @@ pub enum Command {
 Examples:
   cairn submit echo '{\"x\": 1}' --wait
   cairn submit convert @job.json --progress-key _portal.job42
-  generate-payload | cairn submit convert - --json")]
+  generate-payload | cairn submit convert - --json
+  cairn submit convert '{\"width\": 640}' --file image=photo.jpg --wait")]
     Submit(Submit),
+    /// Upload every file that appears in a directory (resumable, in chunks, restart-safe) and
+    /// submit one request per file to a handler, with the file as a data stream.
+    #[command(after_help = "\
+Examples:
+  cairn upload ./outbox --handler ingest
+  cairn upload ./outbox --handler ingest --upload-existing --chunk-size 1MiB --threads 4
+  cairn upload ./outbox --handler ingest --once --json
+
+On a terminal, `c` prints the counts and `q` finishes what is queued and exits. The journal in
+DIR/LOGS/ lets a restart resume unfinished files from the server's offset.")]
+    Upload(Upload),
     /// Show a progress tree: each node with its bar, percentage, status, ETA and message.
     #[command(after_help = "Example:\n  cairn status _portal.job42 --depth 3")]
     Status(Status),
@@ -143,6 +155,52 @@ pub struct Submit {
     /// code tells success (0) from failure, cancellation or death (1).
     #[arg(long)]
     pub wait: bool,
+    /// A file sent with the request as the data stream NAME (repeatable); the submission goes
+    /// as multipart/form-data.
+    #[arg(long = "file", value_name = "NAME=PATH", value_parser = parse_file_arg)]
+    pub files: Vec<(String, std::path::PathBuf)>,
+}
+
+/// `NAME=PATH` of `submit --file`.
+fn parse_file_arg(text: &str) -> Result<(String, std::path::PathBuf), String> {
+    match text.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_owned(), path.into())),
+        _ => Err(format!("{text:?} is not NAME=PATH, e.g. image=photo.jpg")),
+    }
+}
+
+#[derive(Args)]
+pub struct Upload {
+    /// Directory to watch; its subdirectories are watched too and kept in the uploaded paths.
+    pub dir: std::path::PathBuf,
+    /// Handler each file's request goes to.
+    #[arg(long)]
+    pub handler: String,
+    /// Also upload the files already in DIR when the command starts.
+    #[arg(long)]
+    pub upload_existing: bool,
+    /// Upload the files already in DIR, then exit instead of watching (implies
+    /// --upload-existing).
+    #[arg(long)]
+    pub once: bool,
+    /// Bytes per PATCH: a power of two from 16KiB to 64MiB, as bytes (`65536`) or with a unit
+    /// (`64KiB`, `4MiB`).
+    #[arg(long, default_value = "4MiB", value_parser = crate::upload::parse_chunk_size)]
+    pub chunk_size: u64,
+    /// Files uploaded at the same time (1-64).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub threads: u32,
+    /// Upload only files whose path relative to DIR (with `/` separators) matches this regex.
+    /// Default: every file but hidden ones (a name starting with `.`, or inside such a
+    /// directory) and `*.log`.
+    #[arg(long)]
+    pub upload_regex: Option<String>,
+    /// How long a file must stay unchanged (size and modification time) before it is uploaded.
+    #[arg(long, default_value = "3s", value_parser = cairn_runtime::parse_duration)]
+    pub lag: std::time::Duration,
+    /// JSON object merged into every request's payload (`@FILE` reads a file).
+    #[arg(long)]
+    pub payload: Option<String>,
 }
 
 #[derive(Args)]

@@ -74,7 +74,12 @@ impl Client {
     }
 
     pub fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
-        let mut request = self.http.request(method, self.url(segments)).header(ACCEPT, "application/json");
+        self.request_url(method, self.url(segments))
+    }
+
+    /// A call to `url` with the token, when there is one.
+    pub fn request_url(&self, method: Method, url: Url) -> RequestBuilder {
+        let mut request = self.http.request(method, url).header(ACCEPT, "application/json");
         if let Some(auth) = &self.auth {
             request = request.header(AUTHORIZATION, auth.clone());
         }

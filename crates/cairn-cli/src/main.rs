@@ -8,6 +8,7 @@ mod client;
 mod commands;
 mod error;
 mod output;
+mod upload;
 mod watch;
 
 use std::process::ExitCode;
@@ -44,6 +45,7 @@ async fn run(cli: Cli, out: Output) -> Result<Exit, CliError> {
             clap_complete::generate(shell, &mut Cli::command(), "cairn", &mut std::io::stdout());
         }
         Command::Submit(args) => return requests::submit(&client()?, out, args).await,
+        Command::Upload(args) => return upload::run(&client()?, out, args).await,
         Command::Status(args) => return progress::status(&client()?, out, args).await,
         Command::Watch(args) => {
             let ended = watch::follow(&client()?, &args.key, args.depth, out).await?;

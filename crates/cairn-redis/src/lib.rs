@@ -4,6 +4,7 @@
 //! server. Blocking commands never go through the shared [`ConnectionManager`]; callers that block
 //! (`XREADGROUP … BLOCK`) open their own connection with [`RedisConfig::dedicated`].
 
+pub mod blobs;
 mod library;
 pub mod progress;
 pub mod requests;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client};
 
+pub use blobs::{BlobError, BlobStore};
 pub use progress::{ProgressStore, StoreError};
 
 /// The Redis function library holding Cairn's Lua (progress tree and request queue), as

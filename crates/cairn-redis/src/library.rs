@@ -49,6 +49,9 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
             ("requests_commit", "begin_requests(ARGV)", include_str!("requests/commit.lua")),
             ("requests_cancel", "begin_requests(ARGV)", include_str!("requests/cancel.lua")),
             ("requests_retry_dead", "begin_requests(ARGV)", include_str!("requests/retry_dead.lua")),
+            ("blobs_append", "", include_str!("blobs/append.lua")),
+            ("blobs_stage", "", include_str!("blobs/stage.lua")),
+            ("blobs_commit", "", include_str!("blobs/commit.lua")),
         ],
     )
 });

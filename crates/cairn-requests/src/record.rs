@@ -11,6 +11,7 @@ use cairn_progress::Key;
 use serde_json::{Map, Value, json};
 
 use crate::state::RequestState;
+use crate::streams::StreamInfo;
 use crate::submit::{Submission, default_progress_key};
 
 /// Names of the fields of a request's hash.
@@ -53,10 +54,12 @@ pub mod fields {
     pub const OWNER: &str = "owner";
     /// W3C trace context of the submission.
     pub const TRACEPARENT: &str = "traceparent";
+    /// JSON text: the data streams, `[{"name", "bytes"}]`.
+    pub const STREAMS: &str = "streams";
 
     /// Every field, in the order [`RequestRecord::to_fields`](crate::RequestRecord::to_fields)
     /// writes them; handy for `HMGET`.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         ID,
         HANDLER,
         PAYLOAD,
@@ -79,6 +82,7 @@ pub mod fields {
         CANCEL,
         OWNER,
         TRACEPARENT,
+        STREAMS,
     ];
 }
 
@@ -119,6 +123,8 @@ pub struct RequestRecord {
     pub cancel_requested: bool,
     pub owner: Option<String>,
     pub traceparent: Option<String>,
+    /// Its data streams, stored apart (`{prefix}:req:{id}:s:{name}`), in name order.
+    pub streams: Vec<StreamInfo>,
 }
 
 impl RequestRecord {
@@ -158,6 +164,7 @@ impl RequestRecord {
             cancel_requested: false,
             owner: None,
             traceparent: None,
+            streams: Vec::new(),
         }
     }
 
@@ -211,6 +218,11 @@ impl RequestRecord {
             },
             owner: text(fields::OWNER),
             traceparent: text(fields::TRACEPARENT),
+            streams: match get(fields::STREAMS) {
+                None => Vec::new(),
+                Some(text) => serde_json::from_str(text)
+                    .map_err(|err| invalid(fields::STREAMS, format!("invalid JSON: {err}")))?,
+            },
         })
     }
 
@@ -244,6 +256,10 @@ impl RequestRecord {
             (fields::CANCEL, self.cancel_requested.then(|| "1".to_owned())),
             (fields::OWNER, self.owner.clone()),
             (fields::TRACEPARENT, self.traceparent.clone()),
+            (
+                fields::STREAMS,
+                (!self.streams.is_empty()).then(|| serde_json::to_string(&self.streams).unwrap_or_default()),
+            ),
         ];
         out.extend(optional.into_iter().filter_map(|(field, value)| Some((field, value?))));
         out
@@ -271,6 +287,9 @@ impl RequestRecord {
             map.insert("error".into(), json!(error));
         }
         map.insert("cancel_requested".into(), json!(self.cancel_requested));
+        if !self.streams.is_empty() {
+            map.insert("streams".into(), json!(self.streams));
+        }
         Value::Object(map)
     }
 }
@@ -332,6 +351,7 @@ mod tests {
             cancel_requested: true,
             owner: Some("processor-a".into()),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            streams: vec![StreamInfo { name: "image".into(), bytes: 1234 }],
         }
     }
 
@@ -510,6 +530,7 @@ mod tests {
                 "result": {"ok": true},
                 "error": "upstream answered 503",
                 "cancel_requested": true,
+                "streams": [{"name": "image", "bytes": 1234}],
             })
         );
         let queued = RequestRecord::queued("r1".into(), Submission::new("h", json!({"secret": 1})), 3, 7);
@@ -602,6 +623,7 @@ mod tests {
                     cancel_requested,
                     owner,
                     traceparent,
+                    streams: Vec::new(),
                 },
             )
     }

@@ -5,12 +5,15 @@
 //! `"max_attempt"` is reported instead of silently running with defaults. Every error names the
 //! field so ingress can answer 400 (413 for [`SubmitError::is_too_large`]) with it as is.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use cairn_progress::Key;
 use rand::Rng;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
+
+use crate::streams::{MAX_STREAMS, check_stream_name};
 
 /// Most bytes in a payload, measured as compact JSON.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -29,8 +32,8 @@ pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 128;
 
 /// The top-level fields a submission may have, in documentation order.
-const FIELDS: [&str; 6] =
-    ["handler", "payload", "progress_key", "max_attempts", "timeout_ms", "idempotency_key"];
+const FIELDS: [&str; 7] =
+    ["handler", "payload", "progress_key", "max_attempts", "timeout_ms", "idempotency_key", "streams"];
 
 const HANDLER_RULE: &str = "must be a string of 1 to 64 characters A-Z a-z 0-9 _ -";
 const MAX_ATTEMPTS_RULE: &str = "must be an integer between 1 and 100";
@@ -113,6 +116,8 @@ pub struct Submission {
     /// A client's name for this submission: submitting the same key again answers with the
     /// first request instead of creating another (see [`Submission::fingerprint`]).
     pub idempotency_key: Option<String>,
+    /// Data streams by name, each a finished resumable upload's id.
+    pub streams: BTreeMap<String, String>,
 }
 
 impl Submission {
@@ -124,6 +129,7 @@ impl Submission {
             max_attempts: None,
             timeout_ms: None,
             idempotency_key: None,
+            streams: BTreeMap::new(),
         }
     }
 
@@ -219,6 +225,32 @@ impl Submission {
                 ));
             }
         };
+        let streams = match present(&map, "streams") {
+            None => BTreeMap::new(),
+            Some(Value::Object(streams)) => {
+                let mut out = BTreeMap::new();
+                for (name, upload) in streams {
+                    let Value::String(upload) = upload else {
+                        return Err(SubmitError::field(
+                            "streams",
+                            format!(
+                                "stream {:?} must name an upload id (a string), got {}",
+                                shorten(name),
+                                describe(upload)
+                            ),
+                        ));
+                    };
+                    out.insert(name.clone(), upload.clone());
+                }
+                out
+            }
+            Some(other) => {
+                return Err(SubmitError::field(
+                    "streams",
+                    format!("must be an object of stream name to upload id, got {}", describe(other)),
+                ));
+            }
+        };
         let submission = Submission {
             handler,
             payload: map.remove("payload").unwrap_or(Value::Null),
@@ -226,6 +258,7 @@ impl Submission {
             max_attempts,
             timeout_ms,
             idempotency_key,
+            streams,
         };
         submission.validate()?;
         Ok(submission)
@@ -247,6 +280,24 @@ impl Submission {
         if let Some(key) = &self.idempotency_key {
             check_idempotency_key(key).map_err(|problem| SubmitError::field("idempotency_key", problem))?;
         }
+        if self.streams.len() > MAX_STREAMS {
+            return Err(SubmitError::field(
+                "streams",
+                format!("has {} streams; at most {MAX_STREAMS} are allowed", self.streams.len()),
+            ));
+        }
+        for (name, upload) in &self.streams {
+            check_stream_name(name).map_err(|problem| SubmitError::field("streams", problem))?;
+            if !is_valid_request_id(upload) {
+                return Err(SubmitError::field(
+                    "streams",
+                    format!(
+                        "stream {name:?} must name an upload id such as 0190f5c2-7b8e-4c3d-9a2b-123456789abc, got {:?}",
+                        shorten(upload)
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -267,6 +318,10 @@ impl Submission {
         }
         if let Some(key) = &self.idempotency_key {
             map.insert("idempotency_key".into(), Value::String(key.clone()));
+        }
+        if !self.streams.is_empty() {
+            let streams = self.streams.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            map.insert("streams".into(), Value::Object(streams));
         }
         Value::Object(map)
     }
@@ -290,6 +345,12 @@ impl Submission {
         );
         map.insert("max_attempts".into(), self.max_attempts.map_or(Value::Null, Value::from));
         map.insert("timeout_ms".into(), self.timeout_ms.map_or(Value::Null, Value::from));
+        // Only when there are some, so the fingerprints of requests without streams stay as
+        // they were.
+        if !self.streams.is_empty() {
+            let streams = self.streams.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            map.insert("streams".into(), Value::Object(streams));
+        }
         let mut canonical = String::new();
         write_canonical(&Value::Object(map), &mut canonical);
         format!("{:016x}", fnv1a64(canonical.as_bytes()))
@@ -520,13 +581,32 @@ mod tests {
     }
 
     #[test]
+    fn streams_name_finished_uploads() {
+        let upload = "0190f5c2-7b8e-4c3d-9a2b-123456789abc";
+        let body = format!(r#"{{"handler": "h", "streams": {{"image": "{upload}"}}}}"#);
+        let s = Submission::from_slice(body.as_bytes()).unwrap();
+        assert_eq!(s.streams.get("image").map(String::as_str), Some(upload));
+        assert_eq!(Submission::from_json(&s.to_json()).unwrap(), s);
+        assert_ne!(s.fingerprint(), Submission::new("h", Value::Null).fingerprint());
+        let plain = Submission::from_slice(br#"{"handler": "h", "streams": null}"#).unwrap();
+        assert_eq!(plain.fingerprint(), Submission::new("h", Value::Null).fingerprint());
+        let message = |body: &str| Submission::from_slice(body.as_bytes()).unwrap_err().to_string();
+        assert!(
+            message(r#"{"handler": "h", "streams": ["a"]}"#).contains("field \"streams\": must be an object")
+        );
+        assert!(message(r#"{"handler": "h", "streams": {"a.b": "x"}}"#).contains("found '.'"));
+        assert!(message(r#"{"handler": "h", "streams": {"a": "nope"}}"#).contains("must name an upload id"));
+        assert!(message(r#"{"handler": "h", "streams": {"a": 1}}"#).contains("must name an upload id"));
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let err = Submission::from_slice(br#"{"handlr": "h"}"#).unwrap_err();
         assert_eq!(err, SubmitError::UnknownField("handlr".into()));
         assert_eq!(
             err.to_string(),
             "unknown field \"handlr\"; expected one of handler, payload, progress_key, max_attempts, \
-             timeout_ms, idempotency_key (did you mean \"handler\"?)"
+             timeout_ms, idempotency_key, streams (did you mean \"handler\"?)"
         );
         assert!(
             message(r#"{"handler": "h", "max_attempt": 2}"#).ends_with("(did you mean \"max_attempts\"?)")
@@ -899,7 +979,15 @@ mod tests {
             timeout_ms in proptest::option::of(1u64..=MAX_TIMEOUT_MS),
             idempotency_key in proptest::option::of("[!-~]{1,128}"),
         ) {
-            let s = Submission { handler, payload, progress_key: None, max_attempts, timeout_ms, idempotency_key };
+            let s = Submission {
+                handler,
+                payload,
+                progress_key: None,
+                max_attempts,
+                timeout_ms,
+                idempotency_key,
+                streams: BTreeMap::new(),
+            };
             let bytes = serde_json::to_vec(&s).unwrap();
             prop_assert_eq!(Submission::from_slice(&bytes).unwrap(), s);
         }

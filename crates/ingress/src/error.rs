@@ -164,6 +164,13 @@ impl From<RequestsError> for ApiError {
     fn from(error: RequestsError) -> ApiError {
         match error {
             RequestsError::Invalid(e) if e.is_too_large() => ApiError::TooLarge(e.to_string()),
+            RequestsError::StreamTooLarge { .. } | RequestsError::StreamsTooLarge { .. } => {
+                ApiError::TooLarge(error.to_string())
+            }
+            RequestsError::UploadMissing { .. } | RequestsError::BadStreams(_) => {
+                ApiError::BadRequest(error.to_string())
+            }
+            RequestsError::UploadIncomplete { .. } => ApiError::Conflict(error.to_string()),
             RequestsError::Invalid(_) | RequestsError::UnknownHandler { .. } => {
                 ApiError::BadRequest(error.to_string())
             }

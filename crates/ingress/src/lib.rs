@@ -18,7 +18,10 @@ mod progress_api;
 mod replies;
 mod requests;
 mod requests_api;
+mod streams;
 mod ui;
+mod uploads;
+mod uploads_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -128,6 +131,17 @@ pub struct Config {
     #[arg(long, env = "CAIRN_MAX_WAITERS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waiters: u32,
+    /// Largest data stream, and largest resumable upload (bytes; `Tus-Max-Size`).
+    #[arg(long, env = "CAIRN_MAX_STREAM_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_stream_bytes: u64,
+    /// Most bytes of data streams one request may carry, all streams together.
+    #[arg(long, env = "CAIRN_MAX_REQUEST_STREAM_BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_stream_bytes: u64,
+    /// A resumable upload untouched for this long expires, with its bytes (Redis TTL).
+    #[arg(long, env = "CAIRN_UPLOAD_EXPIRY", default_value = "24h", value_parser = positive_duration)]
+    pub upload_expiry: Duration,
 }
 
 impl Config {
@@ -191,6 +205,7 @@ pub struct App {
     aggregator: Aggregator,
     redis: ConnectionManager,
     requests: Arc<requests::Requests>,
+    uploads: Arc<uploads::Uploads>,
     waiters: Arc<replies::Waiters>,
     replica: String,
     live: cairn_live::Live,
@@ -226,16 +241,25 @@ impl App {
             max_wait: config.max_wait,
             poll_interval: config.reply_poll_interval,
             reply_stream: names.replies(&replica),
+            max_stream_bytes: config.max_stream_bytes,
+            max_request_stream_bytes: config.max_request_stream_bytes,
+            stream_expiry: config.upload_expiry,
         };
         let waiters = Arc::new(replies::Waiters::default());
         let draining = CancellationToken::new();
         let requests = Arc::new(requests::Requests::new(
             RequestQueue::new(redis.clone(), names),
             ProgressStore::new(redis.clone(), config.redis.prefix.clone()),
+            cairn_redis::BlobStore::new(redis.clone(), config.redis.prefix.clone()),
             waiters.clone(),
             handlers,
             settings,
             draining.clone(),
+        ));
+        let uploads = Arc::new(uploads::Uploads::new(
+            cairn_redis::BlobStore::new(redis.clone(), config.redis.prefix.clone()),
+            ProgressStore::new(redis.clone(), config.redis.prefix.clone()),
+            uploads::UploadSettings { max_bytes: config.max_stream_bytes, expiry: config.upload_expiry },
         ));
         let listener = TcpListener::bind(config.addr)
             .await
@@ -257,6 +281,7 @@ impl App {
             aggregator,
             redis,
             requests,
+            uploads,
             waiters,
             replica,
             live,
@@ -293,6 +318,7 @@ impl App {
         progress_api::router(self.aggregator.clone(), self.config.live.live.stall_after)
             .merge(live::router(self.live.clone(), &self.config.live))
             .merge(requests_api::router(self.requests.clone()))
+            .merge(uploads_api::router(self.uploads.clone()))
             .merge(admin)
             .merge(browse_api::router(self.redis.clone(), self.config.queue_names()))
             .merge(ui::router())

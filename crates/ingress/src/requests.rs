@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_progress::{Key, Update};
+use cairn_redis::BlobStore;
 use cairn_redis::ProgressStore;
+use cairn_redis::blobs::BlobError;
 use cairn_redis::progress::{Change, ReadOptions, StoreError};
 use cairn_redis::requests::{
-    CancelOutcome, DeadLetter, QueueError, RequestQueue, RetryOutcome, SubmitOutcome,
+    CancelOutcome, DeadLetter, QueueError, RequestQueue, RetryOutcome, StreamSource, SubmitOutcome,
 };
-use cairn_requests::{RequestRecord, RequestState, Submission, SubmitError, new_request_id};
+use cairn_requests::{RequestRecord, RequestState, StreamInfo, Submission, SubmitError, new_request_id};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +48,21 @@ pub enum RequestsError {
     Busy,
     #[error("idempotency key {key:?} was already used with a different request body")]
     IdempotencyConflict { key: String },
+    #[error("data stream {name:?} is larger than {max} bytes (CAIRN_MAX_STREAM_BYTES)")]
+    StreamTooLarge { name: String, max: u64 },
+    #[error(
+        "the request's data streams pass {max} bytes in all at stream {name:?} (CAIRN_MAX_REQUEST_STREAM_BYTES)"
+    )]
+    StreamsTooLarge { name: String, max: u64 },
+    #[error(
+        "data stream {name:?} names upload {upload}, which does not exist: it expired, was deleted or was used by another request"
+    )]
+    UploadMissing { name: String, upload: String },
+    #[error("data stream {name:?} names upload {upload}, which is not finished ({detail} bytes)")]
+    UploadIncomplete { name: String, upload: String, detail: String },
+    /// A multipart submission that is not as documented; the message says what is wrong.
+    #[error("{0}")]
+    BadStreams(String),
     #[error("no request {id}")]
     Missing { id: String },
     #[error("request {id} already finished: it is {state}")]
@@ -67,6 +84,10 @@ impl RequestsError {
     fn rejection_reason(&self) -> &'static str {
         match self {
             RequestsError::Invalid(e) if e.is_too_large() => "too_large",
+            RequestsError::StreamTooLarge { .. } | RequestsError::StreamsTooLarge { .. } => "too_large",
+            RequestsError::UploadMissing { .. }
+            | RequestsError::UploadIncomplete { .. }
+            | RequestsError::BadStreams(_) => "invalid",
             RequestsError::Invalid(_) => "invalid",
             RequestsError::UnknownHandler { .. } => "unknown_handler",
             RequestsError::Overloaded { .. } | RequestsError::Busy => "backpressure",
@@ -96,6 +117,13 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// This replica's reply stream.
     pub reply_stream: String,
+    /// Largest data stream.
+    pub max_stream_bytes: u64,
+    /// Most bytes of data streams in one request.
+    pub max_request_stream_bytes: u64,
+    /// How long a data stream being received may stay in Redis if its request is never stored
+    /// (the ingress died mid-body); the upload expiry.
+    pub stream_expiry: Duration,
 }
 
 /// The progress a request's view shows, from its node (`progress`, `update_time`) and its record:
@@ -164,6 +192,7 @@ pub enum Canceled {
 pub struct Requests {
     queue: RequestQueue,
     store: ProgressStore,
+    blobs: BlobStore,
     waiters: Arc<Waiters>,
     handlers: BTreeSet<String>,
     settings: Settings,
@@ -194,6 +223,7 @@ impl Requests {
     pub fn new(
         queue: RequestQueue,
         store: ProgressStore,
+        blobs: BlobStore,
         waiters: Arc<Waiters>,
         handlers: BTreeSet<String>,
         settings: Settings,
@@ -202,6 +232,7 @@ impl Requests {
         Requests {
             queue,
             store,
+            blobs,
             waiters,
             handlers,
             settings,
@@ -236,22 +267,156 @@ impl Requests {
 
     async fn try_submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
         // A large body parses only within the budget, and keeps its share until it is stored.
-        let _parsing = if body.len() > LARGE_BODY {
-            let kib = u32::try_from(body.len().div_ceil(1024).min(PARSE_BUDGET_KIB)).unwrap_or(u32::MAX);
-            match tokio::time::timeout(PARSE_WAIT, self.parsing.acquire_many(kib)).await {
-                Ok(Ok(permit)) => Some(permit),
-                _ => return Err(RequestsError::Busy),
-            }
-        } else {
-            None
-        };
+        let _parsing = self.parse_budget(body.len()).await?;
         let submission = Submission::from_slice(body)?;
+        match self.prepare(submission, wait).await? {
+            Prepared::Answered(submitted) => Ok(*submitted),
+            Prepared::New(new) => self.queue_new(*new, Vec::new(), wait).await,
+        }
+    }
+
+    /// A share of the parse budget for a body of `len` bytes (none needed for small ones).
+    pub(crate) async fn parse_budget(
+        &self,
+        len: usize,
+    ) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, RequestsError> {
+        if len <= LARGE_BODY {
+            return Ok(None);
+        }
+        let kib = u32::try_from(len.div_ceil(1024).min(PARSE_BUDGET_KIB)).unwrap_or(u32::MAX);
+        match tokio::time::timeout(PARSE_WAIT, self.parsing.acquire_many(kib)).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            _ => Err(RequestsError::Busy),
+        }
+    }
+
+    /// Everything decided before a request is stored: handler, backpressure, an idempotent
+    /// repeat (answered at once, before its uploads are looked for: the first submission may
+    /// have used them), the uploads its streams name and their sizes.
+    pub(crate) async fn prepare(
+        &self,
+        submission: Submission,
+        wait: Option<Duration>,
+    ) -> Result<Prepared, RequestsError> {
         self.check_handler(&submission.handler)?;
         self.check_backpressure().await?;
-
+        if let Some(key) = &submission.idempotency_key {
+            let fingerprint = submission.fingerprint();
+            match bounded("idempotency", self.queue.idempotent(key, &fingerprint)).await? {
+                Some((existing, true)) => {
+                    return Ok(Prepared::Answered(Box::new(self.known(&existing, wait).await?)));
+                }
+                Some((_, false)) => return Err(RequestsError::IdempotencyConflict { key: key.clone() }),
+                None => {}
+            }
+        }
+        let mut uploads = Vec::new();
+        let mut total = 0u64;
+        for (name, upload) in &submission.streams {
+            let info = bounded("upload info", self.blobs.info(&self.blobs.upload_key(upload))).await?;
+            let Some(info) = info else {
+                return Err(RequestsError::UploadMissing { name: name.clone(), upload: upload.clone() });
+            };
+            if !info.is_complete() {
+                let detail = format!("{} of {}", info.offset, info.length.unwrap_or(0));
+                return Err(RequestsError::UploadIncomplete {
+                    name: name.clone(),
+                    upload: upload.clone(),
+                    detail,
+                });
+            }
+            if info.offset > self.settings.max_stream_bytes {
+                return Err(RequestsError::StreamTooLarge {
+                    name: name.clone(),
+                    max: self.settings.max_stream_bytes,
+                });
+            }
+            total += info.offset;
+            if total > self.settings.max_request_stream_bytes {
+                let max = self.settings.max_request_stream_bytes;
+                return Err(RequestsError::StreamsTooLarge { name: name.clone(), max });
+            }
+            uploads.push((StreamInfo { name: name.clone(), bytes: info.offset }, upload.clone()));
+        }
         let id = new_request_id();
-        let record =
-            RequestRecord::queued(id.clone(), submission, self.settings.default_max_attempts, now_ms());
+        let record = RequestRecord::queued(id, submission, self.settings.default_max_attempts, now_ms());
+        if !uploads.is_empty() {
+            stream_node(&record.progress_key, &uploads[0].0.name)?;
+        }
+        Ok(Prepared::New(Box::new(NewRequest { record, uploads, upload_bytes: total })))
+    }
+
+    /// Stores and queues a prepared request with its streams: `inline` ones already written at
+    /// the request's stream keys (a multipart body's parts), and the uploads it names. Inline
+    /// streams are removed again if the request is not stored.
+    pub(crate) async fn queue_new(
+        &self,
+        new: NewRequest,
+        inline: Vec<StreamInfo>,
+        wait: Option<Duration>,
+    ) -> Result<Submitted, RequestsError> {
+        let NewRequest { mut record, uploads, .. } = new;
+        let id = record.id.clone();
+        let mut sources: Vec<StreamSource> =
+            inline.iter().map(|s| StreamSource { name: s.name.clone(), upload: None }).collect();
+        let mut streams = inline.clone();
+        for (info, upload) in &uploads {
+            sources
+                .push(StreamSource { name: info.name.clone(), upload: Some(self.blobs.upload_key(upload)) });
+            streams.push(info.clone());
+        }
+        streams.sort_by(|a, b| a.name.cmp(&b.name));
+        record.streams = streams;
+        // An upload's bytes all arrived before the request: its stream node says so first.
+        for (info, _) in &uploads {
+            self.report_stream(&record.progress_key, &info.name, info.bytes, Some(info.bytes)).await;
+        }
+        let progress_key = record.progress_key.clone();
+        let outcome = self.store_record(record, wait, &sources).await;
+        let stored = match &outcome {
+            Ok(Submitted::Queued(_)) => true,
+            Ok(Submitted::Known(view)) => view.record.id == id,
+            Err(_) => false,
+        };
+        if !stored {
+            self.drop_streams(&id, &progress_key, &inline).await;
+        }
+        outcome
+    }
+
+    /// Removes streams written for a request that was not stored, and their progress nodes
+    /// when they are in the request's own tree (`_requests.{id}`, which nothing else uses; a
+    /// progress key the client chose may hold another request's nodes).
+    pub(crate) async fn drop_streams(&self, id: &str, progress_key: &Key, streams: &[StreamInfo]) {
+        for stream in streams {
+            let _ = bounded("drop stream", self.blobs.delete(&self.blobs.stream_key(id, &stream.name))).await;
+        }
+        if *progress_key == cairn_requests::default_progress_key(id) {
+            let _ = bounded("drop stream nodes", self.store.delete(progress_key, now_ms())).await;
+        }
+    }
+
+    /// Writes received bytes to `{progress_key}.streams.{name}` (weight 1); with `total`, the
+    /// stream is whole. A failure is logged, never the client's problem.
+    pub(crate) async fn report_stream(&self, progress_key: &Key, name: &str, bytes: u64, total: Option<u64>) {
+        let Ok(key) = stream_node(progress_key, name) else { return };
+        let update = match total {
+            Some(total) => crate::uploads::bytes_update(bytes, total, true),
+            None => Update::new().status("running").field("bytes", bytes),
+        };
+        if let Err(error) = self.report(&key, update.weight(1.0)).await {
+            debug!(%error, stream = name, "cannot report a stream's received bytes");
+        }
+    }
+
+    /// Stores a new record (with its streams) and answers as a submission does.
+    async fn store_record(
+        &self,
+        record: RequestRecord,
+        wait: Option<Duration>,
+        streams: &[StreamSource],
+    ) -> Result<Submitted, RequestsError> {
+        let id = record.id.clone();
         let waiter = wait.map(|_| self.waiters.register(&id));
         let ttl_ms = u64::try_from(self.settings.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
         let waiting = RequestState::Queued
@@ -259,10 +424,14 @@ impl Requests {
             .field("request_id", record.id.as_str())
             .field("handler", record.handler.as_str());
         let reply_to = Some(self.settings.reply_stream.as_str());
-        let outcome = bounded("submit", self.queue.submit(&record, reply_to, ttl_ms, Some(&waiting))).await?;
+        let outcome = bounded(
+            "submit",
+            self.queue.submit_with_streams(&record, reply_to, ttl_ms, Some(&waiting), streams),
+        )
+        .await?;
         match outcome {
             SubmitOutcome::Created { entry_id } => {
-                info!(request = %id, handler = %record.handler, entry = %entry_id, "request queued");
+                info!(request = %id, handler = %record.handler, entry = %entry_id, streams = record.streams.len(), "request queued");
                 metrics::counter!("cairn_requests_submitted_total").increment(1);
                 let record = match (wait, &waiter) {
                     (Some(wait), Some(waiter)) => self.wait_terminal(record, waiter, wait).await,
@@ -276,19 +445,37 @@ impl Requests {
             }
             SubmitOutcome::Existing { id: existing } => {
                 debug!(request = %existing, "idempotent submission answered with the earlier request");
-                let waiter = wait.map(|_| self.waiters.register(&existing));
-                let stored = self.record(&existing).await?;
-                let stored = match (wait, &waiter) {
-                    (Some(wait), Some(waiter)) => self.wait_terminal(stored, waiter, wait).await,
-                    _ => stored,
-                };
-                Ok(Submitted::Known(self.view(stored).await))
+                self.known(&existing, wait).await
             }
             SubmitOutcome::Conflict { .. } => {
                 let key = record.idempotency_key.unwrap_or_default();
                 Err(RequestsError::IdempotencyConflict { key })
             }
+            SubmitOutcome::StreamMissing { name } => {
+                let upload = upload_of(&record.streams, streams, &name);
+                Err(RequestsError::UploadMissing { name, upload })
+            }
+            SubmitOutcome::StreamIncomplete { name, detail } => {
+                let upload = upload_of(&record.streams, streams, &name);
+                Err(RequestsError::UploadIncomplete { name, upload, detail: detail.replace('/', " of ") })
+            }
         }
+    }
+
+    /// An earlier request an idempotent repeat names, waited on as the client asked.
+    async fn known(&self, existing: &str, wait: Option<Duration>) -> Result<Submitted, RequestsError> {
+        let waiter = wait.map(|_| self.waiters.register(existing));
+        let stored = self.record(existing).await?;
+        let stored = match (wait, &waiter) {
+            (Some(wait), Some(waiter)) => self.wait_terminal(stored, waiter, wait).await,
+            _ => stored,
+        };
+        Ok(Submitted::Known(self.view(stored).await))
+    }
+
+    /// The blob store of streams and uploads.
+    pub(crate) fn blobs(&self) -> &BlobStore {
+        &self.blobs
     }
 
     fn check_handler(&self, name: &str) -> Result<(), RequestsError> {
@@ -487,9 +674,49 @@ impl Requests {
     }
 }
 
+/// A request prepared for storing, or the answer an idempotent repeat already has.
+pub(crate) enum Prepared {
+    New(Box<NewRequest>),
+    Answered(Box<Submitted>),
+}
+
+/// A request about to be stored: its record and the finished uploads its streams take.
+pub(crate) struct NewRequest {
+    pub record: RequestRecord,
+    /// Each named upload as its stream, with the upload's id.
+    pub uploads: Vec<(StreamInfo, String)>,
+    /// Bytes of those uploads, all together.
+    pub upload_bytes: u64,
+}
+
+/// The progress node of a request's data stream, `{progress_key}.streams.{name}`.
+pub(crate) fn stream_node(progress_key: &Key, name: &str) -> Result<Key, RequestsError> {
+    Key::parse(&format!("{progress_key}.streams.{name}")).map_err(|e| {
+        RequestsError::BadStreams(format!(
+            "data stream {name:?} cannot report under progress_key {progress_key:?}: {e}"
+        ))
+    })
+}
+
+fn upload_of(_streams: &[StreamInfo], sources: &[StreamSource], name: &str) -> String {
+    sources
+        .iter()
+        .find(|s| s.name == name)
+        .and_then(|s| s.upload.as_deref())
+        .and_then(|key| key.rsplit(':').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Errors of the Redis layers, told apart: Redis being away versus a reply that makes no sense.
 trait RedisFailure: Display {
     fn is_unavailable(&self) -> bool;
+}
+
+impl RedisFailure for BlobError {
+    fn is_unavailable(&self) -> bool {
+        matches!(self, BlobError::Redis(_))
+    }
 }
 
 impl RedisFailure for QueueError {

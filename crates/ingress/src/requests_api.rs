@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest as _, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use crate::error::ApiError;
 use crate::progress_api::bounded;
 use crate::requests::{Canceled, Requests, Submitted, progress_url, record_rejection};
+use crate::streams;
 
 const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
 const DEFAULT_LIMIT: u32 = 100;
@@ -34,7 +35,8 @@ pub(crate) fn router(requests: Arc<Requests>) -> Router {
         .route("/v1/dead-letters", get(dead_letters))
         .route("/v1/dead-letters/{id}", get(dead_letter))
         .route("/v1/dead-letters/{id}/retry", post(retry))
-        // An oversized body is refused before it is buffered; see `body_rejection`.
+        // An oversized JSON body is refused before it is buffered (see `body_rejection`);
+        // multipart bodies are streamed, within their own limits (`streams`).
         .layer(DefaultBodyLimit::max(MAX_SUBMISSION_BYTES))
         .with_state(requests)
 }
@@ -45,11 +47,29 @@ pub(crate) fn router(requests: Arc<Requests>) -> Router {
 async fn submit(
     State(requests): State<Arc<Requests>>,
     Prefer { wait }: Prefer,
-    body: Result<Bytes, BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(body_rejection)?;
     let wait = capped(wait, requests.settings().max_wait);
-    let response = match requests.submit(&body, wait).await? {
+    let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let submitted = match content_type.and_then(streams::boundary) {
+        Some(boundary) => {
+            let boundary = boundary.map_err(ApiError::from)?;
+            match streams::submit(&requests, request.into_body(), boundary, wait).await {
+                Ok(submitted) => submitted,
+                // The body was not read to its end: the connection cannot serve another request.
+                Err(error) => {
+                    let mut response = ApiError::from(error).into_response();
+                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    return Ok(response);
+                }
+            }
+        }
+        None => {
+            let body = Bytes::from_request(request, &()).await.map_err(body_rejection)?;
+            requests.submit(&body, wait).await?
+        }
+    };
+    let response = match submitted {
         Submitted::Queued(record) => {
             let body = json!({
                 "id": record.id,

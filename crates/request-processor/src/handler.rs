@@ -13,6 +13,8 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::streams::Streams;
+
 /// Runs one attempt of a request. Return the result, or say whether the failure is worth
 /// retrying. Stop promptly when `ctx.cancel` fires (cancellation, lost lease, shutdown).
 pub trait Handler: Send + Sync + 'static {
@@ -43,6 +45,8 @@ pub struct Context {
     pub traceparent: Option<String>,
     /// Fires when the run must stop: cancellation requested, lease lost, or timeout.
     pub cancel: CancellationToken,
+    /// The request's data streams: `streams.open(name)` reads one from its start.
+    pub streams: Streams,
     pub(crate) publisher: ProgressPublisher,
     /// What `report` last said of `progress`; the processor's heartbeats carry it.
     pub(crate) last_progress: Arc<LastProgress>,

@@ -4,6 +4,7 @@
 
 pub mod handler;
 pub mod handlers;
+pub mod streams;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use handler::{Context, Handler, HandlerError, HandlerSet};
+pub use streams::{StreamReader, Streams};
 
 /// Settings of the processor: flags, or `CAIRN_*` environment variables.
 #[derive(clap::Parser, Debug, Clone)]
@@ -152,7 +154,8 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on CAIRN_PROCESSOR_ADMIN_ADDR={}", config.admin_addr))?;
         let committer = worker::Committer::start(queue.clone(), settings.consumer.clone());
-        let deps = Arc::new(worker::Deps { queue, handlers, publisher, settings, committer });
+        let blobs = cairn_redis::BlobStore::new(redis.clone(), config.redis.prefix.clone());
+        let deps = Arc::new(worker::Deps { queue, blobs, handlers, publisher, settings, committer });
         Ok(App { config, deps, redis, admin })
     }
 

@@ -55,6 +55,8 @@ pub struct Settings {
 /// Everything the loop needs.
 pub struct Deps {
     pub queue: RequestQueue,
+    /// Where requests' data streams are read.
+    pub blobs: cairn_redis::BlobStore,
     pub handlers: HandlerSet,
     pub publisher: ProgressPublisher,
     pub settings: Settings,

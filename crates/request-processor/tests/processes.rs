@@ -442,3 +442,180 @@ async fn a_processor_restarted_with_its_name_drains_its_own_pending_entries() {
     }
     assert_eq!(world.pending_of("same").await, 0);
 }
+
+/// Stores `data` as the data stream `name` of a new request for `handler` and queues it.
+async fn submit_with_stream(world: &World, handler: &str, name: &str, data: &[u8]) -> String {
+    use cairn_redis::BlobStore;
+    use cairn_redis::blobs::{BlobWriter, WriteMode};
+    use cairn_redis::requests::StreamSource;
+    use cairn_requests::StreamInfo;
+
+    let conn = RedisConfig::new(world.redis_url.clone(), world.prefix.clone()).manager().unwrap();
+    let blobs = BlobStore::new(conn, world.prefix.clone());
+    let id = new_request_id();
+    let base = blobs.stream_key(&id, name);
+    blobs.create(&base, &[], now_ms(), None).await.unwrap();
+    let mut writer = BlobWriter::new(blobs.clone(), base, 0, WriteMode::Direct, None);
+    for chunk in data.chunks(100_000) {
+        writer.write(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    assert_eq!(writer.finish().await.unwrap(), data.len() as u64);
+    let mut submission = Submission::new(handler, json!({"n": 1}));
+    submission.max_attempts = Some(3);
+    let mut record = RequestRecord::queued(id.clone(), submission, 3, now_ms());
+    record.streams = vec![StreamInfo { name: name.to_owned(), bytes: data.len() as u64 }];
+    let source = StreamSource { name: name.to_owned(), upload: None };
+    let outcome = world.queue.submit_with_streams(&record, None, 60_000, None, &[source]).await.unwrap();
+    assert!(matches!(outcome, SubmitOutcome::Created { .. }), "{outcome:?}");
+    id
+}
+
+fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the upstream of the `upload` handler saw: per attempt, the bytes of the `data` part.
+#[derive(Default)]
+struct Upstream {
+    /// Bytes of `data` received by the first attempt so far (read slowly).
+    first_attempt: std::sync::atomic::AtomicU64,
+    /// (attempt, payload part, bytes, sha256) of each body read to its end.
+    whole: std::sync::Mutex<Vec<(String, String, u64, String)>>,
+}
+
+/// An upstream reading multipart bodies: the first attempt's slowly (so a kill lands
+/// mid-transfer), later ones at full speed; answers the `data` part's size and SHA-256.
+async fn start_upstream(upstream: std::sync::Arc<Upstream>) -> String {
+    use axum::extract::{Multipart, State};
+    use axum::http::HeaderMap;
+    use sha2::Digest as _;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    async fn receive(
+        State(upstream): State<Arc<Upstream>>,
+        headers: HeaderMap,
+        mut multipart: Multipart,
+    ) -> axum::Json<serde_json::Value> {
+        let attempt = headers.get("x-cairn-attempt").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let (mut payload, mut bytes, mut hasher) = (String::new(), 0u64, sha2::Sha256::new());
+        // A body cut off (its sender killed) ends in an error, never as a whole body.
+        let cut = || axum::Json(json!({"error": "the body was cut off"}));
+        loop {
+            let mut field = match multipart.next_field().await {
+                Ok(Some(field)) => field,
+                Ok(None) => break,
+                Err(_) => return cut(),
+            };
+            let name = field.name().unwrap_or("").to_owned();
+            loop {
+                let chunk = match field.chunk().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(_) => return cut(),
+                };
+                if name == "payload" {
+                    payload.push_str(&String::from_utf8_lossy(&chunk));
+                    continue;
+                }
+                bytes += chunk.len() as u64;
+                hasher.update(&chunk);
+                if attempt == "1" {
+                    upstream.first_attempt.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let sha: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        upstream.whole.lock().unwrap().push((attempt, payload, bytes, sha.clone()));
+        axum::Json(json!({"bytes": bytes, "sha256": sha}))
+    }
+
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(receive))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(upstream);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+fn add_handler(world: &World, text: &str) {
+    let path = world.dir.path().join("handlers.toml");
+    let mut handlers = std::fs::read_to_string(&path).unwrap();
+    handlers.push_str(text);
+    std::fs::write(path, handlers).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_killed_mid_transfer_leaves_the_retry_the_whole_stream() {
+    use std::sync::atomic::Ordering;
+
+    let world = World::new().await;
+    let upstream = std::sync::Arc::new(Upstream::default());
+    let url = start_upstream(upstream.clone()).await;
+    add_handler(
+        &world,
+        &format!("\n[handlers.upload]\nkind = \"http\"\nurl = \"{url}\"\ntimeout = \"60s\"\n"),
+    );
+    let data = test_bytes(8 * 1024 * 1024, 5);
+    let mut doomed = world.processor("doomed", &[]);
+    let id = submit_with_stream(&world, "upload", "data", &data).await;
+    wait_until("the upstream receives part of the stream", WAIT, || async {
+        upstream.first_attempt.load(Ordering::SeqCst) > 1024 * 1024
+    })
+    .await
+    .unwrap();
+    doomed.signal_tree("KILL");
+    assert!(doomed.wait_exit(Duration::from_secs(5)).is_some(), "killed");
+    let cut_at = upstream.first_attempt.load(Ordering::SeqCst);
+    assert!(cut_at < data.len() as u64, "the kill landed mid-transfer ({cut_at} bytes)");
+
+    let _survivor = world.processor("survivor", &[]);
+    world.wait_all(std::slice::from_ref(&id), RequestState::Succeeded, WAIT).await;
+    let record = world.queue.record(&id).await.unwrap().unwrap();
+    assert_eq!(record.attempts, 2);
+    let result = record.result.unwrap();
+    assert_eq!(result["bytes"], data.len() as u64, "the retry sent the whole stream: {result}");
+    assert_eq!(result["sha256"], sha256_hex(&data));
+    let whole = upstream.whole.lock().unwrap().clone();
+    assert_eq!(whole.len(), 1, "only the retry's body arrived whole: {whole:?}");
+    assert_eq!(whole[0].0, "2");
+    assert_eq!(whole[0].1, r#"{"n":1}"#, "the payload part comes first, as JSON");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_gets_its_streams_as_files_in_a_private_directory_removed_afterwards() {
+    let world = World::new().await;
+    add_handler(
+        &world,
+        &format!(
+            "\n[handlers.files]\nkind = \"command\"\nprogram = \"{}\"\n",
+            fixture("streams.sh").display()
+        ),
+    );
+    let data = test_bytes(3 * 1024 * 1024 + 5, 9);
+    let _processor = world.processor("files", &[]);
+    let id = submit_with_stream(&world, "files", "scan-1", &data).await;
+    world.wait_all(std::slice::from_ref(&id), RequestState::Succeeded, WAIT).await;
+    let result = world.queue.record(&id).await.unwrap().unwrap().result.unwrap();
+    assert_eq!(result["files"]["scan-1"]["bytes"], data.len() as u64, "{result}");
+    assert_eq!(result["files"]["scan-1"]["sha256"], sha256_hex(&data));
+    assert_eq!(result["mode"], "700", "only the processor's user can read the streams");
+    let dir = result["dir"].as_str().unwrap();
+    assert!(!Path::new(dir).exists(), "{dir} was removed after the run");
+}

@@ -343,3 +343,74 @@ async fn of_two_trimmers_on_one_prefix_only_the_lease_holder_acts() {
     stop_second.cancel();
     second_run.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn data_streams_go_with_their_purged_request_and_stay_with_the_others() {
+    use cairn_redis::BlobStore;
+    use cairn_redis::requests::StreamSource;
+    use cairn_requests::StreamInfo;
+
+    let ns = RedisNamespace::new();
+    let requests = Requests::new(&ns).await;
+    let blobs = BlobStore::new(requests.conn.clone(), ns.prefix.clone());
+    let now = now_ms();
+    let old = now - 2 * HOUR_MS;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = new_request_id();
+        let mut record = RequestRecord::queued(id.clone(), Submission::new("echo", json!(null)), 3, old);
+        for name in ["a", "b"] {
+            let base = blobs.stream_key(&id, name);
+            blobs.create(&base, &[], old, None).await.unwrap();
+            assert_eq!(blobs.append(&base, 0, b"some bytes", None).await.unwrap(), 10);
+            record.streams.push(StreamInfo { name: name.to_owned(), bytes: 10 });
+        }
+        let sources: Vec<StreamSource> =
+            ["a", "b"].iter().map(|n| StreamSource { name: (*n).to_owned(), upload: None }).collect();
+        requests.queue.submit_with_streams(&record, None, 60_000, None, &sources).await.unwrap();
+        ids.push(id);
+    }
+    let (done, running) = (&ids[0], &ids[1]);
+    let entry = requests.start(done, old).await;
+    let commit = Commit { entry, state: RequestState::Succeeded, result: None, error: None };
+    assert_eq!(requests.queue.commit("c", &[commit], old).await.unwrap(), [true]);
+
+    let app = trimmer(&ns, &["--request-retention=1h"]).await;
+    assert_eq!(trim_once(&app.deps(), now).await.unwrap().records_purged, 1);
+    for name in ["a", "b"] {
+        for key in cairn_redis::blobs::keys(&blobs.stream_key(done, name)) {
+            assert!(!requests.exists(&key).await, "{key} went with its request");
+        }
+        for key in cairn_redis::blobs::keys(&blobs.stream_key(running, name)) {
+            assert!(requests.exists(&key).await, "{key} of an unfinished request stays");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_abandoned_uploads_tree_goes_once_its_upload_is_gone() {
+    let ns = RedisNamespace::new();
+    let store = ProgressStore::new(
+        RedisConfig::new(ns.url.clone(), ns.prefix.clone()).manager().unwrap(),
+        ns.prefix.clone(),
+    );
+    let now = now_ms();
+    let old = now - 10 * HOUR_MS;
+    let running = || Update::new().progress(0.4).status("running").field("bytes", 4).field("total_bytes", 10);
+    store
+        .apply(&[change("_uploads.gone", running(), old), change("_uploads.alive", running(), old)])
+        .await
+        .unwrap();
+    let mut conn = ns.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(ns.key("upload:alive"))
+        .arg("offset")
+        .arg(4)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let app = trimmer(&ns, &["--progress-retention=1h"]).await;
+    let report = trim_once(&app.deps(), now).await.unwrap();
+    assert_eq!(report.trees_purged, 1, "{report:?}");
+    assert_eq!(roots(&mut conn, &ns.prefix).await, HashSet::from(["_uploads.alive".to_owned()]));
+}

@@ -5,6 +5,7 @@
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
+use reqwest::multipart::{Form, Part};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value, json};
 
@@ -21,7 +22,13 @@ const LONG_POLL_SECS: u64 = 60;
 
 pub async fn submit(client: &Client, out: Output, args: Submit) -> Result<Exit, CliError> {
     let body = submission(&args)?;
-    let answer = client.call(client.request(Method::POST, &["v1", "requests"]).json(&body), None).await?;
+    let request = client.request(Method::POST, &["v1", "requests"]);
+    let request = if args.files.is_empty() {
+        request.json(&body)
+    } else {
+        request.multipart(form(&body, &args.files).await?)
+    };
+    let answer = client.call(request, None).await?;
     let id = answer.json["id"]
         .as_str()
         .ok_or_else(|| {
@@ -89,6 +96,37 @@ fn submission(args: &Submit) -> Result<Value, CliError> {
         body.insert("idempotency_key".into(), json!(key));
     }
     Ok(Value::Object(body))
+}
+
+/// The multipart body of a submission with files: the part `request` (the JSON submission)
+/// first, then one part per file, named by its stream name, its bytes streamed from disk.
+async fn form(body: &Value, files: &[(String, std::path::PathBuf)]) -> Result<Form, CliError> {
+    let request = Part::text(body.to_string())
+        .mime_str("application/json")
+        .map_err(|e| CliError::Other(anyhow::anyhow!("multipart: {e}")))?;
+    let mut form = Form::new().part("request", request);
+    let mut seen = std::collections::HashSet::new();
+    for (name, path) in files {
+        if !seen.insert(name) {
+            return Err(CliError::usage(format!("--file names the stream {name:?} twice")));
+        }
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| CliError::usage(format!("--file {name}={}: {e}", path.display())))?;
+        let length = file
+            .metadata()
+            .await
+            .map_err(|e| CliError::usage(format!("--file {name}={}: {e}", path.display())))?
+            .len();
+        let stream = tokio_util::io::ReaderStream::new(file);
+        let file_name = path.file_name().map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned());
+        let part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), length)
+            .file_name(file_name)
+            .mime_str("application/octet-stream")
+            .map_err(|e| CliError::Other(anyhow::anyhow!("multipart: {e}")))?;
+        form = form.part(name.clone(), part);
+    }
+    Ok(form)
 }
 
 /// Long-polls the request until it is in a terminal state.
@@ -269,6 +307,7 @@ mod tests {
             timeout: Some(Duration::from_secs(30)),
             idempotency_key: None,
             wait: false,
+            files: Vec::new(),
         }
     }
 

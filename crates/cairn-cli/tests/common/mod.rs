@@ -66,6 +66,20 @@ pub fn handlers() -> HandlerSet {
 
 impl Stack {
     pub async fn start() -> Stack {
+        Stack::start_with("").await
+    }
+
+    /// A stack whose handlers file also holds `extra_handlers` (TOML `[handlers.NAME]` tables),
+    /// which the processor runs too.
+    pub async fn start_with(extra_handlers: &str) -> Stack {
+        let handlers = handlers_file(extra_handlers);
+        let processor_handlers = if extra_handlers.is_empty() {
+            self::handlers()
+        } else {
+            request_processor::handlers::config::load(handlers.path())
+                .expect("valid handlers file")
+                .with("steps", example_processor::Steps)
+        };
         let ns = RedisNamespace::new();
         let vhost = AmqpVhost::new().await;
         let cancel = CancellationToken::new();
@@ -109,12 +123,12 @@ impl Stack {
             "2s",
         ])
         .expect("valid processor config");
-        let processor =
-            request_processor::App::build_with_handlers(config, handlers()).await.expect("processor builds");
+        let processor = request_processor::App::build_with_handlers(config, processor_handlers)
+            .await
+            .expect("processor builds");
         let processor_ready = format!("http://{}/readyz", processor.admin_addr());
         tasks.push(tokio::spawn(processor.run(cancel.clone())));
 
-        let handlers = handlers_file();
         let ingress_args = vec![
             "ingress".to_owned(),
             "--aggregator-url".to_owned(),
@@ -236,13 +250,10 @@ async fn start_ingress(
 
 /// A handlers file naming what the processor runs, so ingress accepts `steps` too (one per
 /// stack: tests run in parallel).
-fn handlers_file() -> tempfile::NamedTempFile {
+fn handlers_file(extra: &str) -> tempfile::NamedTempFile {
     let mut file = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp file");
-    std::io::Write::write_all(
-        &mut file,
-        b"[handlers.echo]\nkind = \"echo\"\n\n[handlers.steps]\nkind = \"echo\"\n",
-    )
-    .expect("handlers file");
+    let text = format!("[handlers.echo]\nkind = \"echo\"\n\n[handlers.steps]\nkind = \"echo\"\n\n{extra}");
+    std::io::Write::write_all(&mut file, text.as_bytes()).expect("handlers file");
     file
 }
 

@@ -91,6 +91,24 @@ pub enum SubmitOutcome {
     Conflict {
         id: String,
     },
+    /// A stream names an upload that does not exist (expired, deleted, used by a request).
+    StreamMissing {
+        name: String,
+    },
+    /// A stream names an upload that has not received all its bytes (`detail`: offset/length).
+    StreamIncomplete {
+        name: String,
+        detail: String,
+    },
+}
+
+/// Where a data stream of a new request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSource {
+    pub name: String,
+    /// The base key of a finished upload the request takes over; `None` for a stream already
+    /// written at the request's own key ([`crate::blobs::stream_key`]).
+    pub upload: Option<String>,
 }
 
 /// What `start` decided for one entry.
@@ -209,6 +227,20 @@ impl RequestQueue {
         idempotency_ttl_ms: u64,
         progress: Option<&Update>,
     ) -> Result<SubmitOutcome, QueueError> {
+        self.submit_with_streams(record, reply_to, idempotency_ttl_ms, progress, &[]).await
+    }
+
+    /// [`Self::submit`] with data streams: in the same step, each finished upload named is
+    /// renamed to the request's stream key and every stream loses its expiry. An idempotent
+    /// repeat is answered before the uploads are looked at.
+    pub async fn submit_with_streams(
+        &self,
+        record: &RequestRecord,
+        reply_to: Option<&str>,
+        idempotency_ttl_ms: u64,
+        progress: Option<&Update>,
+        streams: &[StreamSource],
+    ) -> Result<SubmitOutcome, QueueError> {
         let mut invocation = self.invocation(&SUBMIT);
         invocation
             .arg(&record.id)
@@ -222,6 +254,10 @@ impl RequestQueue {
                 invocation.arg("").arg(0).arg(0);
             }
         }
+        invocation.arg(streams.len());
+        for stream in streams {
+            invocation.arg(&stream.name).arg(stream.upload.as_deref().unwrap_or(""));
+        }
         for (name, value) in record.to_fields() {
             invocation.arg(name).arg(value);
         }
@@ -234,8 +270,25 @@ impl RequestQueue {
             "created" => Ok(SubmitOutcome::Created { entry_id }),
             "existing" => Ok(SubmitOutcome::Existing { id }),
             "conflict" => Ok(SubmitOutcome::Conflict { id }),
+            "stream_missing" => Ok(SubmitOutcome::StreamMissing { name: id }),
+            "stream_incomplete" => Ok(SubmitOutcome::StreamIncomplete { name: id, detail: entry_id }),
             other => Err(QueueError::Protocol(format!("submit answered {other:?}"))),
         }
+    }
+
+    /// The request an idempotency key names, if any, and whether it was submitted with
+    /// `fingerprint`. A read ahead of [`Self::submit_with_streams`] (which decides again, in its
+    /// own step), so a repeat is answered before its uploads are looked for.
+    pub async fn idempotent(
+        &self,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Option<(String, bool)>, QueueError> {
+        let mut conn = self.conn.clone();
+        let existing: Option<String> = conn.get(format!("{}:idem:{key}", self.names.prefix)).await?;
+        let Some(existing) = existing else { return Ok(None) };
+        let known: Option<String> = conn.hget(self.names.record(&existing), "fingerprint").await?;
+        Ok(known.map(|known| (existing, known == fingerprint)))
     }
 
     /// New entries for `consumer`, waiting up to `block_ms`. Give it a dedicated connection.

@@ -2,7 +2,9 @@
 -- ARGV[4] the cutoff): the tree goes only if its root is a root in P:proots last updated at or
 -- before the cutoff and its status is terminal, checked in the same script that deletes, so an
 -- update arriving meanwhile keeps the tree. Returns -1 when the tree stays. The tree's change
--- feed goes with it (watchers are told through P:pfeed).
+-- feed goes with it (watchers are told through P:pfeed). An upload's tree (`_uploads.<id>`)
+-- whose upload is gone (expired, deleted or used by a request) counts as finished whatever its
+-- status: an abandoned upload's node stays `running` for ever otherwise.
 do
   local root = ARGV[2]
   local score = tonumber(redis.call('ZSCORE', P .. ':proots', root))
@@ -12,7 +14,10 @@ do
     redis.call('ZREM', P .. ':proots', root)
     return 0
   end
-  if parent_of(root) or not score or score > tonumber(ARGV[4]) or not status or not TERMINAL[status] then
+  local abandoned = string.sub(root, 1, 9) == '_uploads.'
+    and redis.call('EXISTS', P .. ':upload:' .. string.sub(root, 10)) == 0
+  local finished = abandoned or (status and TERMINAL[status])
+  if parent_of(root) or not score or score > tonumber(ARGV[4]) or not finished then
     return -1
   end
   FEED_DROP = true

@@ -4,7 +4,8 @@
 --                   scripts at every terminal transition)
 -- The record itself decides: one that is no longer terminal (a dead request retried) leaves the
 -- index and rejoins it when it ends again; one that finished later than its score is re-scored.
--- The idempotency key goes with the record only while it still points to it.
+-- The idempotency key goes with the record only while it still points to it; its data streams
+-- (P:req:<id>:s:<name>, listed in its `streams` field) go with it.
 -- Dead requests have their own retention (ARGV[4]: their cutoff, or -1 to keep them until
 -- retried or deleted): one kept for good leaves the index (it rejoins if retried and finished
 -- again); one kept for longer is re-scored to when it becomes due.
@@ -16,7 +17,7 @@ local ids = redis.call('ZRANGEBYSCORE', index, '-inf', cutoff, 'LIMIT', 0, limit
 local purged = 0
 for _, id in ipairs(ids) do
   local k = P .. ':req:' .. id
-  local v = redis.call('HMGET', k, 'state', 'finished_ms', 'idempotency_key')
+  local v = redis.call('HMGET', k, 'state', 'finished_ms', 'idempotency_key', 'streams')
   local finished = tonumber(v[2])
   if not v[1] or not TERMINAL[v[1]] then
     redis.call('ZREM', index, id)
@@ -27,6 +28,17 @@ for _, id in ipairs(ids) do
   elseif v[1] == 'dead' and finished and finished > dead_cutoff then
     redis.call('ZADD', index, finished + (cutoff - dead_cutoff), id)
   else
+    if v[4] and v[4] ~= '' then
+      local ok, streams = pcall(cjson.decode, v[4])
+      if ok and type(streams) == 'table' then
+        for _, s in ipairs(streams) do
+          if type(s) == 'table' and type(s.name) == 'string' then
+            local base = k .. ':s:' .. s.name
+            redis.call('DEL', base, base .. ':c', base .. ':i')
+          end
+        end
+      end
+    end
     redis.call('DEL', k)
     if v[3] and v[3] ~= '' then
       local idem = P .. ':idem:' .. v[3]

@@ -10,7 +10,9 @@
 //! larger payloads are on stdin alone), `CAIRN_REQUEST_ID`, `CAIRN_ATTEMPT`,
 //! `CAIRN_PROGRESS_KEY`, `CAIRN_PROGRESS_URL` (so a script can
 //! `curl -d '{"progress":0.5}' "$CAIRN_PROGRESS_URL"`), `TRACEPARENT` when the request carries
-//! one, and the configured `env` on top of the processor's own environment.
+//! one, `CAIRN_STREAMS_DIR` (a private temporary directory holding one file per data stream,
+//! named as the stream; removed after the run), and the configured `env` on top of the
+//! processor's own environment.
 //!
 //! Outcome:
 //! - exit status 0: success; stdout is the result (JSON if it parses, else the trimmed text as a
@@ -49,7 +51,8 @@ const STDERR_TAIL_BYTES: usize = 1024;
 /// over 128 KiB, and the program would not start at all.
 const MAX_ENV_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Environment variables the processor sets itself; the configuration may not override them.
-const RESERVED_ENV: [&str; 6] = [
+const RESERVED_ENV: [&str; 7] = [
+    "CAIRN_STREAMS_DIR",
     "CAIRN_PAYLOAD",
     "CAIRN_REQUEST_ID",
     "CAIRN_ATTEMPT",
@@ -133,6 +136,8 @@ impl CommandHandler {
 
     async fn run(&self, ctx: &Context) -> Result<Value, HandlerError> {
         let args = self.render_args(ctx)?;
+        // Removed (with its files) when the run ends, however it ends.
+        let streams_dir = write_streams(ctx).await?;
         let payload = ctx.payload.to_string();
         let mut command = tokio::process::Command::new(&self.program);
         // Nothing of the processor's own environment reaches the program but what a program needs
@@ -151,6 +156,7 @@ impl CommandHandler {
             .env("CAIRN_ATTEMPT", ctx.attempt.to_string())
             .env("CAIRN_PROGRESS_KEY", ctx.progress_key.as_str())
             .env("CAIRN_PROGRESS_URL", &ctx.progress_url)
+            .env("CAIRN_STREAMS_DIR", streams_dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -264,6 +270,36 @@ impl Handler for CommandHandler {
 
 /// Kills the group of a program that must stop and reaps it. The group goes first, while the
 /// child is not yet reaped and its id still names the group.
+/// A private temporary directory (mode 0700) with one file per data stream, written from Redis.
+async fn write_streams(ctx: &Context) -> Result<tempfile::TempDir, HandlerError> {
+    let failed = |what: &str, e: std::io::Error| {
+        HandlerError::Retryable(format!("cannot {what} the data streams: {e}"))
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("cairn-streams-")
+        .tempdir()
+        .map_err(|e| failed("create a directory for", e))?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| failed("create a directory for", e))?;
+    for stream in ctx.streams.list() {
+        let Some(mut reader) = ctx.streams.open(&stream.name) else { continue };
+        let mut file =
+            tokio::fs::File::create(dir.path().join(&stream.name)).await.map_err(|e| failed("write", e))?;
+        let copied = tokio::select! {
+            copied = tokio::io::copy(&mut reader, &mut file) => copied.map_err(|e| failed("write", e))?,
+            () = ctx.cancel.cancelled() => return Err(HandlerError::Retryable("canceled".into())),
+        };
+        file.flush().await.map_err(|e| failed("write", e))?;
+        if copied != stream.bytes {
+            return Err(HandlerError::Retryable(format!(
+                "data stream {:?} has {copied} bytes, not the {} its request recorded",
+                stream.name, stream.bytes
+            )));
+        }
+    }
+    Ok(dir)
+}
+
 async fn stopped(child: &mut tokio::process::Child, pgid: Option<u32>, reason: String) -> HandlerError {
     if let Some(pgid) = pgid {
         kill_group(pgid).await;

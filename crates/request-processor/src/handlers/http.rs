@@ -1,5 +1,7 @@
 //! `http`: POSTs the payload as JSON to a configured upstream and turns its answer into a result
-//! or a retryable or permanent error.
+//! or a retryable or permanent error. A request with data streams is sent as
+//! `multipart/form-data` instead: a part `payload` (the JSON), then one part per stream (named
+//! and with the file name of the stream), each streamed from Redis as the upstream reads it.
 //!
 //! The request carries `x-cairn-request-id`, `x-cairn-attempt`, `x-cairn-progress-url`,
 //! `x-cairn-progress-key` and, when the request has one, `traceparent`, so the upstream can post
@@ -72,14 +74,10 @@ impl HttpHandler {
     }
 
     async fn call(&self, ctx: &Context) -> Result<Value, HandlerError> {
-        let response = self
-            .client
-            .post(self.url.clone())
-            .headers(headers(ctx))
-            .json(&ctx.payload)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
+        let request = self.client.post(self.url.clone()).headers(headers(ctx));
+        let request =
+            if ctx.streams.is_empty() { request.json(&ctx.payload) } else { request.multipart(form(ctx)?) };
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
         let status = response.status();
         if status.is_success() {
             let body =
@@ -122,6 +120,24 @@ impl HttpHandler {
         };
         HandlerError::Retryable(message)
     }
+}
+
+/// The multipart body of a request with data streams: `payload`, then the streams in name order.
+fn form(ctx: &Context) -> Result<reqwest::multipart::Form, HandlerError> {
+    use reqwest::multipart::{Form, Part};
+    let invalid =
+        |e: reqwest::Error| HandlerError::Permanent(format!("cannot build the multipart body: {e}"));
+    let payload = Part::text(ctx.payload.to_string()).mime_str("application/json").map_err(invalid)?;
+    let mut form = Form::new().part("payload", payload);
+    for stream in ctx.streams.list() {
+        let Some(chunks) = ctx.streams.chunks(&stream.name) else { continue };
+        let part = Part::stream_with_length(reqwest::Body::wrap_stream(chunks), stream.bytes)
+            .file_name(stream.name.clone())
+            .mime_str("application/octet-stream")
+            .map_err(invalid)?;
+        form = form.part(stream.name.clone(), part);
+    }
+    Ok(form)
 }
 
 impl Handler for HttpHandler {

@@ -24,6 +24,7 @@ pub(crate) fn test_context(payload: serde_json::Value) -> crate::handler::Contex
         progress_url: "http://127.0.0.1:8080/status/_requests.0198c0de".into(),
         traceparent: None,
         cancel: tokio_util::sync::CancellationToken::new(),
+        streams: crate::streams::Streams::none(&cairn_progress::Key::parse("_requests.0198c0de").unwrap()),
         last_progress: std::sync::Arc::new(crate::handler::LastProgress::new()),
         publisher: ProgressPublisher::start(PublisherConfig::new(
             "amqp://guest:guest@127.0.0.1:1/%2f",

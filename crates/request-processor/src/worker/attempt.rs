@@ -10,6 +10,7 @@ use super::Deps;
 use super::outcome::Attempt;
 use super::registry::{RunSignals, Stop};
 use crate::handler::{Context, HandlerError};
+use crate::streams::Streams;
 
 /// How long a told-to-stop handler gets to clean up (kill its process) before it is aborted.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -27,6 +28,17 @@ pub(super) async fn run_attempt(
         return Attempt::Failed(Failure::Permanent(message));
     };
     let run_cancel = signals.cancel.child_token();
+    let streams = if record.streams.is_empty() {
+        Streams::none(&record.progress_key)
+    } else {
+        Streams::new(
+            deps.blobs.clone(),
+            &record.id,
+            &record.progress_key,
+            deps.publisher.clone(),
+            record.streams.clone(),
+        )
+    };
     let ctx = Context {
         request_id: record.id.clone(),
         handler: record.handler.clone(),
@@ -40,6 +52,7 @@ pub(super) async fn run_attempt(
         ),
         traceparent: record.traceparent.clone(),
         cancel: run_cancel.clone(),
+        streams: streams.clone(),
         publisher: deps.publisher.clone(),
         last_progress: signals.progress.clone(),
     };
@@ -47,7 +60,13 @@ pub(super) async fn run_attempt(
     let mut task = tokio::spawn(async move { handler.handle(&ctx).await });
     let timeout = record.timeout_ms.map_or(Duration::MAX, Duration::from_millis);
     let stopped = tokio::select! {
-        joined = &mut task => return attempt_from(joined),
+        joined = &mut task => {
+            let attempt = attempt_from(joined);
+            if matches!(attempt, Attempt::Done(_)) {
+                streams.drained();
+            }
+            return attempt;
+        }
         () = signals.cancel.cancelled() => signals.reason().unwrap_or(Stop::Shutdown),
         () = tokio::time::sleep(timeout) => {
             run_cancel.cancel();

@@ -1,0 +1,260 @@
+//! Data streams of requests through the real stack (ingress, aggregator, processor in-process;
+//! Redis and RabbitMQ real): multipart submissions, uploads named by a submission, limits,
+//! idempotency, what handlers receive and the byte progress of every stream.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use cairn_testkit::wait_until;
+use common::{Options, Stack, WAIT};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use redis::AsyncCommands as _;
+use request_processor::handlers::Echo;
+use request_processor::{Context, Handler, HandlerError, HandlerSet};
+use reqwest::Method;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt as _;
+
+/// Reads every stream through `ctx.streams.open` and answers each one's size and SHA-256.
+struct Sha;
+
+impl Handler for Sha {
+    fn handle<'a>(&'a self, ctx: &'a Context) -> BoxFuture<'a, Result<Value, HandlerError>> {
+        async move {
+            let mut out = BTreeMap::new();
+            for stream in ctx.streams.list() {
+                let mut reader = ctx.streams.open(&stream.name).expect("a listed stream opens");
+                let mut hasher = Sha256::new();
+                let mut buffer = vec![0u8; 64 * 1024];
+                let mut bytes = 0u64;
+                loop {
+                    let n =
+                        reader.read(&mut buffer).await.map_err(|e| HandlerError::Retryable(e.to_string()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    bytes += n as u64;
+                    hasher.update(&buffer[..n]);
+                }
+                out.insert(stream.name.clone(), json!({"bytes": bytes, "sha256": hex(&hasher.finalize())}));
+            }
+            Ok(json!(out))
+        }
+        .boxed()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A handlers file naming `names`, for the ingress (it reads only the names).
+fn handlers_file(names: &[&str]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("handlers.toml");
+    let text: String = names.iter().map(|name| format!("[handlers.{name}]\nkind = \"echo\"\n\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+async fn stack(extra: &[(&str, &str)]) -> (Stack, tempfile::TempDir) {
+    let (dir, handlers) = handlers_file(&["echo", "sha"]);
+    let processor = HandlerSet::new().with("echo", Echo).with("sha", Sha);
+    let mut options = Options::default().handlers(processor).arg("--handlers", &handlers);
+    for (flag, value) in extra {
+        options = options.arg(flag, value);
+    }
+    (Stack::with(options).await, dir)
+}
+
+fn multipart(submission: &Value, files: &[(&str, Vec<u8>)]) -> Form {
+    let mut form =
+        Form::new().part("request", Part::text(submission.to_string()).mime_str("application/json").unwrap());
+    for (name, data) in files {
+        form = form.part(name.to_string(), Part::bytes(data.clone()).file_name(name.to_string()));
+    }
+    form
+}
+
+async fn submit_multipart(stack: &Stack, form: Form, wait: Option<u64>) -> common::Reply {
+    let mut request = stack.request(Method::POST, "/v1/requests").multipart(form);
+    if let Some(wait) = wait {
+        request = request.header("prefer", format!("wait={wait}"));
+    }
+    stack.send(request).await
+}
+
+/// Waits until the stream node shows the whole stream handed over; returns it.
+async fn whole_stream_node(stack: &Stack, key: &str, bytes: u64) -> Value {
+    let path = format!("/status/{key}");
+    let last = std::sync::Mutex::new(Value::Null);
+    let done = wait_until("the stream node shows every byte", WAIT, || async {
+        let node = stack.get(&path).await.json;
+        let whole =
+            node["bytes"] == bytes && node["total_bytes"] == bytes && node["progress"].as_f64() == Some(1.0);
+        *last.lock().unwrap() = node;
+        whole
+    })
+    .await;
+    let node = last.into_inner().unwrap();
+    assert!(done.is_ok(), "{key}: {node}");
+    node
+}
+
+/// Keys of request data streams left in the stack's Redis.
+async fn stream_keys(stack: &Stack) -> Vec<String> {
+    let pattern = stack.ns().key("req:*:s:*");
+    let mut redis = stack.redis().await;
+    let keys: Vec<String> = redis.keys(pattern).await.unwrap();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_streams_reach_the_handler_whole_and_show_their_bytes() {
+    let (stack, _dir) = stack(&[]).await;
+    let image = test_bytes(3 * 1024 * 1024 + 17, 7);
+    let notes = b"ten bytes!".to_vec();
+    let form = multipart(
+        &json!({"handler": "sha", "payload": {"x": 1}}),
+        &[("image", image.clone()), ("notes", notes.clone())],
+    );
+    let reply = submit_multipart(&stack, form, Some(30)).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    assert_eq!(reply.json["state"], "succeeded", "{}", reply.json);
+    let result = &reply.json["result"];
+    assert_eq!(result["image"]["sha256"], sha256_hex(&image), "the handler read identical bytes");
+    assert_eq!(result["image"]["bytes"], image.len() as u64);
+    assert_eq!(result["notes"]["sha256"], sha256_hex(&notes));
+    assert_eq!(
+        reply.json["streams"],
+        json!([{"name": "image", "bytes": image.len()}, {"name": "notes", "bytes": 10}]),
+        "the request lists its streams"
+    );
+    let key = reply.json["progress_key"].as_str().unwrap();
+    let node = whole_stream_node(&stack, &format!("{key}.streams.image"), image.len() as u64).await;
+    assert_eq!(node["weight"], 1.0, "{node}");
+    whole_stream_node(&stack, &format!("{key}.streams.notes"), 10).await;
+
+    // echo never reads its streams: they are drained, and show whole all the same.
+    let form = multipart(&json!({"handler": "echo", "payload": 1}), &[("data", test_bytes(700_000, 3))]);
+    let reply = submit_multipart(&stack, form, Some(30)).await;
+    assert_eq!(reply.json["state"], "succeeded", "{}", reply.json);
+    let key = reply.json["progress_key"].as_str().unwrap();
+    whole_stream_node(&stack, &format!("{key}.streams.data"), 700_000).await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_its_limit_is_refused_naming_it_and_leaves_nothing() {
+    let (stack, _dir) =
+        stack(&[("--max-stream-bytes", "1048576"), ("--max-request-stream-bytes", "1572864")]).await;
+    let form = multipart(
+        &json!({"handler": "echo"}),
+        &[("small", test_bytes(1000, 1)), ("big", test_bytes(2 * 1024 * 1024, 2))],
+    );
+    let reply = submit_multipart(&stack, form, None).await;
+    assert_eq!(reply.status, 413, "{}", reply.json);
+    assert!(reply.error().contains("\"big\""), "names the stream: {}", reply.error());
+    assert!(reply.error().contains("1048576"), "names the limit: {}", reply.error());
+
+    let form = multipart(
+        &json!({"handler": "echo"}),
+        &[("one", test_bytes(1_000_000, 1)), ("two", test_bytes(1_000_000, 2))],
+    );
+    let reply = submit_multipart(&stack, form, None).await;
+    assert_eq!(reply.status, 413, "{}", reply.json);
+    assert!(reply.error().contains("\"two\"") && reply.error().contains("in all"), "{}", reply.error());
+    assert!(stream_keys(&stack).await.is_empty(), "refused streams are removed");
+
+    let bad = multipart(&json!({"handler": "echo"}), &[("a.b", b"x".to_vec())]);
+    let reply = submit_multipart(&stack, bad, None).await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.error().contains("a.b"), "{}", reply.error());
+    let form = Form::new().part("data", Part::bytes(b"x".to_vec()));
+    let reply = submit_multipart(&stack, form, None).await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.error().contains("\"request\""), "{}", reply.error());
+    stack.stop().await;
+}
+
+/// Creates a finished upload of `data` (tus creation-with-upload); its id.
+async fn upload(stack: &Stack, data: &[u8]) -> String {
+    let response = stack
+        .request(Method::POST, "/v1/uploads")
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", data.len().to_string())
+        .header("content-type", "application/offset+octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["upload-offset"], data.len().to_string().as_str());
+    response.headers()["location"].to_str().unwrap().rsplit('/').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_uploads_become_streams_and_a_repeat_finds_its_request() {
+    let (stack, _dir) = stack(&[]).await;
+    let data = test_bytes(1_300_000, 11);
+    let id = upload(&stack, &data).await;
+    let submission =
+        json!({"handler": "sha", "payload": null, "streams": {"data": id}, "idempotency_key": "up-1"});
+    let reply = stack.submit(&submission, Some(30)).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    assert_eq!(reply.json["result"]["data"]["sha256"], sha256_hex(&data));
+    let request = reply.json["id"].as_str().unwrap().to_owned();
+    let head = stack
+        .request(Method::HEAD, &format!("/v1/uploads/{id}"))
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 404, "the request took the upload");
+    let key = reply.json["progress_key"].as_str().unwrap();
+    whole_stream_node(&stack, &format!("{key}.streams.data"), data.len() as u64).await;
+
+    // The same submission again: the upload is gone, the first request is the answer.
+    let again = stack.submit(&submission, None).await;
+    assert_eq!(again.status, 200, "{}", again.json);
+    assert_eq!(again.json["id"], request.as_str());
+
+    // An upload that does not exist, or is not finished.
+    let missing = json!({"handler": "sha", "streams": {"data": id}});
+    let reply = stack.submit(&missing, None).await;
+    assert_eq!(reply.status, 400, "{}", reply.json);
+    assert!(reply.error().contains("\"data\"") && reply.error().contains(&id), "{}", reply.error());
+    let partial = stack
+        .request(Method::POST, "/v1/uploads")
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "10")
+        .send()
+        .await
+        .unwrap();
+    let partial = partial.headers()["location"].to_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let reply = stack.submit(&json!({"handler": "sha", "streams": {"half": partial}}), None).await;
+    assert_eq!(reply.status, 409, "{}", reply.json);
+    assert!(reply.error().contains("\"half\"") && reply.error().contains("0 of 10"), "{}", reply.error());
+    stack.stop().await;
+}
