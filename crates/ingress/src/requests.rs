@@ -226,15 +226,26 @@ impl Requests {
     /// stores and queues the request, so it exists as soon as the client has an answer, no
     /// processor report can be overwritten by it, and a submission that repeats an earlier one
     /// (same idempotency key) writes nothing.
-    pub async fn submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
-        let submitted = self.try_submit(body, wait).await;
+    /// `traceparent` is stored with the request: its processing continues that trace.
+    pub async fn submit(
+        &self,
+        body: &[u8],
+        wait: Option<Duration>,
+        traceparent: Option<String>,
+    ) -> Result<Submitted, RequestsError> {
+        let submitted = self.try_submit(body, wait, traceparent).await;
         if let Err(error) = &submitted {
             record_rejection(error.rejection_reason());
         }
         submitted
     }
 
-    async fn try_submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
+    async fn try_submit(
+        &self,
+        body: &[u8],
+        wait: Option<Duration>,
+        traceparent: Option<String>,
+    ) -> Result<Submitted, RequestsError> {
         // A large body parses only within the budget, and keeps its share until it is stored.
         let _parsing = if body.len() > LARGE_BODY {
             let kib = u32::try_from(body.len().div_ceil(1024).min(PARSE_BUDGET_KIB)).unwrap_or(u32::MAX);
@@ -250,8 +261,9 @@ impl Requests {
         self.check_backpressure().await?;
 
         let id = new_request_id();
-        let record =
+        let mut record =
             RequestRecord::queued(id.clone(), submission, self.settings.default_max_attempts, now_ms());
+        record.traceparent = traceparent;
         let waiter = wait.map(|_| self.waiters.register(&id));
         let ttl_ms = u64::try_from(self.settings.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
         let waiting = RequestState::Queued

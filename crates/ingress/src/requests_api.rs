@@ -18,6 +18,7 @@ use cairn_redis::requests::DeadLetter;
 use cairn_requests::{MAX_SUBMISSION_BYTES, is_valid_request_id};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::progress_api::bounded;
@@ -42,14 +43,23 @@ pub(crate) fn router(requests: Arc<Requests>) -> Router {
 /// `POST /v1/requests`: 202 with the new request's id and where to follow it; 200 with the full
 /// request once it is finished (asked for with `Prefer: wait`, or an idempotent repeat of a
 /// finished one).
+///
+/// A W3C `traceparent` header is continued by the submission's span (or a new trace starts
+/// there); the context is stored with the request, so its processing joins the same trace.
 async fn submit(
     State(requests): State<Arc<Requests>>,
     Prefer { wait }: Prefer,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_rejection)?;
     let wait = capped(wait, requests.settings().max_wait);
-    let response = match requests.submit(&body, wait).await? {
+    let received = headers.get("traceparent").and_then(|value| value.to_str().ok()).map(str::trim);
+    let span = tracing::info_span!("submit request", otel.kind = "server", http.route = "/v1/requests");
+    cairn_runtime::telemetry::continue_trace(&span, received);
+    let traceparent = cairn_runtime::telemetry::traceparent(&span, received);
+    let submitted = requests.submit(&body, wait, traceparent).instrument(span).await?;
+    let response = match submitted {
         Submitted::Queued(record) => {
             let body = json!({
                 "id": record.id,

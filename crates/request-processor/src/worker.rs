@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::handler::{Context, HandlerError, HandlerSet, LastProgress};
 
@@ -321,9 +321,17 @@ async fn dispatch(
                     continue;
                 };
                 let (deps, registry) = (deps.clone(), registry.clone());
+                // The request's span continues the trace its submission started (stored with it).
+                let span = info_span!(
+                    "process request",
+                    otel.kind = "consumer",
+                    cairn.request_id = %record.id,
+                    cairn.handler = %record.handler,
+                );
+                cairn_runtime::telemetry::continue_trace(&span, record.traceparent.as_deref());
                 tasks.spawn(async move {
                     let signals = registry.insert(&entry, &record.progress_key);
-                    run_request(&deps, &entry, *record, attempt, signals).await;
+                    run_request(&deps, &entry, *record, attempt, signals).instrument(span).await;
                     registry.remove(&entry);
                     drop(permit);
                 });
@@ -347,7 +355,7 @@ fn report(deps: &Deps, record: &RequestRecord, state: RequestState, error: Optio
     if let Some(error) = error {
         update = update.msg(truncate(error, 1024));
     }
-    deps.publisher.publish(key, update);
+    deps.publisher.publish_traced(key, update, record.traceparent.as_deref());
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -377,7 +385,12 @@ async fn run_request(
     signals: RunSignals,
 ) {
     let RunSignals { cancel, stop, .. } = &signals;
+    // From here on the request's trace context names this processor's span as the parent: it
+    // goes to the handler (header or variable) and with the progress reports.
+    let trace =
+        cairn_runtime::telemetry::traceparent(&tracing::Span::current(), record.traceparent.as_deref());
     loop {
+        record.traceparent.clone_from(&trace);
         record.attempts = attempt;
         report(deps, &record, RequestState::Running, None);
         let started = Instant::now();

@@ -11,8 +11,18 @@ fn service_config<T: clap::Parser>(name: &str) -> anyhow::Result<T> {
     cairn_runtime::try_parse_from::<T, _, _>([name]).map_err(|message| anyhow::anyhow!("{name}: {message}"))
 }
 
+/// The services, in the order their traces are set up (spans of shared crates go to the first).
+const SERVICES: [&str; 4] = ["ingress", "request-processor", "progress-aggregator", "stream-trimmer"];
+
 pub async fn dev(log: &LogConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    cairn_runtime::init_logging(log)?;
+    // One process, four `service.name`s: each service's spans are exported under its own.
+    let telemetry = cairn_runtime::init_telemetry(log, &SERVICES)?;
+    let result = run(shutdown).await;
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
+}
+
+async fn run(shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut aggregator_config: progress_aggregator::Config = service_config("progress-aggregator")?;
     let mut ingress_config: ingress::Config = service_config("ingress")?;
     let mut processor_config: request_processor::Config = service_config("request-processor")?;
