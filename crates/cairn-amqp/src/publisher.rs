@@ -247,7 +247,7 @@ struct InFlight<'a> {
     batch: Vec<(Key, Update)>,
     routes: Vec<Burst>,
     confirmed: Vec<bool>,
-    /// Trace context by key (see [`Pending::traces`]); not restored on failure.
+    /// Trace context by key (see [`Pending::traces`]); the unsent keys' go back with them.
     traces: HashMap<Key, String>,
 }
 
@@ -259,7 +259,13 @@ impl Drop for InFlight<'_> {
             .filter(|(_, confirmed)| !**confirmed)
             .map(|(entry, _)| entry)
             .collect();
-        self.inner.lock_pending().restore(unsent);
+        let mut pending = self.inner.lock_pending();
+        for (key, _) in &unsent {
+            if let Some(traceparent) = self.traces.remove(key) {
+                pending.traces.entry(key.clone()).or_insert(traceparent);
+            }
+        }
+        pending.restore(unsent);
     }
 }
 

@@ -147,14 +147,16 @@ impl SpanProcessor for ServiceRouter {
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.routes.iter().map(|route| route.processor.force_flush()).fold(Ok(()), |all, one| all.and(one))
+        // Every route is flushed, also after one fails; the first error is reported.
+        let results: Vec<OTelSdkResult> =
+            self.routes.iter().map(|route| route.processor.force_flush()).collect();
+        results.into_iter().collect()
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.routes
-            .iter()
-            .map(|route| route.processor.shutdown_with_timeout(timeout))
-            .fold(Ok(()), |all, one| all.and(one))
+        let results: Vec<OTelSdkResult> =
+            self.routes.iter().map(|route| route.processor.shutdown_with_timeout(timeout)).collect();
+        results.into_iter().collect()
     }
 
     // Each route keeps the resource naming its service.
