@@ -41,6 +41,9 @@ use crate::name;
 /// time, so a redelivered message leaves the identical tree.
 pub const TIME_HEADER: &str = "cairn-time-ms";
 
+/// Header carrying the W3C trace context of (the first traced update in) the message.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -140,17 +143,28 @@ struct Pending {
     max: usize,
     /// Keys dropped since the count was last reported.
     dropped: u64,
+    /// The W3C `traceparent` of the latest traced update of a key, sent in the AMQP headers of
+    /// the message carrying it; at most `max` keys, emptied by each flush.
+    traces: HashMap<Key, String>,
 }
 
 impl Pending {
     fn new(max: usize) -> Self {
-        Pending { entries: Vec::new(), index: HashMap::new(), max: max.max(1), dropped: 0 }
+        Pending {
+            entries: Vec::new(),
+            index: HashMap::new(),
+            max: max.max(1),
+            dropped: 0,
+            traces: HashMap::new(),
+        }
     }
 
     /// Makes room for one more key by dropping the oldest tenth.
     fn make_room(&mut self) {
         let drop = (self.max / 10).max(1).min(self.entries.len());
-        self.entries.drain(..drop);
+        for (key, _) in self.entries.drain(..drop) {
+            self.traces.remove(&key);
+        }
         self.dropped += drop as u64;
         self.index = self.entries.iter().enumerate().map(|(i, (key, _))| (key.clone(), i)).collect();
     }
@@ -233,6 +247,8 @@ struct InFlight<'a> {
     batch: Vec<(Key, Update)>,
     routes: Vec<Burst>,
     confirmed: Vec<bool>,
+    /// Trace context by key (see [`Pending::traces`]); the unsent keys' go back with them.
+    traces: HashMap<Key, String>,
 }
 
 impl Drop for InFlight<'_> {
@@ -243,7 +259,13 @@ impl Drop for InFlight<'_> {
             .filter(|(_, confirmed)| !**confirmed)
             .map(|(entry, _)| entry)
             .collect();
-        self.inner.lock_pending().restore(unsent);
+        let mut pending = self.inner.lock_pending();
+        for (key, _) in &unsent {
+            if let Some(traceparent) = self.traces.remove(key) {
+                pending.traces.entry(key.clone()).or_insert(traceparent);
+            }
+        }
+        pending.restore(unsent);
     }
 }
 
@@ -282,11 +304,24 @@ impl ProgressPublisher {
     /// the limits of docs/contract.md §2 is logged and dropped here, so it cannot get a whole burst
     /// dead-lettered with the valid updates of other keys.
     pub fn publish(&self, key: Key, update: Update) {
+        self.publish_traced(key, update, None);
+    }
+
+    /// [`publish`](Self::publish), within the trace `traceparent` (W3C): the message carrying
+    /// the key's update has that `traceparent` in its AMQP headers (when one message carries
+    /// several traced keys, the first one's), so the aggregator's span continues the trace.
+    pub fn publish_traced(&self, key: Key, update: Update, traceparent: Option<&str>) {
         if let Err(e) = update.validate() {
             warn!(key = %key, error = %e, "dropping invalid progress update");
             return;
         }
-        self.handle.inner.lock_pending().add(key, &update);
+        let mut pending = self.handle.inner.lock_pending();
+        if let Some(traceparent) = traceparent
+            && (pending.traces.len() < pending.max || pending.traces.contains_key(&key))
+        {
+            pending.traces.insert(key.clone(), traceparent.to_owned());
+        }
+        pending.add(key, &update);
     }
 
     /// Sends everything pending now (connecting first if needed) and waits for the broker's
@@ -437,13 +472,16 @@ impl Inner {
                 return Err(self.with_pending(e));
             }
         };
-        let batch = self.lock_pending().take();
+        let (batch, traces) = {
+            let mut pending = self.lock_pending();
+            (pending.take(), std::mem::take(&mut pending.traces))
+        };
         if batch.is_empty() {
             return Ok(());
         }
         let confirmed = vec![false; batch.len()];
         let (batch, routes) = group_by_route(batch);
-        let mut flight = InFlight { inner: self, batch, routes, confirmed };
+        let mut flight = InFlight { inner: self, batch, routes, confirmed, traces };
         match self.send(link, &mut flight).await {
             Ok(updates) => {
                 metrics::counter!("cairn_progress_published_total").increment(updates as u64);
@@ -483,11 +521,23 @@ impl Inner {
         let mut confirms = Vec::with_capacity(bursts.len());
         for burst in &bursts {
             let body = assemble(&elements[burst.range.clone()]);
+            let trace = flight.batch[burst.range.clone()].iter().find_map(|(key, _)| flight.traces.get(key));
+            let headers = match trace {
+                Some(traceparent) => {
+                    let mut headers = headers.clone();
+                    headers.insert(
+                        TRACEPARENT_HEADER.into(),
+                        AMQPValue::LongString(traceparent.as_str().into()),
+                    );
+                    headers
+                }
+                None => headers.clone(),
+            };
             let properties = BasicProperties::default()
                 .with_content_type(name("application/json"))
                 .with_delivery_mode(2)
                 .with_message_id(name(&uuid::Uuid::now_v7().to_string()))
-                .with_headers(headers.clone());
+                .with_headers(headers);
             let published = timeout(
                 wait,
                 link.channel.basic_publish(

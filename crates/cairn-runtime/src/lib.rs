@@ -1,4 +1,4 @@
-//! Process lifecycle shared by every Cairn service and the `cairn` CLI: logging set-up, the
+//! Process lifecycle shared by every Cairn service and the `cairn` CLI: logging and trace set-up, the
 //! process-wide Prometheus recorder, the shutdown signal and grace-period drain, the admin HTTP
 //! port (`/healthz`, `/readyz`, `/metrics`), the dependency-free `healthcheck` client used inside
 //! distroless containers, the duration parser used by every `--*-timeout` style flag, and the
@@ -15,15 +15,17 @@ mod logging;
 mod prometheus;
 mod service;
 mod shutdown;
+pub mod telemetry;
 
 pub use admin::{Admin, READINESS_TIMEOUT, Readiness, serve_admin};
 pub use args::{parse_args, parse_args_with, redact_url, try_parse_from};
 pub use duration::parse_duration;
 pub use healthcheck::{HEALTHCHECK_TIMEOUT, healthcheck};
-pub use logging::{LogConfig, LogFormat, init_logging};
+pub use logging::{LogConfig, LogFormat, init_logging, init_telemetry};
 pub use prometheus::{HISTOGRAM_BUCKETS, metrics_handle};
 pub use service::ServiceMain;
 pub use shutdown::{drain, shutdown_token};
+pub use telemetry::Telemetry;
 
 #[doc(hidden)]
 pub use mimalloc;

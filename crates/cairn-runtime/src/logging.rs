@@ -3,6 +3,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
+use crate::telemetry::Telemetry;
+
 /// How log lines are written to stdout.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -36,6 +38,34 @@ impl Default for LogConfig {
 /// process, or many tests) leave the existing subscriber in place and return `Ok`. An invalid
 /// filter directive is an error whichever call it comes from.
 pub fn init_logging(config: &LogConfig) -> anyhow::Result<()> {
+    install(config, None).map(|_| ())
+}
+
+/// Like [`init_logging`], and also exports spans over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+/// set, each under the `service.name` of the service (of `services`) whose crate made it. Call
+/// [`Telemetry::shutdown`] before exiting so the last spans are sent. Must run inside a tokio
+/// runtime. When a subscriber was already installed, tracing stays as that one set it up.
+pub fn init_telemetry(config: &LogConfig, services: &[&'static str]) -> anyhow::Result<Telemetry> {
+    let provider = crate::telemetry::build_provider(services)?;
+    let installed = install(config, provider.as_ref())?;
+    match provider {
+        Some(provider) if installed => {
+            tracing::info!(services = ?services, "exporting traces over OTLP");
+            Ok(Telemetry::new(provider))
+        }
+        Some(provider) => {
+            let _ = provider.shutdown();
+            Ok(Telemetry::default())
+        }
+        None => Ok(Telemetry::default()),
+    }
+}
+
+/// Installs the subscriber; `false` when one was already installed.
+fn install(
+    config: &LogConfig,
+    provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
+) -> anyhow::Result<bool> {
     let filter = EnvFilter::try_new(&config.log_level).with_context(|| {
         format!(
             "invalid log filter {:?} in --log-level / CAIRN_LOG: use a level such as info or \
@@ -49,10 +79,10 @@ pub fn init_logging(config: &LogConfig) -> anyhow::Result<()> {
             tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).boxed()
         }
     };
+    let otel = provider.map(crate::telemetry::layer);
     // The only failure left is "a global subscriber is already set", which is expected when
     // several services or tests share a process.
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
-    Ok(())
+    Ok(tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init().is_ok())
 }
 
 #[cfg(test)]

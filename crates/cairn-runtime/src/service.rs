@@ -1,6 +1,6 @@
 //! The `main` every service binary shares: flags and `CAIRN_*` variables (a bad value names its
 //! variable), the `healthcheck` subcommand that distroless containers use instead of curl,
-//! logging, and a run until SIGTERM or SIGINT.
+//! logging and traces (flushed at exit), and a run until SIGTERM or SIGINT.
 
 use std::future::Future;
 
@@ -47,7 +47,10 @@ impl<C: Args + FromArgMatches> ServiceMain<C> {
             let url = format!("http://127.0.0.1:{}/healthz", (self.health_port)(&cli.config));
             return crate::healthcheck(&url).await;
         }
-        crate::init_logging((self.log)(&cli.config))?;
-        run(cli.config, crate::shutdown_token()).await
+        let telemetry = crate::init_telemetry((self.log)(&cli.config), &[self.name])?;
+        let result = run(cli.config, crate::shutdown_token()).await;
+        // Exporting the last spans blocks; keep it off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        result
     }
 }

@@ -257,21 +257,33 @@ impl Requests {
     /// stores and queues the request, so it exists as soon as the client has an answer, no
     /// processor report can be overwritten by it, and a submission that repeats an earlier one
     /// (same idempotency key) writes nothing.
-    pub async fn submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
-        let submitted = self.try_submit(body, wait).await;
+    ///
+    /// `traceparent` is stored with the request: its processing continues that trace.
+    pub async fn submit(
+        &self,
+        body: &[u8],
+        wait: Option<Duration>,
+        traceparent: Option<String>,
+    ) -> Result<Submitted, RequestsError> {
+        let submitted = self.try_submit(body, wait, traceparent).await;
         if let Err(error) = &submitted {
             record_rejection(error.rejection_reason());
         }
         submitted
     }
 
-    async fn try_submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
+    async fn try_submit(
+        &self,
+        body: &[u8],
+        wait: Option<Duration>,
+        traceparent: Option<String>,
+    ) -> Result<Submitted, RequestsError> {
         // A large body parses only within the budget, and keeps its share until it is stored.
         let _parsing = self.parse_budget(body.len()).await?;
         let submission = Submission::from_slice(body)?;
         match self.prepare(submission, wait).await? {
             Prepared::Answered(submitted) => Ok(*submitted),
-            Prepared::New(new) => self.queue_new(*new, Vec::new(), wait).await,
+            Prepared::New(new) => self.queue_new(*new, Vec::new(), wait, traceparent).await,
         }
     }
 
@@ -354,8 +366,10 @@ impl Requests {
         new: NewRequest,
         inline: Vec<StreamInfo>,
         wait: Option<Duration>,
+        traceparent: Option<String>,
     ) -> Result<Submitted, RequestsError> {
         let NewRequest { mut record, uploads, .. } = new;
+        record.traceparent = traceparent;
         let id = record.id.clone();
         let mut sources: Vec<StreamSource> =
             inline.iter().map(|s| StreamSource { name: s.name.clone(), upload: None }).collect();

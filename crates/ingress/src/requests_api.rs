@@ -18,6 +18,7 @@ use cairn_redis::requests::DeadLetter;
 use cairn_requests::{MAX_SUBMISSION_BYTES, is_valid_request_id};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::progress_api::bounded;
@@ -50,11 +51,20 @@ async fn submit(
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let wait = capped(wait, requests.settings().max_wait);
+    // A W3C `traceparent` header is continued by the submission's span (or a new trace starts
+    // there); the context is stored with the request, so its processing joins the same trace.
+    let received = request.headers().get("traceparent").and_then(|value| value.to_str().ok()).map(str::trim);
+    let span = tracing::info_span!("submit request", otel.kind = "server", http.route = "/v1/requests");
+    cairn_runtime::telemetry::continue_trace(&span, received);
+    let traceparent = cairn_runtime::telemetry::traceparent(&span, received);
     let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let submitted = match content_type.and_then(streams::boundary) {
         Some(boundary) => {
             let boundary = boundary.map_err(ApiError::from)?;
-            match streams::submit(&requests, request.into_body(), boundary, wait).await {
+            match streams::submit(&requests, request.into_body(), boundary, wait, traceparent)
+                .instrument(span)
+                .await
+            {
                 Ok(submitted) => submitted,
                 // The body was not read to its end: the connection cannot serve another request.
                 Err(error) => {
@@ -66,7 +76,7 @@ async fn submit(
         }
         None => {
             let body = Bytes::from_request(request, &()).await.map_err(body_rejection)?;
-            requests.submit(&body, wait).await?
+            requests.submit(&body, wait, traceparent).instrument(span).await?
         }
     };
     let response = match submitted {

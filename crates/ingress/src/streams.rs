@@ -44,8 +44,9 @@ pub async fn submit(
     body: Body,
     boundary: String,
     wait: Option<Duration>,
+    traceparent: Option<String>,
 ) -> Result<Submitted, RequestsError> {
-    let submitted = try_submit(requests, body, boundary, wait).await;
+    let submitted = try_submit(requests, body, boundary, wait, traceparent).await;
     if let Err(error) = &submitted {
         crate::requests::record_rejection(match error {
             RequestsError::StreamTooLarge { .. } | RequestsError::StreamsTooLarge { .. } => "too_large",
@@ -64,6 +65,7 @@ async fn try_submit(
     body: Body,
     boundary: String,
     wait: Option<Duration>,
+    traceparent: Option<String>,
 ) -> Result<Submitted, RequestsError> {
     let mut multipart = multer::Multipart::new(body.into_data_stream(), boundary);
     let first = multipart.next_field().await.map_err(bad_multipart)?.ok_or_else(|| {
@@ -84,7 +86,7 @@ async fn try_submit(
     };
     let mut received: Vec<StreamInfo> = Vec::new();
     match receive(requests, &new, &mut multipart, &mut received).await {
-        Ok(()) => requests.queue_new(new, received, wait).await,
+        Ok(()) => requests.queue_new(new, received, wait, traceparent).await,
         Err(error) => {
             requests.drop_streams(&new.record.id, &new.record.progress_key, &received).await;
             if matches!(error, RequestsError::StreamTooLarge { .. } | RequestsError::StreamsTooLarge { .. }) {

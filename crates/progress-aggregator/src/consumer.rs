@@ -32,6 +32,8 @@ use crate::shards::{ShardLeases, fair_share, plan};
 /// Header a Cairn publisher sets: the update time (ms epoch) to store, so a redelivered message
 /// leaves the identical tree. Messages without it (SCA publishers) get the time they are applied.
 pub const TIME_HEADER: &str = "cairn-time-ms";
+/// Header carrying the W3C trace context of the processor span that published the message.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// Headers added to a dead-lettered message: why, and where it was going.
 pub const ERROR_HEADER: &str = "x-cairn-error";
 pub const ROUTING_KEY_HEADER: &str = "x-cairn-routing-key";
@@ -114,6 +116,14 @@ fn header_time(properties: &BasicProperties, now: i64) -> Option<i64> {
     Some(time.clamp(0, now.saturating_add(MAX_CLOCK_AHEAD_MS)))
 }
 
+/// The W3C trace context a message carries (the processor's span that reported it).
+fn header_traceparent(properties: &BasicProperties) -> Option<&str> {
+    match properties.headers().as_ref()?.inner().get(&ShortString::from(TRACEPARENT_HEADER))? {
+        AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok(),
+        _ => None,
+    }
+}
+
 /// A batch parsed and validated, its invalid messages already dead-lettered: what is left is to
 /// store its updates and ack it.
 pub struct Prepared {
@@ -122,6 +132,9 @@ pub struct Prepared {
     messages: Vec<(Delivery, Range<usize>)>,
     last: Option<lapin::Acker>,
     report: BatchReport,
+    /// One span per message that carries a trace context, continuing it until the batch is
+    /// stored and acked.
+    spans: Vec<tracing::Span>,
 }
 
 /// Where a shard sends what can never apply: a confirming channel and the topology's dead-letter
@@ -142,9 +155,20 @@ pub async fn prepare_batch(
     let mut messages = Vec::with_capacity(deliveries.len());
     let now = now_ms();
     let last = deliveries.last().map(|d| d.acker.clone());
+    let mut spans = Vec::new();
     for delivery in deliveries {
         match parse_message(delivery.routing_key.as_str(), &delivery.data) {
             Ok(updates) => {
+                if let Some(traceparent) = header_traceparent(&delivery.properties) {
+                    let span = tracing::info_span!(
+                        "apply progress",
+                        otel.kind = "consumer",
+                        messaging.destination.name = %delivery.routing_key,
+                        cairn.updates = updates.len(),
+                    );
+                    cairn_runtime::telemetry::continue_trace(&span, Some(traceparent));
+                    spans.push(span);
+                }
                 let time_ms = header_time(&delivery.properties, now).unwrap_or(now);
                 let start = changes.len();
                 changes.extend(updates.into_iter().map(|(key, update)| Change { key, update, time_ms }));
@@ -159,7 +183,7 @@ pub async fn prepare_batch(
         }
     }
     report.updates = changes.len();
-    Ok(Prepared { changes, messages, last, report })
+    Ok(Prepared { changes, messages, last, report, spans })
 }
 
 /// The second half: store every update, then ack the batch (`multiple`).
@@ -175,7 +199,7 @@ pub async fn commit_batch(
     stalls: &Stalls,
     cancel: &CancellationToken,
 ) -> Result<BatchReport, ConsumeError> {
-    let Prepared { changes, messages, last, mut report } = prepared;
+    let Prepared { changes, messages, last, mut report, spans } = prepared;
     let Some(last) = last else { return Ok(report) };
     let mut first = 0;
     while first < messages.len() {
@@ -209,6 +233,7 @@ pub async fn commit_batch(
     metrics::counter!("cairn_progress_messages_total", "outcome" => "dead_lettered")
         .increment(report.dead_lettered as u64);
     metrics::counter!("cairn_progress_updates_applied_total").increment(report.updates as u64);
+    drop(spans);
     Ok(report)
 }
 

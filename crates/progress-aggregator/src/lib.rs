@@ -4,6 +4,7 @@
 
 pub mod consumer;
 pub mod grpc;
+pub mod grpc_metrics;
 pub mod shards;
 
 use std::net::SocketAddr;
@@ -239,6 +240,7 @@ impl App {
         let grpc_server = tokio::spawn(
             tonic::transport::Server::builder()
                 .timeout(Duration::from_secs(30))
+                .layer(grpc_metrics::GrpcMetricsLayer)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -443,7 +443,29 @@ async fn grpc_progress_health_and_reflection() {
     assert_eq!(missing.code(), tonic::Code::NotFound);
     let removed = client.delete(DeleteRequest { key: "_g.job".into() }).await.unwrap().into_inner().removed;
     assert_eq!(removed, 2);
+
+    // The calls above show in the gRPC server's RED metrics, by method and status.
+    let metrics = admin_get(&aggregator.admin, "/metrics").await;
+    for line in [
+        r#"grpc_server_handled_total{grpc_service="cairn.v1.Progress",grpc_method="Update",grpc_code="OK"}"#,
+        r#"grpc_server_handled_total{grpc_service="cairn.v1.Progress",grpc_method="Update",grpc_code="InvalidArgument"}"#,
+        r#"grpc_server_handled_total{grpc_service="cairn.v1.Progress",grpc_method="Get",grpc_code="NotFound"}"#,
+        r#"grpc_server_handling_seconds_bucket{grpc_service="cairn.v1.Progress",grpc_method="Delete",le="+Inf"}"#,
+    ] {
+        assert!(metrics.lines().any(|l| l.starts_with(line)), "{line} missing in:\n{metrics}");
+    }
     aggregator.stop().await;
+}
+
+/// The body of `GET {base}{path}` on an admin port (`base` is `http://host:port`).
+async fn admin_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or(answer)
 }
 
 async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {

@@ -59,14 +59,14 @@ impl Context {
         if let Some(progress) = update.progress {
             self.last_progress.set(progress);
         }
-        self.publisher.publish(self.progress_key.clone(), update);
+        self.publisher.publish_traced(self.progress_key.clone(), update, self.traceparent.as_deref());
     }
 
     /// Reports progress of a sub-step `{progress_key}.{step}`; it rolls up into the request's
     /// node by its weight. An invalid step name is ignored with a warning.
     pub fn report_step(&self, step: &str, update: Update) {
         match Key::parse(&format!("{}.{step}", self.progress_key)) {
-            Ok(key) => self.publisher.publish(key, update),
+            Ok(key) => self.publisher.publish_traced(key, update, self.traceparent.as_deref()),
             Err(error) => tracing::warn!(%error, step, "ignoring progress of an invalid step name"),
         }
     }

@@ -32,7 +32,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 pub use commit::Committer;
 
@@ -194,9 +194,17 @@ async fn dispatch(
                     continue;
                 };
                 let (deps, registry) = (deps.clone(), registry.clone());
+                // The request's span continues the trace its submission started (stored with it).
+                let span = info_span!(
+                    "process request",
+                    otel.kind = "consumer",
+                    cairn.request_id = %record.id,
+                    cairn.handler = %record.handler,
+                );
+                cairn_runtime::telemetry::continue_trace(&span, record.traceparent.as_deref());
                 tasks.spawn(async move {
                     let signals = registry.insert(&entry, &record.progress_key);
-                    step::run_request(&deps, &entry, *record, attempt, signals).await;
+                    step::run_request(&deps, &entry, *record, attempt, signals).instrument(span).await;
                     registry.remove(&entry);
                     drop(permit);
                 });

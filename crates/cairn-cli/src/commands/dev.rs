@@ -14,8 +14,25 @@ fn service_config<T: clap::Parser>(name: &str) -> anyhow::Result<T> {
     cairn_runtime::try_parse_from::<T, _, _>([name]).map_err(|message| anyhow::anyhow!("{name}: {message}"))
 }
 
+/// The services, in the order their traces are set up (spans of shared crates go to the first).
+const SERVICES: [(Service, &str); 4] = [
+    (Service::Ingress, "ingress"),
+    (Service::RequestProcessor, "request-processor"),
+    (Service::ProgressAggregator, "progress-aggregator"),
+    (Service::StreamTrimmer, "stream-trimmer"),
+];
+
 pub async fn dev(log: &LogConfig, only: &[Service], shutdown: CancellationToken) -> anyhow::Result<()> {
-    cairn_runtime::init_logging(log)?;
+    let runs = |service: Service| only.is_empty() || only.contains(&service);
+    // One process, a `service.name` per service it runs: each service's spans go under its own.
+    let names: Vec<&str> = SERVICES.iter().filter(|(s, _)| runs(*s)).map(|(_, name)| *name).collect();
+    let telemetry = cairn_runtime::init_telemetry(log, &names)?;
+    let result = run(only, shutdown).await;
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
+}
+
+async fn run(only: &[Service], shutdown: CancellationToken) -> anyhow::Result<()> {
     let runs = |service: Service| only.is_empty() || only.contains(&service);
     // One service ending (an error, or a panic) stops the others: a half-running stack would
     // only confuse.

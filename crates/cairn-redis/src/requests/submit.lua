@@ -50,7 +50,14 @@ for i = 0, ns - 1 do
   end
   for _, suffix in ipairs({ '', ':c', ':i' }) do redis.call('PERSIST', target .. suffix) end
 end
-local entry = redis.call('XADD', STREAM, '*', 'id', id)
+-- The stream entry carries the trace context too, so whoever reads the queue can join the trace.
+local entry_fields = { 'id', id }
+for i = 1, #fields - 1, 2 do
+  if fields[i] == 'traceparent' and fields[i + 1] ~= '' then
+    entry_fields[3], entry_fields[4] = 'traceparent', fields[i + 1]
+  end
+end
+local entry = redis.call('XADD', STREAM, '*', unpack(entry_fields))
 fields[#fields + 1] = 'entry_id'
 fields[#fields + 1] = entry
 redis.call('HSET', rkey(id), unpack(fields))

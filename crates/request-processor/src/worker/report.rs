@@ -24,7 +24,7 @@ pub(super) fn report(
     if let Some(error) = error {
         update = update.msg(truncate(error, MAX_MESSAGE));
     }
-    publisher.publish(key, update);
+    publisher.publish_traced(key, update, record.traceparent.as_deref());
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary, marked with `…` when cut.

@@ -59,7 +59,12 @@ pub(super) async fn run_request(
     mut attempt: u32,
     signals: RunSignals,
 ) {
+    // From here on the request's trace context names this processor's span as the parent: it
+    // goes to the handler (header or variable) and with the progress reports.
+    let trace =
+        cairn_runtime::telemetry::traceparent(&tracing::Span::current(), record.traceparent.as_deref());
     loop {
+        record.traceparent.clone_from(&trace);
         if handle_attempt(deps, entry, &mut record, attempt, &signals).await != Then::RetryAfterBackoff {
             return;
         }
