@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::warn;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::progress_api::bounded;
 use crate::requests::REDIS_TIMEOUT;
@@ -67,8 +68,10 @@ struct TreeParams {
 /// (depth 1, one child key); `next` is the offset of the following page, `null` at the end.
 async fn trees(
     State(browse): State<Browse>,
+    caller: Caller,
     params: Result<Query<TreeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.admin("listing every tree")?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as isize;
     let offset = match params.offset.as_deref() {
@@ -152,8 +155,10 @@ impl Filter {
 /// looked at, `null` once the stream is exhausted.
 async fn requests(
     State(browse): State<Browse>,
+    caller: Caller,
     params: Result<Query<RequestParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.admin("listing every request")?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as usize;
     let filter = Filter::from_params(params.state.as_deref(), params.handler.as_deref())?;
@@ -238,8 +243,17 @@ async fn records(
 }
 
 /// `GET /v1/requests/{id}/payload`: the payload the request was submitted with.
-async fn payload(State(browse): State<Browse>, RequestId(id): RequestId) -> Result<Json<Value>, ApiError> {
+async fn payload(
+    State(browse): State<Browse>,
+    caller: Caller,
+    RequestId(id): RequestId,
+) -> Result<Json<Value>, ApiError> {
     let mut redis = browse.redis.clone();
+    if !caller.grant.is_admin() {
+        let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PROGRESS_KEY);
+        let key: Option<String> = timed("request progress key", read).await?;
+        caller.grant.read(&key.ok_or(ApiError::RequestMissing { id: id.clone() })?)?;
+    }
     let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PAYLOAD);
     let stored: Option<String> = timed("request payload", read).await?;
     let stored = stored.ok_or(ApiError::RequestMissing { id: id.clone() })?;

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::aggregator::{Aggregator, Read};
+use crate::auth::Caller;
 use crate::error::ApiError;
 
 /// Read parameters and their bounds, as the `cairn.v1.Progress` contract defines them.
@@ -69,9 +70,11 @@ pub(crate) fn router(aggregator: Aggregator, stall_after: std::time::Duration) -
 async fn read(
     State(aggregator): State<Aggregator>,
     State(stall_after): State<StallAfter>,
+    caller: Caller,
     ReadQuery(read): ReadQuery,
 ) -> Result<Json<Value>, ApiError> {
-    match aggregator.get(&read).await {
+    caller.grant.read(read.key.as_str())?;
+    match aggregator.get(&read, caller.token.as_deref()).await {
         Ok(node) => Ok(Json(stall_after.json(&node))),
         Err(status) if status.code() == Code::NotFound => {
             Err(ApiError::Missing { key: read.key.to_string() })
@@ -85,21 +88,25 @@ async fn read(
 async fn update(
     State(aggregator): State<Aggregator>,
     State(stall_after): State<StallAfter>,
+    caller: Caller,
     ProgressKey(key): ProgressKey,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.write(key.as_str())?;
     let body = body.map_err(body_rejection)?;
     let update = Update::from_slice(&body)?;
-    let node = aggregator.update(&key, &update).await?;
+    let node = aggregator.update(&key, &update, caller.token.as_deref()).await?;
     Ok(Json(json!({ "status": "published", "node": stall_after.json(&node) })))
 }
 
 /// `DELETE /status/{key}`: removes the node and its subtree.
 async fn remove(
     State(aggregator): State<Aggregator>,
+    caller: Caller,
     ProgressKey(key): ProgressKey,
 ) -> Result<Json<Value>, ApiError> {
-    match aggregator.delete(&key).await? {
+    caller.grant.write(key.as_str())?;
+    match aggregator.delete(&key, caller.token.as_deref()).await? {
         0 => Err(ApiError::Missing { key: key.to_string() }),
         removed => {
             Ok(Json(json!({ "status": format!("removed {key} and its children"), "removed": removed })))

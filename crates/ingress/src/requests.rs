@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cairn_auth::Grant;
 use cairn_progress::{Key, Update};
 use cairn_redis::ProgressStore;
 use cairn_redis::progress::{Change, ReadOptions, StoreError};
@@ -60,6 +61,9 @@ pub enum RequestsError {
     /// A stored record or a script reply made no sense; details are logged.
     #[error("internal error")]
     Internal,
+    /// The caller's token does not reach what the request names.
+    #[error(transparent)]
+    Denied(#[from] cairn_auth::Denied),
 }
 
 impl RequestsError {
@@ -72,6 +76,7 @@ impl RequestsError {
             RequestsError::Overloaded { .. } | RequestsError::Busy => "backpressure",
             RequestsError::IdempotencyConflict { .. } => "conflict",
             RequestsError::Unavailable => "unavailable",
+            RequestsError::Denied(_) => "denied",
             _ => "internal",
         }
     }
@@ -226,15 +231,25 @@ impl Requests {
     /// stores and queues the request, so it exists as soon as the client has an answer, no
     /// processor report can be overwritten by it, and a submission that repeats an earlier one
     /// (same idempotency key) writes nothing.
-    pub async fn submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
-        let submitted = self.try_submit(body, wait).await;
+    pub async fn submit(
+        &self,
+        body: &[u8],
+        wait: Option<Duration>,
+        grant: &Grant,
+    ) -> Result<Submitted, RequestsError> {
+        let submitted = self.try_submit(body, wait, grant).await;
         if let Err(error) = &submitted {
             record_rejection(error.rejection_reason());
         }
         submitted
     }
 
-    async fn try_submit(&self, body: &[u8], wait: Option<Duration>) -> Result<Submitted, RequestsError> {
+    async fn try_submit(
+        &self,
+        body: &[u8],
+        wait: Option<Duration>,
+        grant: &Grant,
+    ) -> Result<Submitted, RequestsError> {
         // A large body parses only within the budget, and keeps its share until it is stored.
         let _parsing = if body.len() > LARGE_BODY {
             let kib = u32::try_from(body.len().div_ceil(1024).min(PARSE_BUDGET_KIB)).unwrap_or(u32::MAX);
@@ -246,6 +261,10 @@ impl Requests {
             None
         };
         let submission = Submission::from_slice(body)?;
+        grant.submit(&submission.handler)?;
+        if let Some(key) = &submission.progress_key {
+            grant.write(key.as_str())?;
+        }
         self.check_handler(&submission.handler)?;
         self.check_backpressure().await?;
 
@@ -400,6 +419,17 @@ impl Requests {
         let node = node.ok().flatten().map(|node| (node.progress(), node.update_time));
         let progress = shown_progress(node, &record);
         RequestView { record, progress }
+    }
+
+    /// Whether `grant` may see (read, watch, cancel) request `id`: it must read the request's
+    /// progress key. Costs a read only when the grant is limited.
+    pub async fn check_access(&self, id: &str, grant: &Grant) -> Result<(), RequestsError> {
+        if grant.is_admin() {
+            return Ok(());
+        }
+        let record = self.record(id).await?;
+        grant.read(record.progress_key.as_str())?;
+        Ok(())
     }
 
     /// A request by id; with `wait`, once it is terminal or `wait` has passed.

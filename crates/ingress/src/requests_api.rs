@@ -19,6 +19,7 @@ use cairn_requests::{MAX_SUBMISSION_BYTES, is_valid_request_id};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::progress_api::bounded;
 use crate::requests::{Canceled, Requests, Submitted, progress_url, record_rejection};
@@ -44,12 +45,13 @@ pub(crate) fn router(requests: Arc<Requests>) -> Router {
 /// finished one).
 async fn submit(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     Prefer { wait }: Prefer,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_rejection)?;
     let wait = capped(wait, requests.settings().max_wait);
-    let response = match requests.submit(&body, wait).await? {
+    let response = match requests.submit(&body, wait, &caller.grant).await? {
         Submitted::Queued(record) => {
             let body = json!({
                 "id": record.id,
@@ -71,9 +73,11 @@ async fn submit(
 /// have passed.
 async fn read(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     RequestId(id): RequestId,
     Prefer { wait }: Prefer,
 ) -> Result<Response, ApiError> {
+    requests.check_access(&id, &caller.grant).await?;
     let wait = capped(wait, requests.settings().max_wait);
     let view = requests.get(&id, wait).await?;
     Ok(answer(StatusCode::OK, view.to_json(), None, wait))
@@ -83,8 +87,10 @@ async fn read(
 /// one was told to stop.
 async fn cancel(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     RequestId(id): RequestId,
 ) -> Result<Response, ApiError> {
+    requests.check_access(&id, &caller.grant).await?;
     let response = match requests.cancel(&id).await? {
         Canceled::Queued => (StatusCode::OK, Json(json!({ "id": id, "state": "canceled" }))),
         Canceled::Signaled => {
@@ -104,8 +110,10 @@ struct PageParams {
 /// following page, `null` once a page comes back short.
 async fn dead_letters(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.admin("listing dead letters")?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = match params.after.as_deref() {
@@ -131,16 +139,20 @@ fn dead_letter_json(letter: DeadLetter) -> Value {
 /// `GET /v1/dead-letters/{id}`: the request, when it is dead.
 async fn dead_letter(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     RequestId(id): RequestId,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.admin("reading a dead letter")?;
     Ok(Json(requests.dead_letter(&id).await?.to_json()))
 }
 
 /// `POST /v1/dead-letters/{id}/retry`: runs a dead request again with fresh attempts.
 async fn retry(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     RequestId(id): RequestId,
 ) -> Result<Response, ApiError> {
+    caller.grant.admin("retrying a dead letter")?;
     requests.retry_dead(&id).await?;
     Ok(answer(StatusCode::ACCEPTED, json!({ "id": id, "state": "queued" }), Some(&id), None))
 }

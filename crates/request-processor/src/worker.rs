@@ -38,6 +38,8 @@ pub struct Settings {
     pub backoff: Backoff,
     /// Base URL of the ingress, for the progress URL handed to handlers.
     pub public_url: String,
+    /// Signs each run's progress token (auth on, with CAIRN_AUTH_JWT_SECRET).
+    pub minter: Option<cairn_auth::Minter>,
 }
 
 /// Everything the loop needs.
@@ -465,6 +467,11 @@ async fn run_attempt(
             deps.settings.public_url.trim_end_matches('/'),
             record.progress_key
         ),
+        progress_token: deps.settings.minter.as_ref().map(|minter| {
+            // Valid for the run's timeout and a minute more to report its end; a day without one.
+            let ttl = record.timeout_ms.map_or(24 * 3600, |ms| ms.div_ceil(1000) + 60);
+            minter.progress_token(&format!("request:{}", record.id), record.progress_key.as_str(), ttl)
+        }),
         traceparent: record.traceparent.clone(),
         cancel: run_cancel.clone(),
         publisher: deps.publisher.clone(),

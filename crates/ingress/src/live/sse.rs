@@ -16,6 +16,7 @@ use cairn_live::{FeedId, Live, Watch};
 use futures::StreamExt as _;
 use serde::Deserialize;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::progress_api::{ProgressKey, bounded};
 
@@ -36,10 +37,12 @@ struct EventsParams {
 
 async fn events(
     State(live): State<Live>,
+    caller: Caller,
     ProgressKey(key): ProgressKey,
     Query(params): Query<EventsParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    caller.grant.read(key.as_str())?;
     let depth = bounded("depth", params.depth.as_deref(), DEFAULT_DEPTH, 8)?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, 1000)?;
     // A reconnecting EventSource repeats the original URL and adds Last-Event-ID: it wins.
