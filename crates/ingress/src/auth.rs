@@ -166,6 +166,9 @@ pub(crate) async fn authenticate(State(gate): State<Gate>, mut request: Request,
             }
         }
     };
+    if path == "/healthz" || path == "/readyz" {
+        return next.run(request).await;
+    }
     let client = match (&caller.grant.subject, peer(&request)) {
         (Some(subject), _) => format!("sub:{subject}"),
         (None, Some(ip)) => format!("ip:{ip}"),
