@@ -294,6 +294,12 @@ struct MintedClaims<'a> {
 impl Minter {
     /// A token that may read and write `key`'s subtree and nothing else, valid for `ttl_secs`.
     pub fn progress_token(&self, subject: &str, key: &str, ttl_secs: u64) -> String {
+        let scopes = Scopes { read: vec![key.to_owned()], write: vec![key.to_owned()], ..Scopes::default() };
+        self.token(subject, scopes, ttl_secs)
+    }
+
+    /// A token with `scopes`, valid for `ttl_secs` from now.
+    pub fn token(&self, subject: &str, scopes: Scopes, ttl_secs: u64) -> String {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let claims = MintedClaims {
             sub: subject,
@@ -301,7 +307,7 @@ impl Minter {
             nbf: now,
             aud: self.audience.as_deref(),
             iss: self.issuer.as_deref(),
-            cairn: Scopes { read: vec![key.to_owned()], write: vec![key.to_owned()], ..Scopes::default() },
+            cairn: scopes,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
             .expect("HS256 signing of serialisable claims cannot fail")
