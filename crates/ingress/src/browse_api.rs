@@ -66,6 +66,7 @@ struct TreeParams {
 
 /// `GET /v1/trees?limit=N&offset=M`: roots by latest update, newest first, each with its node
 /// (depth 1, one child key); `next` is the offset of the following page, `null` at the end.
+#[utoipa::path(get, path = "/v1/trees", tag = "browse", params(("limit" = Option<String>, Query, description = "1-1000"), ("offset" = Option<String>, Query, description = "Offset of the page")), responses((status = 200, description = "Roots by latest update", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn trees(
     State(browse): State<Browse>,
     caller: Caller,
@@ -153,6 +154,7 @@ impl Filter {
 /// `GET /v1/requests?state=S&handler=H&limit=N&after=<entry id>`: requests newest first, each
 /// as `GET /v1/requests/{id}` shows it (without progress); `next` continues after the last entry
 /// looked at, `null` once the stream is exhausted.
+#[utoipa::path(get, path = "/v1/requests", tag = "browse", params(("state" = Option<String>, Query, description = "Only this state"), ("handler" = Option<String>, Query, description = "Only this handler"), ("limit" = Option<String>, Query, description = "1-1000"), ("after" = Option<String>, Query, description = "Entry id to continue after")), responses((status = 200, description = "Requests, newest first", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn requests(
     State(browse): State<Browse>,
     caller: Caller,
@@ -243,6 +245,7 @@ async fn records(
 }
 
 /// `GET /v1/requests/{id}/payload`: the payload the request was submitted with.
+#[utoipa::path(get, path = "/v1/requests/{id}/payload", tag = "browse", params(("id" = String, Path, description = "Request id")), responses((status = 200, description = "The submitted payload", body = Object), (status = 404, description = "No such request", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn payload(
     State(browse): State<Browse>,
     caller: Caller,

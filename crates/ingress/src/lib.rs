@@ -15,6 +15,7 @@ mod handler_names;
 mod http_metrics;
 mod listener;
 mod live;
+mod openapi;
 mod progress_api;
 mod replies;
 mod requests;
@@ -45,6 +46,7 @@ pub use crate::aggregator::{Aggregator, Read, UrlError};
 pub use crate::error::ApiError;
 pub use crate::handler_names::{DEFAULT_HANDLERS, HandlersFileError};
 pub use crate::live::LiveConfig;
+pub use crate::openapi::ApiDoc;
 pub use crate::requests::RequestsError;
 
 /// Settings of the ingress: flags, or `CAIRN_*` environment variables.
@@ -317,6 +319,7 @@ impl App {
             .merge(admin)
             .merge(browse_api::router(self.redis.clone(), self.config.queue_names()))
             .merge(ui::router())
+            .merge(openapi::router())
             .fallback(error::route_not_found)
             .method_not_allowed_fallback(error::method_not_allowed)
             .layer(axum::middleware::from_fn_with_state(self.gate.clone(), auth::authenticate))

@@ -67,6 +67,7 @@ pub(crate) fn router(aggregator: Aggregator, stall_after: std::time::Duration) -
 
 /// `GET /status/{key}?depth=N&limit=M&after=K`: the node in SCA's format, or SCA's
 /// `{"key": …, "missing": true}` with 404.
+#[utoipa::path(get, path = "/status/{key}", tag = "progress", params(("key" = String, Path, description = "Progress key, dot-separated (`_portal.job1`)"), ("depth" = Option<String>, Query, description = "Levels of children, 1-8 (default 1)"), ("limit" = Option<String>, Query, description = "Children per parent, 1-1000 (default 100)"), ("after" = Option<String>, Query, description = "Page after this child key")), responses((status = 200, description = "The node in SCA's format", body = Object), (status = 404, description = "No node: `{\"key\": …, \"missing\": true}`", body = Object), (status = 504, description = "The aggregator did not answer in time", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn read(
     State(aggregator): State<Aggregator>,
     State(stall_after): State<StallAfter>,
@@ -85,6 +86,7 @@ async fn read(
 
 /// `POST /status/{key}`: the body is JSON whatever its `Content-Type` (bare `curl -d` sends
 /// `application/x-www-form-urlencoded`), validated here so a bad field is named before any call.
+#[utoipa::path(post, path = "/status/{key}", tag = "progress", params(("key" = String, Path, description = "Progress key, dot-separated (`_portal.job1`)"), ("access_token" = Option<String>, Query, description = "Bearer token, for clients that cannot set headers")), request_body(content = Object, description = "Progress update: progress, status, msg, weight, other fields", content_type = "application/json"), responses((status = 200, description = "Published; the node as it is now", body = Object), (status = 413, description = "Body over 64 KiB", body = Object), (status = 504, description = "The aggregator did not answer in time", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn update(
     State(aggregator): State<Aggregator>,
     State(stall_after): State<StallAfter>,
@@ -100,6 +102,7 @@ async fn update(
 }
 
 /// `DELETE /status/{key}`: removes the node and its subtree.
+#[utoipa::path(delete, path = "/status/{key}", tag = "progress", params(("key" = String, Path, description = "Progress key, dot-separated (`_portal.job1`)")), responses((status = 200, description = "Removed with its subtree", body = Object), (status = 404, description = "No node", body = Object), (status = 504, description = "The aggregator did not answer in time", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn remove(
     State(aggregator): State<Aggregator>,
     caller: Caller,
@@ -115,6 +118,7 @@ async fn remove(
 }
 
 /// `GET /health` (SCA's route): whether the aggregator serves.
+#[utoipa::path(get, path = "/health", tag = "progress", responses((status = 200, description = "The aggregator serves", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 503, description = "It does not", body = Object)))]
 async fn health(State(aggregator): State<Aggregator>) -> Response {
     let checked = tokio::time::timeout(cairn_runtime::READINESS_TIMEOUT, aggregator.check_health())
         .await

@@ -43,6 +43,7 @@ pub(crate) fn router(requests: Arc<Requests>) -> Router {
 /// `POST /v1/requests`: 202 with the new request's id and where to follow it; 200 with the full
 /// request once it is finished (asked for with `Prefer: wait`, or an idempotent repeat of a
 /// finished one).
+#[utoipa::path(post, path = "/v1/requests", tag = "requests", params(("prefer" = Option<String>, Header, description = "`wait=N`: answer once finished or after N s"), ("idempotency-key" = Option<String>, Header, description = "Repeats with the same key name the same request")), request_body(content = Object, description = "`{\"handler\": …, \"payload\": …, \"progress_key\"?, \"max_attempts\"?, \"timeout_ms\"?}`", content_type = "application/json"), responses((status = 202, description = "Queued: id, state, progress_key, progress_url", body = Object), (status = 200, description = "Finished (with Prefer: wait, or an idempotent repeat)", body = Object), (status = 409, description = "Idempotency key reused with another body", body = Object), (status = 413, description = "Body over 2 MiB", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn submit(
     State(requests): State<Arc<Requests>>,
     caller: Caller,
@@ -71,6 +72,7 @@ async fn submit(
 
 /// `GET /v1/requests/{id}`: the request; with `Prefer: wait=N`, once it is finished or N seconds
 /// have passed.
+#[utoipa::path(get, path = "/v1/requests/{id}", tag = "requests", params(("id" = String, Path, description = "Request id"), ("prefer" = Option<String>, Header, description = "`wait=N`")), responses((status = 200, description = "The request", body = Object), (status = 404, description = "No such request", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn read(
     State(requests): State<Arc<Requests>>,
     caller: Caller,
@@ -85,6 +87,7 @@ async fn read(
 
 /// `DELETE /v1/requests/{id}`: 200 when a queued request is canceled for good, 202 when a running
 /// one was told to stop.
+#[utoipa::path(delete, path = "/v1/requests/{id}", tag = "requests", params(("id" = String, Path, description = "Request id")), responses((status = 200, description = "Canceled before it ran", body = Object), (status = 202, description = "Running; told to stop", body = Object), (status = 404, description = "No such request", body = Object), (status = 409, description = "Already finished", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn cancel(
     State(requests): State<Arc<Requests>>,
     caller: Caller,
@@ -108,6 +111,7 @@ struct PageParams {
 
 /// `GET /v1/dead-letters?after=<entry id>&limit=N`: newest first (`after` pages to older ones); `next` is the cursor of the
 /// following page, `null` once a page comes back short.
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", params(("after" = Option<String>, Query, description = "Entry id to page after"), ("limit" = Option<String>, Query, description = "1-1000 (default 100)")), responses((status = 200, description = "`{\"items\": […], \"next\": …}`", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn dead_letters(
     State(requests): State<Arc<Requests>>,
     caller: Caller,
@@ -137,6 +141,7 @@ fn dead_letter_json(letter: DeadLetter) -> Value {
 }
 
 /// `GET /v1/dead-letters/{id}`: the request, when it is dead.
+#[utoipa::path(get, path = "/v1/dead-letters/{id}", tag = "dead letters", params(("id" = String, Path, description = "Request id")), responses((status = 200, description = "The dead request", body = Object), (status = 404, description = "No such dead request", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn dead_letter(
     State(requests): State<Arc<Requests>>,
     caller: Caller,
@@ -147,6 +152,7 @@ async fn dead_letter(
 }
 
 /// `POST /v1/dead-letters/{id}/retry`: runs a dead request again with fresh attempts.
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/retry", tag = "dead letters", params(("id" = String, Path, description = "Request id")), responses((status = 202, description = "Queued again", body = Object), (status = 404, description = "No such request", body = Object), (status = 409, description = "Not dead", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn retry(
     State(requests): State<Arc<Requests>>,
     caller: Caller,

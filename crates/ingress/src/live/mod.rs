@@ -3,7 +3,7 @@
 //! logic (feed, coalescing, snapshots, resume) lives in `cairn-live`.
 
 mod socketio;
-mod sse;
+pub(crate) mod sse;
 mod ws;
 
 use std::time::Duration;

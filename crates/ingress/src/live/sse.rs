@@ -35,6 +35,7 @@ struct EventsParams {
     after: Option<String>,
 }
 
+#[utoipa::path(get, path = "/status/{key}/events", tag = "live", params(("key" = String, Path, description = "Progress key, dot-separated (`_portal.job1`)"), ("depth" = Option<String>, Query, description = "Levels watched, 1-8 (default 8)"), ("limit" = Option<String>, Query, description = "Children per parent, 1-1000"), ("after" = Option<String>, Query, description = "Resume after this event id"), ("access_token" = Option<String>, Query, description = "Bearer token (EventSource cannot set headers)")), responses((status = 200, description = "Server-sent events: snapshot, update, delete", content_type = "text/event-stream", body = String), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn events(
     State(live): State<Live>,
     caller: Caller,
