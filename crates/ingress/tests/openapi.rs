@@ -79,6 +79,8 @@ async fn schemathesis_finds_no_server_error_and_no_nonconforming_answer() {
             "20",
             "--no-color",
         ])
+        // Its cache goes to the working directory: not the crate's.
+        .current_dir(std::env::temp_dir())
         .kill_on_drop(true)
         .output()
         .await
