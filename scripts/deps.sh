@@ -80,3 +80,11 @@ if [ "${1:-}" = --browser ]; then
   fi
   log "chromium $(chromium --version 2>/dev/null | awk '{print $2}'), node $(node --version)"
 fi
+
+# schemathesis (PyPI) for the OpenAPI conformance run against a live ingress, in its own venv.
+api_venv="$(cd "$(dirname "$0")/.." && pwd)/.venv-api"
+if [ ! -x "$api_venv/bin/schemathesis" ]; then
+  log "installing schemathesis into $api_venv"
+  python3 -m venv "$api_venv"
+  "$api_venv/bin/pip" install --quiet --disable-pip-version-check 'schemathesis>=4,<5'
+fi

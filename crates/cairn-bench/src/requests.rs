@@ -34,7 +34,14 @@ pub struct Args {
     /// Processor concurrency.
     #[arg(long, default_value_t = 256)]
     concurrency: u32,
+    /// Also run the full-stack measurement with auth on (an HS256 secret on every service, a
+    /// bearer token on every call), right after the one with auth off, and report the cost.
+    #[arg(long)]
+    compare_auth: bool,
 }
+
+/// The secret of the auth-on measurement.
+const BENCH_SECRET: &str = "cairn-bench-secret";
 
 const BODY: &str = r#"{"handler":"echo","payload":{"n":1}}"#;
 
@@ -55,9 +62,13 @@ impl Stack {
         vhost: &AmqpVhost,
         concurrency: u32,
         processor: bool,
+        auth: bool,
     ) -> anyhow::Result<Stack> {
         let cancel = CancellationToken::new();
-        let common = [format!("--redis-url={}", ns.url), format!("--key-prefix={}", ns.prefix)];
+        let mut common = vec![format!("--redis-url={}", ns.url), format!("--key-prefix={}", ns.prefix)];
+        if auth {
+            common.push(format!("--auth-jwt-secret={BENCH_SECRET}"));
+        }
         let amqp = format!("--amqp-url={}", vhost.url);
         let mut tasks = Vec::new();
 
@@ -85,7 +96,7 @@ impl Stack {
         tasks.push(tokio::spawn(ingress.run(cancel.clone())));
 
         if processor {
-            tasks.push(tokio::spawn(start_processor(ns, vhost, concurrency, cancel.clone()).await?));
+            tasks.push(tokio::spawn(start_processor(ns, vhost, concurrency, cancel.clone(), auth).await?));
         }
         let stack = Stack { base, cancel, tasks };
         stack.wait_ready().await?;
@@ -116,8 +127,9 @@ async fn start_processor(
     vhost: &AmqpVhost,
     concurrency: u32,
     cancel: CancellationToken,
+    auth: bool,
 ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + use<>> {
-    let args = [
+    let mut args = vec![
         "request-processor".to_owned(),
         "--admin-addr=127.0.0.1:0".into(),
         format!("--redis-url={}", ns.url),
@@ -125,6 +137,9 @@ async fn start_processor(
         format!("--amqp-url={}", vhost.url),
         format!("--concurrency={concurrency}"),
     ];
+    if auth {
+        args.push(format!("--auth-jwt-secret={BENCH_SECRET}"));
+    }
     let app = request_processor::App::build(request_processor::Config::try_parse_from(args)?).await?;
     Ok(app.run(cancel))
 }
@@ -136,11 +151,114 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
         json!({"cores": std::thread::available_parallelism().map_or(0, |n| n.get())}),
     );
 
-    // (1) and (3): the full stack.
+    // (1) and (3): the full stack, with auth off and (with --compare-auth) on.
+    let off = full_stack(&args, false).await?;
+    if args.compare_auth {
+        let on = full_stack(&args, true).await?;
+        let (rate_off, rate_on) =
+            (off["rest_e2e_requests_per_s"].as_f64(), on["rest_e2e_requests_per_s"].as_f64());
+        if let (Some(rate_off), Some(rate_on)) = (rate_off, rate_on) {
+            let cost = (1.0 - rate_on / rate_off) * 100.0;
+            eprintln!("auth costs {cost:.1} % of end-to-end throughput");
+            report.insert("auth_cost_percent".into(), json!((cost * 10.0).round() / 10.0));
+        }
+        report.insert("auth_on".into(), Value::Object(on));
+    }
+    report.extend(off);
+
+    // (2) one processor draining a pre-filled stream, its lifecycle reports applied by an
+    // aggregator (without one, no queue is bound and every report would come back unroutable).
     {
         let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
-        let stack = Stack::start(&ns, &vhost, args.concurrency, true).await?;
-        let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections).build()?;
+        let stack = Stack::start(&ns, &vhost, args.concurrency, false, false).await?;
+        let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
+        let names = QueueNames::new(&ns.prefix, "requests", "processors");
+        let queue = RequestQueue::new(config.manager()?, names.clone());
+        queue.ensure_group().await?;
+        let filled = Instant::now();
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for i in 0..args.drain {
+            let queue = queue.clone();
+            pending.push(async move {
+                let record = RequestRecord::queued(
+                    new_request_id(),
+                    Submission::new("echo", json!({"i": i})),
+                    3,
+                    now_ms(),
+                );
+                queue.submit(&record, None, 60_000, None).await
+            });
+            if pending.len() >= 256 {
+                use futures::StreamExt;
+                pending.next().await.transpose()?;
+            }
+        }
+        {
+            use futures::StreamExt;
+            while let Some(result) = pending.next().await {
+                result?;
+            }
+        }
+        eprintln!("pre-filled {} requests in {:.1} s", args.drain, filled.elapsed().as_secs_f64());
+        let cancel = CancellationToken::new();
+        let started = Instant::now();
+        let processor =
+            tokio::spawn(start_processor(&ns, &vhost, args.concurrency, cancel.clone(), false).await?);
+        let mut conn = config.manager()?;
+        loop {
+            let (read, pending): (u64, u64) = group_progress(&mut conn, &names).await?;
+            if read as usize >= args.drain && pending == 0 {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "drain did not finish in 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let elapsed = started.elapsed();
+        let rate = args.drain as f64 / elapsed.as_secs_f64();
+        eprintln!("drain: {rate:.0} requests/s");
+        report.insert("processor_drain_requests_per_s".into(), json!(rate.round()));
+        report.insert("processor_drain_s".into(), json!((elapsed.as_secs_f64() * 1000.0).round() / 1000.0));
+        cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), processor).await;
+        stack.stop().await;
+    }
+
+    report.insert(
+        "params".into(),
+        json!({"round_trips": args.round_trips, "drain": args.drain, "connections": args.connections,
+               "duration_s": args.duration.as_secs_f64(), "concurrency": args.concurrency,
+               "progress_reporting": "on (processor bursts to the aggregator over AMQP)"}),
+    );
+    Ok(Value::Object(report))
+}
+
+/// Round trips and end-to-end throughput of the full stack; with `auth`, every service verifies
+/// and every call carries a bearer token (submit `echo`, read its progress).
+async fn full_stack(args: &Args, auth: bool) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut report = serde_json::Map::new();
+    {
+        let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+        let stack = Stack::start(&ns, &vhost, args.concurrency, true, auth).await?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if auth {
+            let config =
+                cairn_auth::AuthConfig { jwt_secret: Some(BENCH_SECRET.into()), ..Default::default() };
+            let minter = config.minter().expect("a secret mints");
+            let scopes = cairn_auth::Scopes {
+                submit: vec!["echo".into()],
+                read: vec!["_requests".into()],
+                ..Default::default()
+            };
+            headers
+                .insert("authorization", format!("Bearer {}", minter.token("bench", scopes, 3600)).parse()?);
+        }
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(args.connections)
+            .default_headers(headers)
+            .build()?;
         let url = format!("{}/v1/requests", stack.base);
         let call = |client: reqwest::Client, url: String| async move {
             let started = Instant::now();
@@ -198,73 +316,7 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
         report.insert("rest_e2e_p99_ms".into(), json!(percentile_ms(&latencies, 0.99)));
         stack.stop().await;
     }
-
-    // (2) one processor draining a pre-filled stream, its lifecycle reports applied by an
-    // aggregator (without one, no queue is bound and every report would come back unroutable).
-    {
-        let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
-        let stack = Stack::start(&ns, &vhost, args.concurrency, false).await?;
-        let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
-        let names = QueueNames::new(&ns.prefix, "requests", "processors");
-        let queue = RequestQueue::new(config.manager()?, names.clone());
-        queue.ensure_group().await?;
-        let filled = Instant::now();
-        let mut pending = futures::stream::FuturesUnordered::new();
-        for i in 0..args.drain {
-            let queue = queue.clone();
-            pending.push(async move {
-                let record = RequestRecord::queued(
-                    new_request_id(),
-                    Submission::new("echo", json!({"i": i})),
-                    3,
-                    now_ms(),
-                );
-                queue.submit(&record, None, 60_000, None).await
-            });
-            if pending.len() >= 256 {
-                use futures::StreamExt;
-                pending.next().await.transpose()?;
-            }
-        }
-        {
-            use futures::StreamExt;
-            while let Some(result) = pending.next().await {
-                result?;
-            }
-        }
-        eprintln!("pre-filled {} requests in {:.1} s", args.drain, filled.elapsed().as_secs_f64());
-        let cancel = CancellationToken::new();
-        let started = Instant::now();
-        let processor = tokio::spawn(start_processor(&ns, &vhost, args.concurrency, cancel.clone()).await?);
-        let mut conn = config.manager()?;
-        loop {
-            let (read, pending): (u64, u64) = group_progress(&mut conn, &names).await?;
-            if read as usize >= args.drain && pending == 0 {
-                break;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "drain did not finish in 10 minutes"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let elapsed = started.elapsed();
-        let rate = args.drain as f64 / elapsed.as_secs_f64();
-        eprintln!("drain: {rate:.0} requests/s");
-        report.insert("processor_drain_requests_per_s".into(), json!(rate.round()));
-        report.insert("processor_drain_s".into(), json!((elapsed.as_secs_f64() * 1000.0).round() / 1000.0));
-        cancel.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), processor).await;
-        stack.stop().await;
-    }
-
-    report.insert(
-        "params".into(),
-        json!({"round_trips": args.round_trips, "drain": args.drain, "connections": args.connections,
-               "duration_s": args.duration.as_secs_f64(), "concurrency": args.concurrency,
-               "progress_reporting": "on (processor bursts to the aggregator over AMQP)"}),
-    );
-    Ok(Value::Object(report))
+    Ok(report)
 }
 
 /// `entries-read` and `pending` of the processors' group.

@@ -61,29 +61,31 @@ impl Aggregator {
         Ok(Aggregator { progress: ProgressClient::new(channel.clone()), health: HealthClient::new(channel) })
     }
 
-    /// The node at `read.key` with a page of its children, or `NOT_FOUND`.
-    pub async fn get(&self, read: &Read) -> Result<NodeView, Status> {
+    /// The node at `read.key` with a page of its children, or `NOT_FOUND`. `token` (the
+    /// caller's, already checked here) goes along in every call.
+    pub async fn get(&self, read: &Read, token: Option<&str>) -> Result<NodeView, Status> {
         let request = GetRequest {
             key: read.key.to_string(),
             depth: read.depth,
             limit: read.limit,
             after: read.after.as_ref().map(Key::to_string).unwrap_or_default(),
         };
-        let response = self.progress.clone().get(request).await?.into_inner();
+        let response = self.progress.clone().get(authorized(request, token)).await?.into_inner();
         node_view(response.node)
     }
 
     /// Applies `update` and returns the node as it is right after.
-    pub async fn update(&self, key: &Key, update: &Update) -> Result<NodeView, Status> {
+    pub async fn update(&self, key: &Key, update: &Update, token: Option<&str>) -> Result<NodeView, Status> {
         let fields: serde_json::Map<String, serde_json::Value> = update.fields().into_iter().collect();
         let request = UpdateRequest { key: key.to_string(), fields: Some(map_to_struct(&fields)) };
-        let response = self.progress.clone().update(request).await?.into_inner();
+        let response = self.progress.clone().update(authorized(request, token)).await?.into_inner();
         node_view(response.node)
     }
 
     /// Removes the subtree at `key`; the number of nodes removed (0 when there was none).
-    pub async fn delete(&self, key: &Key) -> Result<u64, Status> {
-        let response = self.progress.clone().delete(DeleteRequest { key: key.to_string() }).await?;
+    pub async fn delete(&self, key: &Key, token: Option<&str>) -> Result<u64, Status> {
+        let request = authorized(DeleteRequest { key: key.to_string() }, token);
+        let response = self.progress.clone().delete(request).await?;
         Ok(response.into_inner().removed)
     }
 
@@ -105,6 +107,15 @@ impl Aggregator {
             }
         }
     }
+}
+
+/// The call with the caller's bearer token, which the aggregator checks again.
+fn authorized<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
 }
 
 fn node_view(node: Option<Node>) -> Result<NodeView, Status> {

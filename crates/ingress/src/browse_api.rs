@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::warn;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::progress_api::bounded;
 use crate::requests::REDIS_TIMEOUT;
@@ -65,10 +66,13 @@ struct TreeParams {
 
 /// `GET /v1/trees?limit=N&offset=M`: roots by latest update, newest first, each with its node
 /// (depth 1, one child key); `next` is the offset of the following page, `null` at the end.
+#[utoipa::path(get, path = "/v1/trees", tag = "browse", params(("limit" = Option<String>, Query, description = "1-1000"), ("offset" = Option<String>, Query, description = "Offset of the page")), responses((status = 200, description = "Roots by latest update", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn trees(
     State(browse): State<Browse>,
+    caller: Caller,
     params: Result<Query<TreeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.admin("listing every tree")?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as isize;
     let offset = match params.offset.as_deref() {
@@ -150,10 +154,13 @@ impl Filter {
 /// `GET /v1/requests?state=S&handler=H&limit=N&after=<entry id>`: requests newest first, each
 /// as `GET /v1/requests/{id}` shows it (without progress); `next` continues after the last entry
 /// looked at, `null` once the stream is exhausted.
+#[utoipa::path(get, path = "/v1/requests", tag = "browse", params(("state" = Option<String>, Query, description = "Only this state"), ("handler" = Option<String>, Query, description = "Only this handler"), ("limit" = Option<String>, Query, description = "1-1000"), ("after" = Option<String>, Query, description = "Entry id to continue after")), responses((status = 200, description = "Requests, newest first", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn requests(
     State(browse): State<Browse>,
+    caller: Caller,
     params: Result<Query<RequestParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.admin("listing every request")?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as usize;
     let filter = Filter::from_params(params.state.as_deref(), params.handler.as_deref())?;
@@ -238,8 +245,18 @@ async fn records(
 }
 
 /// `GET /v1/requests/{id}/payload`: the payload the request was submitted with.
-async fn payload(State(browse): State<Browse>, RequestId(id): RequestId) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/requests/{id}/payload", tag = "browse", params(("id" = String, Path, description = "Request id")), responses((status = 200, description = "The submitted payload", body = Object), (status = 404, description = "No such request", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
+async fn payload(
+    State(browse): State<Browse>,
+    caller: Caller,
+    RequestId(id): RequestId,
+) -> Result<Json<Value>, ApiError> {
     let mut redis = browse.redis.clone();
+    if !caller.grant.is_admin() {
+        let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PROGRESS_KEY);
+        let key: Option<String> = timed("request progress key", read).await?;
+        caller.grant.read(&key.ok_or(ApiError::RequestMissing { id: id.clone() })?)?;
+    }
     let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PAYLOAD);
     let stored: Option<String> = timed("request payload", read).await?;
     let stored = stored.ok_or(ApiError::RequestMissing { id: id.clone() })?;

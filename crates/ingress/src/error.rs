@@ -49,6 +49,12 @@ pub enum ApiError {
     TooLarge(String),
     #[error("too many requests; retry later")]
     TooManyRequests,
+    /// This client went over CAIRN_RATE_LIMIT; it may try again after this many seconds.
+    #[error("rate limit exceeded; retry after {0} s")]
+    RateLimited(u64),
+    /// No token, or a token that does not verify; the message says why (never the token).
+    #[error("{0}")]
+    Unauthorized(String),
     /// The client did not send its request in time; the message says what was late.
     #[error("{0}")]
     RequestTimeout(String),
@@ -78,7 +84,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable | ApiError::Overloaded(_) | ApiError::QueueUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -98,7 +105,14 @@ impl IntoResponse for ApiError {
             other => json!({ "error": other.to_string() }),
         };
         let mut response = (status, axum::Json(body)).into_response();
-        if self.status() == StatusCode::SERVICE_UNAVAILABLE || self.status() == StatusCode::TOO_MANY_REQUESTS
+        if let ApiError::RateLimited(secs) = &self {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(*secs));
+        } else if let ApiError::Unauthorized(_) = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        } else if self.status() == StatusCode::SERVICE_UNAVAILABLE
+            || self.status() == StatusCode::TOO_MANY_REQUESTS
         {
             response
                 .headers_mut()
@@ -115,6 +129,8 @@ impl From<Status> for ApiError {
         match effective_code(&status) {
             Code::InvalidArgument => ApiError::BadRequest(status.message().to_owned()),
             Code::NotFound => ApiError::NotFound(status.message().to_owned()),
+            Code::Unauthenticated => ApiError::Unauthorized(status.message().to_owned()),
+            Code::PermissionDenied => ApiError::Forbidden(status.message().to_owned()),
             Code::Unavailable => {
                 tracing::warn!(detail = status.message(), "progress aggregator unavailable");
                 ApiError::Unavailable
@@ -146,6 +162,18 @@ fn effective_code(status: &Status) -> Code {
         source = error.source();
     }
     status.code()
+}
+
+impl From<cairn_auth::Denied> for ApiError {
+    fn from(denied: cairn_auth::Denied) -> ApiError {
+        ApiError::Forbidden(denied.0)
+    }
+}
+
+impl From<cairn_auth::AuthError> for ApiError {
+    fn from(error: cairn_auth::AuthError) -> ApiError {
+        ApiError::Unauthorized(error.to_string())
+    }
 }
 
 impl From<UpdateError> for ApiError {
@@ -181,6 +209,7 @@ impl From<RequestsError> for ApiError {
             | RequestsError::AlreadyFinished { .. }
             | RequestsError::NotDead { .. } => ApiError::Conflict(error.to_string()),
             RequestsError::Unavailable => ApiError::QueueUnavailable,
+            RequestsError::Denied(denied) => ApiError::Forbidden(denied.0),
             RequestsError::Internal => ApiError::Internal,
         }
     }

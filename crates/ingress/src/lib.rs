@@ -8,12 +8,14 @@
 //! port.
 
 mod aggregator;
+mod auth;
 mod browse_api;
 mod error;
 mod handler_names;
 mod http_metrics;
 mod listener;
 mod live;
+mod openapi;
 mod progress_api;
 mod replies;
 mod requests;
@@ -47,6 +49,7 @@ pub use crate::aggregator::{Aggregator, Read, UrlError};
 pub use crate::error::ApiError;
 pub use crate::handler_names::{DEFAULT_HANDLERS, HandlersFileError};
 pub use crate::live::LiveConfig;
+pub use crate::openapi::ApiDoc;
 pub use crate::requests::RequestsError;
 
 /// Settings of the ingress: flags, or `CAIRN_*` environment variables.
@@ -74,6 +77,15 @@ pub struct Config {
     pub redis: RedisConfig,
     #[command(flatten)]
     pub live: LiveConfig,
+    #[command(flatten)]
+    pub auth: cairn_auth::AuthConfig,
+    /// Per-client rate limit in requests a second (by token subject with auth on, else by peer
+    /// address); over it a client gets 429 with Retry-After. Off unless set.
+    #[arg(long, env = "CAIRN_RATE_LIMIT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit: Option<u32>,
+    /// Requests a client may make at once above CAIRN_RATE_LIMIT (default: one second's worth).
+    #[arg(long, env = "CAIRN_RATE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_burst: Option<u32>,
     /// Request stream (key `{prefix}:{stream}`), as the processors read it.
     #[arg(long = "request-stream", env = "CAIRN_REQUEST_STREAM", default_value = "requests")]
     pub stream: String,
@@ -149,6 +161,12 @@ impl Config {
         QueueNames::new(&self.redis.prefix, &self.stream, &self.group)
     }
 
+    fn rate_limit(&self) -> Option<auth::RateLimit> {
+        let rate = std::num::NonZeroU32::new(self.rate_limit?)?;
+        let burst = self.rate_burst.and_then(std::num::NonZeroU32::new).unwrap_or(rate);
+        Some(auth::RateLimit { rate, burst })
+    }
+
     fn limits(&self) -> listener::Limits {
         listener::Limits {
             header_timeout: self.header_timeout,
@@ -209,6 +227,7 @@ pub struct App {
     waiters: Arc<replies::Waiters>,
     replica: String,
     live: cairn_live::Live,
+    gate: auth::Gate,
     /// Cancelled when shutdown begins, ending every live stream (they would hold the graceful
     /// shutdown open forever).
     live_stop: CancellationToken,
@@ -226,6 +245,9 @@ impl App {
         cairn_runtime::metrics_handle();
         let aggregator = Aggregator::connect_lazy(&config.aggregator_url, config.request_timeout)
             .with_context(|| format!("invalid CAIRN_AGGREGATOR_URL={:?}", config.aggregator_url))?;
+        let verifier =
+            cairn_auth::verifier_or_warn(&config.auth, "ingress").context("invalid auth settings")?;
+        let gate = auth::Gate::new(verifier, config.rate_limit(), config.live.allowed_origins.clone());
         let handlers =
             handler_names::load(config.handlers.as_deref()).context("invalid CAIRN_HANDLERS_FILE")?;
         let redis = config
@@ -285,6 +307,7 @@ impl App {
             waiters,
             replica,
             live,
+            gate,
             live_stop,
             draining,
         })
@@ -316,14 +339,16 @@ impl App {
     pub fn router(&self) -> Router {
         let admin = self.admin().probes_router();
         progress_api::router(self.aggregator.clone(), self.config.live.live.stall_after)
-            .merge(live::router(self.live.clone(), &self.config.live))
+            .merge(live::router(self.live.clone(), &self.config.live, self.gate.verifier().cloned()))
             .merge(requests_api::router(self.requests.clone()))
             .merge(uploads_api::router(self.uploads.clone()))
             .merge(admin)
             .merge(browse_api::router(self.redis.clone(), self.config.queue_names()))
             .merge(ui::router())
+            .merge(openapi::router())
             .fallback(error::route_not_found)
             .method_not_allowed_fallback(error::method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(self.gate.clone(), auth::authenticate))
             .layer(axum::middleware::from_fn(http_metrics::record))
             .layer(TraceLayer::new_for_http())
     }

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::aggregator::{Aggregator, Read};
+use crate::auth::Caller;
 use crate::error::ApiError;
 
 /// Read parameters and their bounds, as the `cairn.v1.Progress` contract defines them.
@@ -66,12 +67,15 @@ pub(crate) fn router(aggregator: Aggregator, stall_after: std::time::Duration) -
 
 /// `GET /status/{key}?depth=N&limit=M&after=K`: the node in SCA's format, or SCA's
 /// `{"key": …, "missing": true}` with 404.
+#[utoipa::path(get, path = "/status/{key}", tag = "progress", params(("key" = String, Path, description = "Progress key, dot-separated (`_portal.job1`)"), ("depth" = Option<String>, Query, description = "Levels of children, 1-8 (default 1)"), ("limit" = Option<String>, Query, description = "Children per parent, 1-1000 (default 100)"), ("after" = Option<String>, Query, description = "Page after this child key")), responses((status = 200, description = "The node in SCA's format", body = Object), (status = 404, description = "No node: `{\"key\": …, \"missing\": true}`", body = Object), (status = 504, description = "The aggregator did not answer in time", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn read(
     State(aggregator): State<Aggregator>,
     State(stall_after): State<StallAfter>,
+    caller: Caller,
     ReadQuery(read): ReadQuery,
 ) -> Result<Json<Value>, ApiError> {
-    match aggregator.get(&read).await {
+    caller.grant.read(read.key.as_str())?;
+    match aggregator.get(&read, caller.token.as_deref()).await {
         Ok(node) => Ok(Json(stall_after.json(&node))),
         Err(status) if status.code() == Code::NotFound => {
             Err(ApiError::Missing { key: read.key.to_string() })
@@ -82,24 +86,30 @@ async fn read(
 
 /// `POST /status/{key}`: the body is JSON whatever its `Content-Type` (bare `curl -d` sends
 /// `application/x-www-form-urlencoded`), validated here so a bad field is named before any call.
+#[utoipa::path(post, path = "/status/{key}", tag = "progress", params(("key" = String, Path, description = "Progress key, dot-separated (`_portal.job1`)"), ("access_token" = Option<String>, Query, description = "Bearer token, for clients that cannot set headers")), request_body(content = Object, description = "Progress update: progress, status, msg, weight, other fields", content_type = "application/json"), responses((status = 200, description = "Published; the node as it is now", body = Object), (status = 413, description = "Body over 64 KiB", body = Object), (status = 504, description = "The aggregator did not answer in time", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn update(
     State(aggregator): State<Aggregator>,
     State(stall_after): State<StallAfter>,
+    caller: Caller,
     ProgressKey(key): ProgressKey,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.write(key.as_str())?;
     let body = body.map_err(body_rejection)?;
     let update = Update::from_slice(&body)?;
-    let node = aggregator.update(&key, &update).await?;
+    let node = aggregator.update(&key, &update, caller.token.as_deref()).await?;
     Ok(Json(json!({ "status": "published", "node": stall_after.json(&node) })))
 }
 
 /// `DELETE /status/{key}`: removes the node and its subtree.
+#[utoipa::path(delete, path = "/status/{key}", tag = "progress", params(("key" = String, Path, description = "Progress key, dot-separated (`_portal.job1`)")), responses((status = 200, description = "Removed with its subtree", body = Object), (status = 404, description = "No node", body = Object), (status = 504, description = "The aggregator did not answer in time", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn remove(
     State(aggregator): State<Aggregator>,
+    caller: Caller,
     ProgressKey(key): ProgressKey,
 ) -> Result<Json<Value>, ApiError> {
-    match aggregator.delete(&key).await? {
+    caller.grant.write(key.as_str())?;
+    match aggregator.delete(&key, caller.token.as_deref()).await? {
         0 => Err(ApiError::Missing { key: key.to_string() }),
         removed => {
             Ok(Json(json!({ "status": format!("removed {key} and its children"), "removed": removed })))
@@ -108,6 +118,7 @@ async fn remove(
 }
 
 /// `GET /health` (SCA's route): whether the aggregator serves.
+#[utoipa::path(get, path = "/health", tag = "progress", responses((status = 200, description = "The aggregator serves", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 503, description = "It does not", body = Object)))]
 async fn health(State(aggregator): State<Aggregator>) -> Response {
     let checked = tokio::time::timeout(cairn_runtime::READINESS_TIMEOUT, aggregator.check_health())
         .await

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cairn_auth::Grant;
 use cairn_progress::{Key, Update};
 use cairn_redis::BlobStore;
 use cairn_redis::ProgressStore;
@@ -38,6 +39,9 @@ pub enum RequestsError {
     /// The submission is invalid (or too large: [`SubmitError::is_too_large`]).
     #[error(transparent)]
     Invalid(#[from] SubmitError),
+    /// The caller's token does not reach what the request names.
+    #[error(transparent)]
+    Denied(#[from] cairn_auth::Denied),
     #[error("unknown handler {name:?}; this deployment has: {known}")]
     UnknownHandler { name: String, known: String },
     #[error(
@@ -83,6 +87,7 @@ impl RequestsError {
     /// The `reason` label of `cairn_requests_rejected_total` for a refused submission.
     fn rejection_reason(&self) -> &'static str {
         match self {
+            RequestsError::Denied(_) => "denied",
             RequestsError::Invalid(e) if e.is_too_large() => "too_large",
             RequestsError::StreamTooLarge { .. } | RequestsError::StreamsTooLarge { .. } => "too_large",
             RequestsError::UploadMissing { .. }
@@ -251,6 +256,17 @@ impl Requests {
         bounded("ensure_group", self.queue.ensure_group()).await
     }
 
+    /// Whether `grant` may see (read, watch, cancel) request `id`: it must read the request's
+    /// progress key. Costs a read only when the grant is limited.
+    pub async fn check_access(&self, id: &str, grant: &Grant) -> Result<(), RequestsError> {
+        if grant.is_admin() {
+            return Ok(());
+        }
+        let record = self.record(id).await?;
+        grant.read(record.progress_key.as_str())?;
+        Ok(())
+    }
+
     /// Validates and queues a submission body, then waits up to `wait` for its outcome.
     ///
     /// The request's progress node (`status: waiting`) is written in the same atomic step that
@@ -264,8 +280,9 @@ impl Requests {
         body: &[u8],
         wait: Option<Duration>,
         traceparent: Option<String>,
+        grant: &Grant,
     ) -> Result<Submitted, RequestsError> {
-        let submitted = self.try_submit(body, wait, traceparent).await;
+        let submitted = self.try_submit(body, wait, traceparent, grant).await;
         if let Err(error) = &submitted {
             record_rejection(error.rejection_reason());
         }
@@ -277,11 +294,12 @@ impl Requests {
         body: &[u8],
         wait: Option<Duration>,
         traceparent: Option<String>,
+        grant: &Grant,
     ) -> Result<Submitted, RequestsError> {
         // A large body parses only within the budget, and keeps its share until it is stored.
         let _parsing = self.parse_budget(body.len()).await?;
         let submission = Submission::from_slice(body)?;
-        match self.prepare(submission, wait).await? {
+        match self.prepare(submission, wait, grant).await? {
             Prepared::Answered(submitted) => Ok(*submitted),
             Prepared::New(new) => self.queue_new(*new, Vec::new(), wait, traceparent).await,
         }
@@ -309,7 +327,12 @@ impl Requests {
         &self,
         submission: Submission,
         wait: Option<Duration>,
+        grant: &Grant,
     ) -> Result<Prepared, RequestsError> {
+        grant.submit(&submission.handler)?;
+        if let Some(key) = &submission.progress_key {
+            grant.write(key.as_str())?;
+        }
         self.check_handler(&submission.handler)?;
         self.check_backpressure().await?;
         if let Some(key) = &submission.idempotency_key {

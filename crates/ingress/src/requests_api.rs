@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument as _;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::progress_api::bounded;
 use crate::requests::{Canceled, Requests, Submitted, progress_url, record_rejection};
@@ -45,8 +46,10 @@ pub(crate) fn router(requests: Arc<Requests>) -> Router {
 /// `POST /v1/requests`: 202 with the new request's id and where to follow it; 200 with the full
 /// request once it is finished (asked for with `Prefer: wait`, or an idempotent repeat of a
 /// finished one).
+#[utoipa::path(post, path = "/v1/requests", tag = "requests", params(("prefer" = Option<String>, Header, description = "`wait=N`: answer once finished or after N s"), ("idempotency-key" = Option<String>, Header, description = "Repeats with the same key name the same request")), request_body(content = Object, description = "`{\"handler\": …, \"payload\": …, \"progress_key\"?, \"max_attempts\"?, \"timeout_ms\"?}`", content_type = "application/json"), responses((status = 202, description = "Queued: id, state, progress_key, progress_url", body = Object), (status = 200, description = "Finished (with Prefer: wait, or an idempotent repeat)", body = Object), (status = 409, description = "Idempotency key reused with another body", body = Object), (status = 413, description = "Body over 2 MiB", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn submit(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     Prefer { wait }: Prefer,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
@@ -61,7 +64,7 @@ async fn submit(
     let submitted = match content_type.and_then(streams::boundary) {
         Some(boundary) => {
             let boundary = boundary.map_err(ApiError::from)?;
-            match streams::submit(&requests, request.into_body(), boundary, wait, traceparent)
+            match streams::submit(&requests, request.into_body(), boundary, wait, traceparent, &caller.grant)
                 .instrument(span)
                 .await
             {
@@ -76,7 +79,7 @@ async fn submit(
         }
         None => {
             let body = Bytes::from_request(request, &()).await.map_err(body_rejection)?;
-            requests.submit(&body, wait, traceparent).instrument(span).await?
+            requests.submit(&body, wait, traceparent, &caller.grant).instrument(span).await?
         }
     };
     let response = match submitted {
@@ -99,11 +102,14 @@ async fn submit(
 
 /// `GET /v1/requests/{id}`: the request; with `Prefer: wait=N`, once it is finished or N seconds
 /// have passed.
+#[utoipa::path(get, path = "/v1/requests/{id}", tag = "requests", params(("id" = String, Path, description = "Request id"), ("prefer" = Option<String>, Header, description = "`wait=N`")), responses((status = 200, description = "The request", body = Object), (status = 404, description = "No such request", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn read(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     RequestId(id): RequestId,
     Prefer { wait }: Prefer,
 ) -> Result<Response, ApiError> {
+    requests.check_access(&id, &caller.grant).await?;
     let wait = capped(wait, requests.settings().max_wait);
     let view = requests.get(&id, wait).await?;
     Ok(answer(StatusCode::OK, view.to_json(), None, wait))
@@ -111,10 +117,13 @@ async fn read(
 
 /// `DELETE /v1/requests/{id}`: 200 when a queued request is canceled for good, 202 when a running
 /// one was told to stop.
+#[utoipa::path(delete, path = "/v1/requests/{id}", tag = "requests", params(("id" = String, Path, description = "Request id")), responses((status = 200, description = "Canceled before it ran", body = Object), (status = 202, description = "Running; told to stop", body = Object), (status = 404, description = "No such request", body = Object), (status = 409, description = "Already finished", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn cancel(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     RequestId(id): RequestId,
 ) -> Result<Response, ApiError> {
+    requests.check_access(&id, &caller.grant).await?;
     let response = match requests.cancel(&id).await? {
         Canceled::Queued => (StatusCode::OK, Json(json!({ "id": id, "state": "canceled" }))),
         Canceled::Signaled => {
@@ -132,10 +141,13 @@ struct PageParams {
 
 /// `GET /v1/dead-letters?after=<entry id>&limit=N`: newest first (`after` pages to older ones); `next` is the cursor of the
 /// following page, `null` once a page comes back short.
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", params(("after" = Option<String>, Query, description = "Entry id to page after"), ("limit" = Option<String>, Query, description = "1-1000 (default 100)")), responses((status = 200, description = "`{\"items\": […], \"next\": …}`", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn dead_letters(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.admin("listing dead letters")?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = match params.after.as_deref() {
@@ -159,18 +171,24 @@ fn dead_letter_json(letter: DeadLetter) -> Value {
 }
 
 /// `GET /v1/dead-letters/{id}`: the request, when it is dead.
+#[utoipa::path(get, path = "/v1/dead-letters/{id}", tag = "dead letters", params(("id" = String, Path, description = "Request id")), responses((status = 200, description = "The dead request", body = Object), (status = 404, description = "No such dead request", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn dead_letter(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     RequestId(id): RequestId,
 ) -> Result<Json<Value>, ApiError> {
+    caller.grant.admin("reading a dead letter")?;
     Ok(Json(requests.dead_letter(&id).await?.to_json()))
 }
 
 /// `POST /v1/dead-letters/{id}/retry`: runs a dead request again with fresh attempts.
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/retry", tag = "dead letters", params(("id" = String, Path, description = "Request id")), responses((status = 202, description = "Queued again", body = Object), (status = 404, description = "No such request", body = Object), (status = 409, description = "Not dead", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn retry(
     State(requests): State<Arc<Requests>>,
+    caller: Caller,
     RequestId(id): RequestId,
 ) -> Result<Response, ApiError> {
+    caller.grant.admin("retrying a dead letter")?;
     requests.retry_dead(&id).await?;
     Ok(answer(StatusCode::ACCEPTED, json!({ "id": id, "state": "queued" }), Some(&id), None))
 }

@@ -6,6 +6,7 @@
 //! over its limit is answered 413 naming it, after the rest of the body is read and discarded
 //! up to a bound.
 
+use cairn_auth::Grant;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -45,8 +46,9 @@ pub async fn submit(
     boundary: String,
     wait: Option<Duration>,
     traceparent: Option<String>,
+    grant: &Grant,
 ) -> Result<Submitted, RequestsError> {
-    let submitted = try_submit(requests, body, boundary, wait, traceparent).await;
+    let submitted = try_submit(requests, body, boundary, wait, traceparent, grant).await;
     if let Err(error) = &submitted {
         crate::requests::record_rejection(match error {
             RequestsError::StreamTooLarge { .. } | RequestsError::StreamsTooLarge { .. } => "too_large",
@@ -54,6 +56,7 @@ pub async fn submit(
             RequestsError::Overloaded { .. } | RequestsError::Busy => "backpressure",
             RequestsError::Unavailable => "unavailable",
             RequestsError::Internal => "internal",
+            RequestsError::Denied(_) => "denied",
             _ => "invalid",
         });
     }
@@ -66,6 +69,7 @@ async fn try_submit(
     boundary: String,
     wait: Option<Duration>,
     traceparent: Option<String>,
+    grant: &Grant,
 ) -> Result<Submitted, RequestsError> {
     let mut multipart = multer::Multipart::new(body.into_data_stream(), boundary);
     let first = multipart.next_field().await.map_err(bad_multipart)?.ok_or_else(|| {
@@ -80,7 +84,7 @@ async fn try_submit(
     let json = read_submission(first).await?;
     let _parsing = requests.parse_budget(json.len()).await?;
     let submission = Submission::from_slice(&json)?;
-    let new = match requests.prepare(submission, wait).await? {
+    let new = match requests.prepare(submission, wait, grant).await? {
         Prepared::Answered(submitted) => return Ok(*submitted),
         Prepared::New(new) => *new,
     };

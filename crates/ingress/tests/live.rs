@@ -216,7 +216,7 @@ async fn amqp_single_and_burst_and_grpc_updates_arrive() {
 
     let grpc = ingress::Aggregator::connect_lazy(&stack.aggregator_url, WAIT).unwrap();
     let update = Update::from_slice(br#"{"progress": 0.9, "status": "running"}"#).unwrap();
-    grpc.update(&Key::parse("_t.w.a").unwrap(), &update).await.expect("gRPC update");
+    grpc.update(&Key::parse("_t.w.a").unwrap(), &update, None).await.expect("gRPC update");
     sse.until(EVENT_WAIT, |ev| node(ev, "_t.w.a").is_some_and(|a| a["progress"] == 0.9)).await;
 }
 

@@ -1,6 +1,7 @@
 //! gRPC `cairn.v1.Progress`: a thin adapter that validates input and calls the progress store,
 //! and, for `Watch`, the process's live fan-out (`cairn-live`).
 
+use cairn_auth::{Denied, Grant, Verifier};
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
 use cairn_proto::struct_to_json;
@@ -122,13 +123,46 @@ fn answer(result: Result<Vec<NodeView>, StoreError>, replies: Vec<UpdateReply>) 
     }
 }
 
+/// The gRPC side of auth: verifies the bearer token in `authorization` metadata (missing or bad:
+/// `UNAUTHENTICATED`) and leaves the caller's [`Grant`] in the request's extensions, where each
+/// method checks the key it touches (`PERMISSION_DENIED`). Open when `verifier` is `None`.
+pub fn authenticate(
+    verifier: Option<Verifier>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        let grant = match &verifier {
+            None => Grant::open(),
+            Some(verifier) => {
+                let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+                verifier.verify_header(header).map_err(|e| Status::unauthenticated(e.to_string()))?
+            }
+        };
+        request.extensions_mut().insert(grant);
+        Ok(request)
+    }
+}
+
+/// The caller's grant, as [`authenticate`] left it.
+fn grant<T>(request: &Request<T>) -> Result<Grant, Status> {
+    request.extensions().get::<Grant>().cloned().ok_or_else(|| {
+        tracing::error!("progress call reached without the auth interceptor");
+        Status::internal("internal error")
+    })
+}
+
+fn denied(denied: Denied) -> Status {
+    Status::permission_denied(denied.0)
+}
+
 #[tonic::async_trait]
 impl Progress for ProgressService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let grant = grant(&request)?;
         let request = request.into_inner();
         let key = parse_key(&request.key, "key")?;
+        grant.read(key.as_str()).map_err(denied)?;
         let after = match request.after.as_str() {
             "" => None,
             raw => Some(
@@ -166,8 +200,10 @@ impl Progress for ProgressService {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let grant = grant(&request)?;
         let request = request.into_inner();
         let key = parse_key(&request.key, "key")?;
+        grant.read(key.as_str()).map_err(denied)?;
         let after = match request.after.as_str() {
             "" => None,
             raw => Some(parse_key(raw, "after")?),
@@ -184,8 +220,10 @@ impl Progress for ProgressService {
     }
 
     async fn update(&self, request: Request<UpdateRequest>) -> Result<Response<UpdateResponse>, Status> {
+        let grant = grant(&request)?;
         let request = request.into_inner();
         let key = parse_key(&request.key, "key")?;
+        grant.write(key.as_str()).map_err(denied)?;
         if key.is_namespace() {
             return Err(Status::invalid_argument(format!(
                 "key {:?} is a namespace; post progress to a key below it",
@@ -201,6 +239,7 @@ impl Progress for ProgressService {
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let key = parse_key(&request.get_ref().key, "key")?;
+        grant(&request)?.write(key.as_str()).map_err(denied)?;
         let removed = self.store.delete(&key, now_ms()).await.map_err(store_status)?;
         Ok(Response::new(DeleteResponse { removed }))
     }

@@ -42,6 +42,8 @@ pub struct Config {
     pub amqp: AmqpConfig,
     #[command(flatten)]
     pub log: LogConfig,
+    #[command(flatten)]
+    pub auth: cairn_auth::AuthConfig,
     /// gRPC listen address.
     #[arg(long, env = "CAIRN_AGGREGATOR_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
@@ -132,11 +134,14 @@ pub struct App {
     redis: ConnectionManager,
     grpc: TcpListener,
     admin: TcpListener,
+    verifier: Option<cairn_auth::Verifier>,
 }
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let redis = config.redis.manager().context("invalid CAIRN_REDIS_URL")?;
+        let verifier = cairn_auth::verifier_or_warn(&config.auth, "progress-aggregator")
+            .context("invalid auth settings")?;
         let store = ProgressStore::new(redis.clone(), config.redis.prefix.clone());
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
@@ -144,7 +149,7 @@ impl App {
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on CAIRN_AGGREGATOR_ADMIN_ADDR={}", config.admin_addr))?;
-        Ok(App { config, store, redis, grpc, admin })
+        Ok(App { config, store, redis, grpc, admin, verifier })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -162,7 +167,7 @@ impl App {
     /// Runs until `shutdown` fires: then reports not-ready, stops intake, finishes in-flight
     /// batches and calls within the grace period, and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App { config, store, redis, grpc, admin } = self;
+        let App { config, store, redis, grpc, admin, verifier } = self;
         let live_conn = redis.clone();
         info!(grpc = %grpc.local_addr()?, admin = %admin.local_addr()?, shards = config.shards, "progress-aggregator starting");
         let connected = Arc::new(AtomicBool::new(false));
@@ -244,7 +249,10 @@ impl App {
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
-                .add_service(ProgressServer::new(ProgressService::new(store, live)))
+                .add_service(ProgressServer::with_interceptor(
+                    ProgressService::new(store, live),
+                    grpc::authenticate(verifier),
+                ))
                 .serve_with_incoming_shutdown(
                     // Small request/response pairs: without TCP_NODELAY, Nagle and delayed ACKs
                     // add ~40 ms to a call.

@@ -42,6 +42,9 @@ pub struct Context {
     pub progress_key: Key,
     /// `{ingress}/status/{progress_key}`: where an external program can POST its progress.
     pub progress_url: String,
+    /// With auth on: a token that may write only this request's progress subtree, valid while
+    /// the request may run. Never logged.
+    pub progress_token: Option<String>,
     pub traceparent: Option<String>,
     /// Fires when the run must stop: cancellation requested, lease lost, or timeout.
     pub cancel: CancellationToken,
@@ -53,6 +56,15 @@ pub struct Context {
 }
 
 impl Context {
+    /// The progress URL with the token as `?access_token=`, so a plain `curl -d … "$URL"`
+    /// authenticates.
+    pub fn progress_url_with_token(&self) -> String {
+        match &self.progress_token {
+            Some(token) => format!("{}?access_token={token}", self.progress_url),
+            None => self.progress_url.clone(),
+        }
+    }
+
     /// Reports progress of this request's own node (coalesced, never blocks, never fails). Its
     /// `progress` also rides on the processor's next heartbeat into the request's record.
     pub fn report(&self, update: Update) {

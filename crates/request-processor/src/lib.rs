@@ -38,6 +38,10 @@ pub struct Config {
     pub amqp: AmqpConfig,
     #[command(flatten)]
     pub log: LogConfig,
+    /// Only CAIRN_AUTH_JWT_SECRET matters here: it signs each run's progress token. Give it to
+    /// the processor when the other services verify tokens.
+    #[command(flatten)]
+    pub auth: cairn_auth::AuthConfig,
     /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "CAIRN_PROCESSOR_ADMIN_ADDR", default_value = "0.0.0.0:9092")]
     pub admin_addr: SocketAddr,
@@ -149,6 +153,7 @@ impl App {
                 ..Backoff::default()
             },
             public_url: config.public_url.clone(),
+            minter: config.auth.minter(),
         };
         let admin = TcpListener::bind(config.admin_addr)
             .await

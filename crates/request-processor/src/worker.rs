@@ -50,6 +50,8 @@ pub struct Settings {
     pub backoff: Backoff,
     /// Base URL of the ingress, for the progress URL handed to handlers.
     pub public_url: String,
+    /// Signs each run's progress token (auth on, with CAIRN_AUTH_JWT_SECRET).
+    pub minter: Option<cairn_auth::Minter>,
 }
 
 /// Everything the loop needs.

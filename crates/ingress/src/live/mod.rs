@@ -3,7 +3,7 @@
 //! logic (feed, coalescing, snapshots, resume) lives in `cairn-live`.
 
 mod socketio;
-mod sse;
+pub(crate) mod sse;
 mod ws;
 
 use std::time::Duration;
@@ -27,10 +27,12 @@ pub struct LiveConfig {
     pub allowed_origins: Vec<String>,
 }
 
-pub(crate) fn router(live: Live, config: &LiveConfig) -> Router {
+pub(crate) use ws::check_origin;
+
+pub(crate) fn router(live: Live, config: &LiveConfig, verifier: Option<cairn_auth::Verifier>) -> Router {
     sse_router(live.clone())
         .merge(ws::router(live.clone(), config.allowed_origins.clone()))
-        .merge(socketio::router(live, config.allowed_origins.clone()))
+        .merge(socketio::router(live, config.allowed_origins.clone(), verifier))
 }
 
 impl From<LiveError> for ApiError {

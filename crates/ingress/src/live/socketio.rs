@@ -10,12 +10,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
+use axum::extract::Query;
+use axum::http::header;
+use cairn_auth::{AuthError, Grant, Verifier};
 use cairn_live::{EventKind, Live, Watch};
 use cairn_progress::Key;
 use cairn_progress::view::NodeView;
 use serde_json::Value;
 use socketioxide::SocketIo;
-use socketioxide::extract::{Data, SocketRef};
+use socketioxide::extract::{Data, SocketRef, TryData};
+use socketioxide::handler::ConnectHandler as _;
 use tokio::task::JoinHandle;
 
 /// A joined tree is watched this deep (SCA's clients show whole trees).
@@ -24,7 +28,7 @@ const LIMIT: u32 = 1000;
 
 type Joined = Arc<Mutex<HashMap<String, JoinHandle<()>>>>;
 
-pub(crate) fn router(live: Live, allowed_origins: Vec<String>) -> Router {
+pub(crate) fn router(live: Live, allowed_origins: Vec<String>, verifier: Option<Verifier>) -> Router {
     let (service, io) = SocketIo::builder().build_svc();
     let shutdown = live.shutdown().clone();
     {
@@ -34,10 +38,25 @@ pub(crate) fn router(live: Live, allowed_origins: Vec<String>) -> Router {
             io.close().await;
         });
     }
-    io.ns("/", move |socket: SocketRef| {
-        let live = live.clone();
-        async move { connected(socket, live) }
-    });
+    // The connect middleware refuses a bad token with a `connect_error`; the handler then reads
+    // the grant of the token that passed (verifying is a signature check, cheap to repeat).
+    let check = {
+        let verifier = verifier.clone();
+        move |socket: SocketRef, TryData(auth): TryData<Value>| {
+            let verifier = verifier.clone();
+            async move { grant_of(verifier.as_ref(), &socket, auth.ok().as_ref()).map(drop) }
+        }
+    };
+    let handler = move |socket: SocketRef, TryData(auth): TryData<Value>| {
+        let (live, verifier) = (live.clone(), verifier.clone());
+        async move {
+            match grant_of(verifier.as_ref(), &socket, auth.ok().as_ref()) {
+                Ok(grant) => connected(socket, live, grant),
+                Err(_) => drop(socket.disconnect()),
+            }
+        }
+    };
+    io.ns("/", handler.with(check));
     Router::new()
         .route_service("/socket.io/", service)
         .layer(axum::middleware::from_fn_with_state(Arc::new(allowed_origins), same_origin))
@@ -56,13 +75,34 @@ async fn same_origin(
     }
 }
 
-fn connected(socket: SocketRef, live: Live) {
+/// The caller's grant: the token of the `auth` payload (`{"token": …}`), else of `?token=` or
+/// `?access_token=`, else of `Authorization: Bearer …`; open when auth is off.
+fn grant_of(
+    verifier: Option<&Verifier>,
+    socket: &SocketRef,
+    auth: Option<&Value>,
+) -> Result<Grant, AuthError> {
+    let Some(verifier) = verifier else { return Ok(Grant::open()) };
+    if let Some(token) = auth.and_then(|a| a.get("token")).and_then(Value::as_str) {
+        return verifier.verify(token);
+    }
+    let parts = socket.req_parts();
+    if let Ok(Query(query)) = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
+        && let Some(token) = query.get("token").or_else(|| query.get("access_token"))
+    {
+        return verifier.verify(token);
+    }
+    verifier.verify_header(parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
+}
+
+fn connected(socket: SocketRef, live: Live, grant: Grant) {
     let joined: Joined = Arc::default();
+    let grant = Arc::new(grant);
     for event in ["join", "subscribe"] {
-        let (live, joined) = (live.clone(), joined.clone());
+        let (live, joined, grant) = (live.clone(), joined.clone(), grant.clone());
         socket.on(event, move |socket: SocketRef, Data(arg): Data<Value>| {
-            let (live, joined) = (live.clone(), joined.clone());
-            async move { join(&socket, &live, &joined, &arg) }
+            let (live, joined, grant) = (live.clone(), joined.clone(), grant.clone());
+            async move { join(&socket, &live, &joined, &grant, &arg) }
         });
     }
     {
@@ -100,14 +140,15 @@ fn key_of(arg: &Value) -> Result<Key, String> {
     Key::parse(raw).map_err(|e| format!("key {raw:?}: {e}"))
 }
 
-fn join(socket: &SocketRef, live: &Live, joined: &Joined, arg: &Value) {
-    let key = match key_of(arg) {
-        Ok(key) => key,
-        Err(message) => {
-            let _ = socket.emit("error", &message);
-            return;
-        }
-    };
+fn join(socket: &SocketRef, live: &Live, joined: &Joined, grant: &Grant, arg: &Value) {
+    let key =
+        match key_of(arg).and_then(|key| grant.read(key.as_str()).map(|()| key).map_err(|d| d.to_string())) {
+            Ok(key) => key,
+            Err(message) => {
+                let _ = socket.emit("error", &message);
+                return;
+            }
+        };
     if joined.lock().expect("joined lock").contains_key(key.as_str()) {
         return;
     }

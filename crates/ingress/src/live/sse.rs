@@ -16,6 +16,7 @@ use cairn_live::{FeedId, Live, Watch};
 use futures::StreamExt as _;
 use serde::Deserialize;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::progress_api::{ProgressKey, bounded};
 
@@ -34,12 +35,15 @@ struct EventsParams {
     after: Option<String>,
 }
 
+#[utoipa::path(get, path = "/status/{key}/events", tag = "live", params(("key" = String, Path, description = "Progress key, dot-separated (`_portal.job1`)"), ("depth" = Option<String>, Query, description = "Levels watched, 1-8 (default 8)"), ("limit" = Option<String>, Query, description = "Children per parent, 1-1000"), ("after" = Option<String>, Query, description = "Resume after this event id"), ("access_token" = Option<String>, Query, description = "Bearer token (EventSource cannot set headers)")), responses((status = 200, description = "Server-sent events: snapshot, update, delete", content_type = "text/event-stream", body = String), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn events(
     State(live): State<Live>,
+    caller: Caller,
     ProgressKey(key): ProgressKey,
     Query(params): Query<EventsParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    caller.grant.read(key.as_str())?;
     let depth = bounded("depth", params.depth.as_deref(), DEFAULT_DEPTH, 8)?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, 1000)?;
     // A reconnecting EventSource repeats the original URL and adds Last-Event-ID: it wins.

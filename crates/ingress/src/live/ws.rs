@@ -15,6 +15,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::get;
+use cairn_auth::Grant;
 use cairn_live::{Live, Watch};
 use cairn_progress::Key;
 use futures::{SinkExt as _, StreamExt as _};
@@ -23,6 +24,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 
 /// Subscriptions one socket may hold.
@@ -42,16 +44,17 @@ pub(crate) fn router(live: Live, allowed_origins: Vec<String>) -> Router {
 
 async fn upgrade(
     State(state): State<WsState>,
+    caller: Caller,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     check_origin(&headers, &state.allowed_origins)?;
-    Ok(ws.on_upgrade(move |socket| session(socket, state.live)))
+    Ok(ws.on_upgrade(move |socket| session(socket, state.live, caller.grant)))
 }
 
 /// Same-origin (the `Origin`'s host is the `Host` asked for), no `Origin` (not a browser), or
 /// listed.
-pub(super) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return Ok(()) };
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
     let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
@@ -72,7 +75,7 @@ enum Op {
     Unsubscribe { key: String },
 }
 
-async fn session(socket: WebSocket, live: Live) {
+async fn session(socket: WebSocket, live: Live, grant: Grant) {
     let (mut sink, mut incoming) = socket.split();
     // Events of every subscription, to the one writer. Bounded: a socket that does not drain
     // stops its subscriptions' reading, and their hubs keep keys, not events.
@@ -97,7 +100,7 @@ async fn session(socket: WebSocket, live: Live) {
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => continue, // pings are answered by the library; binary is ignored
                 };
-                if let Err(message) = handle(&text, &live, &out, &mut subscriptions) {
+                if let Err(message) = handle(&text, &live, &grant, &out, &mut subscriptions) {
                     let error = json!({"type": "error", "message": message}).to_string();
                     if sink.send(Message::Text(error.into())).await.is_err() {
                         break;
@@ -114,6 +117,7 @@ async fn session(socket: WebSocket, live: Live) {
 fn handle(
     text: &str,
     live: &Live,
+    grant: &Grant,
     out: &mpsc::Sender<String>,
     subscriptions: &mut HashMap<String, JoinHandle<()>>,
 ) -> Result<(), String> {
@@ -128,6 +132,7 @@ fn handle(
         },
         Op::Subscribe { key, depth, limit, after } => {
             let parsed = Key::parse(&key).map_err(|e| format!("key {key:?}: {e}"))?;
+            grant.read(parsed.as_str()).map_err(|denied| denied.to_string())?;
             let after = match after.as_deref() {
                 None | Some("") => None,
                 Some(raw) => Some(raw.parse().map_err(|e| format!("after: {e}"))?),

@@ -36,6 +36,7 @@ pub struct Stack {
     services: Vec<JoinHandle<anyhow::Result<()>>>,
     ns: RedisNamespace,
     vhost: Option<AmqpVhost>,
+    shared_args: Vec<String>,
 }
 
 /// What a stack runs besides the aggregator and the ingress.
@@ -45,6 +46,8 @@ pub struct Options {
     pub processor: Option<HandlerSet>,
     /// More ingress flags, such as `--max-lag 3`.
     pub ingress_args: Vec<String>,
+    /// Flags every service gets (the aggregator, processors and the ingress), such as auth's.
+    pub shared_args: Vec<String>,
 }
 
 impl Options {
@@ -55,6 +58,12 @@ impl Options {
 
     pub fn handlers(mut self, handlers: HandlerSet) -> Options {
         self.processor = Some(handlers);
+        self
+    }
+
+    /// A flag for every service of the stack.
+    pub fn shared(mut self, flag: &str, value: &str) -> Options {
+        self.shared_args.extend([flag.to_owned(), value.to_owned()]);
         self
     }
 
@@ -92,30 +101,38 @@ impl Stack {
     pub async fn with(options: Options) -> Stack {
         let ns = RedisNamespace::new();
         let vhost = AmqpVhost::new().await;
-        let config = progress_aggregator::Config::try_parse_from([
-            "progress-aggregator",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--redis-url",
-            &ns.url,
-            "--key-prefix",
-            &ns.prefix,
-            "--amqp-url",
-            &vhost.url,
-            "--shards",
-            "1",
-            "--grace",
-            "5s",
-        ])
+        let config = progress_aggregator::Config::try_parse_from(
+            [
+                "progress-aggregator",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--redis-url",
+                &ns.url,
+                "--key-prefix",
+                &ns.prefix,
+                "--amqp-url",
+                &vhost.url,
+                "--shards",
+                "1",
+                "--grace",
+                "5s",
+            ]
+            .map(String::from)
+            .into_iter()
+            .chain(options.shared_args.iter().cloned()),
+        )
         .expect("valid aggregator config");
         let aggregator = progress_aggregator::App::build(config).await.expect("aggregator builds");
         let grpc_addr = aggregator.grpc_addr();
         let cancel = CancellationToken::new();
         let aggregator = tokio::spawn(aggregator.run(cancel.clone()));
         let url = format!("http://{grpc_addr}");
-        let mut stack = Stack::ingress(ns, &url, "5s", &options.ingress_args, cancel).await;
+        let ingress_args: Vec<String> =
+            options.ingress_args.iter().chain(&options.shared_args).cloned().collect();
+        let mut stack = Stack::ingress(ns, &url, "5s", &ingress_args, cancel).await;
+        stack.shared_args = options.shared_args;
         stack.services.push(aggregator);
         stack.vhost = Some(vhost);
         if let Some(handlers) = options.processor {
@@ -187,6 +204,7 @@ impl Stack {
             services: Vec::new(),
             ns,
             vhost: None,
+            shared_args: Vec::new(),
         }
     }
 
@@ -201,23 +219,30 @@ impl Stack {
     /// [`Stack::start_processor`], reporting progress to the broker at `amqp_url` (which need
     /// not answer).
     pub async fn start_processor_on(&mut self, handlers: HandlerSet, amqp_url: &str) {
-        let config = request_processor::Config::try_parse_from([
-            "request-processor",
-            "--redis-url",
-            &self.ns.url,
-            "--key-prefix",
-            &self.ns.prefix,
-            "--amqp-url",
-            amqp_url,
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--heartbeat-interval",
-            "200ms",
-            "--lease-timeout",
-            "1s",
-            "--grace",
-            "2s",
-        ])
+        let config = request_processor::Config::try_parse_from(
+            [
+                "request-processor",
+                "--redis-url",
+                &self.ns.url,
+                "--key-prefix",
+                &self.ns.prefix,
+                "--amqp-url",
+                amqp_url,
+                "--public-url",
+                &self.base,
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--heartbeat-interval",
+                "200ms",
+                "--lease-timeout",
+                "1s",
+                "--grace",
+                "2s",
+            ]
+            .map(String::from)
+            .into_iter()
+            .chain(self.shared_args.iter().cloned()),
+        )
         .expect("valid processor config");
         let app =
             request_processor::App::build_with_handlers(config, handlers).await.expect("processor builds");

@@ -155,7 +155,7 @@ impl CommandHandler {
             .env("CAIRN_REQUEST_ID", &ctx.request_id)
             .env("CAIRN_ATTEMPT", ctx.attempt.to_string())
             .env("CAIRN_PROGRESS_KEY", ctx.progress_key.as_str())
-            .env("CAIRN_PROGRESS_URL", &ctx.progress_url)
+            .env("CAIRN_PROGRESS_URL", ctx.progress_url_with_token())
             .env("CAIRN_STREAMS_DIR", streams_dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

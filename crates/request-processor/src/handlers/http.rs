@@ -166,6 +166,9 @@ fn headers(ctx: &Context) -> HeaderMap {
     add("x-cairn-attempt", &ctx.attempt.to_string());
     add("x-cairn-progress-url", &ctx.progress_url);
     add("x-cairn-progress-key", ctx.progress_key.as_str());
+    if let Some(token) = &ctx.progress_token {
+        add("x-cairn-progress-token", token);
+    }
     if let Some(traceparent) = &ctx.traceparent {
         add("traceparent", traceparent);
     }

@@ -22,6 +22,7 @@ pub(crate) fn test_context(payload: serde_json::Value) -> crate::handler::Contex
         attempt: 1,
         progress_key: cairn_progress::Key::parse("_requests.0198c0de").unwrap(),
         progress_url: "http://127.0.0.1:8080/status/_requests.0198c0de".into(),
+        progress_token: None,
         traceparent: None,
         cancel: tokio_util::sync::CancellationToken::new(),
         streams: crate::streams::Streams::none(&cairn_progress::Key::parse("_requests.0198c0de").unwrap()),

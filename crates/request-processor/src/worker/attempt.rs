@@ -53,6 +53,11 @@ pub(super) async fn run_attempt(
         traceparent: record.traceparent.clone(),
         cancel: run_cancel.clone(),
         streams: streams.clone(),
+        progress_token: deps.settings.minter.as_ref().map(|minter| {
+            // Valid for the run's timeout and a minute more to report its end; a day without one.
+            let ttl = record.timeout_ms.map_or(24 * 3600, |ms| ms.div_ceil(1000) + 60);
+            minter.progress_token(&format!("request:{}", record.id), record.progress_key.as_str(), ttl)
+        }),
         publisher: deps.publisher.clone(),
         last_progress: signals.progress.clone(),
     };
