@@ -1,5 +1,5 @@
 -- Shared by every progress function of the library (library.rs); `begin` starts each call. Key
--- layout under prefix P (ARGV[1]):
+-- layout under prefix P (ARGV[1]), each family's suffix a KEY_* local from keys.rs:
 --   P:pn:<key>  hash: client fields (JSON-encoded values) but progress, and server fields
 --               starting with '_': _s the node's state (below), _st start_time, _c:<status json>
 --               children by status, _lm last message (JSON), _eta (below), _op the progress last posted
@@ -41,8 +41,8 @@
 local P
 local EPS = 1e-9
 
-local function nkey(k) return P .. ':pn:' .. k end
-local function ckey(k) return P .. ':pc:' .. k end
+local function nkey(k) return P .. KEY_NODE .. k end
+local function ckey(k) return P .. KEY_CHILDREN .. k end
 
 -- Formatting a double costs more than most Redis commands here, and a call writes the same few
 -- values (the update time, whole sums) on every node it touches: each value is formatted once
@@ -269,15 +269,15 @@ end
 local NOTE_ARGS, REG_ARGS = {}, {}
 local function feed_write(changed)
   local n, r = 0, 0
-  local note = P .. ':pfeed'
+  local note = P .. KEY_NOTIFY
   local function send()
     redis.call('XADD', note, 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
     REG_ARGS[r + 1] = note
-    redis.call('SADD', P .. ':streams', unpack(REG_ARGS, 1, r + 1))
+    redis.call('SADD', P .. KEY_STREAMS, unpack(REG_ARGS, 1, r + 1))
     n, r = 0, 0
   end
   for root, keys in pairs(changed) do
-    local fk = P .. ':pf:' .. root
+    local fk = P .. KEY_FEED .. root
     local id
     local deleted = FEED_DELETED[root]
     if FEED_DROP then
@@ -342,7 +342,7 @@ local function flush()
     end
   end
   cache = {}
-  local n, pk = 0, P .. ':proots'
+  local n, pk = 0, P .. KEY_ROOTS
   for root, t in pairs(roots) do
     ZADD_ARGS[n + 1] = num(t); ZADD_ARGS[n + 2] = root; n = n + 2
     if n == 2 * ROOTS_PER_ZADD then
