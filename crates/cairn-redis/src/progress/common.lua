@@ -38,11 +38,13 @@
 -- write is one field and no number is formatted. A leaf's _s is 49 bytes and its status's JSON
 -- text: with a status of up to 13 characters it stays within Redis's compact hash encoding (64
 -- bytes a value; "running" makes 58).
-local P
+-- P is the prefix; NODE_KEYS and CHILD_KEYS the two per-node families under it, joined once per
+-- call (`begin`): a node's key is then one concatenation.
+local P, NODE_KEYS, CHILD_KEYS
 local EPS = 1e-9
 
-local function nkey(k) return P .. KEY_NODE .. k end
-local function ckey(k) return P .. KEY_CHILDREN .. k end
+local function nkey(k) return NODE_KEYS .. k end
+local function ckey(k) return CHILD_KEYS .. k end
 
 -- Formatting a double costs more than most Redis commands here, and a call writes the same few
 -- values (the update time, whole sums) on every node it touches: each value is formatted once
@@ -566,6 +568,7 @@ end
 -- top level runs once; these tables would otherwise carry one call's nodes into the next).
 local function begin(prefix)
   P = prefix
+  NODE_KEYS, CHILD_KEYS = prefix .. KEY_NODE, prefix .. KEY_CHILDREN
   NUMS, NUMBERS, BEFORE_LAST_DOT, PARENTS = {}, {}, {}, {}
   cache, roots = {}, {}
   FEED_DELETED, FEED_DROP, ROOT_OF = {}, false, {}
