@@ -1,10 +1,12 @@
-//! Redis for Cairn: connection settings and the server-side scripts that own the progress tree.
+//! Redis for Cairn: connection settings, the key layout ([`keys`]) and the function library that
+//! owns the progress tree, the request queue and retention.
 //!
 //! Every Redis key Cairn writes starts with a configurable prefix, so tests and tenants can share a
 //! server. Blocking commands never go through the shared [`ConnectionManager`]; callers that block
 //! (`XREADGROUP … BLOCK`) open their own connection with [`RedisConfig::dedicated`].
 
 pub mod blobs;
+pub mod keys;
 mod library;
 pub mod progress;
 pub mod requests;

@@ -1,5 +1,7 @@
-//! Cairn's Lua for the progress tree and the request queue, as one Redis function library
-//! (Redis 7: `FUNCTION LOAD`, `FCALL`).
+//! All of Cairn's Lua, as one Redis function library (Redis 7: `FUNCTION LOAD`, `FCALL`): the
+//! progress tree (`progress/`), the request queue (`requests/`) and retention (`retention/`:
+//! safe trimming, idle consumers, the purges, the trimmer's lease). There is no other loading
+//! path: no `EVALSHA`, no Lua inline in Rust. Key names come from [`crate::keys`].
 //!
 //! Why not `EVALSHA`: a script runs its whole text on every call, so each call made every
 //! shared helper anew, and a Lua closure costs a walk of the open upvalues per variable it
@@ -20,41 +22,57 @@ use std::sync::LazyLock;
 use redis::aio::ConnectionLike;
 use redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs};
 
-/// The shared code, in this order: the library's top level.
-const INCLUDES: [(&str, &str); 3] = [
+/// The shared code, in this order: the library's top level, after the key layout
+/// ([`crate::keys::lua_layout`]).
+const INCLUDES: [(&str, &str); 4] = [
     ("progress/common.lua", include_str!("progress/common.lua")),
     ("progress/read.lua", include_str!("progress/read.lua")),
     ("requests/common.lua", include_str!("requests/common.lua")),
+    ("retention/ids.lua", include_str!("retention/ids.lua")),
 ];
 
 /// The library with every function below, loaded lazily.
 pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
+    let layout = crate::keys::lua_layout();
+    let mut includes = vec![layout.as_str()];
+    includes.extend(INCLUDES.map(|(_, text)| text));
     Library::new(
-        &INCLUDES.map(|(_, text)| text),
+        &includes,
         &[
-            ("progress_apply", "begin(ARGV[1])", include_str!("progress/apply.lua")),
-            ("progress_read", "begin(ARGV[1])", include_str!("progress/read_main.lua")),
-            ("progress_delete", "begin(ARGV[1])", include_str!("progress/delete.lua")),
-            ("progress_snapshot", "begin(ARGV[1])", include_str!("progress/snapshot.lua")),
-            ("progress_read_nodes", "begin(ARGV[1])", include_str!("progress/read_nodes.lua")),
-            ("progress_feed_since", "begin(ARGV[1])", include_str!("progress/feed_since.lua")),
+            ("progress_apply", "begin(ARGV[1])", include_str!("progress/apply.lua"), NONE),
+            ("progress_read", "begin(ARGV[1])", include_str!("progress/read_main.lua"), NONE),
+            ("progress_delete", "begin(ARGV[1])", include_str!("progress/delete.lua"), NONE),
+            ("progress_snapshot", "begin(ARGV[1])", include_str!("progress/snapshot.lua"), NONE),
+            ("progress_read_nodes", "begin(ARGV[1])", include_str!("progress/read_nodes.lua"), NONE),
+            ("progress_feed_since", "begin(ARGV[1])", include_str!("progress/feed_since.lua"), NONE),
+            ("requests_submit", "begin_requests(ARGV)", include_str!("requests/submit.lua"), NONE),
+            ("requests_start", "begin_requests(ARGV)", include_str!("requests/start.lua"), NONE),
+            ("requests_heartbeat", "begin_requests(ARGV)", include_str!("requests/heartbeat.lua"), NONE),
+            ("requests_commit", "begin_requests(ARGV)", include_str!("requests/commit.lua"), NONE),
+            ("requests_cancel", "begin_requests(ARGV)", include_str!("requests/cancel.lua"), NONE),
+            ("requests_retry_dead", "begin_requests(ARGV)", include_str!("requests/retry_dead.lua"), NONE),
+            ("retention_safe_trim", "", include_str!("retention/safe_trim.lua"), ALLOW_OOM),
+            ("retention_idle_consumers", "", include_str!("retention/idle_consumers.lua"), ALLOW_OOM),
+            ("retention_purge_requests", "", include_str!("retention/purge_requests.lua"), ALLOW_OOM),
             (
-                "progress_purge",
+                "retention_purge_tree",
                 "begin(ARGV[1])",
-                concat!(include_str!("streams/purge_progress.lua"), include_str!("progress/delete.lua")),
+                concat!(include_str!("retention/purge_tree.lua"), include_str!("progress/delete.lua")),
+                ALLOW_OOM,
             ),
-            ("requests_submit", "begin_requests(ARGV)", include_str!("requests/submit.lua")),
-            ("requests_start", "begin_requests(ARGV)", include_str!("requests/start.lua")),
-            ("requests_heartbeat", "begin_requests(ARGV)", include_str!("requests/heartbeat.lua")),
-            ("requests_commit", "begin_requests(ARGV)", include_str!("requests/commit.lua")),
-            ("requests_cancel", "begin_requests(ARGV)", include_str!("requests/cancel.lua")),
-            ("requests_retry_dead", "begin_requests(ARGV)", include_str!("requests/retry_dead.lua")),
-            ("blobs_append", "", include_str!("blobs/append.lua")),
-            ("blobs_stage", "", include_str!("blobs/stage.lua")),
-            ("blobs_commit", "", include_str!("blobs/commit.lua")),
+            ("retention_lease_acquire", "", include_str!("retention/lease_acquire.lua"), ALLOW_OOM),
+            ("retention_lease_release", "", include_str!("retention/lease_release.lua"), ALLOW_OOM),
+            ("blobs_append", "", include_str!("blobs/append.lua"), NONE),
+            ("blobs_stage", "", include_str!("blobs/stage.lua"), NONE),
+            ("blobs_commit", "", include_str!("blobs/commit.lua"), NONE),
         ],
     )
 });
+
+/// A function's flags: none (Redis refuses the call while it is out of memory), or `allow-oom`
+/// for retention, which frees memory and must run then (as the `EVAL` scripts it once was did).
+const NONE: &[&str] = &[];
+const ALLOW_OOM: &[&str] = &["allow-oom"];
 
 /// Stands for the library's name in its functions' names until the name (a hash of the code
 /// that holds them) is known.
@@ -67,18 +85,25 @@ pub(crate) struct Library {
 
 impl Library {
     /// A library of the shared code `includes` (its top level, run once at load) and one
-    /// function per entry `(name, setup, body)`: `body` is a script's text, run as a function of
-    /// `ARGV` after `setup`.
-    fn new(includes: &[&str], entries: &[(&str, &str, &str)]) -> Library {
+    /// function per entry `(name, setup, body, flags)`: `body` is a script's text, run as a
+    /// function of `KEYS` and `ARGV` after `setup`.
+    fn new(includes: &[&str], entries: &[(&str, &str, &str, &[&str])]) -> Library {
         // The shared code reads ARGV at its top level, as scripts do: at load there is none.
         let mut body = String::from("local ARGV = {}\n");
         for include in includes {
             body.push_str(include);
         }
-        for (name, setup, text) in entries {
-            body.push_str(&format!(
-                "redis.register_function('{LIBRARY_NAME}_{name}', function(_, ARGV)\n{setup}\n{text}\nend)\n"
-            ));
+        for (name, setup, text, flags) in entries {
+            let function = format!("function(KEYS, ARGV)\n{setup}\n{text}\nend");
+            body.push_str(&if flags.is_empty() {
+                format!("redis.register_function('{LIBRARY_NAME}_{name}', {function})\n")
+            } else {
+                let flags: Vec<String> = flags.iter().map(|flag| format!("'{flag}'")).collect();
+                format!(
+                    "redis.register_function{{function_name = '{LIBRARY_NAME}_{name}', flags = {{ {} }}, callback = {function}}}\n",
+                    flags.join(", ")
+                )
+            });
         }
         let name = format!("cairn_{}", &redis::Script::new(&body).get_hash()[..16]);
         let code = format!("#!lua name={name}\n{}", body.replace(LIBRARY_NAME, &name));
@@ -109,8 +134,14 @@ pub(crate) struct Function {
 impl Function {
     /// An `FCALL` of this function with no keys; add its `ARGV` with [`Invocation::arg`].
     pub(crate) fn prepare_invoke(&self) -> Invocation {
+        self.prepare_invoke_with_keys(&[])
+    }
+
+    /// An `FCALL` of this function with `keys` as its `KEYS`; add its `ARGV` with
+    /// [`Invocation::arg`].
+    pub(crate) fn prepare_invoke_with_keys(&self, keys: &[&str]) -> Invocation {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(&self.name).arg(0);
+        cmd.arg(&self.name).arg(keys.len()).arg(keys);
         Invocation { cmd, library: self.library }
     }
 }
@@ -156,8 +187,10 @@ mod tests {
         assert!(name.starts_with("cairn_") && name.len() == "cairn_".len() + 16, "{name}");
         let apply = LIBRARY.function("progress_apply");
         assert_eq!(apply.name, format!("{name}_progress_apply"));
-        assert!(code.contains(&format!("redis.register_function('{}', function(_, ARGV)", apply.name)));
+        assert!(code.contains(&format!("redis.register_function('{}', function(KEYS, ARGV)", apply.name)));
         assert!(!code.contains(LIBRARY_NAME), "every placeholder is replaced");
+        let trim = LIBRARY.function("retention_safe_trim");
+        assert!(code.contains(&format!("function_name = '{}', flags = {{ 'allow-oom' }}", trim.name)));
     }
 
     /// The shared files are one chunk of Lua: a top-level name declared twice would hide the
@@ -165,7 +198,8 @@ mod tests {
     #[test]
     fn the_shared_files_declare_each_top_level_name_once() {
         let mut seen = std::collections::HashMap::new();
-        for (file, text) in INCLUDES {
+        let layout = crate::keys::lua_layout();
+        for (file, text) in std::iter::once(("keys.rs", layout.as_str())).chain(INCLUDES) {
             for line in text.lines() {
                 let Some(rest) = line.strip_prefix("local ") else { continue };
                 let names = rest.strip_prefix("function ").unwrap_or(rest);
@@ -177,6 +211,8 @@ mod tests {
                 }
             }
         }
-        assert!(seen.contains_key("begin") && seen.contains_key("begin_requests"), "{seen:?}");
+        for name in ["begin", "begin_requests", "KEY_NODE", "id_succ"] {
+            assert!(seen.contains_key(name), "{name} is not found: {seen:?}");
+        }
     }
 }

@@ -146,7 +146,7 @@ impl Config {
 
     /// The lease key of a prefix: one active trimmer per prefix.
     pub fn lease_key(&self) -> String {
-        format!("{}:trimmer:lease", self.redis.prefix)
+        cairn_redis::keys::retention::lease(&self.redis.prefix)
     }
 }
 

@@ -1,5 +1,5 @@
 -- Shared by every progress function of the library (library.rs); `begin` starts each call. Key
--- layout under prefix P (ARGV[1]):
+-- layout under prefix P (ARGV[1]), each family's suffix a KEY_* local from keys.rs:
 --   P:pn:<key>  hash: client fields (JSON-encoded values) but progress, and server fields
 --               starting with '_': _s the node's state (below), _st start_time, _c:<status json>
 --               children by status, _lm last message (JSON), _eta (below), _op the progress last posted
@@ -38,11 +38,13 @@
 -- write is one field and no number is formatted. A leaf's _s is 49 bytes and its status's JSON
 -- text: with a status of up to 13 characters it stays within Redis's compact hash encoding (64
 -- bytes a value; "running" makes 58).
-local P
+-- P is the prefix; NODE_KEYS and CHILD_KEYS the two per-node families under it, joined once per
+-- call (`begin`): a node's key is then one concatenation.
+local P, NODE_KEYS, CHILD_KEYS
 local EPS = 1e-9
 
-local function nkey(k) return P .. ':pn:' .. k end
-local function ckey(k) return P .. ':pc:' .. k end
+local function nkey(k) return NODE_KEYS .. k end
+local function ckey(k) return CHILD_KEYS .. k end
 
 -- Formatting a double costs more than most Redis commands here, and a call writes the same few
 -- values (the update time, whole sums) on every node it touches: each value is formatted once
@@ -269,15 +271,15 @@ end
 local NOTE_ARGS, REG_ARGS = {}, {}
 local function feed_write(changed)
   local n, r = 0, 0
-  local note = P .. ':pfeed'
+  local note = P .. KEY_NOTIFY
   local function send()
     redis.call('XADD', note, 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
     REG_ARGS[r + 1] = note
-    redis.call('SADD', P .. ':streams', unpack(REG_ARGS, 1, r + 1))
+    redis.call('SADD', P .. KEY_STREAMS, unpack(REG_ARGS, 1, r + 1))
     n, r = 0, 0
   end
   for root, keys in pairs(changed) do
-    local fk = P .. ':pf:' .. root
+    local fk = P .. KEY_FEED .. root
     local id
     local deleted = FEED_DELETED[root]
     if FEED_DROP then
@@ -342,7 +344,7 @@ local function flush()
     end
   end
   cache = {}
-  local n, pk = 0, P .. ':proots'
+  local n, pk = 0, P .. KEY_ROOTS
   for root, t in pairs(roots) do
     ZADD_ARGS[n + 1] = num(t); ZADD_ARGS[n + 2] = root; n = n + 2
     if n == 2 * ROOTS_PER_ZADD then
@@ -566,6 +568,7 @@ end
 -- top level runs once; these tables would otherwise carry one call's nodes into the next).
 local function begin(prefix)
   P = prefix
+  NODE_KEYS, CHILD_KEYS = prefix .. KEY_NODE, prefix .. KEY_CHILDREN
   NUMS, NUMBERS, BEFORE_LAST_DOT, PARENTS = {}, {}, {}, {}
   cache, roots = {}, {}
   FEED_DELETED, FEED_DROP, ROOT_OF = {}, false, {}

@@ -19,7 +19,7 @@ if parent_of(k) then
   propagate(k, false, true, t, 0, w, 0, w * p, 0, w * (rate or 0), status, false, false, t)
   flush()
 else
-  redis.call('ZREM', P .. ':proots', k)
+  redis.call('ZREM', P .. KEY_ROOTS, k)
   feed_write({ [k] = {} })
 end
 return removed

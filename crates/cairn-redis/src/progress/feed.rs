@@ -110,7 +110,7 @@ impl Feed {
 
     /// The notification stream's key.
     pub fn notifications_key(&self) -> String {
-        format!("{}:pfeed", self.prefix)
+        crate::keys::progress::notify(&self.prefix)
     }
 
     /// The subtree at `key` (as [`crate::ProgressStore::get`] reads it) and the id of the newest
@@ -179,7 +179,7 @@ impl Feed {
         count: usize,
     ) -> Result<Vec<FeedEntry>, StoreError> {
         let reply: Value = redis::cmd("XRANGE")
-            .arg(format!("{}:pf:{root}", self.prefix))
+            .arg(crate::keys::progress::feed(&self.prefix, root))
             .arg(format!("({after}"))
             .arg("+")
             .arg("COUNT")

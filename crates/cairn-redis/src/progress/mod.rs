@@ -184,7 +184,7 @@ impl ProgressStore {
     /// A parent's running sums (Σw, Σw·p over its direct children), for checks and diagnostics.
     pub async fn sums(&self, key: &Key) -> Result<Option<(f64, f64)>, StoreError> {
         let state: Option<Vec<u8>> = redis::cmd("HGET")
-            .arg(format!("{}:pn:{key}", self.prefix))
+            .arg(crate::keys::progress::node(&self.prefix, key.as_str()))
             .arg(STATE_FIELD)
             .query_async(&mut self.conn.clone())
             .await?;

@@ -1,6 +1,6 @@
 -- Shared by the request functions of the library (library.rs), after the progress store's
 -- common.lua (its `begin` sets the key prefix P from ARGV[1]); `begin_requests` takes ARGV[2]
--- stream key and ARGV[3] group.
+-- stream key and ARGV[3] group. Key families (KEY_* locals) come from keys.rs:
 --   P:req:<id>        hash: the request record (field names in cairn_requests::record::fields)
 --   <stream>          the request stream; its consumer group's PEL holds the leases
 --   P:dead            dead-letter stream
@@ -9,7 +9,7 @@
 --                     from it)
 --   P:streams         registry of every stream Cairn creates (the trimmer finds them here)
 local STREAM, GROUP
-local function rkey(id) return P .. ':req:' .. id end
+local function rkey(id) return P .. KEY_RECORD .. id end
 
 -- The consumer that holds the entry's lease, or nil when the entry is not pending at all.
 local function owner_of(entry)
@@ -64,7 +64,7 @@ end
 
 local function reply(id, state, now)
   if TERMINAL_STATES[state] then
-    redis.call('ZADD', P .. ':req:finished', now, id)
+    redis.call('ZADD', P .. KEY_FINISHED, now, id)
     show_terminal(id, state, now)
   end
   local to = redis.call('HGET', rkey(id), 'reply_to')
@@ -72,7 +72,7 @@ local function reply(id, state, now)
     redis.call('XADD', to, 'MAXLEN', '~', 10000, '*', 'id', id, 'state', state, 'time', now)
     if not REFRESHED[to] then
       redis.call('PEXPIRE', to, 3600000)
-      redis.call('SADD', P .. ':streams', to)
+      redis.call('SADD', P .. KEY_STREAMS, to)
       REFRESHED[to] = true
     end
   end
@@ -85,8 +85,8 @@ local function finish(id, entry, state, now, result, err)
   redis.call('HSET', rkey(id), unpack(args))
   redis.call('XACK', STREAM, GROUP, entry)
   if state == 'dead' then
-    redis.call('XADD', P .. ':dead', '*', 'id', id, 'error', err or '', 'time', now)
-    redis.call('SADD', P .. ':streams', P .. ':dead')
+    redis.call('XADD', P .. KEY_DEAD, '*', 'id', id, 'error', err or '', 'time', now)
+    redis.call('SADD', P .. KEY_STREAMS, P .. KEY_DEAD)
   end
   reply(id, state, now)
 end

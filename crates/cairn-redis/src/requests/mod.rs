@@ -15,6 +15,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
 
+use crate::keys;
 use crate::library::{Function, Invocation, LIBRARY};
 use crate::progress::push_change;
 
@@ -49,25 +50,29 @@ pub struct QueueNames {
 impl QueueNames {
     /// `stream` and `group` as configured; the stream key gets the prefix.
     pub fn new(prefix: &str, stream: &str, group: &str) -> Self {
-        Self { prefix: prefix.to_owned(), stream: format!("{prefix}:{stream}"), group: group.to_owned() }
+        Self {
+            prefix: prefix.to_owned(),
+            stream: keys::requests::stream(prefix, stream),
+            group: group.to_owned(),
+        }
     }
 
     pub fn record(&self, id: &str) -> String {
-        format!("{}:req:{id}", self.prefix)
+        keys::requests::record(&self.prefix, id)
     }
 
     pub fn dead(&self) -> String {
-        format!("{}:dead", self.prefix)
+        keys::requests::dead(&self.prefix)
     }
 
     /// The reply stream of one ingress replica.
     pub fn replies(&self, replica: &str) -> String {
-        format!("{}:replies:{replica}", self.prefix)
+        keys::requests::replies(&self.prefix, replica)
     }
 
     /// The set of every stream Cairn creates, for the trimmer (no `SCAN`).
     pub fn registry(&self) -> String {
-        format!("{}:streams", self.prefix)
+        keys::retention::registry(&self.prefix)
     }
 }
 

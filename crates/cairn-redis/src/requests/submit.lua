@@ -12,7 +12,7 @@
 -- stream name, detail}).
 local id, idem, fp, ttl, registry = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 if idem ~= '' then
-  local existing = redis.call('GET', P .. ':idem:' .. idem)
+  local existing = redis.call('GET', P .. KEY_IDEM .. idem)
   if existing then
     local known = redis.call('HGET', rkey(existing), 'fingerprint')
     if known == fp then return { 'existing', existing, '' } end
@@ -61,6 +61,6 @@ local entry = redis.call('XADD', STREAM, '*', unpack(entry_fields))
 fields[#fields + 1] = 'entry_id'
 fields[#fields + 1] = entry
 redis.call('HSET', rkey(id), unpack(fields))
-if idem ~= '' then redis.call('SET', P .. ':idem:' .. idem, id, 'PX', ttl) end
+if idem ~= '' then redis.call('SET', P .. KEY_IDEM .. idem, id, 'PX', ttl) end
 redis.call('SADD', registry, STREAM)
 return { 'created', id, entry }

@@ -5,35 +5,15 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::Script;
 use redis::aio::ConnectionManager;
 
 use super::StreamError;
+use crate::library::{Function, LIBRARY};
 
-/// Renews the lease if this instance holds it, takes it if nobody does, else names the holder.
-/// ARGV: instance, ttl_ms. One script, so a lease that just expired cannot be taken twice.
-static ACQUIRE_OR_RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return { 'renewed', holder }
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return { 'acquired', ARGV[1] } end
-return { 'held', holder }
-",
-    )
-});
-
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-",
-    )
-});
+/// Renews the lease if this instance holds it, takes it if nobody does, else names the holder
+/// (retention/lease_acquire.lua): one call, so a lease that just expired cannot be taken twice.
+static ACQUIRE_OR_RENEW: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("retention_lease_acquire"));
+static RELEASE: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("retention_lease_release"));
 
 /// Whether this instance may act now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +64,7 @@ impl Lease {
     pub async fn acquire_or_renew(&self) -> Result<LeaseState, StreamError> {
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let (state, holder): (String, String) = ACQUIRE_OR_RENEW
-            .key(&self.key)
+            .prepare_invoke_with_keys(&[&self.key])
             .arg(&self.instance)
             .arg(ttl_ms)
             .invoke_async(&mut self.conn.clone())
@@ -100,8 +80,11 @@ impl Lease {
     /// Hands the lease back if this instance holds it, so another replica takes over at once
     /// instead of after the ttl. Returns whether it was held.
     pub async fn release(&self) -> Result<bool, StreamError> {
-        let deleted: i64 =
-            RELEASE.key(&self.key).arg(&self.instance).invoke_async(&mut self.conn.clone()).await?;
+        let deleted: i64 = RELEASE
+            .prepare_invoke_with_keys(&[&self.key])
+            .arg(&self.instance)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
         Ok(deleted == 1)
     }
 }

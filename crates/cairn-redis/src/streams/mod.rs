@@ -14,17 +14,18 @@ pub mod purge;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use redis::Value;
 use redis::aio::ConnectionManager;
-use redis::{Script, Value};
 
 pub use lease::{Lease, LeaseState};
 pub use purge::{Purger, RequestPurge};
 
-const IDS: &str = include_str!("ids.lua");
+use crate::keys;
+use crate::library::{Function, LIBRARY};
 
-static SAFE_TRIM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&[IDS, include_str!("safe_trim.lua")].concat()));
-static IDLE_CONSUMERS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("idle_consumers.lua")));
+// Retention's Lua (retention/*.lua) is part of the library (crate::library).
+static SAFE_TRIM: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("retention_safe_trim"));
+static IDLE_CONSUMERS: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("retention_idle_consumers"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -40,7 +41,7 @@ pub enum StreamError {
 /// dead letters, reply streams), so retention never needs `SCAN`. Same key as
 /// [`crate::requests::QueueNames::registry`].
 pub fn registry_key(prefix: &str) -> String {
-    format!("{prefix}:streams")
+    keys::retention::registry(prefix)
 }
 
 /// How much of a stream to keep. Both bounds may apply; the stricter one wins. Safety (see the
@@ -162,8 +163,7 @@ impl Streams {
         now_ms: i64,
     ) -> Result<Option<TrimOutcome>, StreamError> {
         let reply: Value = SAFE_TRIM
-            .key(key)
-            .key(self.registry())
+            .prepare_invoke_with_keys(&[key, &self.registry()])
             .arg(policy.age_target(now_ms).unwrap_or_default())
             .arg(policy.max_len.map(|n| n.to_string()).unwrap_or_default())
             .arg(if policy.exact { "1" } else { "0" })
@@ -259,7 +259,7 @@ impl Streams {
         max_idle: Duration,
     ) -> Result<Vec<RemovedConsumer>, StreamError> {
         let rows: Vec<(String, String, u64)> = IDLE_CONSUMERS
-            .key(key)
+            .prepare_invoke_with_keys(&[key])
             .arg(u64::try_from(max_idle.as_millis()).unwrap_or(u64::MAX))
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -330,7 +330,7 @@ fn first_entry_id(value: Value) -> Option<String> {
     entry.first().and_then(text)
 }
 
-/// `{name, consumers, pending, last_delivered, oldest_pending, lag}` rows of `safe_trim.lua`.
+/// `{name, consumers, pending, last_delivered, oldest_pending, lag}` rows of `retention/safe_trim.lua`.
 fn groups(value: Value) -> Result<Vec<GroupState>, StreamError> {
     array(value, "groups")?
         .into_iter()

@@ -4,17 +4,17 @@
 
 use std::sync::LazyLock;
 
-use redis::Script;
 use redis::aio::ConnectionManager;
 
 use super::StreamError;
+use crate::keys;
 use crate::library::{Function, LIBRARY};
 
-static PURGE_REQUESTS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("purge_requests.lua")));
-/// The progress store's own delete (a function of the library: purge_progress.lua, then
-/// delete.lua) behind a guard: the same subtree removal and index clean-up as
+static PURGE_REQUESTS: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("retention_purge_requests"));
+/// The progress store's own delete (a function of the library: retention/purge_tree.lua, then
+/// progress/delete.lua) behind a guard: the same subtree removal and index clean-up as
 /// [`crate::ProgressStore::delete`], only when the tree is finished and old enough.
-static PURGE_TREE: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_purge"));
+static PURGE_TREE: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("retention_purge_tree"));
 
 /// One call of [`Purger::purge_requests`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,12 +39,12 @@ impl Purger {
 
     /// The index of finished requests: a zset of ids scored by `finished_ms`.
     pub fn finished_index(&self) -> String {
-        format!("{}:req:finished", self.prefix)
+        keys::requests::finished(&self.prefix)
     }
 
     /// The roots of the progress trees, scored by their latest update time.
     pub fn progress_roots(&self) -> String {
-        format!("{}:proots", self.prefix)
+        keys::progress::roots(&self.prefix)
     }
 
     /// Deletes up to `limit` request records in a terminal state (succeeded, canceled) that
@@ -57,6 +57,7 @@ impl Purger {
         limit: usize,
     ) -> Result<RequestPurge, StreamError> {
         let (purged, examined): (u64, u64) = PURGE_REQUESTS
+            .prepare_invoke_with_keys(&[&self.finished_index()])
             .arg(&self.prefix)
             .arg(cutoff_ms)
             .arg(limit)

@@ -1,7 +1,8 @@
 -- Deletes finished request records past their retention, oldest first, at most ARGV[3] of them.
---   ARGV[1] prefix, ARGV[2] cutoff (ms: records finished at or before it go), ARGV[3] limit
---   P:req:finished  zset of finished request ids scored by finished_ms (written by the request
---                   scripts at every terminal transition)
+--   KEYS[1] the finished index: a zset of finished request ids scored by finished_ms (written by
+--           the request functions at every terminal transition)
+--   ARGV[1] prefix (of the records and idempotency keys), ARGV[2] cutoff (ms: records finished
+--   at or before it go), ARGV[3] limit
 -- The record itself decides: one that is no longer terminal (a dead request retried) leaves the
 -- index and rejoins it when it ends again; one that finished later than its score is re-scored.
 -- The idempotency key goes with the record only while it still points to it; its data streams
@@ -11,15 +12,14 @@
 -- again); one kept for longer is re-scored to when it becomes due.
 -- Returns {purged, examined}.
 local P, cutoff, limit, dead_cutoff = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local TERMINAL = { succeeded = true, canceled = true, dead = true }
-local index = P .. ':req:finished'
+local index = KEYS[1]
 local ids = redis.call('ZRANGEBYSCORE', index, '-inf', cutoff, 'LIMIT', 0, limit)
 local purged = 0
 for _, id in ipairs(ids) do
-  local k = P .. ':req:' .. id
+  local k = P .. KEY_RECORD .. id
   local v = redis.call('HMGET', k, 'state', 'finished_ms', 'idempotency_key', 'streams')
   local finished = tonumber(v[2])
-  if not v[1] or not TERMINAL[v[1]] then
+  if not v[1] or not TERMINAL_STATES[v[1]] then
     redis.call('ZREM', index, id)
   elseif finished and finished > cutoff then
     redis.call('ZADD', index, finished, id)
@@ -41,7 +41,7 @@ for _, id in ipairs(ids) do
     end
     redis.call('DEL', k)
     if v[3] and v[3] ~= '' then
-      local idem = P .. ':idem:' .. v[3]
+      local idem = P .. KEY_IDEM .. v[3]
       if redis.call('GET', idem) == id then redis.call('DEL', idem) end
     end
     redis.call('ZREM', index, id)

@@ -1,5 +1,5 @@
--- Guard in front of the progress store's delete.lua (same ARGV: prefix, key, time_ms, then
--- ARGV[4] the cutoff): the tree goes only if its root is a root in P:proots last updated at or
+-- Guard in front of the progress store's delete (progress/delete.lua follows it in the same
+-- function; same ARGV: prefix, key, time_ms, then ARGV[4] the cutoff): the tree goes only if its root is a root in P:proots last updated at or
 -- before the cutoff and its status is terminal, checked in the same script that deletes, so an
 -- update arriving meanwhile keeps the tree. Returns -1 when the tree stays. The tree's change
 -- feed goes with it (watchers are told through P:pfeed). An upload's tree (`_uploads.<id>`)
@@ -7,11 +7,11 @@
 -- status: an abandoned upload's node stays `running` for ever otherwise.
 do
   local root = ARGV[2]
-  local score = tonumber(redis.call('ZSCORE', P .. ':proots', root))
+  local score = tonumber(redis.call('ZSCORE', P .. KEY_ROOTS, root))
   local status = redis.call('HGET', nkey(root), 'status')
   if score and redis.call('EXISTS', nkey(root)) == 0 then
     -- a stale index entry without its tree
-    redis.call('ZREM', P .. ':proots', root)
+    redis.call('ZREM', P .. KEY_ROOTS, root)
     return 0
   end
   local abandoned = string.sub(root, 1, 9) == '_uploads.'

@@ -1,0 +1,164 @@
+//! Every Redis key name Cairn uses, built in this one place, by owner.
+//!
+//! A key is `<prefix><family><rest>`: the prefix from config, a family suffix below, and for
+//! per-item families the item (a node key, a request id, a root). The Lua never spells a
+//! family: the library's top level gets them from [`lua_layout`] as `KEY_*` locals, and a
+//! function gets its fixed keys (a stream, the registry, an index, a lease) as `KEYS` where the
+//! Rust side knows them. Only per-item keys a function discovers itself (ancestors, children,
+//! the records of an index) are built in Lua, as `P .. KEY_NODE .. k`.
+
+/// `(Lua name, suffix)` of each key family; the Rust builders below use the same suffixes.
+const FAMILIES: [(&str, &str); 12] = [
+    ("KEY_NODE", progress::NODE),
+    ("KEY_CHILDREN", progress::CHILDREN),
+    ("KEY_FEED", progress::FEED),
+    ("KEY_ROOTS", progress::ROOTS),
+    ("KEY_NOTIFY", progress::NOTIFY),
+    ("KEY_RECORD", requests::RECORD),
+    ("KEY_FINISHED", requests::FINISHED),
+    ("KEY_IDEM", requests::IDEM),
+    ("KEY_DEAD", requests::DEAD),
+    ("KEY_REPLIES", requests::REPLIES),
+    ("KEY_STREAMS", retention::REGISTRY),
+    ("KEY_LEASE", retention::LEASE),
+];
+
+/// The Lua that declares every family suffix as a top-level local of the library.
+pub(crate) fn lua_layout() -> String {
+    let names: Vec<&str> = FAMILIES.iter().map(|(name, _)| *name).collect();
+    let values: Vec<String> = FAMILIES.iter().map(|(_, suffix)| format!("'{suffix}'")).collect();
+    format!("local {} = {}\n", names.join(", "), values.join(", "))
+}
+
+/// The progress tree's keys.
+pub mod progress {
+    pub(crate) const NODE: &str = ":pn:";
+    pub(crate) const CHILDREN: &str = ":pc:";
+    pub(crate) const FEED: &str = ":pf:";
+    pub(crate) const ROOTS: &str = ":proots";
+    pub(crate) const NOTIFY: &str = ":pfeed";
+
+    /// A node's hash.
+    pub fn node(prefix: &str, key: &str) -> String {
+        format!("{prefix}{NODE}{key}")
+    }
+
+    /// A node's ordered child index (zset scored by start time).
+    pub fn children(prefix: &str, key: &str) -> String {
+        format!("{prefix}{CHILDREN}{key}")
+    }
+
+    /// A tree's change feed (a capped stream).
+    pub fn feed(prefix: &str, root: &str) -> String {
+        format!("{prefix}{FEED}{root}")
+    }
+
+    /// The tree roots, scored by their latest update time.
+    pub fn roots(prefix: &str) -> String {
+        format!("{prefix}{ROOTS}")
+    }
+
+    /// The notification stream every ingress replica tails.
+    pub fn notify(prefix: &str) -> String {
+        format!("{prefix}{NOTIFY}")
+    }
+}
+
+/// The request queue's keys.
+pub mod requests {
+    pub(crate) const RECORD: &str = ":req:";
+    pub(crate) const FINISHED: &str = ":req:finished";
+    pub(crate) const IDEM: &str = ":idem:";
+    pub(crate) const DEAD: &str = ":dead";
+    pub(crate) const REPLIES: &str = ":replies:";
+
+    /// The request stream, named `stream` in config.
+    pub fn stream(prefix: &str, stream: &str) -> String {
+        format!("{prefix}:{stream}")
+    }
+
+    /// A request's record (a hash).
+    pub fn record(prefix: &str, id: &str) -> String {
+        format!("{prefix}{RECORD}{id}")
+    }
+
+    /// The index of finished requests: a zset of ids scored by `finished_ms`.
+    pub fn finished(prefix: &str) -> String {
+        format!("{prefix}{FINISHED}")
+    }
+
+    /// An idempotency key's claim (the id of the request it submitted).
+    pub fn idem(prefix: &str, key: &str) -> String {
+        format!("{prefix}{IDEM}{key}")
+    }
+
+    /// The dead-letter stream.
+    pub fn dead(prefix: &str) -> String {
+        format!("{prefix}{DEAD}")
+    }
+
+    /// One ingress replica's reply stream.
+    pub fn replies(prefix: &str, replica: &str) -> String {
+        format!("{prefix}{REPLIES}{replica}")
+    }
+}
+
+/// The retention keys (the stream-trimmer's).
+pub mod retention {
+    pub(crate) const REGISTRY: &str = ":streams";
+    pub(crate) const LEASE: &str = ":trimmer:lease";
+
+    /// The registry set of every stream Cairn creates, so retention never needs `SCAN`.
+    pub fn registry(prefix: &str) -> String {
+        format!("{prefix}{REGISTRY}")
+    }
+
+    /// The lease that lets one trimmer replica act at a time.
+    pub fn lease(prefix: &str) -> String {
+        format!("{prefix}{LEASE}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_family_has_its_own_suffix_and_lua_name() {
+        let mut suffixes: Vec<&str> = FAMILIES.iter().map(|(_, s)| *s).collect();
+        suffixes.sort_unstable();
+        suffixes.dedup();
+        assert_eq!(suffixes.len(), FAMILIES.len());
+        let layout = lua_layout();
+        assert!(layout.starts_with("local KEY_NODE, KEY_CHILDREN,"), "{layout}");
+        assert!(layout.contains("= ':pn:', ':pc:',"), "{layout}");
+        assert_eq!(layout.matches("KEY_").count(), FAMILIES.len());
+    }
+
+    #[test]
+    fn keys_keep_the_layout_existing_data_has() {
+        assert_eq!(progress::node("c", "a.b"), "c:pn:a.b");
+        assert_eq!(progress::children("c", "a"), "c:pc:a");
+        assert_eq!(progress::feed("c", "a"), "c:pf:a");
+        assert_eq!(progress::roots("c"), "c:proots");
+        assert_eq!(progress::notify("c"), "c:pfeed");
+        assert_eq!(requests::stream("c", "requests"), "c:requests");
+        assert_eq!(requests::record("c", "r1"), "c:req:r1");
+        assert_eq!(requests::finished("c"), "c:req:finished");
+        assert_eq!(requests::idem("c", "k"), "c:idem:k");
+        assert_eq!(requests::dead("c"), "c:dead");
+        assert_eq!(requests::replies("c", "i1"), "c:replies:i1");
+        assert_eq!(retention::registry("c"), "c:streams");
+        assert_eq!(retention::lease("c"), "c:trimmer:lease");
+    }
+
+    /// The Lua spells no family itself: every key it builds goes through a `KEY_*` local.
+    #[test]
+    fn the_lua_spells_no_key_family() {
+        let code = crate::library::LIBRARY.code();
+        let body = code.split_once(&lua_layout()).expect("the layout is part of the library").1;
+        for (_, suffix) in FAMILIES {
+            assert!(!body.contains(&format!("'{suffix}")), "the Lua spells {suffix:?}");
+        }
+    }
+}
