@@ -268,6 +268,7 @@ mod tests {
         let mut ctx = test_context(serde_json::json!({"width": 300}));
         ctx.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
         ctx.attempt = 2;
+        ctx.progress_token = Some("header.payload.signature".into());
         let result = handler(&url).handle(&ctx).await;
         assert_eq!(result, Ok(serde_json::json!({"done": 42})));
 
@@ -278,6 +279,7 @@ mod tests {
             "x-cairn-attempt: 2".into(),
             format!("x-cairn-progress-url: {}", ctx.progress_url),
             format!("x-cairn-progress-key: {}", ctx.progress_key),
+            "x-cairn-progress-token: header.payload.signature".into(),
             "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
             "content-type: application/json".into(),
         ] {
