@@ -2,7 +2,7 @@
 //!
 //! A key is `<prefix><family><rest>`: the prefix from config, a family suffix below, and for
 //! per-item families the item (a node key, a request id, a root). The Lua never spells a
-//! family: the library's top level gets them from [`lua_layout`] as `KEY_*` locals, and a
+//! family: the library's top level gets them from `lua_layout` as `KEY_*` locals, and a
 //! function gets its fixed keys (a stream, the registry, an index, a lease) as `KEYS` where the
 //! Rust side knows them. Only per-item keys a function discovers itself (ancestors, children,
 //! the records of an index) are built in Lua, as `P .. KEY_NODE .. k`.
