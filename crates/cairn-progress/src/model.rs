@@ -92,9 +92,10 @@ impl Pace {
             return;
         }
         match self.anchor {
-            // no anchor yet, or it went back: start measuring again
+            // no anchor yet, or it went back: start measuring again (an update older than the
+            // anchor, from a replayed batch, never moves it)
             None => self.anchor = Some((now_ms, progress)),
-            Some((_, from)) if progress < from => self.anchor = Some((now_ms, progress)),
+            Some((at, from)) if progress < from && now_ms >= at => self.anchor = Some((now_ms, progress)),
             Some((at, from)) => {
                 if now_ms - at < ETA_SAMPLE_MS || progress == from {
                     return;

@@ -370,7 +370,9 @@ local function update_eta(n, t, p, status)
     return
   end
   local rt, rp = n[RT], n[RP]
-  if not rt or p < rp then -- no anchor yet, or it went back: start measuring again
+  -- No anchor yet, or it went back: start measuring again. An update older than the anchor (a
+  -- replayed batch) never moves it, so replays leave the rate as it was.
+  if not rt or (p < rp and t >= rt) then
     n[RT] = t; n[RP] = p
     return
   end
