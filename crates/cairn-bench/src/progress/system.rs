@@ -70,7 +70,7 @@ impl Probe {
         let cpu = |name| field(&info, name).and_then(|v| v.parse::<f64>().ok());
         let redis_s = cpu("used_cpu_user").zip(cpu("used_cpu_sys")).map(|(u, s)| u + s);
         let (mut script_calls, mut script_usec) = (0, 0);
-        // Cairn's Lua runs as library functions (FCALL); the trimmer's own scripts by EVALSHA.
+        // All of Cairn's Lua runs as library functions (FCALL), the trimmer's too.
         for command in ["cmdstat_eval", "cmdstat_evalsha", "cmdstat_fcall"] {
             if let Some(stats) = field(&info, command) {
                 script_calls += stat(&stats, "calls");
