@@ -9,7 +9,8 @@
 # With --lint (.ci/run), only the linters: shellcheck and cargo-deny.
 #
 # With --browser (scripts/test.sh), also what the web UI's browser tests need: Debian's chromium
-# and Node (18 or later) with the test package's npm dependencies (crates/ingress/tests/ui, `npm ci`).
+# and Node (18 or later) with the test packages' npm dependencies (crates/ingress/tests/ui and
+# crates/ingress/tests/socketio, `npm ci`).
 set -euo pipefail
 
 log() { echo "deps: $*" >&2; }
@@ -77,6 +78,11 @@ if [ "${1:-}" = --browser ]; then
   if [ ! -d "$ui_tests/node_modules/playwright-core" ]; then
     log "installing the browser tests' npm packages"
     (cd "$ui_tests" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+  sio_tests="$(cd "$(dirname "$0")/.." && pwd)/crates/ingress/tests/socketio"
+  if [ ! -d "$sio_tests/node_modules/sio1" ] || [ ! -d "$sio_tests/node_modules/sio4" ]; then
+    log "installing the socket.io tests' npm packages"
+    (cd "$sio_tests" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   fi
   log "chromium $(chromium --version 2>/dev/null | awk '{print $2}'), node $(node --version)"
 fi

@@ -131,26 +131,21 @@ fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
 
 /// Runs the socket.io client (`tests/socketio/auth.js`); its one JSON line.
 async fn socket_io(stack: &Stack, token: Option<&str>, how: &str, key: &str) -> Value {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
-    if !dir.join("node_modules/sio4").exists() {
-        let status = tokio::process::Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .status()
-            .await
-            .expect("npm runs");
-        assert!(status.success(), "npm install in {}", dir.display());
-    }
+    let dir = common::socket_io_clients().await;
     let output = tokio::process::Command::new("node")
         .args(["auth.js", &stack.base, token.unwrap_or("-"), how, key])
         .current_dir(&dir)
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .output()
         .await
         .expect("node runs");
     let line = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("socket.io client said {line:?}: {e}"))
+    serde_json::from_str(line.trim()).unwrap_or_else(|e| {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        panic!("socket.io client said {line:?} ({e}); its stderr: {stderr}")
+    })
 }
 
 #[tokio::test]

@@ -584,23 +584,14 @@ mod ws {
 
 /// SCA's own browser client (socket.io-client 1.7, Engine.IO 3) and a current 4.x join a tree
 /// root and receive `update` arrays for AMQP updates published as SCA's producers publish them.
-/// Needs Node and `npm install` in `tests/socketio` (done here when missing).
+/// Needs Node and the npm packages of `tests/socketio` (installed here when missing).
 #[tokio::test]
 async fn socket_io_clients_1_7_and_4_receive_updates_for_amqp_progress() {
     use std::process::Stdio;
 
     use tokio::io::AsyncBufReadExt as _;
 
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
-    if !dir.join("node_modules/sio1").exists() {
-        let status = tokio::process::Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .status()
-            .await
-            .expect("npm runs");
-        assert!(status.success(), "npm install in {}", dir.display());
-    }
+    let dir = common::socket_io_clients().await;
     let stack = Stack::with(Options::default()).await;
     stack.publish("_portal.job1.task1", json!({"progress": 0, "status": "waiting"})).await;
     let channel = amqp(&stack).await;

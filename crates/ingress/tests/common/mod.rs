@@ -391,3 +391,26 @@ impl Drop for Stack {
         self.cancel.cancel();
     }
 }
+
+/// `tests/socketio`, with its npm packages installed (`npm ci`, once per test binary: the tests
+/// of one binary run in parallel and two concurrent installs into one `node_modules` break
+/// each other). `scripts/deps.sh --browser` installs them ahead of the suite.
+pub async fn socket_io_clients() -> std::path::PathBuf {
+    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
+    INSTALLED
+        .get_or_init(|| async {
+            if dir.join("node_modules/sio1").exists() && dir.join("node_modules/sio4").exists() {
+                return;
+            }
+            let status = tokio::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir)
+                .status()
+                .await
+                .expect("npm runs");
+            assert!(status.success(), "npm ci in {}", dir.display());
+        })
+        .await;
+    dir
+}
