@@ -34,8 +34,8 @@ use crate::requests_api::RequestId;
 
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 1000;
-/// Most stream entries one `GET /v1/requests` looks at; a filter that matches little answers a
-/// short page with a `next` cursor instead of scanning the whole stream.
+/// Most stream entries one `GET /v1/requests` (or roots one `GET /v1/trees`) looks at; a filter
+/// that matches little answers a short page with a `next` cursor instead of scanning everything.
 const MAX_SCANNED: usize = 5000;
 /// Stream entries read per round trip.
 const SCAN_BATCH: usize = 200;
@@ -66,13 +66,13 @@ struct TreeParams {
 
 /// `GET /v1/trees?limit=N&offset=M`: roots by latest update, newest first, each with its node
 /// (depth 1, one child key); `next` is the offset of the following page, `null` at the end.
+/// Without the admin scope, only the roots the token may read are listed.
 #[utoipa::path(get, path = "/v1/trees", tag = "browse", params(("limit" = Option<String>, Query, description = "1-1000"), ("offset" = Option<String>, Query, description = "Offset of the page")), responses((status = 200, description = "Roots by latest update", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn trees(
     State(browse): State<Browse>,
     caller: Caller,
     params: Result<Query<TreeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.grant.admin("listing every tree")?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as isize;
     let offset = match params.offset.as_deref() {
@@ -83,10 +83,34 @@ async fn trees(
     };
     let roots_key = format!("{}:proots", browse.names.prefix);
     let mut redis = browse.redis.clone();
-    let read = redis.zrevrange_withscores(&roots_key, offset, offset + limit);
-    let mut roots: Vec<(String, f64)> = timed("tree roots", read).await?;
-    let more = roots.len() as isize > limit;
-    roots.truncate(limit as usize);
+    // An admin sees every root; anyone else the roots their read scopes cover, found by scanning
+    // at most MAX_SCANNED roots (a short page then continues from where the scan stopped).
+    // `offset` and `next` count positions among all roots either way.
+    let admin = caller.grant.is_admin();
+    let (mut roots, mut position, mut more) = (Vec::new(), offset, false);
+    loop {
+        let batch = if admin { limit + 1 } else { SCAN_BATCH as isize };
+        let read = redis.zrevrange_withscores(&roots_key, position, position + batch - 1);
+        let page: Vec<(String, f64)> = timed("tree roots", read).await?;
+        let exhausted = (page.len() as isize) < batch;
+        for (root, updated) in page {
+            if roots.len() as isize == limit {
+                more = true;
+                break;
+            }
+            position += 1;
+            if admin || caller.grant.can_read(&root) {
+                roots.push((root, updated));
+            }
+        }
+        if more || exhausted {
+            break;
+        }
+        if (position - offset) as usize >= MAX_SCANNED {
+            more = true;
+            break;
+        }
+    }
     let options = ReadOptions { depth: 1, limit: 1, after: None };
     let nodes = join_all(roots.iter().map(|(root, _)| {
         let (store, options) = (&browse.store, &options);
@@ -104,7 +128,7 @@ async fn trees(
             json!({ "key": key, "update_time": *updated as i64, "node": node.map(|n| n.to_sca_json()) })
         })
         .collect();
-    let next = more.then(|| (offset + limit).to_string());
+    let next = more.then(|| position.to_string());
     Ok(Json(json!({ "items": items, "next": next })))
 }
 

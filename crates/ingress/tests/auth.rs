@@ -292,11 +292,28 @@ async fn calls_outside_a_tokens_scopes_get_403() {
     );
     assert_eq!(call(&stack, Method::GET, &format!("/v1/requests/{id}"), Some(&root), None).await.status, 200);
 
-    // Admin only: dead letters, the stream listings.
-    for path in ["/v1/dead-letters", "/v1/requests", "/v1/trees"] {
+    // Admin only: dead letters, the request stream's listing.
+    for path in ["/v1/dead-letters", "/v1/requests"] {
         assert_eq!(call(&stack, Method::GET, path, alice, None).await.status, 403, "{path}");
         assert_eq!(call(&stack, Method::GET, path, Some(&root), None).await.status, 200, "{path}");
     }
+    // Tree roots: a reader sees those its scopes cover, an admin all of them.
+    let posted =
+        call(&stack, Method::POST, "/status/_u.x", Some(&root), Some(json!({"progress": 0.5}))).await;
+    assert_eq!(posted.status, 200, "{}", posted.json);
+    let roots = |reply: &common::Reply| -> Vec<String> {
+        let items = reply.json["items"].as_array().expect("items").iter();
+        items.map(|item| item["key"].as_str().unwrap().to_owned()).collect()
+    };
+    let readable = call(&stack, Method::GET, "/v1/trees", alice, None).await;
+    assert_eq!(readable.status, 200, "{}", readable.json);
+    let all = call(&stack, Method::GET, "/v1/trees", Some(&root), None).await;
+    assert_eq!(all.status, 200, "{}", all.json);
+    let (readable, all) = (roots(&readable), roots(&all));
+    let under_t: Vec<String> = all.iter().filter(|key| key.starts_with("_t.")).cloned().collect();
+    assert!(all.contains(&"_u.x".to_owned()), "the admin sees every root: {all:?}");
+    assert!(!under_t.is_empty(), "{all:?}");
+    assert_eq!(readable, under_t, "alice reads the roots under _t, in the same order");
 }
 
 #[tokio::test]
