@@ -325,19 +325,32 @@ def test_autoscaling(overlay):
     deployments = cairn_deployments(objects)
     ingress_scalers = scalers_of(objects, deployments["ingress"]["metadata"]["name"])
     assert ingress_scalers and ingress_scalers[0].startswith("HorizontalPodAutoscaler/"), ingress_scalers
-    processor_scalers = scalers_of(objects, deployments["request-processor"]["metadata"]["name"])
     # An HPA and a ScaledObject (which makes an HPA of its own) would fight over the replicas.
-    assert len(processor_scalers) == 1, f"request-processor needs exactly one scaler, has {processor_scalers}"
+    for service in ("request-processor", "progress-aggregator"):
+        scalers = scalers_of(objects, deployments[service]["metadata"]["name"])
+        assert len(scalers) == 1, f"{service} needs exactly one scaler, has {scalers}"
     for name, d in deployments.items():
         if scalers_of(objects, d["metadata"]["name"]):
             # A replica count in the manifest would reset the autoscaler's choice on every apply.
             assert "replicas" not in d["spec"], f"{name}: autoscaled Deployment sets spec.replicas"
 
 
+def scaled_object_of(objects, deployment: str) -> dict:
+    (scaled,) = [so for so in by_kind(objects, "ScaledObject") if so["spec"]["scaleTargetRef"]["name"] == deployment]
+    return scaled
+
+
+def assert_trigger_auth_resolves(objects, trigger):
+    auth = find(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert auth is not None, "the trigger's TriggerAuthentication is not rendered"
+    for ref in auth["spec"]["secretTargetRef"]:
+        secret = find(objects, "Secret", ref["name"])
+        assert secret is not None and ref["key"] in (secret.get("data") or {}), f"missing Secret key {ref}"
+
+
 def test_prod_scales_processors_on_group_lag():
     objects = rendered("prod")
-    (scaled,) = by_kind(objects, "ScaledObject")
-    assert scaled["spec"]["scaleTargetRef"]["name"] == "request-processor"
+    scaled = scaled_object_of(objects, "request-processor")
     assert scaled["spec"].get("minReplicaCount", 0) >= 1, "scale-to-zero would leave pending requests unreclaimed"
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "redis-streams"
@@ -354,21 +367,39 @@ def test_prod_scales_processors_on_group_lag():
              "address", "host", "port", "enableTLS", "unsafeSsl", "databaseIndex", "addressFromEnv",
              "hostFromEnv", "portFromEnv", "usernameFromEnv", "passwordFromEnv"}
     assert set(meta) <= known, f"unknown redis-streams parameters: {set(meta) - known}"
-    auth = find(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
-    assert auth is not None, "the trigger's TriggerAuthentication is not rendered"
-    for ref in auth["spec"]["secretTargetRef"]:
-        secret = find(objects, "Secret", ref["name"])
-        assert secret is not None and ref["key"] in (secret.get("data") or {}), f"missing Secret key {ref}"
+    assert_trigger_auth_resolves(objects, trigger)
+
+
+def test_prod_scales_aggregators_on_shard_backlog():
+    """One rabbitmq trigger per shard queue the aggregators consume, and no more replicas than
+    shards (a replica beyond them would own none)."""
+    objects = rendered("prod")
+    scaled = scaled_object_of(objects, "progress-aggregator")
+    config = container_env(objects, pod_spec(cairn_deployments(objects)["progress-aggregator"])["containers"][0])
+    defaults = rust_defaults()
+    queue = config.get("CAIRN_PROGRESS_QUEUE") or defaults["CAIRN_PROGRESS_QUEUE"]
+    shards = int(config.get("CAIRN_PROGRESS_SHARDS") or defaults["CAIRN_PROGRESS_SHARDS"])
+    queues = [t["metadata"]["queueName"] for t in scaled["spec"]["triggers"] if t["type"] == "rabbitmq"]
+    assert sorted(queues) == sorted(f"{queue}.{shard}" for shard in range(shards)), queues
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= shards
+    for trigger in scaled["spec"]["triggers"]:
+        if trigger["type"] == "rabbitmq":
+            assert trigger["metadata"]["mode"] == "QueueLength" and int(trigger["metadata"]["value"]) > 0
+            assert_trigger_auth_resolves(objects, trigger)
 
 
 @cache
 def rust_defaults() -> dict[str, str]:
-    """Default values of the stream/group/prefix variables, read from the clap attributes."""
+    """Default values of the stream/group/prefix/queue/shards variables, read from the clap attributes."""
     out = {}
     for path in REPO.glob("crates/*/src/**/*.rs"):
-        for var, default in re.findall(r'env\s*=\s*"(CAIRN_[A-Z_]+)",\s*default_value\s*=\s*"([^"]*)"', path.read_text()):
+        text = path.read_text()
+        for var, default in re.findall(r'env\s*=\s*"(CAIRN_[A-Z_]+)",\s*default_value\s*=\s*"([^"]*)"', text):
             out.setdefault(var, default)
-    for var in ("CAIRN_KEY_PREFIX", "CAIRN_REQUEST_STREAM", "CAIRN_REQUEST_GROUP"):
+        for var, default in re.findall(r'env\s*=\s*"(CAIRN_[A-Z_]+)",\s*default_value_t\s*=\s*(\d+)\b', text):
+            out.setdefault(var, default)
+    for var in ("CAIRN_KEY_PREFIX", "CAIRN_REQUEST_STREAM", "CAIRN_REQUEST_GROUP", "CAIRN_PROGRESS_QUEUE",
+                "CAIRN_PROGRESS_SHARDS"):
         assert var in out, f"no default for {var} found in crates/*/src"
     return out
 
@@ -497,9 +528,10 @@ def test_dev_runs_its_own_datastores():
 def test_prod_uses_external_datastores_from_ignored_secrets():
     objects = rendered("prod")
     assert not by_kind(objects, "StatefulSet"), "prod must not run its own Redis/RabbitMQ"
-    deployments = cairn_deployments(objects)
-    assert deployments["progress-aggregator"]["spec"]["replicas"] > 1
-    for real in ("k8s/overlays/prod/secrets.env", "k8s/overlays/prod/keda-redis.env"):
+    aggregators = scaled_object_of(objects, "progress-aggregator")
+    assert aggregators["spec"]["minReplicaCount"] > 1, "one aggregator alone has no failover"
+    for real in ("k8s/overlays/prod/secrets.env", "k8s/overlays/prod/keda-redis.env",
+                 "k8s/overlays/prod/keda-rabbitmq.env"):
         assert (REPO / f"{real}.example").is_file(), f"{real}.example is missing"
         ignored = subprocess.run(["git", "check-ignore", "-q", real], cwd=REPO)
         assert ignored.returncode == 0, f"{real} is not git-ignored: real credentials could be committed"
