@@ -55,6 +55,10 @@ def load_yaml(path: Path):
 
 ENV_ATTR = re.compile(r'\benv\s*=\s*"(CAIRN_[A-Z0-9_]+)"')
 METRIC_MACRO = re.compile(r'\b(counter|gauge|histogram)!\(\s*"([a-zA-Z_:][a-zA-Z0-9_:]*)"')
+# The same macros naming the metric by a constant (`counter!(HANDLED_TOTAL, ...)`), and the
+# `const NAME: &str = "metric_name";` items those constants come from.
+METRIC_MACRO_CONST = re.compile(r'\b(counter|gauge|histogram)!\(\s*(?:[a-z_]+::)*([A-Z][A-Z0-9_]*)\b')
+STR_CONST = re.compile(r'\bconst\s+([A-Z][A-Z0-9_]*)\s*:\s*&(?:\'static\s+)?str\s*=\s*"([a-zA-Z_:][a-zA-Z0-9_:]*)"')
 
 
 def rust_sources() -> list[Path]:
@@ -75,14 +79,19 @@ def source_env_names() -> frozenset[str]:
 def emitted_metrics() -> dict[str, str]:
     """Metric name -> kind, for every `metrics::counter!/gauge!/histogram!` in the services."""
     found: dict[str, str] = {}
+    texts = []
     for path in rust_sources():
         if "cairn-bench" in path.parts or "cairn-testkit" in path.parts:
             continue
-        text = path.read_text(encoding="utf-8")
         # Drop unit-test modules: their metrics are never emitted by a running service.
-        text = text.split("#[cfg(test)]")[0]
+        texts.append(path.read_text(encoding="utf-8").split("#[cfg(test)]")[0])
+    constants = {name: value for text in texts for name, value in STR_CONST.findall(text)}
+    for text in texts:
         for kind, name in METRIC_MACRO.findall(text):
             found[name] = kind
+        for kind, constant in METRIC_MACRO_CONST.findall(text):
+            assert constant in constants, f"{kind}!({constant}, ...): no `const {constant}: &str` found"
+            found[constants[constant]] = kind
     return found
 
 
