@@ -104,7 +104,9 @@ impl RedisConfig {
         let Some(path) = &self.tls_ca_file else {
             return Client::open(self.url.as_str());
         };
-        let invalid = |detail: String| redis::RedisError::from((ErrorKind::InvalidClientConfig, "invalid TLS settings", detail));
+        let invalid = |detail: String| {
+            redis::RedisError::from((ErrorKind::InvalidClientConfig, "invalid TLS settings", detail))
+        };
         if !self.url.starts_with("rediss://") {
             return Err(invalid(format!(
                 "CAIRN_REDIS_TLS_CA_FILE={} is set but CAIRN_REDIS_URL does not start with rediss://",
@@ -115,16 +117,16 @@ impl RedisConfig {
             .map_err(|e| invalid(format!("cannot read CAIRN_REDIS_TLS_CA_FILE={}: {e}", path.display())))?;
         let certificates = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>();
         if !certificates.as_ref().is_ok_and(|c| !c.is_empty()) {
-            let reason = certificates.map_or_else(|e| e.to_string(), |_| "no -----BEGIN CERTIFICATE----- block".into());
+            let reason = certificates
+                .map_or_else(|e| e.to_string(), |_| "no -----BEGIN CERTIFICATE----- block".into());
             return Err(invalid(format!(
                 "CAIRN_REDIS_TLS_CA_FILE={} holds no PEM certificate: {reason}",
                 path.display()
             )));
         }
         let certificates = TlsCertificates { client_tls: None, root_cert: Some(pem) };
-        Client::build_with_tls(self.url.as_str(), certificates).map_err(|e| {
-            invalid(format!("CAIRN_REDIS_TLS_CA_FILE={}: {e}", path.display()))
-        })
+        Client::build_with_tls(self.url.as_str(), certificates)
+            .map_err(|e| invalid(format!("CAIRN_REDIS_TLS_CA_FILE={}: {e}", path.display())))
     }
 
     /// The shared, reconnecting connection for short commands and scripts. Connects lazily, so a

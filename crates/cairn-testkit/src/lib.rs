@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 pub use amqp::AmqpVhost;
 pub use process::{ServiceProcess, free_port, rss_kib};
-pub use redis_namespace::RedisNamespace;
 pub use rabbitmq_node::RabbitNode;
+pub use redis_namespace::RedisNamespace;
 pub use redis_server::{RedisServer, RedisServerBuilder};
 pub use tcp_proxy::TcpProxy;
 pub use tls::TestCerts;

@@ -72,10 +72,11 @@ impl RabbitNode {
             ),
         )?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
-        let binary = std::env::var("CAIRN_TEST_RABBITMQ_SERVER").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
-            let debian = "/usr/lib/rabbitmq/bin/rabbitmq-server";
-            if Path::new(debian).exists() { debian.to_owned() } else { "rabbitmq-server".to_owned() }
-        });
+        let binary =
+            std::env::var("CAIRN_TEST_RABBITMQ_SERVER").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+                let debian = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+                if Path::new(debian).exists() { debian.to_owned() } else { "rabbitmq-server".to_owned() }
+            });
         let name = format!("cairn-{}@localhost", crate::short_id());
         let output = File::create(dir.join("output.log"))?;
         let child = Command::new(&binary)

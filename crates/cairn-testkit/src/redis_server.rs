@@ -109,7 +109,10 @@ impl RedisServer {
     /// `rediss://127.0.0.1:{tls port}` (no user), for a server built with
     /// [`RedisServerBuilder::tls`].
     pub fn tls_url(&self) -> String {
-        assert!(self.options.tls.is_some(), "this redis-server has no TLS port (RedisServer::builder().tls(..))");
+        assert!(
+            self.options.tls.is_some(),
+            "this redis-server has no TLS port (RedisServer::builder().tls(..))"
+        );
         format!("rediss://127.0.0.1:{}", self.options.tls_port)
     }
 

@@ -21,13 +21,14 @@ impl TestCerts {
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
         ca.distinguished_name.push(DnType::CommonName, "Cairn test CA");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ca_cert = ca.self_signed(&ca_key).expect("self-signed CA certificate");
         let issuer = Issuer::new(ca, &ca_key);
 
         let server_key = KeyPair::generate().expect("server key");
-        let mut server =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("server parameters");
+        let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("server parameters");
         server.distinguished_name.push(DnType::CommonName, "localhost");
         let server_cert = server.signed_by(&server_key, &issuer).expect("server certificate");
 

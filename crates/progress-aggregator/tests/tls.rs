@@ -90,7 +90,8 @@ async fn redis_over_tls_without_the_ca_is_refused_naming_the_certificate() {
     let certs = TestCerts::new();
     let redis = RedisServer::builder().tls(&certs).start().await;
 
-    let mut trusted = RedisConfig::new(redis.tls_url(), "t").with_tls_ca_file(certs.ca_file()).manager().unwrap();
+    let mut trusted =
+        RedisConfig::new(redis.tls_url(), "t").with_tls_ca_file(certs.ca_file()).manager().unwrap();
     cairn_redis::ping(&mut trusted).await.expect("PING over rediss:// with the CA");
 
     let untrusted = RedisConfig::new(redis.tls_url(), "t");
@@ -99,7 +100,10 @@ async fn redis_over_tls_without_the_ca_is_refused_naming_the_certificate() {
     assert!(text.contains("certificate"), "the Redis error names the certificate: {text}");
     let mut manager = untrusted.manager().expect("a lazy client");
     let error = cairn_redis::ping(&mut manager).await.expect_err("an unknown CA is refused");
-    assert!(error.to_lowercase().contains("certificate"), "the readiness error names the certificate: {error}");
+    assert!(
+        error.to_lowercase().contains("certificate"),
+        "the readiness error names the certificate: {error}"
+    );
 }
 
 #[tokio::test]
@@ -119,7 +123,9 @@ async fn unusable_ca_files_are_refused_at_start_naming_the_variable() {
     let text = redis("redis://127.0.0.1:1", &certs.ca_file());
     assert!(text.contains("does not start with rediss://"), "{text}");
 
-    let amqp = |url: &str, ca: &Path| Endpoint::new(url).with_ca_file(ca).map(drop).expect_err("refused").to_string();
+    let amqp = |url: &str, ca: &Path| {
+        Endpoint::new(url).with_ca_file(ca).map(drop).expect_err("refused").to_string()
+    };
     let text = amqp("amqps://127.0.0.1:1/%2f", &missing);
     assert!(text.contains("cannot read CAIRN_AMQP_TLS_CA_FILE"), "{text}");
     let text = amqp("amqps://127.0.0.1:1/%2f", &not_pem);

@@ -1,15 +1,19 @@
-//! The Redis users of `deploy/redis/users.acl` suffice and keep each service to its rights: a
-//! redis-server of this test's own loads that file (plus an all-rights user for the harness), and
-//! each service connects as its own user with the development password whose hash the file
-//! holds. A request runs end to end (ingress → queue → processor → result), a progress update
-//! goes through ingress and the aggregator, the stream-trimmer does a full run; Redis's ACL log
-//! shows that nothing was refused, and commands outside a user's rights are.
+//! The users of `deploy/redis/users.acl` and `deploy/rabbitmq/definitions.json` suffice and keep
+//! each service to its rights. A redis-server of this test's own loads the ACL file (plus an
+//! all-rights user for the harness) and each service connects as its own user with the
+//! development password whose hash the file holds; on the shared RabbitMQ, the aggregator and the
+//! processor connect as users with the definitions' permission patterns on a vhost of the test's
+//! own. A request runs end to end (ingress → queue → processor → result, its progress over AMQP),
+//! a progress update goes through ingress and the aggregator, the stream-trimmer does a full run;
+//! Redis's ACL log shows that nothing was refused, and what lies outside a user's rights is.
 
 mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cairn_amqp::{ProgressPublisher, PublisherConfig};
+use cairn_progress::{Key, Update};
 use cairn_testkit::{AmqpVhost, RedisServer, wait_until};
 use clap::Parser as _;
 use reqwest::StatusCode;
@@ -38,18 +42,34 @@ fn acl_file(dir: &tempfile::TempDir) -> PathBuf {
     path
 }
 
+/// A user on `vhost` with the permissions `deploy/rabbitmq/definitions.json` gives `user`.
+async fn amqp_url(vhost: &AmqpVhost, user: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rabbitmq/definitions.json");
+    let definitions: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("definitions.json")).expect("JSON");
+    let permissions = definitions["permissions"]
+        .as_array()
+        .expect("permissions")
+        .iter()
+        .find(|p| p["user"] == user && p["vhost"] == "/")
+        .unwrap_or_else(|| panic!("definitions.json gives {user} no permissions on /"));
+    let pattern = |what: &str| permissions[what].as_str().expect("a pattern").to_owned();
+    vhost.add_user(user, &pattern("configure"), &pattern("write"), &pattern("read")).await
+}
+
 fn url(server: &RedisServer, service: &str) -> String {
     let (user, password) = USERS.iter().find(|(u, _)| *u == service).expect("a service of USERS");
     format!("redis://{user}:{password}@127.0.0.1:{}", server.port())
 }
 
-async fn refusal(url: &str, command: &[&str]) -> String {
+/// Runs `command` as the URL's user, which Redis must refuse with `NOPERM`.
+async fn refusal(url: &str, command: &[&str]) {
     let client = redis::Client::open(url).expect("URL");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connects");
     let mut cmd = redis::cmd(command[0]);
     cmd.arg(&command[1..]);
     let error = cmd.query_async::<redis::Value>(&mut conn).await.expect_err("refused");
-    error.to_string()
+    assert_eq!(error.code(), Some("NOPERM"), "{command:?} is refused for lack of rights: {error}");
 }
 
 #[tokio::test]
@@ -60,13 +80,15 @@ async fn each_service_runs_with_its_own_redis_user() {
     let handlers = tempfile::Builder::new().suffix(".toml").tempfile().expect("handlers file");
     std::fs::write(handlers.path(), "[handlers.echo]\nkind = \"echo\"\n").expect("handlers file");
     let cancel = CancellationToken::new();
+    let aggregator_amqp = amqp_url(&vhost, "progress-aggregator").await;
+    let processor_amqp = amqp_url(&vhost, "request-processor").await;
 
     let aggregator = progress_aggregator::Config::try_parse_from([
         "progress-aggregator",
         "--grpc-addr=127.0.0.1:0",
         "--admin-addr=127.0.0.1:0",
         &format!("--redis-url={}", url(&server, "progress-aggregator")),
-        &format!("--amqp-url={}", vhost.url),
+        &format!("--amqp-url={aggregator_amqp}"),
         "--shards=1",
         "--grace=5s",
     ])
@@ -79,7 +101,7 @@ async fn each_service_runs_with_its_own_redis_user() {
     let processor = request_processor::Config::try_parse_from([
         "request-processor",
         &format!("--redis-url={}", url(&server, "request-processor")),
-        &format!("--amqp-url={}", vhost.url),
+        &format!("--amqp-url={processor_amqp}"),
         "--admin-addr=127.0.0.1:0",
         "--grace=2s",
     ])
@@ -127,6 +149,18 @@ async fn each_service_runs_with_its_own_redis_user() {
         http.get(format!("{base}/v1/requests/{id}")).send().await.expect("read").json().await.expect("JSON");
     assert_eq!(record["state"], "succeeded", "{record}");
 
+    // Progress published as the processor's RabbitMQ user, applied by the aggregator as its own.
+    let publisher = ProgressPublisher::start(PublisherConfig::new(processor_amqp.as_str(), "progress"));
+    publisher.publish(Key::parse("acl.amqp").expect("key"), Update::new().progress(0.75));
+    publisher.close(WAIT).await.expect("the broker confirmed the processor's user's publish");
+    let progress = format!("{base}/status/acl.amqp");
+    wait_until("the update applied over AMQP", WAIT, || async {
+        let node: Value = http.get(&progress).send().await.expect("read").json().await.expect("JSON");
+        node["progress"].as_f64() == Some(0.75)
+    })
+    .await
+    .expect("progress the processor's user publishes reaches Redis through the aggregator's user");
+
     // A progress update through ingress and the aggregator.
     let posted = http.post(format!("{base}/status/acl.job")).json(&json!({"progress": 0.5})).send().await;
     assert_eq!(posted.expect("post").status(), StatusCode::OK);
@@ -142,8 +176,10 @@ async fn each_service_runs_with_its_own_redis_user() {
     ])
     .expect("trimmer config");
     let trimmer = stream_trimmer::App::build(trimmer).await.expect("trimmer builds");
-    let now_ms = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis())
-        .expect("ms");
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
+    )
+    .expect("ms");
     let report = stream_trimmer::trim_once(&trimmer.deps(), now_ms).await.expect("a trim run");
     assert!(report.acted(), "the trimmer took the lease: {report:?}");
     assert!(report.errors.is_empty(), "the trim run failed somewhere: {:?}", report.errors);
@@ -163,13 +199,21 @@ async fn each_service_runs_with_its_own_redis_user() {
     // What lies outside a user's rights is refused.
     let ingress = url(&server, "ingress");
     for command in [&["FLUSHALL"][..], &["KEYS", "*"], &["CONFIG", "GET", "*"], &["GET", "other:key"]] {
-        let error = refusal(&ingress, command).await;
-        assert!(error.contains("NOPERM"), "{command:?} as ingress: {error}");
+        refusal(&ingress, command).await;
     }
     let trimmer = url(&server, "stream-trimmer");
-    let error = refusal(&trimmer, &["XREADGROUP", "GROUP", "g", "c", "STREAMS", "cairn:requests", ">"]).await;
-    assert!(error.contains("NOPERM"), "XREADGROUP as stream-trimmer: {error}");
+    refusal(&trimmer, &["XREADGROUP", "GROUP", "g", "c", "STREAMS", "cairn:requests", ">"]).await;
     let anonymous = format!("redis://127.0.0.1:{}", server.port());
-    let error = refusal(&anonymous, &["GET", "cairn:requests"]).await;
-    assert!(error.contains("NOPERM"), "GET as default: {error}");
+    refusal(&anonymous, &["GET", "cairn:requests"]).await;
+
+    // The processor may not declare queues (or read any).
+    let conn = lapin::Connection::connect(&processor_amqp, lapin::ConnectionProperties::default())
+        .await
+        .expect("the processor's user connects");
+    let channel = conn.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare("other".into(), lapin::options::QueueDeclareOptions::default(), Default::default())
+        .await;
+    let error = declared.map(drop).expect_err("refused").to_string();
+    assert!(error.contains("ACCESS_REFUSED"), "queue.declare as request-processor: {error}");
 }
