@@ -77,8 +77,8 @@ pub struct RedisConfig {
     /// Prefix of every Redis key Cairn writes.
     #[arg(id = "key-prefix", long = "key-prefix", env = "CAIRN_KEY_PREFIX", default_value = "cairn", value_parser = parse_prefix)]
     pub prefix: String,
-    /// PEM file of the CA that signs the Redis server's certificate (`rediss://` only); without
-    /// it the system's root certificates are trusted.
+    /// PEM file of the CA that signs the Redis server's certificate (`rediss://` only), trusted
+    /// instead of the system's root certificates.
     #[arg(id = "redis-tls-ca-file", long = "redis-tls-ca-file", env = "CAIRN_REDIS_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
 }
