@@ -225,3 +225,46 @@ def compose_binary_of(service: dict) -> str | None:
 @pytest.fixture(params=OVERLAYS)
 def overlay(request) -> str:
     return request.param
+
+
+# --- per-service credentials ---------------------------------------------------------------------
+
+
+@cache
+def redis_users() -> dict[str, str]:
+    """deploy/redis/users.acl: user -> its whole rule line."""
+    users = {}
+    for line in (REPO / "deploy" / "redis" / "users.acl").read_text().splitlines():
+        assert line.startswith("user "), f"users.acl: a line that is no user (Redis allows no comments): {line!r}"
+        users[line.split()[1]] = line
+    return users
+
+
+def redis_password_ok(user: str, password: str) -> bool:
+    """Whether users.acl lets `user` in with `password` (`#<sha256>` or `>password`)."""
+    import hashlib
+
+    rules = redis_users().get(user, "").split()
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return "on" in rules and (f"#{digest}" in rules or f">{password}" in rules)
+
+
+@cache
+def rabbitmq_definitions() -> dict:
+    import json
+
+    return json.loads((REPO / "deploy" / "rabbitmq" / "definitions.json").read_text())
+
+
+def rabbitmq_password_ok(user: str, password: str) -> bool:
+    """Whether definitions.json lets `user` in with `password` (rabbit_password_hashing_sha256:
+    base64 of a 4-byte salt and sha256(salt + password))."""
+    import base64
+    import hashlib
+
+    for u in rabbitmq_definitions()["users"]:
+        if u["name"] == user:
+            raw = base64.b64decode(u["password_hash"])
+            salt, digest = raw[:4], raw[4:]
+            return hashlib.sha256(salt + password.encode()).digest() == digest
+    return False

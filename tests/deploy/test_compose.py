@@ -18,6 +18,9 @@ from conftest import (
     binary_help,
     compose,
     compose_binary_of,
+    rabbitmq_password_ok,
+    redis_password_ok,
+    redis_users,
     source_env_names,
 )
 
@@ -163,7 +166,6 @@ def test_urls_point_at_compose_services():
         listening[name] = {SERVICES[binary_name][1]}
     listening["progress-aggregator"].add(AGGREGATOR_GRPC_PORT)
     listening["ingress"].add(8080)  # the public port; SERVICES names its admin port
-    rabbit_env = environment(services()["rabbitmq"])
     for binary_name, service in cairn_services().items():
         for var, value in environment(service).items():
             if not var.endswith("_URL"):
@@ -171,9 +173,28 @@ def test_urls_point_at_compose_services():
             url = urlsplit(interpolate(value))
             assert url.hostname in services(), f"{binary_name}: {var} names unknown host {url.hostname}"
             assert url.port in listening[url.hostname], f"{binary_name}: {var} port {url.port} is not served"
+            # Each service as its own user, whose password the users' files accept.
+            if url.scheme == "redis":
+                assert url.username == binary_name, f"{binary_name}: {var} is not its own Redis user"
+                assert redis_password_ok(url.username, url.password), f"{binary_name}: {var}'s password"
             if url.scheme == "amqp":
-                assert url.username == rabbit_env["RABBITMQ_DEFAULT_USER"]
-                assert url.password == interpolate(rabbit_env["RABBITMQ_DEFAULT_PASS"])
+                assert url.username == binary_name, f"{binary_name}: {var} is not its own RabbitMQ user"
+                assert rabbitmq_password_ok(url.username, url.password), f"{binary_name}: {var}'s password"
+
+
+def test_datastores_load_the_users():
+    """Redis loads deploy/redis/users.acl, RabbitMQ deploy/rabbitmq/definitions.json (through a
+    conf.d file naming it); the default Redis user may only PING, for the health check."""
+    redis = services()["redis"]
+    command = redis["command"]
+    acl = command[command.index("--aclfile") + 1]
+    assert any(v.split(":")[:2] == ["./deploy/redis/users.acl", acl] for v in redis["volumes"])
+    assert redis_users()["default"].split()[-2:] == ["-@all", "+ping"], "default may do more than PING"
+    rabbit = services()["rabbitmq"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in rabbit["volumes"]}
+    conf = next(REPO / src for dst, src in mounts.items() if dst.startswith("/etc/rabbitmq/conf.d/"))
+    loaded = re.search(r"^load_definitions\s*=\s*(\S+)$", conf.read_text(), re.M).group(1)
+    assert mounts[loaded] == "./deploy/rabbitmq/definitions.json"
 
 
 def test_stop_grace_outlasts_the_drain():

@@ -28,6 +28,8 @@ from conftest import (
     by_kind,
     cairn_binary_of,
     find,
+    rabbitmq_password_ok,
+    redis_password_ok,
     rendered,
     source_env_names,
 )
@@ -476,16 +478,18 @@ def test_urls_point_at_rendered_services():
     objects = rendered("dev")
     secret = next(s for s in by_kind(objects, "Secret") if s["metadata"]["name"].startswith("cairn-secrets"))
     services = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]} for s in by_kind(objects, "Service")}
-    redis = urlsplit(_secret_value(secret, "CAIRN_REDIS_URL"))
-    assert redis.port in services.get(redis.hostname, set()), f"no Service {redis.hostname}:{redis.port}"
-    amqp = urlsplit(_secret_value(secret, "CAIRN_AMQP_URL"))
-    assert amqp.port in services.get(amqp.hostname, set()), f"no Service {amqp.hostname}:{amqp.port}"
-    broker = next(s for s in by_kind(objects, "Secret") if s["metadata"]["name"].startswith("rabbitmq-credentials"))
-    assert (amqp.username, amqp.password) == (
-        _secret_value(broker, "RABBITMQ_DEFAULT_USER"),
-        _secret_value(broker, "RABBITMQ_DEFAULT_PASS"),
-    ), "CAIRN_AMQP_URL's credentials are not the dev RabbitMQ's"
     deployments = cairn_deployments(objects)
+    # Each service's URLs: its own user, whose password the dev stores' users files accept.
+    for binary_name, deployment in deployments.items():
+        env = {e["name"]: e for e in pod_spec(deployment)["containers"][0].get("env") or []}
+        for var in ("CAIRN_REDIS_URL", "CAIRN_AMQP_URL"):
+            if var not in env:
+                continue
+            url = urlsplit(_secret_value(secret, env[var]["valueFrom"]["secretKeyRef"]["key"]))
+            assert url.port in services.get(url.hostname, set()), f"no Service {url.hostname}:{url.port}"
+            assert url.username == binary_name, f"{binary_name}: {var} is not its own user"
+            ok = redis_password_ok if var == "CAIRN_REDIS_URL" else rabbitmq_password_ok
+            assert ok(url.username, url.password), f"{binary_name}: {var}'s password is not the users file's"
     ingress_env = container_env(objects, pod_spec(deployments["ingress"])["containers"][0])
     agg = urlsplit(ingress_env["CAIRN_AGGREGATOR_URL"])
     assert agg.port == AGGREGATOR_GRPC_PORT and AGGREGATOR_GRPC_PORT in services[agg.hostname]
@@ -523,6 +527,14 @@ def test_dev_runs_its_own_datastores():
     assert enabled == (REPO / "deploy" / "rabbitmq" / "enabled_plugins").read_text()
     mounts = pod_spec(sets["rabbitmq"])["containers"][0]["volumeMounts"]
     assert any(m["mountPath"] == "/etc/rabbitmq/enabled_plugins" for m in mounts)
+    # The users: the same files as compose's, mounted where the stores load them.
+    assert redis_args[redis_args.index("--aclfile") + 1] == "/etc/redis/users.acl"
+    users = next(s for s in by_kind(objects, "Secret") if s["metadata"]["name"].startswith("redis-users"))
+    assert _secret_value(users, "users.acl") == (REPO / "deploy" / "redis" / "users.acl").read_text()
+    definitions = next(s for s in by_kind(objects, "Secret") if s["metadata"]["name"].startswith("rabbitmq-definitions"))
+    assert _secret_value(definitions, "definitions.json") == (REPO / "deploy" / "rabbitmq" / "definitions.json").read_text()
+    assert _secret_value(definitions, "rabbitmq-cairn.conf") == (REPO / "deploy" / "rabbitmq" / "cairn.conf").read_text()
+    assert {m["mountPath"] for m in mounts} >= {"/etc/rabbitmq/definitions.json", "/etc/rabbitmq/conf.d/20-cairn.conf"}
 
 
 def test_prod_uses_external_datastores_from_ignored_secrets():

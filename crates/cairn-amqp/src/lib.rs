@@ -8,14 +8,23 @@
 //! aggregator at a time, in publish order, while other replicas stand by. With `shards = 1` one
 //! queue is bound to the topic exchange directly and no plugin is needed. Messages that cannot be
 //! applied go to the dead-letter exchange `{queue}.dead` (fanout) and its queue of the same name.
+//!
+//! Every connection Cairn opens goes through [`Endpoint::connect`]: an `amqps://` URL connects
+//! over TLS (rustls), trusting the system's roots and, with `CAIRN_AMQP_TLS_CA_FILE`, the CA in
+//! that PEM file.
 
 pub mod publisher;
 
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
 
 pub use publisher::{ProgressPublisher, PublisherConfig};
@@ -23,7 +32,8 @@ pub use publisher::{ProgressPublisher, PublisherConfig};
 /// Where RabbitMQ is and the name of the progress exchange.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AmqpConfig {
-    /// AMQP URL (`amqp://user:pass@host:port/vhost`, `%2f` for the default vhost).
+    /// AMQP URL (`amqp://user:pass@host:port/vhost`, `%2f` for the default vhost; `amqps://` for
+    /// TLS).
     #[arg(
         id = "amqp-url",
         long = "amqp-url",
@@ -39,11 +49,103 @@ pub struct AmqpConfig {
         default_value = "progress"
     )]
     pub exchange: String,
+    /// PEM file of the CA that signs RabbitMQ's certificate (`amqps://` only), trusted besides
+    /// the system's root certificates.
+    #[arg(id = "amqp-tls-ca-file", long = "amqp-tls-ca-file", env = "CAIRN_AMQP_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl AmqpConfig {
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), exchange: "progress".into() }
+        Self { url: url.into(), exchange: "progress".into(), tls_ca_file: None }
+    }
+
+    /// Where to connect, with the CA file read and checked.
+    pub fn endpoint(&self) -> Result<Endpoint, EndpointError> {
+        let endpoint = Endpoint::new(self.url.clone());
+        match &self.tls_ca_file {
+            Some(path) => endpoint.with_ca_file(path),
+            None => Ok(endpoint),
+        }
+    }
+}
+
+/// How to reach RabbitMQ: the URL and, for `amqps://`, the CA certificates to trust besides the
+/// system's roots. [`Endpoint::connect`] is how every Cairn service connects.
+#[derive(Clone)]
+pub struct Endpoint {
+    url: String,
+    ca_pem: Option<String>,
+}
+
+/// Why the TLS settings of an [`Endpoint`] are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("cannot read CAIRN_AMQP_TLS_CA_FILE={path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("CAIRN_AMQP_TLS_CA_FILE={path} holds no PEM certificate: {reason}")]
+    NoCertificate { path: PathBuf, reason: String },
+    #[error("CAIRN_AMQP_TLS_CA_FILE={path} is set but CAIRN_AMQP_URL does not start with amqps://")]
+    NotTls { path: PathBuf },
+}
+
+impl Endpoint {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), ca_pem: None }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Also trusts the CA certificates in the PEM file at `path` (read now, so a bad file fails
+    /// at start, naming it).
+    pub fn with_ca_file(mut self, path: &Path) -> Result<Self, EndpointError> {
+        if !self.url.starts_with("amqps://") {
+            return Err(EndpointError::NotTls { path: path.to_owned() });
+        }
+        let pem = std::fs::read_to_string(path)
+            .map_err(|source| EndpointError::Read { path: path.to_owned(), source })?;
+        let no_certificate = |reason: String| EndpointError::NoCertificate { path: path.to_owned(), reason };
+        let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| no_certificate(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(no_certificate("no -----BEGIN CERTIFICATE----- block".into()));
+        }
+        self.ca_pem = Some(pem);
+        Ok(self)
+    }
+
+    /// Opens a connection: plain TCP for `amqp://`, TLS for `amqps://`.
+    pub async fn connect(&self, properties: ConnectionProperties) -> Result<Connection, lapin::Error> {
+        let tls = OwnedTLSConfig { identity: None, cert_chain: self.ca_pem.clone() };
+        Connection::connect_with_config(&self.url, properties, tls, lapin::runtime::default_runtime()?).await
+    }
+}
+
+impl From<String> for Endpoint {
+    fn from(url: String) -> Self {
+        Self::new(url)
+    }
+}
+
+impl From<&str> for Endpoint {
+    fn from(url: &str) -> Self {
+        Self::new(url)
+    }
+}
+
+/// Without the URL's password.
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = match (self.url.find("://"), self.url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &self.url[..scheme + 3], &self.url[at..])
+            }
+            _ => self.url.clone(),
+        };
+        f.debug_struct("Endpoint").field("url", &url).field("ca", &self.ca_pem.is_some()).finish()
     }
 }
 
@@ -196,10 +298,10 @@ pub fn explain(error: &lapin::Error) -> String {
 }
 
 /// Connects, retrying with capped exponential backoff until it succeeds or `cancel` fires.
-pub async fn connect_with_retry(url: &str, cancel: &CancellationToken) -> Option<Connection> {
+pub async fn connect_with_retry(endpoint: &Endpoint, cancel: &CancellationToken) -> Option<Connection> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match Connection::connect(url, ConnectionProperties::default()).await {
+        match endpoint.connect(ConnectionProperties::default()).await {
             Ok(conn) => return Some(conn),
             Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to rabbitmq"),
         }

@@ -35,7 +35,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::name;
+use crate::{Endpoint, name};
 
 /// Header carrying the flush time (ms since the epoch). The aggregator uses it as the update
 /// time, so a redelivered message leaves the identical tree.
@@ -50,8 +50,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Where and how often a [`ProgressPublisher`] sends.
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
-    /// AMQP URL (`amqp://user:pass@host:port/vhost`).
-    pub url: String,
+    /// Where RabbitMQ is (`amqp://user:pass@host:port/vhost`, or `amqps://` with its CA).
+    pub endpoint: Endpoint,
     /// Durable topic exchange the bursts go to (default `progress`).
     pub exchange: String,
     /// Time between two flushes of the background task: at most one burst per route per interval.
@@ -71,9 +71,9 @@ pub struct PublisherConfig {
 
 impl PublisherConfig {
     /// Defaults: a flush every 100 ms, at most 1000 updates a message, 10 s for confirms.
-    pub fn new(url: impl Into<String>, exchange: impl Into<String>) -> Self {
+    pub fn new(endpoint: impl Into<Endpoint>, exchange: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            endpoint: endpoint.into(),
             exchange: exchange.into(),
             interval: Duration::from_millis(100),
             max_burst: 1000,
@@ -644,7 +644,7 @@ impl Inner {
     async fn connect(&self) -> Result<Link, lapin::Error> {
         let properties =
             ConnectionProperties::default().with_connection_name("cairn-progress-publisher".into());
-        let connection = Connection::connect(&self.config.url, properties).await?;
+        let connection = self.config.endpoint.connect(properties).await?;
         let channel = connection.create_channel().await?;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel

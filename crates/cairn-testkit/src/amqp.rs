@@ -21,6 +21,8 @@ pub struct AmqpVhost {
     /// `t-<8 hex digits>`.
     pub name: String,
     api: Api,
+    /// Users made by [`AmqpVhost::add_user`], deleted on drop.
+    users: std::sync::Mutex<Vec<String>>,
 }
 
 impl AmqpVhost {
@@ -39,7 +41,29 @@ impl AmqpVhost {
         }
         let base = crate::env_or("CAIRN_TEST_AMQP_URL", DEFAULT_AMQP_URL);
         let url = format!("{}/{name}", base.trim_end_matches('/'));
-        Self { url, name, api }
+        Self { url, name, api, users: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// Adds a user with these `configure`, `write` and `read` permission patterns on this vhost
+    /// (and none elsewhere); returns its `amqp://` URL to this vhost. The user is named
+    /// `<vhost>-<name>` (users are global to the broker) and deleted on drop.
+    pub async fn add_user(&self, name: &str, configure: &str, write: &str, read: &str) -> String {
+        let user = format!("{}-{name}", self.name);
+        let password = format!("{}-pw", crate::short_id());
+        let created = async {
+            let body = json!({"password": password, "tags": ""});
+            self.api.send(Method::PUT, &format!("/api/users/{}", encode(&user)), Some(&body), None).await?;
+            self.users.lock().expect("users lock").push(user.clone());
+            let permissions = json!({"configure": configure, "write": write, "read": read});
+            let path = format!("/api/permissions/{}/{}", encode(&self.name), encode(&user));
+            self.api.send(Method::PUT, &path, Some(&permissions), None).await
+        };
+        if let Err(e) = created.await {
+            panic!("cannot create RabbitMQ user {user} on vhost {}: {e:#}", self.name);
+        }
+        let (scheme, rest) = self.url.split_once("://").expect("an amqp:// URL");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{user}:{password}@{host}")
     }
 
     /// Force-closes every client connection to this vhost, as the broker does on restart or
@@ -108,6 +132,7 @@ impl Drop for AmqpVhost {
     fn drop(&mut self) {
         let api = self.api.clone();
         let name = self.name.clone();
+        let users = std::mem::take(&mut *self.users.lock().unwrap_or_else(|e| e.into_inner()));
         // A fresh thread with its own runtime: drop may run on a runtime thread, where blocking
         // on a future would panic.
         let cleanup = std::thread::spawn(move || -> anyhow::Result<()> {
@@ -115,6 +140,9 @@ impl Drop for AmqpVhost {
             runtime.block_on(async {
                 // A fresh client: the one in `api` may hold connections of the test's runtime.
                 let api = Api { client: reqwest::Client::new(), ..api };
+                for user in users {
+                    api.delete(&format!("/api/users/{}", encode(&user)), None).await?;
+                }
                 api.delete(&format!("/api/vhosts/{}", encode(&name)), None).await
             })
         });

@@ -250,10 +250,7 @@ impl App {
         let gate = auth::Gate::new(verifier, config.rate_limit(), config.live.allowed_origins.clone());
         let handlers =
             handler_names::load(config.handlers.as_deref()).context("invalid CAIRN_HANDLERS_FILE")?;
-        let redis = config
-            .redis
-            .manager()
-            .with_context(|| format!("invalid CAIRN_REDIS_URL={:?}", config.redis.url))?;
+        let redis = config.redis.manager().context("invalid Redis settings")?;
         let replica = config.replica.clone().unwrap_or_else(random_replica);
         let names = config.queue_names();
         let settings = requests::Settings {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cairn_amqp::{Topology, connect_with_retry, explain, name};
+use cairn_amqp::{Endpoint, Topology, connect_with_retry, explain, name};
 use cairn_progress::parse_message;
 use cairn_redis::progress::{Change, ProgressStore, StoreError};
 use cairn_redis::streams::LeaseState;
@@ -92,7 +92,7 @@ pub struct BatchReport {
 /// Settings of the consuming side.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    pub url: String,
+    pub endpoint: Endpoint,
     pub topology: Topology,
     pub prefetch: u16,
     pub batch: usize,
@@ -330,7 +330,7 @@ pub async fn run(
     let mut delay = Duration::from_millis(100);
     let mut owner = Owner::new(leases);
     while !cancel.is_cancelled() {
-        let Some(conn) = connect_with_retry(&settings.url, &cancel).await else { break };
+        let Some(conn) = connect_with_retry(&settings.endpoint, &cancel).await else { break };
         let started = Instant::now();
         match consume(&conn, &store, &settings, &mut owner, &connected, &stalls, &cancel).await {
             Ok(()) => info!("progress consumers stopped"),

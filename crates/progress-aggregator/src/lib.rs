@@ -135,11 +135,13 @@ pub struct App {
     grpc: TcpListener,
     admin: TcpListener,
     verifier: Option<cairn_auth::Verifier>,
+    amqp: cairn_amqp::Endpoint,
 }
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let redis = config.redis.manager().context("invalid CAIRN_REDIS_URL")?;
+        let redis = config.redis.manager().context("invalid Redis settings")?;
+        let amqp = config.amqp.endpoint().context("invalid AMQP settings")?;
         let verifier = cairn_auth::verifier_or_warn(&config.auth, "progress-aggregator")
             .context("invalid auth settings")?;
         let store = ProgressStore::new(redis.clone(), config.redis.prefix.clone());
@@ -149,7 +151,7 @@ impl App {
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on CAIRN_AGGREGATOR_ADMIN_ADDR={}", config.admin_addr))?;
-        Ok(App { config, store, redis, grpc, admin, verifier })
+        Ok(App { config, store, redis, grpc, admin, verifier, amqp })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -167,12 +169,12 @@ impl App {
     /// Runs until `shutdown` fires: then reports not-ready, stops intake, finishes in-flight
     /// batches and calls within the grace period, and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App { config, store, redis, grpc, admin, verifier } = self;
+        let App { config, store, redis, grpc, admin, verifier, amqp } = self;
         let live_conn = redis.clone();
         info!(grpc = %grpc.local_addr()?, admin = %admin.local_addr()?, shards = config.shards, "progress-aggregator starting");
         let connected = Arc::new(AtomicBool::new(false));
         let settings = ConsumerSettings {
-            url: config.amqp.url.clone(),
+            endpoint: amqp,
             topology: config.topology(),
             prefetch: config.prefetch,
             batch: config.batch as usize,

@@ -137,10 +137,10 @@ impl App {
     pub async fn build_with_handlers(config: Config, handlers: HandlerSet) -> anyhow::Result<App> {
         cairn_runtime::metrics_handle();
         let lease = config.lease()?;
-        let redis = config.redis.manager().context("invalid CAIRN_REDIS_URL")?;
+        let redis = config.redis.manager().context("invalid Redis settings")?;
         let queue = RequestQueue::new(redis.clone(), config.queue_names());
-        let mut publisher_config =
-            PublisherConfig::new(config.amqp.url.clone(), config.amqp.exchange.clone());
+        let amqp = config.amqp.endpoint().context("invalid AMQP settings")?;
+        let mut publisher_config = PublisherConfig::new(amqp, config.amqp.exchange.clone());
         publisher_config.max_pending = config.progress_buffer_keys as usize;
         let publisher = ProgressPublisher::start(publisher_config);
         let settings = worker::Settings {

@@ -181,7 +181,7 @@ pub struct App {
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         cairn_runtime::metrics_handle();
-        let redis = config.redis.manager().context("invalid CAIRN_REDIS_URL")?;
+        let redis = config.redis.manager().context("invalid Redis settings")?;
         let prefix = config.redis.prefix.clone();
         let instance = config.name.clone().unwrap_or_else(default_instance_name);
         let lease = Lease::new(redis.clone(), config.lease_key(), instance, config.lease_ttl());
