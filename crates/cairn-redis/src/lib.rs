@@ -3,9 +3,12 @@
 //!
 //! Every Redis key Cairn writes starts with a configurable prefix, so tests and tenants can share a
 //! server. Blocking commands never go through the shared [`ConnectionManager`]; callers that block
-//! (`XREADGROUP … BLOCK`) open their own connection with [`RedisConfig::dedicated`].
+//! (`XREADGROUP … BLOCK`) open their own connection with [`RedisConfig::dedicated`]. With
+//! `CAIRN_REDIS_CLUSTER=true` the stores share a [`RedisConnection`] to a Redis Cluster instead
+//! ([`RedisConfig::connection`]).
 
 pub mod blobs;
+mod connection;
 pub mod keys;
 mod library;
 pub mod progress;
@@ -18,6 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client};
 
 pub use blobs::{BlobError, BlobStore};
+pub use connection::RedisConnection;
 pub use progress::{ProgressStore, StoreError};
 
 /// The Redis function library holding Cairn's Lua (progress tree and request queue), as
@@ -59,7 +63,8 @@ pub fn is_refusal(error: &redis::RedisError) -> bool {
 /// Where Redis is and how Cairn names its keys there.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RedisConfig {
-    /// Redis URL (`redis://[user:pass@]host:port/db`).
+    /// Redis URL (`redis://[user:pass@]host:port/db`); with `CAIRN_REDIS_CLUSTER=true` a
+    /// comma-separated list of seed node URLs.
     #[arg(
         id = "redis-url",
         long = "redis-url",
@@ -70,11 +75,60 @@ pub struct RedisConfig {
     /// Prefix of every Redis key Cairn writes.
     #[arg(id = "key-prefix", long = "key-prefix", env = "CAIRN_KEY_PREFIX", default_value = "cairn", value_parser = parse_prefix)]
     pub prefix: String,
+    /// Whether `url` names the seed nodes of a Redis Cluster (docs/contract.md §8).
+    #[arg(
+        id = "redis-cluster",
+        long = "redis-cluster",
+        env = "CAIRN_REDIS_CLUSTER",
+        default_value = "false",
+        value_parser = parse_bool,
+        action = clap::ArgAction::Set
+    )]
+    pub cluster: bool,
 }
 
 impl RedisConfig {
+    /// One Redis at `url`.
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
-        Self { url: url.into(), prefix: prefix.into() }
+        Self { url: url.into(), prefix: prefix.into(), cluster: false }
+    }
+
+    /// A Redis Cluster reached through `seeds`, comma-separated node URLs.
+    pub fn cluster(seeds: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self { url: seeds.into(), prefix: prefix.into(), cluster: true }
+    }
+
+    /// The connection the stores share: [`manager`](Self::manager) for one Redis, a cluster
+    /// connection (connecting in the background, with the same timeouts) for a cluster.
+    pub fn connection(&self) -> Result<RedisConnection, redis::RedisError> {
+        if !self.cluster {
+            return self.manager().map(RedisConnection::from);
+        }
+        let config = redis::cluster::ClusterConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(10));
+        Ok(self.cluster_client()?.get_pending_async_connection_with_config(config).into())
+    }
+
+    /// A connection of its own for one blocking reader, to one Redis or to a cluster (where each
+    /// command goes to the master of its key), without a response timeout.
+    pub async fn dedicated_connection(&self) -> Result<RedisConnection, redis::RedisError> {
+        if !self.cluster {
+            return self.dedicated().await.map(RedisConnection::from);
+        }
+        let config = redis::cluster::ClusterConfig::new().set_connection_timeout(Duration::from_secs(2));
+        Ok(self.cluster_client()?.get_async_connection_with_config(config).await?.into())
+    }
+
+    fn cluster_client(&self) -> Result<redis::cluster::ClusterClient, redis::RedisError> {
+        let seeds: Vec<&str> = self.url.split(',').map(str::trim).filter(|url| !url.is_empty()).collect();
+        if seeds.is_empty() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "CAIRN_REDIS_URL names no seed node of the cluster",
+            )));
+        }
+        redis::cluster::ClusterClient::builder(seeds).retries(3).build()
     }
 
     fn client(&self) -> Result<Client, redis::RedisError> {
@@ -94,11 +148,21 @@ impl RedisConfig {
     }
 
     /// A connection of its own for one blocking reader: no response timeout, so `BLOCK n` waits.
+    /// One Redis only: on a cluster, blocking readers use
+    /// [`dedicated_connection`](Self::dedicated_connection).
     pub async fn dedicated(&self) -> Result<MultiplexedConnection, redis::RedisError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(None);
         self.client()?.get_multiplexed_async_connection_with_config(&config).await
+    }
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("invalid boolean {s:?}: use true or false")),
     }
 }
 
@@ -114,7 +178,7 @@ fn parse_prefix(s: &str) -> Result<String, String> {
 }
 
 /// Answers whether Redis responds, for readiness probes.
-pub async fn ping(conn: &mut ConnectionManager) -> Result<(), String> {
+pub async fn ping(conn: &mut impl redis::aio::ConnectionLike) -> Result<(), String> {
     // A hung Redis (paused, half-open connection) must read as not ready, not as a slow probe.
     let pong = tokio::time::timeout(PING_TIMEOUT, redis::cmd("PING").query_async::<String>(conn)).await;
     match pong {

@@ -12,13 +12,13 @@ do
   if score and redis.call('EXISTS', nkey(root)) == 0 then
     -- a stale index entry without its tree
     redis.call('ZREM', P .. KEY_ROOTS, root)
-    return 0
+    return deferred(0)
   end
   local abandoned = string.sub(root, 1, 9) == '_uploads.'
     and redis.call('EXISTS', P .. ':upload:' .. string.sub(root, 10)) == 0
   local finished = abandoned or (status and TERMINAL[status])
   if parent_of(root) or not score or score > tonumber(ARGV[4]) or not finished then
-    return -1
+    return deferred(-1)
   end
   FEED_DROP = true
 end
