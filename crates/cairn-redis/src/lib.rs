@@ -120,6 +120,17 @@ impl RedisConfig {
         Ok(self.cluster_client()?.get_async_connection_with_config(config).await?.into())
     }
 
+    fn single_only(&self) -> Result<(), redis::RedisError> {
+        if self.cluster {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "CAIRN_REDIS_CLUSTER=true: this service does not run on a Redis Cluster yet \
+                 (the request queue and retention need one Redis; docs/contract.md §8)",
+            )));
+        }
+        Ok(())
+    }
+
     fn cluster_client(&self) -> Result<redis::cluster::ClusterClient, redis::RedisError> {
         let seeds: Vec<&str> = self.url.split(',').map(str::trim).filter(|url| !url.is_empty()).collect();
         if seeds.is_empty() {
@@ -136,8 +147,12 @@ impl RedisConfig {
     }
 
     /// The shared, reconnecting connection for short commands and scripts. Connects lazily, so a
-    /// service starts (and reports not-ready) while Redis is away.
+    /// service starts (and reports not-ready) while Redis is away. One Redis only: with
+    /// `CAIRN_REDIS_CLUSTER=true` it is refused, naming the variable, for the parts of Cairn that
+    /// do not run on a cluster yet (the request queue, retention); the others take
+    /// [`connection`](Self::connection).
     pub fn manager(&self) -> Result<ConnectionManager, redis::RedisError> {
+        self.single_only()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             // A burst script may touch thousands of keys; 500 ms (the default) is too tight.
@@ -151,6 +166,7 @@ impl RedisConfig {
     /// One Redis only: on a cluster, blocking readers use
     /// [`dedicated_connection`](Self::dedicated_connection).
     pub async fn dedicated(&self) -> Result<MultiplexedConnection, redis::RedisError> {
+        self.single_only()?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(None);
@@ -193,6 +209,18 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_mode_is_named_and_single_redis_connections_refuse_it() {
+        assert_eq!(parse_bool("TRUE"), Ok(true));
+        assert_eq!(parse_bool("0"), Ok(false));
+        assert!(parse_bool("maybe").unwrap_err().contains("invalid boolean"));
+        let cluster = RedisConfig::cluster("redis://127.0.0.1:7000,redis://127.0.0.1:7001", "c");
+        let refused = cluster.manager().err().expect("a cluster is refused").to_string();
+        assert!(refused.contains("CAIRN_REDIS_CLUSTER=true"), "{refused}");
+        let none = RedisConfig::cluster(" , ", "c").cluster_client().err().expect("no seed").to_string();
+        assert!(none.contains("no seed node"), "{none}");
+    }
 
     #[test]
     fn prefix_rejects_spaces_and_empty() {
