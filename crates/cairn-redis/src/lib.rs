@@ -216,9 +216,9 @@ mod tests {
         assert_eq!(parse_bool("0"), Ok(false));
         assert!(parse_bool("maybe").unwrap_err().contains("invalid boolean"));
         let cluster = RedisConfig::cluster("redis://127.0.0.1:7000,redis://127.0.0.1:7001", "c");
-        let refused = cluster.manager().err().expect("a cluster is refused").to_string();
+        let refused = cluster.manager().expect_err("a cluster is refused").to_string();
         assert!(refused.contains("CAIRN_REDIS_CLUSTER=true"), "{refused}");
-        let none = RedisConfig::cluster(" , ", "c").cluster_client().err().expect("no seed").to_string();
+        let none = RedisConfig::cluster(" , ", "c").cluster_client().expect_err("no seed").to_string();
         assert!(none.contains("no seed node"), "{none}");
     }
 

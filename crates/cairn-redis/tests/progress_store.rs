@@ -430,6 +430,44 @@ async fn a_restarted_redis_gets_the_function_library_again() {
     assert_eq!(job.progress(), Some(1.0), "only b is left after the restart");
 }
 
+/// On a cluster the first call loads the function library on every master, not only the one it
+/// reached; a master that lost it (flushed) gets it again from the next call that lands there.
+#[tokio::test]
+async fn a_cluster_gets_the_function_library_on_every_master() {
+    let cluster = Arc::new(RedisCluster::new().await);
+    let store = Target::on(&cluster).store();
+    let libraries = |url: String| async move {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let list: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg("cairn_*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (list.len(), conn)
+    };
+    for url in cluster.urls() {
+        assert_eq!(libraries(url).await.0, 0, "a fresh master has no Cairn library");
+    }
+    store.apply(&[change("_f.job.a", Update::new().progress(0.5), 1)]).await.unwrap();
+    for url in cluster.urls() {
+        let (count, mut conn) = libraries(url.clone()).await;
+        assert_eq!(count, 1, "{url} got the library with the first call");
+        let _: () = redis::cmd("FUNCTION").arg("FLUSH").query_async(&mut conn).await.unwrap();
+    }
+    // Trees in every master's slots: each call finds its function missing, loads, calls again.
+    let trees: Vec<Change> =
+        (0..30).map(|i| change(&format!("_f.t{i}.a"), Update::new().progress(1.0), 2)).collect();
+    store.apply(&trees).await.unwrap();
+    for url in cluster.urls() {
+        assert_eq!(libraries(url.clone()).await.0, 1, "{url} has it again");
+    }
+    let node = store.get(&key("_f.t29"), &ReadOptions::default()).await.unwrap().expect("applied");
+    assert_eq!(node.progress(), Some(1.0));
+}
+
 /// One call touching one node thousands of times, and a node given thousands of distinct fields
 /// in one call: every write lands (Lua's unpack limit once failed such a call for good).
 async fn a_call_touching_one_node_thousands_of_times_applies(t: &Target) {

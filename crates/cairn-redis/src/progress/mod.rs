@@ -468,6 +468,18 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_one_call_on_one_redis_and_one_per_tree_on_a_cluster() {
+        let keys = ["_r.a.x", "b.c", "_r.a", "_r.b.y", "b"];
+        assert_eq!(by_tree(false, keys.into_iter()), [("_r.a".to_owned(), vec![0, 1, 2, 3, 4])]);
+        assert_eq!(
+            by_tree(true, keys.into_iter()),
+            [("_r.a".to_owned(), vec![0, 2]), ("b".to_owned(), vec![1, 4]), ("_r.b".to_owned(), vec![3])],
+            "trees in first-seen order, each with its changes in batch order"
+        );
+        assert!(by_tree(true, std::iter::empty()).is_empty());
+    }
+
+    #[test]
     fn a_parents_state_holds_its_sums_and_a_leafs_none() {
         let nan = f64::NAN;
         let parent = state(b'p', &[1_796_000_000_123.0, 2.5, 1.25, 0.5, 1.0, nan, nan, nan], "");
