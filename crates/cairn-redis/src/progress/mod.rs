@@ -11,6 +11,7 @@ use std::sync::LazyLock;
 
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
+use futures::{StreamExt as _, TryStreamExt as _};
 use redis::Value;
 use serde_json::{Map, Value as Json};
 
@@ -127,12 +128,17 @@ impl ProgressStore {
     /// Applies changes in order in one atomic script call (a burst, or a batch of messages); on
     /// a cluster one atomic call per tree.
     pub async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
-        for group in self.by_tree(changes) {
-            let mut invocation = APPLY.prepare_invoke_with_keys(&[&group.key]);
-            push_changes(&mut invocation, &self.prefix, group.indexes.iter().map(|&i| &changes[i]));
-            invocation.arg(0).arg(0);
-            self.call(&invocation).await?;
-        }
+        let invocations: Vec<Invocation> = self
+            .by_tree(changes)
+            .iter()
+            .map(|group| {
+                let mut invocation = APPLY.prepare_invoke_with_keys(&[&group.key]);
+                push_changes(&mut invocation, &self.prefix, group.indexes.iter().map(|&i| &changes[i]));
+                invocation.arg(0).arg(0);
+                invocation
+            })
+            .collect();
+        self.call_all(invocations).await?;
         Ok(())
     }
 
@@ -141,11 +147,18 @@ impl ProgressStore {
     /// callers' updates.
     pub async fn apply_and_read_many(&self, changes: &[Change]) -> Result<Vec<NodeView>, StoreError> {
         let mut out: Vec<Option<NodeView>> = vec![None; changes.len()];
-        for group in self.by_tree(changes) {
-            let mut invocation = APPLY.prepare_invoke_with_keys(&[&group.key]);
-            push_changes(&mut invocation, &self.prefix, group.indexes.iter().map(|&i| &changes[i]));
-            invocation.arg(1).arg(DEFAULT_LIMIT);
-            let reply = self.call(&invocation).await?;
+        let groups = self.by_tree(changes);
+        let invocations: Vec<Invocation> = groups
+            .iter()
+            .map(|group| {
+                let mut invocation = APPLY.prepare_invoke_with_keys(&[&group.key]);
+                push_changes(&mut invocation, &self.prefix, group.indexes.iter().map(|&i| &changes[i]));
+                invocation.arg(1).arg(DEFAULT_LIMIT);
+                invocation
+            })
+            .collect();
+        let replies = self.call_all(invocations).await?;
+        for (group, reply) in groups.iter().zip(replies) {
             let Value::Array(nodes) = reply else { return Err(protocol("updated nodes are not an array")) };
             if nodes.len() != group.indexes.len() {
                 return Err(protocol("updated nodes do not match the updates"));
@@ -184,6 +197,33 @@ impl ProgressStore {
             return Ok(reply);
         }
         write_deferred(&mut self.conn.clone(), &self.prefix, reply).await
+    }
+
+    /// [`call`](Self::call)s several functions, each of one tree, and returns their results in
+    /// order. On a cluster the calls run concurrently (each tree is its own slot, so their order
+    /// does not matter) and what they left to the caller is written once, after all of them.
+    async fn call_all(&self, invocations: Vec<Invocation>) -> Result<Vec<Value>, StoreError> {
+        if let [invocation] = invocations.as_slice() {
+            return Ok(vec![self.call(invocation).await?]);
+        }
+        // Owned futures, collected first: a stream over a closure borrowing its items would make
+        // the caller's future not `Send` for every lifetime.
+        let calls: Vec<_> =
+            invocations.into_iter().map(|invocation| invoke_owned(invocation, self.conn.clone())).collect();
+        let replies: Vec<Value> =
+            futures::stream::iter(calls).buffered(CONCURRENT_CALLS).try_collect().await?;
+        if !self.tagged() {
+            return Ok(replies);
+        }
+        let mut deferred = Deferred::default();
+        let mut results = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let (result, more) = split_deferred(reply)?;
+            deferred.extend(more);
+            results.push(result);
+        }
+        deferred.write(&mut self.conn.clone(), &self.prefix).await?;
+        Ok(results)
     }
 
     /// Reads a node, or `None` when the key has no node.
@@ -295,6 +335,26 @@ pub(crate) async fn write_deferred(
     prefix: &str,
     reply: Value,
 ) -> Result<Value, StoreError> {
+    let (result, deferred) = split_deferred(reply)?;
+    deferred.write(conn, prefix).await?;
+    Ok(result)
+}
+
+/// What calls on a cluster left to their caller (`deferred` in common.lua), as command arguments.
+#[derive(Debug, Default, PartialEq)]
+struct Deferred {
+    /// score, root, … for the roots index.
+    roots: Vec<String>,
+    /// Roots to take out of the index.
+    unroots: Vec<String>,
+    /// root, feed entry id (or `-`), … for the notification stream.
+    notes: Vec<String>,
+    /// Streams to register.
+    streams: Vec<String>,
+}
+
+/// A tagged call's reply `{ result, roots, unroots, notes, streams }` as the result and the rest.
+fn split_deferred(reply: Value) -> Result<(Value, Deferred), StoreError> {
     let Value::Array(parts) = reply else { return Err(protocol("a tagged call's reply is not an array")) };
     let Ok([result, roots, unroots, notes, streams]) = <[Value; 5]>::try_from(parts) else {
         return Err(protocol("a tagged call's reply has the wrong number of parts"));
@@ -309,38 +369,63 @@ pub(crate) async fn write_deferred(
             _ => Err(protocol("deferred write")),
         }
     };
-    let (roots, unroots, notes, streams) =
-        (texts(&roots)?, texts(&unroots)?, texts(&notes)?, texts(&streams)?);
-    let index = keys::roots(prefix);
-    for chunk in roots.chunks(2 * DEFERRED_CHUNK) {
-        redis::cmd("ZADD").arg(&index).arg(chunk).query_async::<()>(conn).await?;
-    }
-    for chunk in unroots.chunks(DEFERRED_CHUNK) {
-        redis::cmd("ZREM").arg(&index).arg(chunk).query_async::<()>(conn).await?;
-    }
-    if notes.is_empty() {
-        return Ok(result);
-    }
-    let notify = keys::notify(prefix);
-    let registry = crate::keys::retention::registry(prefix);
-    for chunk in streams.chunks(DEFERRED_CHUNK) {
-        redis::cmd("SADD").arg(&registry).arg(chunk).query_async::<()>(conn).await?;
-    }
-    redis::cmd("SADD").arg(&registry).arg(&notify).query_async::<()>(conn).await?;
-    for chunk in notes.chunks(2 * DEFERRED_CHUNK) {
-        redis::cmd("XADD")
-            .arg(&notify)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(NOTIFY_MAXLEN)
-            .arg("*")
-            .arg(chunk)
-            .query_async::<()>(conn)
-            .await?;
-    }
-    Ok(result)
+    let deferred = Deferred {
+        roots: texts(&roots)?,
+        unroots: texts(&unroots)?,
+        notes: texts(&notes)?,
+        streams: texts(&streams)?,
+    };
+    Ok((result, deferred))
 }
 
+impl Deferred {
+    fn extend(&mut self, other: Deferred) {
+        self.roots.extend(other.roots);
+        self.unroots.extend(other.unroots);
+        self.notes.extend(other.notes);
+        self.streams.extend(other.streams);
+    }
+
+    /// Writes it: the roots index, the registry, then the notifications.
+    async fn write(self, conn: &mut RedisConnection, prefix: &str) -> Result<(), StoreError> {
+        let Deferred { roots, unroots, notes, streams } = self;
+        let index = keys::roots(prefix);
+        for chunk in roots.chunks(2 * DEFERRED_CHUNK) {
+            redis::cmd("ZADD").arg(&index).arg(chunk).query_async::<()>(conn).await?;
+        }
+        for chunk in unroots.chunks(DEFERRED_CHUNK) {
+            redis::cmd("ZREM").arg(&index).arg(chunk).query_async::<()>(conn).await?;
+        }
+        if notes.is_empty() {
+            return Ok(());
+        }
+        let notify = keys::notify(prefix);
+        let registry = crate::keys::retention::registry(prefix);
+        for chunk in streams.chunks(DEFERRED_CHUNK) {
+            redis::cmd("SADD").arg(&registry).arg(chunk).query_async::<()>(conn).await?;
+        }
+        redis::cmd("SADD").arg(&registry).arg(&notify).query_async::<()>(conn).await?;
+        for chunk in notes.chunks(2 * DEFERRED_CHUNK) {
+            redis::cmd("XADD")
+                .arg(&notify)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(NOTIFY_MAXLEN)
+                .arg("*")
+                .arg(chunk)
+                .query_async::<()>(conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn invoke_owned(invocation: Invocation, mut conn: RedisConnection) -> redis::RedisResult<Value> {
+    invocation.invoke_async(&mut conn).await
+}
+
+/// Calls of one batch in flight at once on a cluster (one per tree).
+const CONCURRENT_CALLS: usize = 32;
 /// Items per deferred command (as the Lua's `ROOTS_PER_ZADD`).
 const DEFERRED_CHUNK: usize = 500;
 /// The notification stream's cap (as the Lua's `FEED_MAXLEN`).
