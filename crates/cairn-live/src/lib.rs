@@ -20,9 +20,8 @@ use std::time::Duration;
 
 use cairn_progress::Key;
 use cairn_progress::view::NodeView;
-use cairn_redis::RedisConfig;
 use cairn_redis::progress::feed::{Feed, NotificationReader};
-use redis::aio::ConnectionManager;
+use cairn_redis::{RedisConfig, RedisConnection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -153,10 +152,11 @@ struct Inner {
 
 impl Live {
     /// Starts the notification reader (its own Redis connection from `redis`); `conn` serves the
-    /// short reads. Everything stops, and every subscription ends, when `shutdown` fires.
+    /// short reads (one Redis or a cluster, as `redis` says). Everything stops, and every
+    /// subscription ends, when `shutdown` fires.
     pub fn start(
         redis: RedisConfig,
-        conn: ConnectionManager,
+        conn: impl Into<RedisConnection>,
         settings: Settings,
         shutdown: CancellationToken,
     ) -> Live {
@@ -264,7 +264,7 @@ async fn read_notifications(redis: RedisConfig, inner: Arc<Inner>) {
     let mut first = true;
     'connect: loop {
         let started = async {
-            let conn = redis.dedicated().await.map_err(cairn_redis::StoreError::from)?;
+            let conn = redis.dedicated_connection().await.map_err(cairn_redis::StoreError::from)?;
             NotificationReader::start(conn, &inner.feed).await
         };
         let mut reader = tokio::select! {

@@ -62,6 +62,43 @@ pub mod progress {
     pub fn notify(prefix: &str) -> String {
         format!("{prefix}{NOTIFY}")
     }
+
+    /// A node's key in the layout of a Redis Cluster (`tagged`) or of one Redis.
+    pub fn node_in(tagged: bool, prefix: &str, key: &str) -> String {
+        if tagged { format!("{prefix}{NODE}{}", tag(key)) } else { node(prefix, key) }
+    }
+
+    /// A node's child index in either layout.
+    pub fn children_in(tagged: bool, prefix: &str, key: &str) -> String {
+        if tagged { format!("{prefix}{CHILDREN}{}", tag(key)) } else { children(prefix, key) }
+    }
+
+    /// A tree's change feed in either layout.
+    pub fn feed_in(tagged: bool, prefix: &str, root: &str) -> String {
+        if tagged { format!("{prefix}{FEED}{{{root}}}") } else { feed(prefix, root) }
+    }
+
+    /// A progress key as the cluster layout writes it: its tree's root as the hash tag, then the
+    /// rest of the key (`{_job.1}.step`), so a tree lives in one slot. The Lua's `item` is the same.
+    pub fn tag(key: &str) -> String {
+        let root = root(key);
+        format!("{{{root}}}{}", &key[root.len()..])
+    }
+
+    /// The root of a key's tree: the key without its last segments up to a namespace boundary
+    /// (as `cairn_progress::Key::root`, on any text).
+    pub fn root(key: &str) -> &str {
+        let mut root = key;
+        while let Some(dot) = root.rfind('.') {
+            let parent = &root[..dot];
+            let last = parent.rsplit('.').next().unwrap_or(parent);
+            if last.starts_with('_') {
+                break;
+            }
+            root = parent;
+        }
+        root
+    }
 }
 
 /// The request queue's keys.
@@ -150,6 +187,21 @@ mod tests {
         assert_eq!(requests::replies("c", "i1"), "c:replies:i1");
         assert_eq!(retention::registry("c"), "c:streams");
         assert_eq!(retention::lease("c"), "c:trimmer:lease");
+    }
+
+    #[test]
+    fn the_cluster_layout_tags_every_key_of_a_tree_with_its_root() {
+        assert_eq!(progress::root("a.b.c"), "a");
+        assert_eq!(progress::root("_job.x.s"), "_job.x");
+        assert_eq!(progress::root("_r._y.z"), "_r._y.z", "a namespace parent: the key is a root");
+        assert_eq!(progress::root("_job"), "_job");
+        assert_eq!(progress::tag("a.b.c"), "{a}.b.c");
+        assert_eq!(progress::tag("_job.x"), "{_job.x}");
+        assert_eq!(progress::node_in(true, "c", "_job.x.s"), "c:pn:{_job.x}.s");
+        assert_eq!(progress::children_in(true, "c", "a.b"), "c:pc:{a}.b");
+        assert_eq!(progress::feed_in(true, "c", "a"), "c:pf:{a}");
+        assert_eq!(progress::node_in(false, "c", "a.b"), "c:pn:a.b");
+        assert_eq!(progress::feed_in(false, "c", "a"), "c:pf:a");
     }
 
     /// The Lua spells no family itself: every key it builds goes through a `KEY_*` local.

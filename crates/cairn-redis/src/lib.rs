@@ -8,8 +8,11 @@
 //! [`RedisConfig`] is the one place that builds Redis clients: a `rediss://` URL connects over
 //! TLS (rustls), trusting the system's roots or, with `CAIRN_REDIS_TLS_CA_FILE`, the CA in that
 //! PEM file.
+//! With `CAIRN_REDIS_CLUSTER=true` the stores share a [`RedisConnection`] to a Redis Cluster
+//! instead ([`RedisConfig::connection`]).
 
 pub mod blobs;
+mod connection;
 pub mod keys;
 mod library;
 pub mod progress;
@@ -25,6 +28,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 pub use blobs::{BlobError, BlobStore};
+pub use connection::RedisConnection;
 pub use progress::{ProgressStore, StoreError};
 
 /// The Redis function library holding Cairn's Lua (progress tree and request queue), as
@@ -66,7 +70,8 @@ pub fn is_refusal(error: &redis::RedisError) -> bool {
 /// Where Redis is and how Cairn names its keys there.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RedisConfig {
-    /// Redis URL (`redis://[user:pass@]host:port/db`; `rediss://` for TLS).
+    /// Redis URL (`redis://[user:pass@]host:port/db`; `rediss://` for TLS); with
+    /// `CAIRN_REDIS_CLUSTER=true` a comma-separated list of seed node URLs.
     #[arg(
         id = "redis-url",
         long = "redis-url",
@@ -81,11 +86,79 @@ pub struct RedisConfig {
     /// instead of the system's root certificates.
     #[arg(id = "redis-tls-ca-file", long = "redis-tls-ca-file", env = "CAIRN_REDIS_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
+    /// Whether `url` names the seed nodes of a Redis Cluster (docs/contract.md §8).
+    #[arg(
+        id = "redis-cluster",
+        long = "redis-cluster",
+        env = "CAIRN_REDIS_CLUSTER",
+        default_value = "false",
+        value_parser = parse_bool,
+        action = clap::ArgAction::Set
+    )]
+    pub cluster: bool,
 }
 
 impl RedisConfig {
+    /// One Redis at `url`.
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
-        Self { url: url.into(), prefix: prefix.into(), tls_ca_file: None }
+        Self { url: url.into(), prefix: prefix.into(), tls_ca_file: None, cluster: false }
+    }
+
+    /// A Redis Cluster reached through `seeds`, comma-separated node URLs.
+    pub fn cluster(seeds: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self { url: seeds.into(), prefix: prefix.into(), tls_ca_file: None, cluster: true }
+    }
+
+    /// The connection the stores share: [`manager`](Self::manager) for one Redis, a cluster
+    /// connection (connecting in the background, with the same timeouts) for a cluster.
+    pub fn connection(&self) -> Result<RedisConnection, redis::RedisError> {
+        if !self.cluster {
+            return self.manager().map(RedisConnection::from);
+        }
+        let config = redis::cluster::ClusterConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(10));
+        Ok(self.cluster_client()?.get_pending_async_connection_with_config(config).into())
+    }
+
+    /// A connection of its own for one blocking reader, to one Redis or to a cluster (where each
+    /// command goes to the master of its key), without a response timeout.
+    pub async fn dedicated_connection(&self) -> Result<RedisConnection, redis::RedisError> {
+        if !self.cluster {
+            return self.dedicated().await.map(RedisConnection::from);
+        }
+        let config = redis::cluster::ClusterConfig::new().set_connection_timeout(Duration::from_secs(2));
+        Ok(self.cluster_client()?.get_async_connection_with_config(config).await?.into())
+    }
+
+    fn single_only(&self) -> Result<(), redis::RedisError> {
+        if self.cluster {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "CAIRN_REDIS_CLUSTER=true: this service does not run on a Redis Cluster yet \
+                 (the request queue and retention need one Redis; docs/contract.md §8)",
+            )));
+        }
+        Ok(())
+    }
+
+    fn cluster_client(&self) -> Result<redis::cluster::ClusterClient, redis::RedisError> {
+        let seeds: Vec<&str> = self.url.split(',').map(str::trim).filter(|url| !url.is_empty()).collect();
+        if seeds.is_empty() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "CAIRN_REDIS_URL names no seed node of the cluster",
+            )));
+        }
+        let builder = redis::cluster::ClusterClient::builder(seeds.clone()).retries(3);
+        if !seeds.iter().any(|url| url.starts_with("rediss://")) {
+            return builder.build();
+        }
+        install_crypto_provider();
+        match self.tls_ca_pem()? {
+            Some(pem) => builder.certs(TlsCertificates { client_tls: None, root_cert: Some(pem) }).build(),
+            None => builder.build(),
+        }
     }
 
     /// The same settings, trusting the CA in `ca_file` for a `rediss://` URL.
@@ -101,37 +174,48 @@ impl RedisConfig {
         if self.url.starts_with("rediss://") {
             install_crypto_provider();
         }
-        let Some(path) = &self.tls_ca_file else {
+        let Some(pem) = self.tls_ca_pem()? else {
             return Client::open(self.url.as_str());
         };
-        let invalid = |detail: String| {
-            redis::RedisError::from((ErrorKind::InvalidClientConfig, "invalid TLS settings", detail))
-        };
-        if !self.url.starts_with("rediss://") {
-            return Err(invalid(format!(
+        let certificates = TlsCertificates { client_tls: None, root_cert: Some(pem) };
+        Client::build_with_tls(self.url.as_str(), certificates).map_err(|e| {
+            let path = self.tls_ca_file.as_deref().unwrap_or_else(|| std::path::Path::new(""));
+            invalid_tls(format!("CAIRN_REDIS_TLS_CA_FILE={}: {e}", path.display()))
+        })
+    }
+
+    /// The PEM of `CAIRN_REDIS_TLS_CA_FILE`, checked to hold a certificate; `None` when unset.
+    /// Refused with a `redis://` URL (on a cluster: when no seed is `rediss://`).
+    fn tls_ca_pem(&self) -> Result<Option<Vec<u8>>, redis::RedisError> {
+        let Some(path) = &self.tls_ca_file else { return Ok(None) };
+        if !self.url.split(',').any(|url| url.trim().starts_with("rediss://")) {
+            return Err(invalid_tls(format!(
                 "CAIRN_REDIS_TLS_CA_FILE={} is set but CAIRN_REDIS_URL does not start with rediss://",
                 path.display()
             )));
         }
-        let pem = std::fs::read(path)
-            .map_err(|e| invalid(format!("cannot read CAIRN_REDIS_TLS_CA_FILE={}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|e| {
+            invalid_tls(format!("cannot read CAIRN_REDIS_TLS_CA_FILE={}: {e}", path.display()))
+        })?;
         let certificates = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>();
         if !certificates.as_ref().is_ok_and(|c| !c.is_empty()) {
             let reason = certificates
                 .map_or_else(|e| e.to_string(), |_| "no -----BEGIN CERTIFICATE----- block".into());
-            return Err(invalid(format!(
+            return Err(invalid_tls(format!(
                 "CAIRN_REDIS_TLS_CA_FILE={} holds no PEM certificate: {reason}",
                 path.display()
             )));
         }
-        let certificates = TlsCertificates { client_tls: None, root_cert: Some(pem) };
-        Client::build_with_tls(self.url.as_str(), certificates)
-            .map_err(|e| invalid(format!("CAIRN_REDIS_TLS_CA_FILE={}: {e}", path.display())))
+        Ok(Some(pem))
     }
 
     /// The shared, reconnecting connection for short commands and scripts. Connects lazily, so a
-    /// service starts (and reports not-ready) while Redis is away.
+    /// service starts (and reports not-ready) while Redis is away. One Redis only: with
+    /// `CAIRN_REDIS_CLUSTER=true` it is refused, naming the variable, for the parts of Cairn that
+    /// do not run on a cluster yet (the request queue, retention); the others take
+    /// [`connection`](Self::connection).
     pub fn manager(&self) -> Result<ConnectionManager, redis::RedisError> {
+        self.single_only()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             // A burst script may touch thousands of keys; 500 ms (the default) is too tight.
@@ -142,7 +226,10 @@ impl RedisConfig {
     }
 
     /// A connection of its own for one blocking reader: no response timeout, so `BLOCK n` waits.
+    /// One Redis only: on a cluster, blocking readers use
+    /// [`dedicated_connection`](Self::dedicated_connection).
     pub async fn dedicated(&self) -> Result<MultiplexedConnection, redis::RedisError> {
+        self.single_only()?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(None);
@@ -159,6 +246,18 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+fn invalid_tls(detail: String) -> redis::RedisError {
+    redis::RedisError::from((ErrorKind::InvalidClientConfig, "invalid TLS settings", detail))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("invalid boolean {s:?}: use true or false")),
+    }
+}
+
 fn parse_prefix(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
@@ -171,7 +270,7 @@ fn parse_prefix(s: &str) -> Result<String, String> {
 }
 
 /// Answers whether Redis responds, for readiness probes.
-pub async fn ping(conn: &mut ConnectionManager) -> Result<(), String> {
+pub async fn ping(conn: &mut impl redis::aio::ConnectionLike) -> Result<(), String> {
     // A hung Redis (paused, half-open connection) must read as not ready, not as a slow probe.
     let pong = tokio::time::timeout(PING_TIMEOUT, redis::cmd("PING").query_async::<String>(conn)).await;
     match pong {
@@ -186,6 +285,18 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_mode_is_named_and_single_redis_connections_refuse_it() {
+        assert_eq!(parse_bool("TRUE"), Ok(true));
+        assert_eq!(parse_bool("0"), Ok(false));
+        assert!(parse_bool("maybe").unwrap_err().contains("invalid boolean"));
+        let cluster = RedisConfig::cluster("redis://127.0.0.1:7000,redis://127.0.0.1:7001", "c");
+        let refused = cluster.manager().expect_err("a cluster is refused").to_string();
+        assert!(refused.contains("CAIRN_REDIS_CLUSTER=true"), "{refused}");
+        let none = RedisConfig::cluster(" , ", "c").cluster_client().expect_err("no seed").to_string();
+        assert!(none.contains("no seed node"), "{none}");
+    }
 
     #[test]
     fn prefix_rejects_spaces_and_empty() {

@@ -39,12 +39,12 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
     Library::new(
         &includes,
         &[
-            ("progress_apply", "begin(ARGV[1])", include_str!("progress/apply.lua"), NONE),
-            ("progress_read", "begin(ARGV[1])", include_str!("progress/read_main.lua"), NONE),
-            ("progress_delete", "begin(ARGV[1])", include_str!("progress/delete.lua"), NONE),
-            ("progress_snapshot", "begin(ARGV[1])", include_str!("progress/snapshot.lua"), NONE),
-            ("progress_read_nodes", "begin(ARGV[1])", include_str!("progress/read_nodes.lua"), NONE),
-            ("progress_feed_since", "begin(ARGV[1])", include_str!("progress/feed_since.lua"), NONE),
+            ("progress_apply", "begin(ARGV[1], KEYS)", include_str!("progress/apply.lua"), NONE),
+            ("progress_read", "begin(ARGV[1], KEYS)", include_str!("progress/read_main.lua"), NONE),
+            ("progress_delete", "begin(ARGV[1], KEYS)", include_str!("progress/delete.lua"), NONE),
+            ("progress_snapshot", "begin(ARGV[1], KEYS)", include_str!("progress/snapshot.lua"), NONE),
+            ("progress_read_nodes", "begin(ARGV[1], KEYS)", include_str!("progress/read_nodes.lua"), NONE),
+            ("progress_feed_since", "begin(ARGV[1], KEYS)", include_str!("progress/feed_since.lua"), NONE),
             ("requests_submit", "begin_requests(ARGV)", include_str!("requests/submit.lua"), NONE),
             ("requests_start", "begin_requests(ARGV)", include_str!("requests/start.lua"), NONE),
             ("requests_heartbeat", "begin_requests(ARGV)", include_str!("requests/heartbeat.lua"), NONE),
@@ -56,7 +56,7 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
             ("retention_purge_requests", "", include_str!("retention/purge_requests.lua"), ALLOW_OOM),
             (
                 "retention_purge_tree",
-                "begin(ARGV[1])",
+                "begin(ARGV[1], KEYS)",
                 concat!(include_str!("retention/purge_tree.lua"), include_str!("progress/delete.lua")),
                 ALLOW_OOM,
             ),

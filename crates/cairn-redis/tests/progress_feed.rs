@@ -1,14 +1,16 @@
 //! The change feed the Lua library writes with every change (docs/contract.md §2 Live), on real Redis: what
-//! each writer appends, snapshots with their feed position, resume and gaps, purge.
+//! each writer appends, snapshots with their feed position, resume and gaps, purge; on one Redis
+//! and on a Redis Cluster (the same tests on both, `common::Target`).
+
+mod common;
 
 use std::collections::BTreeSet;
 
 use cairn_progress::{Key, Update};
-use cairn_redis::RedisConfig;
-use cairn_redis::progress::feed::{Feed, FeedId, Notice, NotificationReader, Since};
-use cairn_redis::progress::{Change, ProgressStore, ReadOptions};
+use cairn_redis::progress::feed::{FeedId, Notice, NotificationReader, Since};
+use cairn_redis::progress::{Change, ReadOptions};
 use cairn_redis::streams::Purger;
-use cairn_testkit::RedisNamespace;
+use common::Target;
 
 fn key(s: &str) -> Key {
     Key::parse(s).expect("valid key")
@@ -18,11 +20,11 @@ fn change(k: &str, body: &str, time_ms: i64) -> Change {
     Change { key: key(k), update: Update::from_slice(body.as_bytes()).unwrap(), time_ms }
 }
 
-fn parts(ns: &RedisNamespace) -> (ProgressStore, Feed, RedisConfig) {
-    let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
-    let conn = config.manager().expect("redis url");
-    (ProgressStore::new(conn.clone(), ns.prefix.clone()), Feed::new(conn, ns.prefix.clone()), config)
-}
+on_redis_and_cluster!(
+    every_call_appends_its_changed_nodes_to_each_trees_feed_and_notifies_once,
+    an_id_the_feed_no_longer_holds_is_a_gap,
+    a_purge_drops_the_feed_and_tells_watchers,
+);
 
 fn set(keys: &[String]) -> BTreeSet<&str> {
     keys.iter().map(String::as_str).collect()
@@ -35,11 +37,12 @@ fn entries(since: Since) -> Vec<cairn_redis::progress::feed::FeedEntry> {
     }
 }
 
-#[tokio::test]
-async fn every_call_appends_its_changed_nodes_to_each_trees_feed_and_notifies_once() {
-    let ns = RedisNamespace::new();
-    let (store, feed, config) = parts(&ns);
-    let mut reader = NotificationReader::start(config.dedicated().await.unwrap(), &feed).await.unwrap();
+/// One call notifies once for all its trees; on a cluster, where a batch is one call per tree,
+/// once per tree.
+async fn every_call_appends_its_changed_nodes_to_each_trees_feed_and_notifies_once(t: &Target) {
+    let (store, feed) = (t.store(), t.feed());
+    let mut reader =
+        NotificationReader::start(t.config.dedicated_connection().await.unwrap(), &feed).await.unwrap();
 
     // One call, two trees, one node touched many times.
     let burst: Vec<Change> = (0..100u8)
@@ -52,8 +55,9 @@ async fn every_call_appends_its_changed_nodes_to_each_trees_feed_and_notifies_on
 
     let notices = reader.next(1000, 100).await.unwrap();
     assert!(!notices.lost);
+    assert_eq!(notices.notices.len(), 2, "{:?}", notices.notices);
     let roots: BTreeSet<&str> = notices.notices.iter().map(|(root, _)| root.as_str()).collect();
-    assert_eq!(roots, BTreeSet::from(["_t.a", "_t.b"]), "one notification naming both trees");
+    assert_eq!(roots, BTreeSet::from(["_t.a", "_t.b"]), "both trees are named");
     let Some((_, Notice::Entry(id_a))) = notices.notices.iter().find(|(r, _)| r == "_t.a") else { panic!() };
 
     let a = entries(feed.since("_t.a", FeedId::ZERO).await.unwrap());
@@ -84,10 +88,8 @@ async fn every_call_appends_its_changed_nodes_to_each_trees_feed_and_notifies_on
     assert!(nodes[1].is_none());
 }
 
-#[tokio::test]
-async fn an_id_the_feed_no_longer_holds_is_a_gap() {
-    let ns = RedisNamespace::new();
-    let (store, feed, _) = parts(&ns);
+async fn an_id_the_feed_no_longer_holds_is_a_gap(t: &Target) {
+    let (store, feed) = (t.store(), t.feed());
     assert_eq!(
         feed.since("_t.g", FeedId::ZERO).await.unwrap(),
         Since::Entries(Vec::new()),
@@ -99,33 +101,41 @@ async fn an_id_the_feed_no_longer_holds_is_a_gap() {
     }
     let all = entries(feed.since("_t.g", FeedId::ZERO).await.unwrap());
     assert_eq!(all.len(), 5, "the whole feed, from its start");
-    let mut conn = config_conn(&ns).await;
-    let _: i64 =
-        redis::cmd("XTRIM").arg(ns.key("pf:_t.g")).arg("MAXLEN").arg(2).query_async(&mut conn).await.unwrap();
+    let mut conn = t.connection();
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(t.feed_key("_t.g"))
+        .arg("MAXLEN")
+        .arg(2)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(feed.since("_t.g", all[0].id).await.unwrap(), Since::Gap, "entries after it were trimmed");
     assert_eq!(feed.since("_t.g", FeedId::ZERO).await.unwrap(), Since::Gap);
     assert_eq!(entries(feed.since("_t.g", all[3].id).await.unwrap()), all[4..].to_vec());
 }
 
-async fn config_conn(ns: &RedisNamespace) -> redis::aio::ConnectionManager {
-    ns.connection().await
-}
-
-#[tokio::test]
-async fn a_purge_drops_the_feed_and_tells_watchers() {
-    let ns = RedisNamespace::new();
-    let (store, feed, config) = parts(&ns);
+/// A finished tree older than the cutoff goes with its feed, and watchers hear of it; a newer one
+/// stays (on a cluster the guard reads the root's own update time, the index being elsewhere).
+async fn a_purge_drops_the_feed_and_tells_watchers(t: &Target) {
+    let (store, feed) = (t.store(), t.feed());
     store.apply(&[change("_t.p.a", r#"{"progress": 1, "status": "finished"}"#, 1000)]).await.unwrap();
     store.apply(&[change("_t.p", r#"{"status": "finished"}"#, 1000)]).await.unwrap();
-    let mut reader = NotificationReader::start(config.dedicated().await.unwrap(), &feed).await.unwrap();
-    let purger = Purger::new(config.manager().unwrap(), ns.prefix.clone());
+    store.apply(&[change("_t.q", r#"{"status": "finished"}"#, 3000)]).await.unwrap();
+    let mut reader =
+        NotificationReader::start(t.config.dedicated_connection().await.unwrap(), &feed).await.unwrap();
+    let purger = Purger::new(t.connection(), t.prefix.clone());
+    assert_eq!(purger.old_roots(2000, 0, 10).await.unwrap(), ["_t.p"]);
+    assert_eq!(purger.purge_tree("_t.q", 5000, 2000).await.unwrap(), None, "updated after the cutoff");
     assert_eq!(purger.purge_tree("_t.p", 5000, 2000).await.unwrap(), Some(2));
     let notices = reader.next(1000, 100).await.unwrap();
     assert_eq!(notices.notices, [("_t.p".to_owned(), Notice::Dropped)], "watchers hear the tree went");
-    let mut conn = ns.connection().await;
-    let exists: i64 = redis::cmd("EXISTS").arg(ns.key("pf:_t.p")).query_async(&mut conn).await.unwrap();
+    let mut conn = t.connection();
+    let exists: i64 = redis::cmd("EXISTS").arg(t.feed_key("_t.p")).query_async(&mut conn).await.unwrap();
     assert_eq!(exists, 0, "the feed went with the tree");
+    let roots: Vec<String> =
+        redis::cmd("ZRANGE").arg(t.key("proots")).arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+    assert_eq!(roots, ["_t.q"], "the purged root left the index");
     let registered: Vec<String> =
-        redis::cmd("SMEMBERS").arg(ns.key("streams")).query_async(&mut conn).await.unwrap();
-    assert!(registered.contains(&ns.key("pfeed")), "{registered:?}");
+        redis::cmd("SMEMBERS").arg(t.key("streams")).query_async(&mut conn).await.unwrap();
+    assert!(registered.contains(&t.key("pfeed")), "{registered:?}");
 }

@@ -1,12 +1,17 @@
-//! The Lua progress store against the reference model in `cairn_progress::model`, on real Redis.
+//! The Lua progress store against the reference model in `cairn_progress::model`, on real Redis
+//! and on a Redis Cluster of three masters (the same tests on both, `common::Target`).
 
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Tree, Update};
 use cairn_redis::RedisConfig;
 use cairn_redis::progress::{Change, ProgressStore, ReadOptions};
-use cairn_testkit::{RedisNamespace, RedisServer, wait_until};
+use cairn_testkit::{RedisCluster, RedisServer, wait_until};
+use common::Target;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -14,9 +19,24 @@ fn key(s: &str) -> Key {
     Key::parse(s).expect("valid key")
 }
 
-fn store(ns: &RedisNamespace) -> ProgressStore {
-    let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
-    ProgressStore::new(config.manager().expect("redis url"), ns.prefix.clone())
+on_redis_and_cluster!(
+    sca_example_sequence_gives_sca_maths,
+    eta_follows_the_recent_rate_and_clears_when_finished,
+    a_parents_eta_follows_its_childrens_rates,
+    children_page_in_start_time_order_and_bad_cursors_are_named,
+    deleting_a_subtree_fixes_the_parent,
+    a_redelivered_burst_with_weight_changes_leaves_the_same_tree,
+    a_burst_of_many_trees_indexes_every_root,
+    a_call_touching_one_node_thousands_of_times_applies,
+);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// A cluster for every case of a property test run on a cluster (each case its own prefix).
+fn cluster_for(runtime: &tokio::runtime::Runtime, on_cluster: bool) -> Option<Arc<RedisCluster>> {
+    on_cluster.then(|| Arc::new(runtime.block_on(RedisCluster::new())))
 }
 
 fn change(k: &str, update: Update, time_ms: i64) -> Change {
@@ -136,19 +156,31 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+/// Random updates (duplicates, weight and status changes, zero weights) and deletes, applied
+/// one at a time, in bursts, and replayed: Redis always equals the model.
+#[test]
+fn redis_store_matches_the_model() {
+    store_matches_the_model(false);
+}
 
-    /// Random updates (duplicates, weight and status changes, zero weights) and deletes, applied
-    /// one at a time, in bursts, and replayed: Redis always equals the model.
-    #[test]
-    fn redis_store_matches_the_model(
-        ops in prop::collection::vec((op_strategy(), any::<bool>(), 0u8..12, prop_oneof![Just(1i64), 200i64..1500]), 1..50),
-    ) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+/// The same on a cluster, where a batch of several trees is one call per tree.
+#[test]
+fn cluster_store_matches_the_model() {
+    store_matches_the_model(true);
+}
+
+fn store_matches_the_model(on_cluster: bool) {
+    let rt = runtime();
+    let cluster = cluster_for(&rt, on_cluster);
+    let config = ProptestConfig { cases: 48, ..ProptestConfig::default() };
+    let ops = prop::collection::vec(
+        (op_strategy(), any::<bool>(), 0u8..12, prop_oneof![Just(1i64), 200i64..1500]),
+        1..50,
+    );
+    proptest!(config, |(ops in ops)| {
         rt.block_on(async {
-            let ns = RedisNamespace::new();
-            let store = store(&ns);
+            let target = Target::new(cluster.as_ref());
+            let store = target.store();
             let mut tree = Tree::new();
             let mut time = 1_000;
             let mut burst: Vec<Change> = Vec::new();
@@ -186,13 +218,11 @@ proptest! {
             }
             Ok(())
         })?;
-    }
+    });
 }
 
-#[tokio::test]
-async fn sca_example_sequence_gives_sca_maths() {
-    let ns = RedisNamespace::new();
-    let store = store(&ns);
+async fn sca_example_sequence_gives_sca_maths(t: &Target) {
+    let store = t.store();
     let steps = [
         ("_test.scott1", json!({"name": "test instance", "status": "waiting", "msg": "root msg"})),
         ("_test.scott1.task1", json!({"name": "task1", "status": "running", "msg": "initializing"})),
@@ -223,10 +253,8 @@ async fn sca_example_sequence_gives_sca_maths() {
     );
 }
 
-#[tokio::test]
-async fn eta_follows_the_recent_rate_and_clears_when_finished() {
-    let ns = RedisNamespace::new();
-    let store = store(&ns);
+async fn eta_follows_the_recent_rate_and_clears_when_finished(t: &Target) {
+    let store = t.store();
     store.apply(&[change("_e.job", Update::new().progress(0.1).status("running"), 10_000)]).await.unwrap();
     store.apply(&[change("_e.job", Update::new().progress(0.2), 11_000)]).await.unwrap();
     let node = store.get(&key("_e.job"), &ReadOptions::default()).await.unwrap().unwrap();
@@ -243,10 +271,8 @@ async fn eta_follows_the_recent_rate_and_clears_when_finished() {
 
 /// A parent's ETA comes from its weighted remaining work and its children's rates: one of four
 /// equal steps running at 0.1 per second moves the job at 0.025 per second.
-#[tokio::test]
-async fn a_parents_eta_follows_its_childrens_rates() {
-    let ns = RedisNamespace::new();
-    let store = store(&ns);
+async fn a_parents_eta_follows_its_childrens_rates(t: &Target) {
+    let store = t.store();
     for step in ["c", "d"] {
         store
             .apply(&[change(&format!("_e.job.{step}"), Update::new().status("waiting"), 1_000)])
@@ -273,10 +299,8 @@ async fn a_parents_eta_follows_its_childrens_rates() {
     assert_eq!((job.progress(), job.eta), (Some(1.0), None));
 }
 
-#[tokio::test]
-async fn children_page_in_start_time_order_and_bad_cursors_are_named() {
-    let ns = RedisNamespace::new();
-    let store = store(&ns);
+async fn children_page_in_start_time_order_and_bad_cursors_are_named(t: &Target) {
+    let store = t.store();
     let changes: Vec<Change> =
         (0..250).map(|i| change(&format!("_p.parent.c{i}"), Update::new().progress(0.0), 1000 + i)).collect();
     store.apply(&changes).await.unwrap();
@@ -300,10 +324,8 @@ async fn children_page_in_start_time_order_and_bad_cursors_are_named() {
     assert!(error.to_string().contains("_p.other"), "{error}");
 }
 
-#[tokio::test]
-async fn deleting_a_subtree_fixes_the_parent() {
-    let ns = RedisNamespace::new();
-    let store = store(&ns);
+async fn deleting_a_subtree_fixes_the_parent(t: &Target) {
+    let store = t.store();
     store
         .apply(&[
             change("_d.job.done", Update::new().progress(1.0).status("finished"), 1),
@@ -327,10 +349,8 @@ async fn deleting_a_subtree_fixes_the_parent() {
 /// A redelivered burst that changes one child's weight to something and back to 0: with the
 /// parent's Σw = 0 at the end, it shows the progress posted on it (none here), not whatever the
 /// replay's intermediate roll-up left behind (CI once found the latter).
-#[tokio::test]
-async fn a_redelivered_burst_with_weight_changes_leaves_the_same_tree() {
-    let ns = RedisNamespace::new();
-    let store = store(&ns);
+async fn a_redelivered_burst_with_weight_changes_leaves_the_same_tree(t: &Target) {
+    let store = t.store();
     let burst = [
         change("_r.job.a", Update::new().weight(1.0), 1),
         change("_r.job.a", Update::new().progress(1.0).weight(0.0), 2),
@@ -350,20 +370,18 @@ async fn a_redelivered_burst_with_weight_changes_leaves_the_same_tree() {
     assert_eq!(posted.progress(), Some(0.4));
 }
 
-#[tokio::test]
-async fn a_burst_of_many_trees_indexes_every_root() {
+async fn a_burst_of_many_trees_indexes_every_root(t: &Target) {
     // More roots in one call than one ZADD of the index takes: every root is indexed, with its
     // update time, and nothing else is.
-    let ns = RedisNamespace::new();
-    let store = store(&ns);
+    let store = t.store();
     let changes: Vec<Change> = (0..1234)
         .map(|i| change(&format!("_requests.r{i}"), Update::new().status("finished"), 1_000 + i))
         .chain([change("job.step", Update::new().progress(0.5), 5_000)])
         .collect();
     store.apply(&changes).await.unwrap();
-    let mut conn = ns.connection().await;
+    let mut conn = t.connection();
     let roots: Vec<(String, i64)> = redis::cmd("ZRANGE")
-        .arg(ns.key("proots"))
+        .arg(t.key("proots"))
         .arg(0)
         .arg(-1)
         .arg("WITHSCORES")
@@ -412,12 +430,48 @@ async fn a_restarted_redis_gets_the_function_library_again() {
     assert_eq!(job.progress(), Some(1.0), "only b is left after the restart");
 }
 
+/// On a cluster the first call loads the function library on every master, not only the one it
+/// reached; a master that lost it (flushed) gets it again from the next call that lands there.
+#[tokio::test]
+async fn a_cluster_gets_the_function_library_on_every_master() {
+    let cluster = Arc::new(RedisCluster::new().await);
+    let store = Target::on(&cluster).store();
+    let libraries = |url: String| async move {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let list: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg("cairn_*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (list.len(), conn)
+    };
+    for url in cluster.urls() {
+        assert_eq!(libraries(url).await.0, 0, "a fresh master has no Cairn library");
+    }
+    store.apply(&[change("_f.job.a", Update::new().progress(0.5), 1)]).await.unwrap();
+    for url in cluster.urls() {
+        let (count, mut conn) = libraries(url.clone()).await;
+        assert_eq!(count, 1, "{url} got the library with the first call");
+        let _: () = redis::cmd("FUNCTION").arg("FLUSH").query_async(&mut conn).await.unwrap();
+    }
+    // Trees in every master's slots: each call finds its function missing, loads, calls again.
+    let trees: Vec<Change> =
+        (0..30).map(|i| change(&format!("_f.t{i}.a"), Update::new().progress(1.0), 2)).collect();
+    store.apply(&trees).await.unwrap();
+    for url in cluster.urls() {
+        assert_eq!(libraries(url.clone()).await.0, 1, "{url} has it again");
+    }
+    let node = store.get(&key("_f.t29"), &ReadOptions::default()).await.unwrap().expect("applied");
+    assert_eq!(node.progress(), Some(1.0));
+}
+
 /// One call touching one node thousands of times, and a node given thousands of distinct fields
 /// in one call: every write lands (Lua's unpack limit once failed such a call for good).
-#[tokio::test]
-async fn a_call_touching_one_node_thousands_of_times_applies() {
-    let ns = RedisNamespace::new();
-    let store = store(&ns);
+async fn a_call_touching_one_node_thousands_of_times_applies(t: &Target) {
+    let store = t.store();
     let n = 3000;
     let repeated: Vec<Change> = (0..n)
         .map(|i| {
@@ -450,14 +504,23 @@ async fn a_call_touching_one_node_thousands_of_times_applies() {
 /// parent shows is the weighted mean of the children it has now, as if computed afresh.
 #[test]
 fn extreme_weights_keep_parents_exact() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    extreme_weights(false);
+}
+
+#[test]
+fn extreme_weights_keep_parents_exact_on_a_cluster() {
+    extreme_weights(true);
+}
+
+fn extreme_weights(on_cluster: bool) {
+    let runtime = runtime();
+    let cluster = cluster_for(&runtime, on_cluster);
     let weights = prop::sample::select(vec![0.0, 1e-9, 0.1, 1.0, 3.0, 1e6, 1e12]);
     let op = (0usize..4, weights, 0.0f64..=1.0, prop::bool::weighted(0.2));
     let config = ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() };
     proptest!(config, |(ops in prop::collection::vec(op, 1..40))| {
         runtime.block_on(async {
-            let ns = RedisNamespace::new();
-            let store = store(&ns);
+            let store = Target::new(cluster.as_ref()).store();
             let mut children = std::collections::BTreeMap::new();
             for (t, (child, weight, progress, delete)) in ops.into_iter().enumerate() {
                 let k = format!("_x.p.c{child}");

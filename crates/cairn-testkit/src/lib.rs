@@ -1,21 +1,24 @@
 //! Test harness shared by every crate's integration tests, so tests run in parallel against the
 //! shared Redis and RabbitMQ and leave nothing behind: a Redis key prefix per test (keys deleted
-//! on drop), a throw-away `redis-server` process for tests that kill or restart Redis, a fresh
-//! RabbitMQ vhost per test (deleted on drop, with management-API helpers to drop connections and
-//! read queues), a RabbitMQ node of its own and generated certificates for TLS tests, service processes to kill and restart, a TCP proxy that cuts a shared server off from the code under test, unique names
+//! on drop), a throw-away `redis-server` process for tests that kill or restart Redis, a private
+//! Redis Cluster of three masters on loopback, a fresh RabbitMQ vhost per test (deleted on drop,
+//! with management-API helpers to drop connections and read queues), a RabbitMQ node of its own
+//! and generated certificates for TLS tests, service processes to kill and restart, a TCP proxy
+//! that cuts a shared server off from the code under test, unique names
 //! and a polling `wait_until` used instead of sleeps.
 //!
 //! Fixtures panic with a message naming the problem (and the environment variable to set) when
 //! setup fails: a test without its environment should fail right there, loudly.
 //!
-//! Environment: `CAIRN_TEST_REDIS_URL`, `CAIRN_TEST_REDIS_SERVER` (binary), `CAIRN_TEST_AMQP_URL`,
-//! `CAIRN_TEST_RABBITMQ_API`, `CAIRN_TEST_RABBITMQ_USER`, `CAIRN_TEST_RABBITMQ_PASS`,
-//! `CAIRN_TEST_RABBITMQ_SERVER` (binary of [`RabbitNode`]). RabbitMQ
+//! Environment: `CAIRN_TEST_REDIS_URL`, `CAIRN_TEST_REDIS_SERVER` and `CAIRN_TEST_REDIS_CLI`
+//! (binaries), `CAIRN_TEST_AMQP_URL`, `CAIRN_TEST_RABBITMQ_API`, `CAIRN_TEST_RABBITMQ_USER`,
+//! `CAIRN_TEST_RABBITMQ_PASS`, `CAIRN_TEST_RABBITMQ_SERVER` (binary of [`RabbitNode`]). RabbitMQ
 //! needs the `rabbitmq_management` plugin.
 
 mod amqp;
 mod process;
 mod rabbitmq_node;
+mod redis_cluster;
 mod redis_namespace;
 mod redis_server;
 mod tcp_proxy;
@@ -27,6 +30,7 @@ use std::time::{Duration, Instant};
 pub use amqp::AmqpVhost;
 pub use process::{ServiceProcess, free_port, rss_kib};
 pub use rabbitmq_node::RabbitNode;
+pub use redis_cluster::RedisCluster;
 pub use redis_namespace::RedisNamespace;
 pub use redis_server::{RedisServer, RedisServerBuilder};
 pub use tcp_proxy::TcpProxy;

@@ -1,8 +1,8 @@
-//! The Redis fixtures against the shared Redis and against throw-away `redis-server`s.
+//! The Redis fixtures against the shared Redis, throw-away `redis-server`s and a private cluster.
 
 use std::time::Duration;
 
-use cairn_testkit::{RedisNamespace, RedisServer, unique_name, wait_until};
+use cairn_testkit::{RedisCluster, RedisNamespace, RedisServer, unique_name, wait_until};
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 
@@ -143,4 +143,36 @@ async fn dropping_a_server_kills_it_even_when_paused() {
     let client = redis::Client::open(url).unwrap();
     assert!(client.get_multiplexed_async_connection().await.is_err());
     assert!(!dir.exists(), "the data directory is removed");
+}
+
+/// Three masters share all 16 384 slots, each refuses a key of another's slots (MOVED), and
+/// dropping the cluster stops every node.
+#[tokio::test]
+async fn cluster_has_three_masters_covering_every_slot() {
+    let cluster = RedisCluster::new().await;
+    let urls = cluster.urls();
+    assert_eq!(urls.len(), 3);
+    assert_eq!(cluster.url(), urls.join(","));
+    let mut moved = 0;
+    for url in &urls {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut con).await.unwrap();
+        for expected in ["cluster_state:ok", "cluster_slots_assigned:16384", "cluster_size:3"] {
+            assert!(info.lines().any(|line| line.trim() == expected), "{url}: {info}");
+        }
+        // "a" and "b" hash to slots of different masters (15495 and 3300).
+        for key in ["a", "b"] {
+            if let Err(e) = redis::cmd("SET").arg(key).arg(1).query_async::<()>(&mut con).await {
+                assert_eq!(e.code(), Some("MOVED"), "{url}: {e}");
+                moved += 1;
+            }
+        }
+    }
+    assert_eq!(moved, 4, "each key is owned by one master and moved by the other two");
+    drop(cluster);
+    for url in urls {
+        let client = redis::Client::open(url).unwrap();
+        assert!(client.get_multiplexed_async_connection().await.is_err());
+    }
 }

@@ -15,11 +15,11 @@ use std::time::Duration;
 use anyhow::Context;
 use cairn_amqp::{AmqpConfig, QueueType, Topology};
 use cairn_proto::v1::progress_server::ProgressServer;
+use cairn_redis::RedisConnection;
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration, serve_admin};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -106,7 +106,7 @@ impl Config {
 
 /// Ready when Redis answers and the AMQP consumers are running.
 struct Ready {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     amqp: Arc<AtomicBool>,
     stalls: Arc<Stalls>,
 }
@@ -131,7 +131,7 @@ impl Readiness for Ready {
 pub struct App {
     config: Config,
     store: ProgressStore,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     grpc: TcpListener,
     admin: TcpListener,
     verifier: Option<cairn_auth::Verifier>,
@@ -140,7 +140,7 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let redis = config.redis.manager().context("invalid Redis settings")?;
+        let redis = config.redis.connection().context("invalid Redis settings")?;
         let amqp = config.amqp.endpoint().context("invalid AMQP settings")?;
         let verifier = cairn_auth::verifier_or_warn(&config.auth, "progress-aggregator")
             .context("invalid auth settings")?;

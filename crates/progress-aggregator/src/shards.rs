@@ -18,8 +18,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use cairn_redis::RedisConnection;
 use cairn_redis::streams::{Lease, LeaseState, StreamError};
-use redis::aio::ConnectionManager;
 
 /// The most shards one replica should hold with `members` replicas alive (at least one: itself).
 pub fn fair_share(shards: u16, members: usize) -> usize {
@@ -53,7 +53,7 @@ pub fn plan(shards: u16, held: &BTreeSet<u16>, target: usize, start: u16) -> Pla
 
 /// A replica's membership and shard leases in Redis.
 pub struct ShardLeases {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     members_key: String,
     leases: Vec<Lease>,
     instance: String,
@@ -63,14 +63,14 @@ pub struct ShardLeases {
 impl ShardLeases {
     /// `queues`: the shard queues in shard order; `instance` must be unique among replicas.
     pub fn new(
-        conn: ConnectionManager,
+        conn: impl Into<RedisConnection>,
         prefix: &str,
         queue: &str,
         queues: &[String],
         instance: impl Into<String>,
         ttl: Duration,
     ) -> Self {
-        let instance = instance.into();
+        let (conn, instance) = (conn.into(), instance.into());
         let leases = queues
             .iter()
             .map(|q| {

@@ -1,4 +1,6 @@
--- Applies a batch of updates in order, atomically (one script call).
+-- Applies a batch of updates in order, atomically (one script call). KEYS[1]: the node key of the
+-- first update's root (it fixes the layout and, on a cluster, the slot: every update of a tagged
+-- call is of that one tree). The reply goes through `deferred`.
 -- ARGV: prefix, n, then per update: key, time_ms, nfields, name1, json1, ...; then read_depth,
 -- read_limit: when read_depth > 0, every update's node is returned (as `read` returns it, after
 -- the whole batch), in update order.
@@ -17,6 +19,6 @@ if depth > 0 then
   local nodes = {}
   budget = READ_BUDGET
   for j, k in ipairs(keys) do nodes[j] = read_node(k, depth, tonumber(ARGV[i + 1]), '') end
-  return nodes
+  return deferred(nodes)
 end
-return n
+return deferred(n)

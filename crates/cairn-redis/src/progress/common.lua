@@ -40,11 +40,14 @@
 -- bytes a value; "running" makes 58).
 -- P is the prefix; NODE_KEYS and CHILD_KEYS the two per-node families under it, joined once per
 -- call (`begin`): a node's key is then one concatenation.
-local P, NODE_KEYS, CHILD_KEYS
+-- TAGGED: the call uses the hash-tagged layout of a Redis Cluster (docs/contract.md §8), chosen
+-- by the caller: it is on exactly when the key the caller declares (KEYS[1]) carries a tag. A
+-- tree's keys then carry its root as the tag, `P:pn:{<root>}<rest of the key>`,
+-- `P:pc:{<root>}…`, `P:pf:{<root>}`, so every key of a tree is in one slot; and the keys of no
+-- tree (P:proots, P:pfeed, P:streams) are not written by the call but returned to the caller,
+-- which writes them after it (`deferred`). Without a tag the layout is the one above.
+local P, NODE_KEYS, CHILD_KEYS, TAGGED
 local EPS = 1e-9
-
-local function nkey(k) return NODE_KEYS .. k end
-local function ckey(k) return CHILD_KEYS .. k end
 
 -- Formatting a double costs more than most Redis commands here, and a call writes the same few
 -- values (the update time, whole sums) on every node it touches: each value is formatted once
@@ -113,6 +116,64 @@ local function parent_of(k)
   end
   PARENTS[k] = p
   return p or nil
+end
+
+-- The root of a key's tree, kept for the call.
+local ROOT_OF = {}
+local function root_of(k)
+  local r = ROOT_OF[k]
+  if r then return r end
+  r = k
+  local p = parent_of(r)
+  while p do
+    r = p
+    p = parent_of(r)
+  end
+  ROOT_OF[k] = r
+  return r
+end
+
+-- A key's part of its node and child index keys: the key itself, or with TAGGED its root as the
+-- hash tag and then the rest of the key.
+local function item(k)
+  if not TAGGED then return k end
+  local r = root_of(k)
+  if #r == #k then return '{' .. k .. '}' end
+  return '{' .. r .. '}' .. string.sub(k, #r + 1)
+end
+local function nkey(k)
+  if TAGGED then return NODE_KEYS .. item(k) end
+  return NODE_KEYS .. k
+end
+local function ckey(k)
+  if TAGGED then return CHILD_KEYS .. item(k) end
+  return CHILD_KEYS .. k
+end
+-- A tree's change feed.
+local function feed_key(root)
+  if TAGGED then return P .. KEY_FEED .. '{' .. root .. '}' end
+  return P .. KEY_FEED .. root
+end
+
+-- What a TAGGED call leaves to its caller, the writes outside the tree's slot: roots to index
+-- (score, root, …), roots to take out of the index, notifications (root, feed id, …) and streams
+-- to register.
+local DEFERRED_ROOTS, DEFERRED_UNROOTS, DEFERRED_NOTES, DEFERRED_STREAMS = {}, {}, {}, {}
+
+-- Takes a deleted tree's root out of P:proots.
+local function unindex_root(root)
+  if TAGGED then
+    DEFERRED_UNROOTS[#DEFERRED_UNROOTS + 1] = root
+  else
+    redis.call('ZREM', P .. KEY_ROOTS, root)
+  end
+end
+
+-- A function's reply: `result` itself, or with TAGGED `{ result, roots, unroots, notes, streams }`
+-- (what the call left to its caller). An error reply goes back as it is.
+local function deferred(result)
+  if not TAGGED or (type(result) == 'table' and result.err) then return result end
+  return { result, DEFERRED_ROOTS, DEFERRED_UNROOTS, DEFERRED_NOTES, DEFERRED_STREAMS }
 end
 
 local TERMINAL = { ['"finished"'] = true, ['"failed"'] = true, ['"canceled"'] = true }
@@ -251,19 +312,6 @@ end
 local FEED_MAXLEN = 10000
 -- Keys whose subtrees this call deleted, by tree root; and whether the feed goes with the tree.
 local FEED_DELETED, FEED_DROP = {}, false
-local ROOT_OF = {}
-local function root_of(k)
-  local r = ROOT_OF[k]
-  if r then return r end
-  r = k
-  local p = parent_of(r)
-  while p do
-    r = p
-    p = parent_of(r)
-  end
-  ROOT_OF[k] = r
-  return r
-end
 
 -- Appends one entry per changed tree (`changed`: root -> list of keys) and one notification, and
 -- registers the streams for the trimmer (P:streams; its policy for pf:* and pfeed keeps 10 000
@@ -273,13 +321,18 @@ local function feed_write(changed)
   local n, r = 0, 0
   local note = P .. KEY_NOTIFY
   local function send()
-    redis.call('XADD', note, 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
-    REG_ARGS[r + 1] = note
-    redis.call('SADD', P .. KEY_STREAMS, unpack(REG_ARGS, 1, r + 1))
+    if TAGGED then
+      for j = 1, n do DEFERRED_NOTES[#DEFERRED_NOTES + 1] = NOTE_ARGS[j] end
+      for j = 1, r do DEFERRED_STREAMS[#DEFERRED_STREAMS + 1] = REG_ARGS[j] end
+    else
+      redis.call('XADD', note, 'MAXLEN', '~', FEED_MAXLEN, '*', unpack(NOTE_ARGS, 1, n))
+      REG_ARGS[r + 1] = note
+      redis.call('SADD', P .. KEY_STREAMS, unpack(REG_ARGS, 1, r + 1))
+    end
     n, r = 0, 0
   end
   for root, keys in pairs(changed) do
-    local fk = P .. KEY_FEED .. root
+    local fk = feed_key(root)
     local id
     local deleted = FEED_DELETED[root]
     if FEED_DROP then
@@ -345,6 +398,12 @@ local function flush()
   end
   cache = {}
   local n, pk = 0, P .. KEY_ROOTS
+  if TAGGED then
+    for root, t in pairs(roots) do
+      DEFERRED_ROOTS[#DEFERRED_ROOTS + 1] = num(t); DEFERRED_ROOTS[#DEFERRED_ROOTS + 1] = root
+    end
+    roots = {}
+  end
   for root, t in pairs(roots) do
     ZADD_ARGS[n + 1] = num(t); ZADD_ARGS[n + 2] = root; n = n + 2
     if n == 2 * ROOTS_PER_ZADD then
@@ -566,10 +625,13 @@ local function apply_update(k, t, args, i, nf)
   end
 end
 
--- Starts a call of a function using this code: the prefix, and fresh per-call state (the library's
--- top level runs once; these tables would otherwise carry one call's nodes into the next).
-local function begin(prefix)
+-- Starts a call of a function using this code: the prefix, the layout (TAGGED when the first of
+-- `keys`, the function's KEYS, carries a hash tag) and fresh per-call state (the library's top
+-- level runs once; these tables would otherwise carry one call's nodes into the next).
+local function begin(prefix, keys)
   P = prefix
+  TAGGED = keys ~= nil and keys[1] ~= nil and string.find(keys[1], '{', 1, true) ~= nil
+  DEFERRED_ROOTS, DEFERRED_UNROOTS, DEFERRED_NOTES, DEFERRED_STREAMS = {}, {}, {}, {}
   NODE_KEYS, CHILD_KEYS = prefix .. KEY_NODE, prefix .. KEY_CHILDREN
   NUMS, NUMBERS, BEFORE_LAST_DOT, PARENTS = {}, {}, {}, {}
   cache, roots = {}, {}

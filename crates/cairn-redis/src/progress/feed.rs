@@ -15,9 +15,10 @@ use std::sync::LazyLock;
 use cairn_progress::Key;
 use cairn_progress::view::NodeView;
 use redis::Value;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
 
-use super::{ReadOptions, StoreError, as_text, parse_node, protocol};
+use super::{ReadOptions, StoreError, as_text, by_tree, parse_node, protocol};
+use crate::RedisConnection;
+use crate::keys::progress as keys;
 use crate::library::{Function, LIBRARY};
 
 static SNAPSHOT: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("progress_snapshot"));
@@ -99,18 +100,27 @@ pub enum Since {
 /// Reads the change feed and node states of one key prefix (short calls on the shared connection).
 #[derive(Clone)]
 pub struct Feed {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
 }
 
 impl Feed {
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
-        Self { conn, prefix: prefix.into() }
+    pub fn new(conn: impl Into<RedisConnection>, prefix: impl Into<String>) -> Self {
+        Self { conn: conn.into(), prefix: prefix.into() }
+    }
+
+    fn tagged(&self) -> bool {
+        self.conn.is_cluster()
+    }
+
+    /// The node key of a tree's root, the key a call on that tree declares.
+    fn root_key(&self, root: &str) -> String {
+        keys::node_in(self.tagged(), &self.prefix, root)
     }
 
     /// The notification stream's key.
     pub fn notifications_key(&self) -> String {
-        crate::keys::progress::notify(&self.prefix)
+        keys::notify(&self.prefix)
     }
 
     /// The subtree at `key` (as [`crate::ProgressStore::get`] reads it) and the id of the newest
@@ -121,13 +131,14 @@ impl Feed {
         options: &ReadOptions,
     ) -> Result<(FeedId, Option<NodeView>), StoreError> {
         options.validate()?;
+        let root = key.root();
         let reply: Value = SNAPSHOT
-            .prepare_invoke()
+            .prepare_invoke_with_keys(&[&self.root_key(root.as_str())])
             .arg(&self.prefix)
             .arg(key.as_str())
             .arg(options.depth)
             .arg(options.limit)
-            .arg(key.root().as_str())
+            .arg(root.as_str())
             .invoke_async(&mut self.conn.clone())
             .await?;
         let Value::Array(items) = reply else { return Err(protocol("snapshot is not an array")) };
@@ -138,25 +149,31 @@ impl Feed {
     }
 
     /// The newest state of each key (read to depth 1 with `limit` child keys), `None` for a
-    /// key with no node, in the order given; one call.
+    /// key with no node, in the order given; one call (on a cluster, one per tree).
     pub async fn read_nodes(&self, keys: &[String], limit: u32) -> Result<Vec<Option<NodeView>>, StoreError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+        let mut out = vec![None; keys.len()];
+        for (root, indexes) in by_tree(self.tagged(), keys.iter().map(String::as_str)) {
+            let mut invocation = READ_NODES.prepare_invoke_with_keys(&[&self.root_key(&root)]);
+            invocation.arg(&self.prefix).arg(limit);
+            for &i in &indexes {
+                invocation.arg(keys[i].as_str());
+            }
+            let reply: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
+            let Value::Array(nodes) = reply else { return Err(protocol("nodes are not an array")) };
+            if nodes.len() != indexes.len() {
+                return Err(protocol("nodes do not match the keys"));
+            }
+            for (node, i) in nodes.iter().zip(indexes) {
+                out[i] = parse_node(node)?;
+            }
         }
-        let mut invocation = READ_NODES.prepare_invoke();
-        invocation.arg(&self.prefix).arg(limit);
-        for key in keys {
-            invocation.arg(key.as_str());
-        }
-        let reply: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
-        let Value::Array(nodes) = reply else { return Err(protocol("nodes are not an array")) };
-        nodes.iter().map(parse_node).collect()
+        Ok(out)
     }
 
     /// Entries of `root`'s feed after `after`, or [`Since::Gap`] when some may be gone.
     pub async fn since(&self, root: &str, after: FeedId) -> Result<Since, StoreError> {
         let reply: Value = SINCE
-            .prepare_invoke()
+            .prepare_invoke_with_keys(&[&keys::feed_in(self.tagged(), &self.prefix, root)])
             .arg(&self.prefix)
             .arg(root)
             .arg(after.to_string())
@@ -179,7 +196,7 @@ impl Feed {
         count: usize,
     ) -> Result<Vec<FeedEntry>, StoreError> {
         let reply: Value = redis::cmd("XRANGE")
-            .arg(crate::keys::progress::feed(&self.prefix, root))
+            .arg(keys::feed_in(self.tagged(), &self.prefix, root))
             .arg(format!("({after}"))
             .arg("+")
             .arg("COUNT")
@@ -192,7 +209,7 @@ impl Feed {
 
 /// Tails `P:pfeed` from the moment it starts, on a connection of its own.
 pub struct NotificationReader {
-    conn: MultiplexedConnection,
+    conn: RedisConnection,
     key: String,
     last: FeedId,
 }
@@ -208,8 +225,9 @@ pub struct Notices {
 
 impl NotificationReader {
     /// Starts after the newest notification there is now.
-    pub async fn start(conn: MultiplexedConnection, feed: &Feed) -> Result<Self, StoreError> {
-        let mut reader = NotificationReader { conn, key: feed.notifications_key(), last: FeedId::ZERO };
+    pub async fn start(conn: impl Into<RedisConnection>, feed: &Feed) -> Result<Self, StoreError> {
+        let mut reader =
+            NotificationReader { conn: conn.into(), key: feed.notifications_key(), last: FeedId::ZERO };
         let newest: Value = redis::cmd("XREVRANGE")
             .arg(&reader.key)
             .arg("+")

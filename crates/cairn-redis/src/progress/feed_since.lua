@@ -3,7 +3,7 @@
 -- `after` may have been trimmed (or the feed was dropped): the caller needs a fresh snapshot.
 -- `after` is either an entry id of the feed (a live event id) or '0-0' (a snapshot taken before
 -- the feed existed), which resumes only from a feed that never lost an entry.
-local fk, after = P .. KEY_FEED .. ARGV[2], ARGV[3]
+local fk, after = feed_key(ARGV[2]), ARGV[3]
 if redis.call('EXISTS', fk) == 0 then
   if after == '0-0' then return { 'ok', {} } end
   return { 'gap' }

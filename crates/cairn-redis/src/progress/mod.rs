@@ -11,10 +11,12 @@ use std::sync::LazyLock;
 
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
+use futures::{StreamExt as _, TryStreamExt as _};
 use redis::Value;
-use redis::aio::ConnectionManager;
 use serde_json::{Map, Value as Json};
 
+use crate::RedisConnection;
+use crate::keys::progress as keys;
 use crate::library::{Function, Invocation, LIBRARY};
 
 pub mod feed;
@@ -103,48 +105,125 @@ impl ReadOptions {
 }
 
 /// The progress tree of one key prefix.
+///
+/// On a Redis Cluster ([`RedisConnection::is_cluster`]) every key of a tree carries its root as
+/// hash tag, a batch is applied as one call per tree (in order within each tree: one key is in
+/// one tree), and the writes outside the tree's slot (the roots index, the notification stream,
+/// the stream registry) follow each call as commands of their own (docs/contract.md §8).
 #[derive(Clone)]
 pub struct ProgressStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
 }
 
 impl ProgressStore {
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
-        Self { conn, prefix: prefix.into() }
+    pub fn new(conn: impl Into<RedisConnection>, prefix: impl Into<String>) -> Self {
+        Self { conn: conn.into(), prefix: prefix.into() }
     }
 
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
-    /// Applies changes in order in one atomic script call (a burst, or a batch of messages).
+    /// Applies changes in order in one atomic script call (a burst, or a batch of messages); on
+    /// a cluster one atomic call per tree.
     pub async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let mut invocation = APPLY.prepare_invoke();
-        push_changes(&mut invocation, &self.prefix, changes);
-        invocation.arg(0).arg(0);
-        let _: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let invocations: Vec<Invocation> = self
+            .by_tree(changes)
+            .iter()
+            .map(|group| {
+                let mut invocation = APPLY.prepare_invoke_with_keys(&[&group.key]);
+                push_changes(&mut invocation, &self.prefix, group.indexes.iter().map(|&i| &changes[i]));
+                invocation.arg(0).arg(0);
+                invocation
+            })
+            .collect();
+        self.call_all(invocations).await?;
         Ok(())
     }
 
-    /// Applies changes in order in one script call and returns, for each, its node as the
-    /// whole batch left it (read to `depth` 1). Used to group concurrent callers' updates.
+    /// Applies changes in order in one script call (on a cluster one per tree) and returns, for
+    /// each, its node as the whole batch left it (read to `depth` 1). Used to group concurrent
+    /// callers' updates.
     pub async fn apply_and_read_many(&self, changes: &[Change]) -> Result<Vec<NodeView>, StoreError> {
-        if changes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut invocation = APPLY.prepare_invoke();
-        push_changes(&mut invocation, &self.prefix, changes);
-        invocation.arg(1).arg(DEFAULT_LIMIT);
-        let reply: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
-        let Value::Array(nodes) = reply else { return Err(protocol("updated nodes are not an array")) };
-        nodes
+        let mut out: Vec<Option<NodeView>> = vec![None; changes.len()];
+        let groups = self.by_tree(changes);
+        let invocations: Vec<Invocation> = groups
             .iter()
-            .map(|node| parse_node(node)?.ok_or_else(|| StoreError::Protocol("updated node missing".into())))
+            .map(|group| {
+                let mut invocation = APPLY.prepare_invoke_with_keys(&[&group.key]);
+                push_changes(&mut invocation, &self.prefix, group.indexes.iter().map(|&i| &changes[i]));
+                invocation.arg(1).arg(DEFAULT_LIMIT);
+                invocation
+            })
+            .collect();
+        let replies = self.call_all(invocations).await?;
+        for (group, reply) in groups.iter().zip(replies) {
+            let Value::Array(nodes) = reply else { return Err(protocol("updated nodes are not an array")) };
+            if nodes.len() != group.indexes.len() {
+                return Err(protocol("updated nodes do not match the updates"));
+            }
+            for (node, &i) in nodes.iter().zip(&group.indexes) {
+                out[i] = Some(parse_node(node)?.ok_or_else(|| protocol("updated node missing"))?);
+            }
+        }
+        out.into_iter().map(|node| node.ok_or_else(|| protocol("updated node missing"))).collect()
+    }
+
+    /// Whether keys carry their tree's root as hash tag (a Redis Cluster).
+    pub(crate) fn tagged(&self) -> bool {
+        self.conn.is_cluster()
+    }
+
+    /// The node key of `key`'s tree root: the key a call declares, which fixes its slot.
+    fn root_key(&self, key: &str) -> String {
+        keys::node_in(self.tagged(), &self.prefix, keys::root(key))
+    }
+
+    /// The calls a batch takes: one on one Redis (declaring the first change's root), one per
+    /// tree on a cluster, each with its changes in batch order.
+    fn by_tree(&self, changes: &[Change]) -> Vec<TreeGroup> {
+        by_tree(self.tagged(), changes.iter().map(|change| change.key.as_str()))
+            .into_iter()
+            .map(|(root, indexes)| TreeGroup { key: self.root_key(&root), indexes })
             .collect()
+    }
+
+    /// Calls a function that may write outside its tree and, on a cluster, writes what it left
+    /// to the caller (`deferred` in common.lua); returns its own result.
+    pub(crate) async fn call(&self, invocation: &Invocation) -> Result<Value, StoreError> {
+        let reply: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
+        if !self.tagged() {
+            return Ok(reply);
+        }
+        write_deferred(&mut self.conn.clone(), &self.prefix, reply).await
+    }
+
+    /// [`call`](Self::call)s several functions, each of one tree, and returns their results in
+    /// order. On a cluster the calls run concurrently (each tree is its own slot, so their order
+    /// does not matter) and what they left to the caller is written once, after all of them.
+    async fn call_all(&self, invocations: Vec<Invocation>) -> Result<Vec<Value>, StoreError> {
+        if let [invocation] = invocations.as_slice() {
+            return Ok(vec![self.call(invocation).await?]);
+        }
+        // Owned futures, collected first: a stream over a closure borrowing its items would make
+        // the caller's future not `Send` for every lifetime.
+        let calls: Vec<_> =
+            invocations.into_iter().map(|invocation| invoke_owned(invocation, self.conn.clone())).collect();
+        let replies: Vec<Value> =
+            futures::stream::iter(calls).buffered(CONCURRENT_CALLS).try_collect().await?;
+        if !self.tagged() {
+            return Ok(replies);
+        }
+        let mut deferred = Deferred::default();
+        let mut results = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let (result, more) = split_deferred(reply)?;
+            deferred.extend(more);
+            results.push(result);
+        }
+        deferred.write(&mut self.conn.clone(), &self.prefix).await?;
+        Ok(results)
     }
 
     /// Reads a node, or `None` when the key has no node.
@@ -152,7 +231,7 @@ impl ProgressStore {
         options.validate()?;
         let after = options.after.as_ref().map_or("", Key::as_str);
         let reply: Result<Value, redis::RedisError> = READ_MAIN
-            .prepare_invoke()
+            .prepare_invoke_with_keys(&[&self.root_key(key.as_str())])
             .arg(&self.prefix)
             .arg(key.as_str())
             .arg(options.depth)
@@ -171,20 +250,16 @@ impl ProgressStore {
 
     /// Removes the subtree at `key` and fixes its ancestors. Returns the number of nodes removed.
     pub async fn delete(&self, key: &Key, time_ms: i64) -> Result<u64, StoreError> {
-        let removed: u64 = DELETE
-            .prepare_invoke()
-            .arg(&self.prefix)
-            .arg(key.as_str())
-            .arg(time_ms)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(removed)
+        let mut invocation = DELETE.prepare_invoke_with_keys(&[&self.root_key(key.as_str())]);
+        invocation.arg(&self.prefix).arg(key.as_str()).arg(time_ms);
+        let removed = self.call(&invocation).await?;
+        as_int(&removed).and_then(|n| u64::try_from(n).ok()).ok_or_else(|| protocol("removed count"))
     }
 
     /// A parent's running sums (Σw, Σw·p over its direct children), for checks and diagnostics.
     pub async fn sums(&self, key: &Key) -> Result<Option<(f64, f64)>, StoreError> {
         let state: Option<Vec<u8>> = redis::cmd("HGET")
-            .arg(crate::keys::progress::node(&self.prefix, key.as_str()))
+            .arg(keys::node_in(self.tagged(), &self.prefix, key.as_str()))
             .arg(STATE_FIELD)
             .query_async(&mut self.conn.clone())
             .await?;
@@ -221,7 +296,146 @@ fn decode_state(bytes: &[u8]) -> Option<State> {
     Some(State { update_time: double(0)? as i64, progress: (!progress.is_nan()).then_some(progress), sums })
 }
 
-fn push_changes(invocation: &mut Invocation, prefix: &str, changes: &[Change]) {
+/// One call of a batch: the node key of its tree root (its `KEYS[1]`) and its changes' positions.
+struct TreeGroup {
+    key: String,
+    indexes: Vec<usize>,
+}
+
+/// Positions of `keys` grouped by tree root in first-seen order, each group in key order; one
+/// group of everything (named by the first root) unless `tagged`.
+pub(crate) fn by_tree<'a>(tagged: bool, keys: impl Iterator<Item = &'a str>) -> Vec<(String, Vec<usize>)> {
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut positions: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, key) in keys.enumerate() {
+        let root = keys::root(key);
+        if !tagged && let Some(group) = groups.first_mut() {
+            group.1.push(i);
+            continue;
+        }
+        match positions.get(root) {
+            Some(&g) => groups[g].1.push(i),
+            None => {
+                positions.insert(root, groups.len());
+                groups.push((root.to_owned(), vec![i]));
+            }
+        }
+    }
+    groups
+}
+
+/// Writes what a call on a cluster left to its caller — `{ result, roots, unroots, notes,
+/// streams }` (`deferred` in common.lua) — and returns `result`. The notification goes last, so
+/// a reader it wakes finds the roots index and the registry already written. A process that dies
+/// before these writes leaves the tree and its feed written but unannounced; the caller was not
+/// answered, so the call is made again (a redelivered message, a retried request) and announces
+/// it then (docs/contract.md §8).
+pub(crate) async fn write_deferred(
+    conn: &mut RedisConnection,
+    prefix: &str,
+    reply: Value,
+) -> Result<Value, StoreError> {
+    let (result, deferred) = split_deferred(reply)?;
+    deferred.write(conn, prefix).await?;
+    Ok(result)
+}
+
+/// What calls on a cluster left to their caller (`deferred` in common.lua), as command arguments.
+#[derive(Debug, Default, PartialEq)]
+struct Deferred {
+    /// score, root, … for the roots index.
+    roots: Vec<String>,
+    /// Roots to take out of the index.
+    unroots: Vec<String>,
+    /// root, feed entry id (or `-`), … for the notification stream.
+    notes: Vec<String>,
+    /// Streams to register.
+    streams: Vec<String>,
+}
+
+/// A tagged call's reply `{ result, roots, unroots, notes, streams }` as the result and the rest.
+fn split_deferred(reply: Value) -> Result<(Value, Deferred), StoreError> {
+    let Value::Array(parts) = reply else { return Err(protocol("a tagged call's reply is not an array")) };
+    let Ok([result, roots, unroots, notes, streams]) = <[Value; 5]>::try_from(parts) else {
+        return Err(protocol("a tagged call's reply has the wrong number of parts"));
+    };
+    let texts = |value: &Value| -> Result<Vec<String>, StoreError> {
+        match value {
+            Value::Array(items) => {
+                items.iter().map(|item| as_text(item).ok_or_else(|| protocol("deferred write"))).collect()
+            }
+            // An empty Lua table comes back as an empty array or, as a map, nil.
+            Value::Nil | Value::Map(_) => Ok(Vec::new()),
+            _ => Err(protocol("deferred write")),
+        }
+    };
+    let deferred = Deferred {
+        roots: texts(&roots)?,
+        unroots: texts(&unroots)?,
+        notes: texts(&notes)?,
+        streams: texts(&streams)?,
+    };
+    Ok((result, deferred))
+}
+
+impl Deferred {
+    fn extend(&mut self, other: Deferred) {
+        self.roots.extend(other.roots);
+        self.unroots.extend(other.unroots);
+        self.notes.extend(other.notes);
+        self.streams.extend(other.streams);
+    }
+
+    /// Writes it: the roots index, the registry, then the notifications.
+    async fn write(self, conn: &mut RedisConnection, prefix: &str) -> Result<(), StoreError> {
+        let Deferred { roots, unroots, notes, streams } = self;
+        let index = keys::roots(prefix);
+        for chunk in roots.chunks(2 * DEFERRED_CHUNK) {
+            redis::cmd("ZADD").arg(&index).arg(chunk).query_async::<()>(conn).await?;
+        }
+        for chunk in unroots.chunks(DEFERRED_CHUNK) {
+            redis::cmd("ZREM").arg(&index).arg(chunk).query_async::<()>(conn).await?;
+        }
+        if notes.is_empty() {
+            return Ok(());
+        }
+        let notify = keys::notify(prefix);
+        let registry = crate::keys::retention::registry(prefix);
+        for chunk in streams.chunks(DEFERRED_CHUNK) {
+            redis::cmd("SADD").arg(&registry).arg(chunk).query_async::<()>(conn).await?;
+        }
+        redis::cmd("SADD").arg(&registry).arg(&notify).query_async::<()>(conn).await?;
+        for chunk in notes.chunks(2 * DEFERRED_CHUNK) {
+            redis::cmd("XADD")
+                .arg(&notify)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(NOTIFY_MAXLEN)
+                .arg("*")
+                .arg(chunk)
+                .query_async::<()>(conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn invoke_owned(invocation: Invocation, mut conn: RedisConnection) -> redis::RedisResult<Value> {
+    invocation.invoke_async(&mut conn).await
+}
+
+/// Calls of one batch in flight at once on a cluster (one per tree).
+const CONCURRENT_CALLS: usize = 32;
+/// Items per deferred command (as the Lua's `ROOTS_PER_ZADD`).
+const DEFERRED_CHUNK: usize = 500;
+/// The notification stream's cap (as the Lua's `FEED_MAXLEN`).
+const NOTIFY_MAXLEN: usize = 10_000;
+
+fn push_changes<'a>(
+    invocation: &mut Invocation,
+    prefix: &str,
+    changes: impl ExactSizeIterator<Item = &'a Change>,
+) {
     invocation.arg(prefix).arg(changes.len());
     for change in changes {
         push_change(invocation, &change.key, change.time_ms, &change.update);
@@ -336,6 +550,18 @@ mod tests {
 
     fn state(kind: u8, xs: &[f64], status: &str) -> Vec<u8> {
         std::iter::once(kind).chain(xs.iter().flat_map(|x| x.to_le_bytes())).chain(status.bytes()).collect()
+    }
+
+    #[test]
+    fn a_batch_is_one_call_on_one_redis_and_one_per_tree_on_a_cluster() {
+        let keys = ["_r.a.x", "b.c", "_r.a", "_r.b.y", "b"];
+        assert_eq!(by_tree(false, keys.into_iter()), [("_r.a".to_owned(), vec![0, 1, 2, 3, 4])]);
+        assert_eq!(
+            by_tree(true, keys.into_iter()),
+            [("_r.a".to_owned(), vec![0, 2]), ("b".to_owned(), vec![1, 4]), ("_r.b".to_owned(), vec![3])],
+            "trees in first-seen order, each with its changes in batch order"
+        );
+        assert!(by_tree(true, std::iter::empty()).is_empty());
     }
 
     #[test]

@@ -5,20 +5,33 @@
 -- feed goes with it (watchers are told through P:pfeed). An upload's tree (`_uploads.<id>`)
 -- whose upload is gone (expired, deleted or used by a request) counts as finished whatever its
 -- status: an abandoned upload's node stays `running` for ever otherwise.
+-- With TAGGED (a cluster) the index is in another slot: the root node's own update time, which
+-- every write to the tree moves, stands for its score (the caller found the root in the index).
 do
   local root = ARGV[2]
-  local score = tonumber(redis.call('ZSCORE', P .. KEY_ROOTS, root))
+  local score
+  if TAGGED then
+    local state = redis.call('HGET', nkey(root), '_s')
+    if not state then
+      -- a stale index entry without its tree
+      unindex_root(root)
+      return deferred(0)
+    end
+    score = decode(state)
+  else
+    score = tonumber(redis.call('ZSCORE', P .. KEY_ROOTS, root))
+  end
   local status = redis.call('HGET', nkey(root), 'status')
   if score and redis.call('EXISTS', nkey(root)) == 0 then
     -- a stale index entry without its tree
-    redis.call('ZREM', P .. KEY_ROOTS, root)
-    return 0
+    unindex_root(root)
+    return deferred(0)
   end
   local abandoned = string.sub(root, 1, 9) == '_uploads.'
     and redis.call('EXISTS', P .. ':upload:' .. string.sub(root, 10)) == 0
   local finished = abandoned or (status and TERMINAL[status])
   if parent_of(root) or not score or score > tonumber(ARGV[4]) or not finished then
-    return -1
+    return deferred(-1)
   end
   FEED_DROP = true
 end

@@ -5,9 +5,8 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-
 use super::StreamError;
+use crate::RedisConnection;
 use crate::library::{Function, LIBRARY};
 
 /// Renews the lease if this instance holds it, takes it if nobody does, else names the holder
@@ -35,7 +34,7 @@ impl LeaseState {
 /// One instance's handle on a named lease.
 #[derive(Clone)]
 pub struct Lease {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     key: String,
     instance: String,
     ttl: Duration,
@@ -44,12 +43,12 @@ pub struct Lease {
 impl Lease {
     /// `key` is the full Redis key; `instance` must be unique among the contenders.
     pub fn new(
-        conn: ConnectionManager,
+        conn: impl Into<RedisConnection>,
         key: impl Into<String>,
         instance: impl Into<String>,
         ttl: Duration,
     ) -> Self {
-        Self { conn, key: key.into(), instance: instance.into(), ttl }
+        Self { conn: conn.into(), key: key.into(), instance: instance.into(), ttl }
     }
 
     pub fn key(&self) -> &str {

@@ -4,11 +4,9 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
-
 use super::StreamError;
-use crate::keys;
 use crate::library::{Function, LIBRARY};
+use crate::{RedisConnection, StoreError, keys};
 
 static PURGE_REQUESTS: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("retention_purge_requests"));
 /// The progress store's own delete (a function of the library: retention/purge_tree.lua, then
@@ -27,14 +25,17 @@ pub struct RequestPurge {
 
 /// Purges finished data of one key prefix.
 #[derive(Clone)]
+///
+/// On a Redis Cluster only [`purge_tree`](Self::purge_tree) and [`old_roots`](Self::old_roots)
+/// work so far (a tree's keys share its root's slot); the request purge spans slots.
 pub struct Purger {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
 }
 
 impl Purger {
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
-        Self { conn, prefix: prefix.into() }
+    pub fn new(conn: impl Into<RedisConnection>, prefix: impl Into<String>) -> Self {
+        Self { conn: conn.into(), prefix: prefix.into() }
     }
 
     /// The index of finished requests: a zset of ids scored by `finished_ms`.
@@ -96,14 +97,20 @@ impl Purger {
         now_ms: i64,
         cutoff_ms: i64,
     ) -> Result<Option<u64>, StreamError> {
-        let removed: i64 = PURGE_TREE
-            .prepare_invoke()
-            .arg(&self.prefix)
-            .arg(root)
-            .arg(now_ms)
-            .arg(cutoff_ms)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+        let tagged = self.conn.is_cluster();
+        let mut invocation =
+            PURGE_TREE.prepare_invoke_with_keys(&[&keys::progress::node_in(tagged, &self.prefix, root)]);
+        invocation.arg(&self.prefix).arg(root).arg(now_ms).arg(cutoff_ms);
+        let mut reply: redis::Value = invocation.invoke_async(&mut self.conn.clone()).await?;
+        if tagged {
+            reply = crate::progress::write_deferred(&mut self.conn.clone(), &self.prefix, reply)
+                .await
+                .map_err(|error| match error {
+                    StoreError::Redis(e) | StoreError::Rejected(e) => StreamError::Redis(e),
+                    other => StreamError::Protocol(other.to_string()),
+                })?;
+        }
+        let removed: i64 = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
         Ok(u64::try_from(removed).ok())
     }
 }
