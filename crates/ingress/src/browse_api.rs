@@ -73,12 +73,12 @@ async fn trees(
     params: Result<Query<TreeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller.grant.admin("listing every tree")?;
-    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(params) = params.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as isize;
     let offset = match params.offset.as_deref() {
         None | Some("") => 0,
         Some(raw) => raw.parse::<isize>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-            ApiError::BadRequest(format!("offset must be a non-negative integer, got {raw:?}"))
+            ApiError::bad_request(format!("offset must be a non-negative integer, got {raw:?}"))
         })?,
     };
     let roots_key = format!("{}:proots", browse.names.prefix);
@@ -129,13 +129,13 @@ impl Filter {
             None | Some("") => None,
             Some(raw) => Some(raw.parse::<RequestState>().map_err(|_| {
                 let known: Vec<&str> = RequestState::ALL.iter().map(|s| s.as_str()).collect();
-                ApiError::BadRequest(format!("state must be one of {}, got {raw:?}", known.join(", ")))
+                ApiError::bad_request(format!("state must be one of {}, got {raw:?}", known.join(", ")))
             })?),
         };
         let handler = match handler {
             None | Some("") => None,
             Some(raw) if raw.len() > MAX_HANDLER_LEN => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(ApiError::bad_request(format!(
                     "handler must be at most {MAX_HANDLER_LEN} bytes, got {}",
                     raw.len()
                 )));
@@ -161,14 +161,14 @@ async fn requests(
     params: Result<Query<RequestParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller.grant.admin("listing every request")?;
-    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(params) = params.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as usize;
     let filter = Filter::from_params(params.state.as_deref(), params.handler.as_deref())?;
     let mut cursor = match params.after.as_deref() {
         None | Some("") => None,
         Some(after) if crate::requests_api::is_entry_id(after) => Some(after.to_owned()),
         Some(after) => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(ApiError::bad_request(format!(
                 "after must be a request stream entry id such as 1700000000000-0 (the `next` of the previous page), got {after:?}"
             )));
         }
@@ -255,14 +255,14 @@ async fn payload(
     if !caller.grant.is_admin() {
         let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PROGRESS_KEY);
         let key: Option<String> = timed("request progress key", read).await?;
-        caller.grant.read(&key.ok_or(ApiError::RequestMissing { id: id.clone() })?)?;
+        caller.grant.read(&key.ok_or(ApiError::missing_request(id.clone()))?)?;
     }
     let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PAYLOAD);
     let stored: Option<String> = timed("request payload", read).await?;
-    let stored = stored.ok_or(ApiError::RequestMissing { id: id.clone() })?;
+    let stored = stored.ok_or(ApiError::missing_request(id.clone()))?;
     serde_json::from_str(&stored).map(Json).map_err(|error| {
         warn!(request = %id, %error, "stored payload is not JSON");
-        ApiError::Internal
+        ApiError::internal()
     })
 }
 
@@ -275,11 +275,11 @@ async fn timed<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => {
             warn!(%error, what, "redis read failed");
-            Err(ApiError::QueueUnavailable)
+            Err(ApiError::queue_unavailable())
         }
         Err(_) => {
             warn!(what, "redis read timed out");
-            Err(ApiError::QueueUnavailable)
+            Err(ApiError::queue_unavailable())
         }
     }
 }
@@ -290,7 +290,7 @@ mod tests {
 
     fn message(result: Result<Filter, ApiError>) -> String {
         match result.unwrap_err() {
-            ApiError::BadRequest(message) => message,
+            error if error.kind() == cairn_error::ErrorKind::BadRequest => error.to_string(),
             other => panic!("expected a bad request, got {other:?}"),
         }
     }

@@ -360,9 +360,7 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let router = self.router();
         let admin_router = self.admin().router();
-        let App {
-            config, listener, admin, mut redis, requests, waiters, replica, draining, live_stop, ..
-        } = self;
+        let App { config, listener, admin, requests, waiters, replica, draining, live_stop, .. } = self;
         info!(
             addr = %listener.local_addr()?,
             admin = %admin.local_addr()?,
@@ -407,7 +405,7 @@ impl App {
         background.cancel();
         admin_stop.cancel();
         let _ = tokio::join!(group, reader, admin_server);
-        requests.drop_reply_stream(&mut redis).await;
+        requests.drop_reply_stream().await;
         info!("ingress stopped");
         Ok(())
     }

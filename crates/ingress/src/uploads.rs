@@ -19,7 +19,9 @@ use sha1::Digest as _;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::requests::{REDIS_TIMEOUT, now_ms};
+use cairn_progress::now_ms;
+
+use crate::requests::REDIS_TIMEOUT;
 
 /// How often a growing upload or stream reports its bytes to its progress node.
 pub const REPORT_EVERY: Duration = Duration::from_millis(100);

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
+use cairn_error::{ErrorKind, ServiceError};
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
 use redis::Value;
@@ -50,10 +51,15 @@ pub enum StoreError {
     Protocol(String),
 }
 
-impl StoreError {
-    /// Whether trying again later may succeed (Redis away) rather than the request being wrong.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Redis(_))
+impl ServiceError for StoreError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Redis(_) => ErrorKind::Unavailable,
+            StoreError::BadCursor { .. } | StoreError::BadDepth(_) | StoreError::BadLimit(_) => {
+                ErrorKind::BadRequest
+            }
+            StoreError::Rejected(_) | StoreError::Protocol(_) => ErrorKind::Internal,
+        }
     }
 }
 
@@ -162,7 +168,8 @@ impl ProgressStore {
             .await;
         match reply {
             Ok(value) => parse_node(&value),
-            Err(e) if e.to_string().contains("CAIRN_BAD_CURSOR") => {
+            // read.lua's own error code for an `after` that is not a child.
+            Err(e) if crate::error_code(&e) == Some("CAIRN_BAD_CURSOR") => {
                 Err(StoreError::BadCursor { key: key.to_string(), after: after.to_owned() })
             }
             Err(e) => Err(e.into()),

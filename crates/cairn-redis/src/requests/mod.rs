@@ -13,7 +13,7 @@ use cairn_progress::Update;
 use cairn_requests::{RequestRecord, RequestState};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, Value};
+use redis::{AsyncCommands, RedisResult, Value};
 
 use crate::keys;
 use crate::library::{Function, Invocation, LIBRARY};
@@ -36,6 +36,15 @@ pub enum QueueError {
     Record { id: String, detail: String },
     #[error("unexpected reply from a request script: {0}")]
     Protocol(String),
+}
+
+impl cairn_error::ServiceError for QueueError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        match self {
+            QueueError::Redis(e) => crate::error_kind(e),
+            QueueError::Record { .. } | QueueError::Protocol(_) => cairn_error::ErrorKind::Internal,
+        }
+    }
 }
 
 /// Names of the queue's keys, all under the key prefix.
@@ -316,6 +325,35 @@ impl RequestQueue {
         Ok(reply.map(|r| entries(r.keys.into_iter().flat_map(|k| k.ids))).unwrap_or_default())
     }
 
+    /// The replies on an ingress replica's reply stream `stream` after entry `after`, waiting up
+    /// to `block_ms`: `(entry id, request id)`, oldest first. The commit script writes them; give
+    /// this a dedicated connection.
+    pub async fn read_replies<C: ConnectionLike + Send>(
+        conn: &mut C,
+        stream: &str,
+        after: &str,
+        count: usize,
+        block_ms: usize,
+    ) -> Result<Vec<(String, String)>, QueueError> {
+        let options = StreamReadOptions::default().count(count).block(block_ms);
+        let reply: Option<StreamReadReply> =
+            redis::cmd("XREAD").arg(&options).arg("STREAMS").arg(stream).arg(after).query_async(conn).await?;
+        let entries = reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids);
+        Ok(entries
+            .map(|entry| {
+                let request_id: String = entry.get("id").unwrap_or_default();
+                (entry.id, request_id)
+            })
+            .collect())
+    }
+
+    /// Removes an ingress replica's reply stream (at its shutdown); replies still on their way
+    /// make it again, and it expires by itself.
+    pub async fn drop_replies(&self, stream: &str) -> Result<(), QueueError> {
+        let _: () = self.conn.clone().del(stream).await?;
+        Ok(())
+    }
+
     /// Takes over entries whose lease ran out (idle longer than `min_idle_ms`).
     pub async fn reclaim(
         &self,
@@ -491,13 +529,24 @@ impl RequestQueue {
     }
 
     /// How many entries the group has not yet received (`XINFO GROUPS` lag; Redis ≥ 7). `None`
-    /// when Redis cannot tell (it then counts the stream length minus delivered entries itself).
+    /// when Redis cannot tell (it then counts the stream length minus delivered entries itself),
+    /// or when the stream or the group does not exist (Redis lost its data, or the stream was
+    /// never made).
     pub async fn lag(&self) -> Result<Option<u64>, QueueError> {
-        let groups: Value = redis::cmd("XINFO")
+        // One transaction, so "no stream" is read from EXISTS, never from XINFO's error text.
+        let (exists, groups): (RedisResult<bool>, RedisResult<Value>) = redis::pipe()
+            .atomic()
+            .ignore_errors()
+            .exists(&self.names.stream)
+            .cmd("XINFO")
             .arg("GROUPS")
             .arg(&self.names.stream)
             .query_async(&mut self.conn.clone())
             .await?;
+        if !exists? {
+            return Ok(None);
+        }
+        let groups = groups?;
         let Value::Array(groups) = groups else { return Ok(None) };
         for group in groups {
             let fields = match group {
