@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use handler::{Context, Handler, HandlerError, HandlerSet};
+pub use handler::{Context, Handler, HandlerError, HandlerSet, ProgressSink};
 pub use streams::{StreamReader, Streams};
 
 /// Settings of the processor: flags, or `CAIRN_*` environment variables.
