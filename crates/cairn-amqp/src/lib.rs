@@ -85,10 +85,6 @@ impl Topology {
         format!("{}.dead", self.queue)
     }
 
-    pub fn dead_letter_queue(&self) -> String {
-        self.dead_letter_exchange()
-    }
-
     /// Declares everything (idempotent: run again after every reconnect).
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };

@@ -142,6 +142,19 @@ pub async fn ping(conn: &mut ConnectionManager) -> Result<(), String> {
     }
 }
 
+/// The readiness check of a service that needs Redis: [`ping`] on its shared connection.
+pub struct RedisReady(pub ConnectionManager);
+
+impl cairn_runtime::Readiness for RedisReady {
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { ping(&mut self.0.clone()).await })
+    }
+
+    fn name(&self) -> &str {
+        "redis"
+    }
+}
+
 /// How long a readiness probe waits for Redis's answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 

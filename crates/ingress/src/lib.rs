@@ -36,9 +36,7 @@ use axum::Router;
 use cairn_redis::requests::{QueueNames, RequestQueue};
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
-use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration};
-use futures::FutureExt as _;
-use futures::future::BoxFuture;
+use cairn_runtime::{Admin, LogConfig, parse_duration};
 use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -202,19 +200,6 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// `/readyz` needs Redis, which holds the request queue.
-struct RedisReady(ConnectionManager);
-
-impl Readiness for RedisReady {
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        async move { cairn_redis::ping(&mut self.0.clone()).await }.boxed()
-    }
-
-    fn name(&self) -> &str {
-        "redis"
-    }
-}
-
 /// A built ingress, its listener bound (so tests can use port 0 and ask the address).
 pub struct App {
     config: Config,
@@ -330,7 +315,8 @@ impl App {
     fn admin(&self) -> Admin {
         Admin::new("ingress")
             .readiness(Arc::new(self.aggregator.clone()))
-            .readiness(Arc::new(RedisReady(self.redis.clone())))
+            // `/readyz` needs Redis, which holds the request queue.
+            .readiness(Arc::new(cairn_redis::RedisReady(self.redis.clone())))
             .with_shutdown(self.draining.clone())
     }
 

@@ -119,10 +119,6 @@ impl CommandHandler {
         Ok(self)
     }
 
-    pub fn program(&self) -> &Path {
-        &self.program
-    }
-
     /// The arguments for this payload; every error is the payload's fault, hence permanent.
     fn render_args(&self, ctx: &Context) -> Result<Vec<String>, HandlerError> {
         self.args
