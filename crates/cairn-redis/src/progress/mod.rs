@@ -188,6 +188,21 @@ impl ProgressStore {
         Ok(removed)
     }
 
+    /// Tree roots by their latest update, newest first: `(key, update time in ms)`, `count`
+    /// from `offset`.
+    pub async fn roots(&self, offset: usize, count: usize) -> Result<Vec<(String, f64)>, StoreError> {
+        use redis::AsyncCommands as _;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let (start, stop) = (offset as isize, (offset + count - 1) as isize);
+        Ok(self
+            .conn
+            .clone()
+            .zrevrange_withscores(crate::keys::progress::roots(&self.prefix), start, stop)
+            .await?)
+    }
+
     /// A parent's running sums (Σw, Σw·p over its direct children), for checks and diagnostics.
     pub async fn sums(&self, key: &Key) -> Result<Option<(f64, f64)>, StoreError> {
         let state: Option<Vec<u8>> = redis::cmd("HGET")

@@ -488,6 +488,52 @@ impl RequestQueue {
             .map_err(|e| QueueError::Record { id: id.to_owned(), detail: e.to_string() })
     }
 
+    /// The records of `ids` in one pipelined round trip, in order; `None` for a record that is
+    /// gone, or unreadable (logged).
+    pub async fn records(&self, ids: &[&str]) -> Result<Vec<Option<RequestRecord>>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(self.names.record(id));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(hashes
+            .into_iter()
+            .zip(ids)
+            .map(|(hash, id)| {
+                if hash.is_empty() {
+                    return None;
+                }
+                RequestRecord::from_hash(&hash)
+                    .inspect_err(|error| tracing::warn!(request = %id, %error, "skipping an unreadable request record"))
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// One field of a request's record (`cairn_requests::fields`), `None` without the record.
+    pub async fn record_field(&self, id: &str, field: &str) -> Result<Option<String>, QueueError> {
+        Ok(self.conn.clone().hget(self.names.record(id), field).await?)
+    }
+
+    /// Up to `count` entries of the request stream, newest first, before the entry id `before`
+    /// (from the newest without one). An entry without a request id has an empty one.
+    pub async fn newest(&self, before: Option<&str>, count: usize) -> Result<Vec<Entry>, QueueError> {
+        let end = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+        let page: redis::streams::StreamRangeReply =
+            self.conn.clone().xrevrange_count(&self.names.stream, end, "-", count).await?;
+        Ok(page
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let request_id: String = entry.get("id").unwrap_or_default();
+                Entry { entry_id: entry.id, request_id }
+            })
+            .collect())
+    }
+
     pub async fn cancel(&self, id: &str, now_ms: i64) -> Result<CancelOutcome, QueueError> {
         let (outcome, state): (String, String) =
             self.invocation(&CANCEL).arg(id).arg(now_ms).invoke_async(&mut self.conn.clone()).await?;
