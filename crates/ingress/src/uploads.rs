@@ -47,6 +47,21 @@ pub enum UploadError {
     Unavailable,
 }
 
+impl cairn_error::ServiceError for UploadError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        use cairn_error::ErrorKind;
+        match self {
+            UploadError::Missing { .. } => ErrorKind::NotFound,
+            UploadError::OffsetMismatch { .. } => ErrorKind::Conflict,
+            UploadError::TooLarge { .. } | UploadError::PastLength { .. } => ErrorKind::TooLarge,
+            UploadError::ChecksumMismatch { .. } | UploadError::BadRequest(_) | UploadError::Body(_) => {
+                ErrorKind::BadRequest
+            }
+            UploadError::Unavailable => ErrorKind::Unavailable,
+        }
+    }
+}
+
 /// A checksum algorithm of the tus `checksum` extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
