@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -186,10 +187,6 @@ impl Topology {
         format!("{}.dead", self.queue)
     }
 
-    pub fn dead_letter_queue(&self) -> String {
-        self.dead_letter_exchange()
-    }
-
     /// Declares everything (idempotent: run again after every reconnect).
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
@@ -280,20 +277,22 @@ pub fn name(s: &str) -> ShortString {
     s.into()
 }
 
-/// Explains the errors that have a known cause, so the log says what to do.
+/// Explains the errors of declaring the topology that have a known cause, so the log says what
+/// to do. Told apart by the broker's reply code, never its text.
 pub fn explain(error: &lapin::Error) -> String {
     let text = error.to_string();
-    if text.contains("inequivalent arg") {
-        format!(
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else { return text };
+    match amqp.kind() {
+        // 406 PRECONDITION_FAILED: a queue or exchange of this name has other arguments.
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => format!(
             "{text} (a queue of this name exists with other settings, such as another CAIRN_AMQP_QUEUE_TYPE: \
              drain and delete it, or use another CAIRN_PROGRESS_QUEUE)"
-        )
-    } else if text.contains("x-consistent-hash") || text.contains("invalid exchange type") {
-        format!(
+        ),
+        // 503 COMMAND_INVALID on a declaration: an exchange type the broker does not know.
+        AMQPErrorKind::Hard(AMQPHardError::COMMANDINVALID) => format!(
             "{text} (enable the plugin: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange, or use one shard)"
-        )
-    } else {
-        text
+        ),
+        _ => text,
     }
 }
 
@@ -310,5 +309,31 @@ pub async fn connect_with_retry(endpoint: &Endpoint, cancel: &CancellationToken)
             () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::AMQPError;
+
+    fn broker_error(kind: AMQPErrorKind, message: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(kind, message.into())).into()
+    }
+
+    #[test]
+    fn explains_by_reply_code() {
+        let inequivalent = broker_error(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'",
+        );
+        assert!(explain(&inequivalent).contains("CAIRN_AMQP_QUEUE_TYPE"));
+        let plugin = broker_error(
+            AMQPErrorKind::Hard(AMQPHardError::COMMANDINVALID),
+            "COMMAND_INVALID - invalid exchange type 'x-consistent-hash'",
+        );
+        assert!(explain(&plugin).contains("rabbitmq_consistent_hash_exchange"));
+        let other = broker_error(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND), "NOT_FOUND - no queue 'q'");
+        assert_eq!(explain(&other), other.to_string());
     }
 }

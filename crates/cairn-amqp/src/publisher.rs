@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cairn_progress::{Key, MAX_BURST_BYTES, MAX_BURST_UPDATES, Update, encode_burst};
 use futures::future::join_all;
@@ -511,7 +511,7 @@ impl Inner {
         let elements: Vec<Vec<u8>> = flight.batch.iter().map(encode_element).collect();
         let max = self.config.max_burst.clamp(1, MAX_BURST_UPDATES);
         let bursts = split(&flight.routes, &elements, max);
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = cairn_progress::now_ms();
         let mut headers = FieldTable::default();
         headers.insert(TIME_HEADER.into(), AMQPValue::LongLongInt(now_ms));
         let exchange = name(&self.config.exchange);

@@ -1,8 +1,9 @@
 //! The coalescing burst publisher against the real RabbitMQ, each test in a vhost of its own. An
 //! observer queue bound to the exchange with `#` shows exactly what was published.
 
+use cairn_progress::now_ms;
 use std::collections::HashSet;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cairn_amqp::publisher::{PublishError, TIME_HEADER};
@@ -115,10 +116,6 @@ fn config(vhost: &AmqpVhost, interval: Duration) -> PublisherConfig {
     let mut config = PublisherConfig::new(vhost.url.clone(), EXCHANGE);
     config.interval = interval;
     config
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 #[tokio::test]

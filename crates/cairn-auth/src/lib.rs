@@ -37,6 +37,18 @@ pub struct Grant {
 #[error("{0}")]
 pub struct Denied(pub String);
 
+impl cairn_error::ServiceError for Denied {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        cairn_error::ErrorKind::Forbidden
+    }
+}
+
+impl cairn_error::ServiceError for AuthError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        cairn_error::ErrorKind::Unauthenticated
+    }
+}
+
 /// Why a token was not accepted. Messages never contain the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {

@@ -5,7 +5,8 @@
 //!     aggregator);
 //! (3) end-to-end REST throughput with concurrent keep-alive connections, each request waited for.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use cairn_progress::now_ms;
+use std::time::{Duration, Instant};
 
 use cairn_redis::RedisConfig;
 use cairn_redis::requests::{QueueNames, RequestQueue};
@@ -44,10 +45,6 @@ pub struct Args {
 const BENCH_SECRET: &str = "cairn-bench-secret";
 
 const BODY: &str = r#"{"handler":"echo","payload":{"n":1}}"#;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 /// Aggregator, ingress and processor in this process, in a fresh prefix and vhost.
 struct Stack {

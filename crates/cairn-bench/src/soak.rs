@@ -8,9 +8,10 @@
 //! summary on stdout gives min/max/mean of `used_memory` after the warm-up and its drift: the
 //! mean of the last third of those samples against the first third, and a least-squares slope.
 
+use cairn_progress::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cairn_redis::RedisConfig;
 use cairn_redis::requests::{QueueNames, RequestQueue};
@@ -52,10 +53,6 @@ pub struct Args {
 
 /// Submissions per tick; ticks come `TICK_BATCH / rate` seconds apart.
 const TICK_BATCH: u32 = 10;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 /// One memory sample.
 struct Sample {

@@ -2,7 +2,7 @@
 //! and progress bars only when stdout is a terminal, and no colours when `NO_COLOR` is set.
 
 use std::io::{IsTerminal as _, Write as _};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use console::Style;
 use serde_json::Value;
@@ -95,12 +95,6 @@ pub fn status_style(status: &str) -> Style {
         "waiting" | "queued" | "paused" => Style::new().dim(),
         _ => Style::new(),
     }
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A millisecond timestamp as RFC 3339 UTC (`2026-12-05T12:23:00Z`), `-` when absent.

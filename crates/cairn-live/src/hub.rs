@@ -12,9 +12,10 @@
 //! - A subscriber whose queue is full is skipped; its keys wait for the next flush after it
 //!   read (it wakes the hub). Past `max_pending` keys it gets a fresh snapshot instead.
 
+use cairn_progress::now_ms;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cairn_progress::Key;
 use cairn_progress::view::NodeView;
@@ -543,10 +544,6 @@ pub fn stall_after_ms(node: &NodeView, default: Duration) -> i64 {
         .and_then(serde_json::Value::as_f64)
         .filter(|ms| ms.is_finite() && *ms >= 0.0)
         .map_or(default.as_millis() as i64, |ms| ms as i64)
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use cairn_redis::progress::feed::{BadFeedId, FeedId};
-pub use hub::now_ms;
 
 use crate::hub::{HubHandle, SubSpec};
 
@@ -91,6 +90,15 @@ pub enum LiveError {
     BadDepth(u32),
     #[error("limit must be between 1 and 1000, got {0}")]
     BadLimit(u32),
+}
+
+impl cairn_error::ServiceError for LiveError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        match self {
+            LiveError::Full(_) => cairn_error::ErrorKind::Unavailable,
+            LiveError::BadDepth(_) | LiveError::BadLimit(_) => cairn_error::ErrorKind::BadRequest,
+        }
+    }
 }
 
 /// What to watch: the subtree at `key`, `depth` levels deep (as a read's depth), children pages

@@ -53,6 +53,15 @@ pub enum UpdateError {
     Field { field: String, problem: String },
 }
 
+impl cairn_error::ServiceError for UpdateError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        match self {
+            UpdateError::TooLarge { .. } => cairn_error::ErrorKind::TooLarge,
+            _ => cairn_error::ErrorKind::BadRequest,
+        }
+    }
+}
+
 impl UpdateError {
     fn field(name: &str, problem: impl Into<String>) -> UpdateError {
         let field = if name.chars().count() > MAX_FIELD_NAME_LEN {
@@ -300,7 +309,8 @@ impl<'de> Deserialize<'de> for Update {
     }
 }
 
-pub(crate) fn json_len(value: &Value) -> usize {
+/// Length of `value` as compact JSON, without building the text.
+pub fn json_len(value: &Value) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -331,7 +341,7 @@ fn show_number(x: f64) -> String {
 }
 
 /// A JSON value for an error message, never more than a few dozen characters.
-pub(crate) fn describe(value: &Value) -> String {
+pub fn describe(value: &Value) -> String {
     match value {
         Value::Null => "null".to_owned(),
         Value::Bool(b) => b.to_string(),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use cairn_progress::Key;
-use rand::Rng;
+use cairn_progress::update::{describe, json_len};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
@@ -70,6 +70,16 @@ impl SubmitError {
 
     fn field(field: &'static str, problem: impl Into<String>) -> SubmitError {
         SubmitError::Field { field, problem: problem.into() }
+    }
+}
+
+impl cairn_error::ServiceError for SubmitError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        if self.is_too_large() {
+            cairn_error::ErrorKind::TooLarge
+        } else {
+            cairn_error::ErrorKind::BadRequest
+        }
     }
 }
 
@@ -387,14 +397,7 @@ pub fn default_progress_key(id: &str) -> Key {
 
 /// A fresh random request id, formatted as a version 4 UUID (lowercase, 8-4-4-4-12 hex).
 pub fn new_request_id() -> String {
-    request_id_from_bits(rand::rng().random::<u128>())
-}
-
-/// Formats 128 bits as a UUIDv4 string, overwriting the version and variant bits.
-fn request_id_from_bits(bits: u128) -> String {
-    let bits = (bits & !(0xf << 76) & !(0b11 << 62)) | (0x4 << 76) | (0b10 << 62);
-    let hex = format!("{bits:032x}");
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// True for ids in the canonical UUID text form: 8-4-4-4-12 lowercase hex digits. Any UUID
@@ -443,42 +446,6 @@ fn shorten(name: &str) -> String {
     } else {
         name.to_owned()
     }
-}
-
-/// A JSON value for an error message, never more than a few dozen characters.
-fn describe(value: &Value) -> String {
-    match value {
-        Value::String(s) => format!("{:?}", shorten_to(s, 32)),
-        Value::Array(_) => "an array".to_owned(),
-        Value::Object(_) => "an object".to_owned(),
-        other => shorten_to(&other.to_string(), 32),
-    }
-}
-
-fn shorten_to(s: &str, max: usize) -> String {
-    if s.chars().count() > max {
-        format!("{}…", s.chars().take(max).collect::<String>())
-    } else {
-        s.to_owned()
-    }
-}
-
-/// Length of `value` as compact JSON, without building the text.
-fn json_len(value: &Value) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // Writing a Value into an infallible writer cannot fail.
-    let _ = serde_json::to_writer(&mut counter, value);
-    counter.0
 }
 
 /// Compact JSON with object keys sorted (by UTF-8 bytes) at every level, whatever order the
@@ -873,6 +840,9 @@ mod tests {
         assert_eq!(&id[14..15], "4");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
         assert_ne!(new_request_id(), id);
+        // The text form of 128 random bits with the version and variant set, as ids are made.
+        let request_id_from_bits =
+            |bits: u128| uuid::Builder::from_random_bytes(bits.to_be_bytes()).into_uuid().to_string();
         assert_eq!(request_id_from_bits(0), "00000000-0000-4000-8000-000000000000");
         assert_eq!(request_id_from_bits(u128::MAX), "ffffffff-ffff-4fff-bfff-ffffffffffff");
         assert_eq!(default_progress_key(&id).as_str(), format!("_requests.{id}"));

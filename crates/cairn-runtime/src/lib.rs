@@ -2,7 +2,8 @@
 //! process-wide Prometheus recorder, the shutdown signal and grace-period drain, the admin HTTP
 //! port (`/healthz`, `/readyz`, `/metrics`), the dependency-free `healthcheck` client used inside
 //! distroless containers, the duration parser used by every `--*-timeout` style flag, and the
-//! binaries' memory allocator ([`global_allocator!`]).
+//! binaries' memory allocator ([`global_allocator!`]), and the handlers file's parser
+//! ([`handlers_file`], read by the ingress and the request processor alike).
 //!
 //! Everything here is safe to use several times in one process: `cairn dev` runs all four
 //! services side by side, and tests start many services in parallel.
@@ -10,6 +11,7 @@
 mod admin;
 mod args;
 mod duration;
+pub mod handlers_file;
 mod healthcheck;
 mod logging;
 mod prometheus;

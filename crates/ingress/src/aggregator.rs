@@ -1,8 +1,11 @@
 //! The ingress's side of `cairn.v1.Progress`: one lazily-connecting gRPC channel to the progress
-//! aggregator, shared by the progress client and the `grpc.health.v1` client.
+//! aggregator, shared by the progress client and the `grpc.health.v1` client. gRPC stops here:
+//! a failed call is a [`CallError`] of an [`ErrorKind`], never a `tonic::Status`.
 
+use std::error::Error as _;
 use std::time::Duration;
 
+use cairn_error::{ErrorKind, ServiceError};
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
 use cairn_proto::map_to_struct;
@@ -11,7 +14,6 @@ use cairn_proto::v1::{DeleteRequest, GetRequest, Node, UpdateRequest};
 use cairn_runtime::Readiness;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -28,6 +30,51 @@ pub enum UrlError {
     Scheme,
     #[error(transparent)]
     Invalid(#[from] tonic::transport::Error),
+}
+
+/// A failed call: its kind and the aggregator's message (shown to clients only for their own
+/// mistakes). Classified, and logged unless it is the caller's mistake, where it happened.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CallError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl ServiceError for CallError {
+    fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(status: tonic::Status) -> CallError {
+        let kind = effective_kind(&status);
+        let detail = status.message();
+        match kind {
+            _ if kind.is_caller_error() => {}
+            ErrorKind::Unavailable => tracing::warn!(detail, "progress aggregator unavailable"),
+            ErrorKind::Timeout => tracing::warn!(detail, "progress aggregator call timed out"),
+            ErrorKind::RateLimited => {
+                tracing::warn!(detail, "progress aggregator refused a call as too much")
+            }
+            _ => tracing::error!(code = ?status.code(), detail, "progress aggregator call failed"),
+        }
+        CallError { kind, message: detail.to_owned() }
+    }
+}
+
+/// The status's kind, except that the client's own timeout (which tonic reports as `CANCELLED`
+/// with a [`tonic::TimeoutExpired`] source) is a [`ErrorKind::Timeout`].
+fn effective_kind(status: &tonic::Status) -> ErrorKind {
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error.is::<tonic::TimeoutExpired>() {
+            return ErrorKind::Timeout;
+        }
+        source = error.source();
+    }
+    ErrorKind::from_grpc(status.code())
 }
 
 /// A page of children to read: which key, how deep, and where the page starts.
@@ -63,7 +110,7 @@ impl Aggregator {
 
     /// The node at `read.key` with a page of its children, or `NOT_FOUND`. `token` (the
     /// caller's, already checked here) goes along in every call.
-    pub async fn get(&self, read: &Read, token: Option<&str>) -> Result<NodeView, Status> {
+    pub async fn get(&self, read: &Read, token: Option<&str>) -> Result<NodeView, CallError> {
         let request = GetRequest {
             key: read.key.to_string(),
             depth: read.depth,
@@ -75,7 +122,12 @@ impl Aggregator {
     }
 
     /// Applies `update` and returns the node as it is right after.
-    pub async fn update(&self, key: &Key, update: &Update, token: Option<&str>) -> Result<NodeView, Status> {
+    pub async fn update(
+        &self,
+        key: &Key,
+        update: &Update,
+        token: Option<&str>,
+    ) -> Result<NodeView, CallError> {
         let fields: serde_json::Map<String, serde_json::Value> = update.fields().into_iter().collect();
         let request = UpdateRequest { key: key.to_string(), fields: Some(map_to_struct(&fields)) };
         let response = self.progress.clone().update(authorized(request, token)).await?.into_inner();
@@ -83,7 +135,7 @@ impl Aggregator {
     }
 
     /// Removes the subtree at `key`; the number of nodes removed (0 when there was none).
-    pub async fn delete(&self, key: &Key, token: Option<&str>) -> Result<u64, Status> {
+    pub async fn delete(&self, key: &Key, token: Option<&str>) -> Result<u64, CallError> {
         let request = authorized(DeleteRequest { key: key.to_string() }, token);
         let response = self.progress.clone().delete(request).await?;
         Ok(response.into_inner().removed)
@@ -118,8 +170,10 @@ fn authorized<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     request
 }
 
-fn node_view(node: Option<Node>) -> Result<NodeView, Status> {
-    node.map(NodeView::from).ok_or_else(|| Status::internal("the aggregator answered without a node"))
+fn node_view(node: Option<Node>) -> Result<NodeView, CallError> {
+    node.map(NodeView::from).ok_or_else(|| {
+        tonic::Status::new(ErrorKind::Internal.grpc_code(), "the aggregator answered without a node").into()
+    })
 }
 
 impl Readiness for Aggregator {

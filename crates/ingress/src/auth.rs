@@ -46,7 +46,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
             tracing::error!(path = parts.uri.path(), "route reached without the auth middleware");
-            ApiError::Internal
+            ApiError::internal()
         })
     }
 }
@@ -175,7 +175,7 @@ pub(crate) async fn authenticate(State(gate): State<Gate>, mut request: Request,
         (None, None) => "unknown".to_owned(),
     };
     if let Err(secs) = gate.admit(&client) {
-        return ApiError::RateLimited(secs.max(1)).into_response();
+        return ApiError::rate_limited(secs.max(1)).into_response();
     }
     request.extensions_mut().insert(caller);
     next.run(request).await

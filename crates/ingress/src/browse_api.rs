@@ -9,18 +9,16 @@
 //! An entry whose record is gone (purged) or names a newer entry (a dead request queued again) is
 //! skipped, so every request appears once, at its latest submission.
 
-use std::collections::HashMap;
-
 use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
+use cairn_error::ServiceError;
 use cairn_progress::Key;
 use cairn_redis::ProgressStore;
 use cairn_redis::progress::ReadOptions;
-use cairn_redis::requests::QueueNames;
+use cairn_redis::requests::{Entry, QueueNames, RequestQueue};
 use cairn_requests::{RequestRecord, RequestState};
 use futures::future::join_all;
-use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -44,18 +42,18 @@ const MAX_HANDLER_LEN: usize = 256;
 
 #[derive(Clone)]
 struct Browse {
-    redis: ConnectionManager,
+    queue: RequestQueue,
     store: ProgressStore,
-    names: QueueNames,
 }
 
 pub(crate) fn router(redis: ConnectionManager, names: QueueNames) -> Router {
     let store = ProgressStore::new(redis.clone(), names.prefix.clone());
+    let queue = RequestQueue::new(redis, names);
     Router::new()
         .route("/v1/trees", get(trees))
         .route("/v1/requests", get(requests))
         .route("/v1/requests/{id}/payload", get(payload))
-        .with_state(Browse { redis, store, names })
+        .with_state(Browse { queue, store })
 }
 
 #[derive(Deserialize)]
@@ -73,16 +71,14 @@ async fn trees(
     caller: Caller,
     params: Result<Query<TreeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(params) = params.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as isize;
     let offset = match params.offset.as_deref() {
         None | Some("") => 0,
         Some(raw) => raw.parse::<isize>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-            ApiError::BadRequest(format!("offset must be a non-negative integer, got {raw:?}"))
+            ApiError::bad_request(format!("offset must be a non-negative integer, got {raw:?}"))
         })?,
     };
-    let roots_key = format!("{}:proots", browse.names.prefix);
-    let mut redis = browse.redis.clone();
     // An admin sees every root; anyone else the roots their read scopes cover, found by scanning
     // at most MAX_SCANNED roots (a short page then continues from where the scan stopped).
     // `offset` and `next` count positions among all roots either way.
@@ -90,8 +86,7 @@ async fn trees(
     let (mut roots, mut position, mut more) = (Vec::new(), offset, false);
     loop {
         let batch = if admin { limit + 1 } else { SCAN_BATCH as isize };
-        let read = redis.zrevrange_withscores(&roots_key, position, position + batch - 1);
-        let page: Vec<(String, f64)> = timed("tree roots", read).await?;
+        let page = timed("tree roots", browse.store.roots(position as usize, batch as usize)).await?;
         let exhausted = (page.len() as isize) < batch;
         for (root, updated) in page {
             if roots.len() as isize == limit {
@@ -153,13 +148,13 @@ impl Filter {
             None | Some("") => None,
             Some(raw) => Some(raw.parse::<RequestState>().map_err(|_| {
                 let known: Vec<&str> = RequestState::ALL.iter().map(|s| s.as_str()).collect();
-                ApiError::BadRequest(format!("state must be one of {}, got {raw:?}", known.join(", ")))
+                ApiError::bad_request(format!("state must be one of {}, got {raw:?}", known.join(", ")))
             })?),
         };
         let handler = match handler {
             None | Some("") => None,
             Some(raw) if raw.len() > MAX_HANDLER_LEN => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(ApiError::bad_request(format!(
                     "handler must be at most {MAX_HANDLER_LEN} bytes, got {}",
                     raw.len()
                 )));
@@ -185,36 +180,26 @@ async fn requests(
     params: Result<Query<RequestParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller.grant.admin("listing every request")?;
-    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(params) = params.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)? as usize;
     let filter = Filter::from_params(params.state.as_deref(), params.handler.as_deref())?;
     let mut cursor = match params.after.as_deref() {
         None | Some("") => None,
         Some(after) if crate::requests_api::is_entry_id(after) => Some(after.to_owned()),
         Some(after) => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(ApiError::bad_request(format!(
                 "after must be a request stream entry id such as 1700000000000-0 (the `next` of the previous page), got {after:?}"
             )));
         }
     };
-    let mut redis = browse.redis.clone();
     let (mut items, mut scanned) = (Vec::new(), 0);
     let exhausted = loop {
-        let end = cursor.as_ref().map_or_else(|| "+".to_owned(), |c| format!("({c}"));
         let batch = SCAN_BATCH.min(MAX_SCANNED - scanned);
-        let read = redis.xrevrange_count(&browse.names.stream, end, "-", batch);
-        let page: redis::streams::StreamRangeReply = timed("request stream", read).await?;
-        let entries: Vec<(String, String)> = page
-            .ids
-            .into_iter()
-            .map(|entry| {
-                let id: String = entry.get("id").unwrap_or_default();
-                (entry.id, id)
-            })
-            .collect();
-        let records = records(&mut redis, &browse.names, &entries).await?;
+        let entries = timed("request stream", browse.queue.newest(cursor.as_deref(), batch)).await?;
+        let ids: Vec<&str> = entries.iter().map(|entry| entry.request_id.as_str()).collect();
+        let records = timed("request records", browse.queue.records(&ids)).await?;
         let read_all = entries.len() < batch;
-        for ((entry_id, _), record) in entries.iter().zip(records) {
+        for (Entry { entry_id, .. }, record) in entries.iter().zip(records) {
             scanned += 1;
             cursor = Some(entry_id.clone());
             let Some(record) = record else { continue };
@@ -239,35 +224,6 @@ async fn requests(
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
-/// The records of `(entry id, request id)` pairs in one pipelined round trip; `None` for a
-/// record that is gone, or unreadable (logged).
-async fn records(
-    redis: &mut ConnectionManager,
-    names: &QueueNames,
-    entries: &[(String, String)],
-) -> Result<Vec<Option<RequestRecord>>, ApiError> {
-    if entries.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut pipe = redis::pipe();
-    for (_, id) in entries {
-        pipe.hgetall(names.record(id));
-    }
-    let hashes: Vec<HashMap<String, String>> = timed("request records", pipe.query_async(redis)).await?;
-    Ok(hashes
-        .into_iter()
-        .zip(entries)
-        .map(|(hash, (_, id))| {
-            if hash.is_empty() {
-                return None;
-            }
-            RequestRecord::from_hash(&hash)
-                .inspect_err(|error| warn!(request = %id, %error, "skipping an unreadable request record"))
-                .ok()
-        })
-        .collect())
-}
-
 /// `GET /v1/requests/{id}/payload`: the payload the request was submitted with.
 #[utoipa::path(get, path = "/v1/requests/{id}/payload", tag = "browse", params(("id" = String, Path, description = "Request id")), responses((status = 200, description = "The submitted payload", body = Object), (status = 404, description = "No such request", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn payload(
@@ -275,35 +231,39 @@ async fn payload(
     caller: Caller,
     RequestId(id): RequestId,
 ) -> Result<Json<Value>, ApiError> {
-    let mut redis = browse.redis.clone();
     if !caller.grant.is_admin() {
-        let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PROGRESS_KEY);
-        let key: Option<String> = timed("request progress key", read).await?;
-        caller.grant.read(&key.ok_or(ApiError::RequestMissing { id: id.clone() })?)?;
+        let read = browse.queue.record_field(&id, cairn_requests::fields::PROGRESS_KEY);
+        let key = timed("request progress key", read).await?;
+        caller.grant.read(&key.ok_or(ApiError::missing_request(id.clone()))?)?;
     }
-    let read = redis.hget(browse.names.record(&id), cairn_requests::fields::PAYLOAD);
-    let stored: Option<String> = timed("request payload", read).await?;
-    let stored = stored.ok_or(ApiError::RequestMissing { id: id.clone() })?;
+    let read = browse.queue.record_field(&id, cairn_requests::fields::PAYLOAD);
+    let stored = timed("request payload", read).await?;
+    let stored = stored.ok_or(ApiError::missing_request(id.clone()))?;
     serde_json::from_str(&stored).map(Json).map_err(|error| {
         warn!(request = %id, %error, "stored payload is not JSON");
-        ApiError::Internal
+        ApiError::internal()
     })
 }
 
-/// A Redis read bounded by [`REDIS_TIMEOUT`]; Redis away or slow is a 503.
-async fn timed<T>(
+/// A Redis read bounded by [`REDIS_TIMEOUT`]; Redis away or slow is a 503, a refused call or a
+/// reply that makes no sense a 500 (by the error's kind).
+async fn timed<T, E: ServiceError>(
     what: &'static str,
-    read: impl Future<Output = redis::RedisResult<T>>,
+    read: impl Future<Output = Result<T, E>>,
 ) -> Result<T, ApiError> {
     match tokio::time::timeout(REDIS_TIMEOUT, read).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => {
+        Ok(Err(error)) if error.kind().is_retryable() => {
             warn!(%error, what, "redis read failed");
-            Err(ApiError::QueueUnavailable)
+            Err(ApiError::queue_unavailable())
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, what, "redis read answered something unexpected");
+            Err(ApiError::internal())
         }
         Err(_) => {
             warn!(what, "redis read timed out");
-            Err(ApiError::QueueUnavailable)
+            Err(ApiError::queue_unavailable())
         }
     }
 }
@@ -314,7 +274,7 @@ mod tests {
 
     fn message(result: Result<Filter, ApiError>) -> String {
         match result.unwrap_err() {
-            ApiError::BadRequest(message) => message,
+            error if error.kind() == cairn_error::ErrorKind::BadRequest => error.to_string(),
             other => panic!("expected a bad request, got {other:?}"),
         }
     }

@@ -1,233 +1,201 @@
 //! The one place where failures become HTTP answers.
 //!
-//! Every error body is JSON, `{"error": "<message a user can act on>"}`, except a missing progress
+//! Every error has an [`ErrorKind`] (`cairn-error`), whose one mapping gives its status. Every
+//! error body is JSON, `{"error": "<message a user can act on>"}`, except a missing progress
 //! node, which answers SCA's `{"key": …, "missing": true}`, and a missing request, which answers
-//! `{"id": …, "missing": true}` in the same spirit. Messages from the aggregator are passed
-//! on only when they describe the caller's mistake (`INVALID_ARGUMENT`, `NOT_FOUND`); anything
-//! else is logged here and answered with a generic message, so internals never leak.
-
-use std::error::Error as _;
+//! `{"id": …, "missing": true}` in the same spirit. Messages of a dependency (the aggregator,
+//! Redis) are passed on only when they describe the caller's mistake
+//! ([`ErrorKind::is_caller_error`]); anything else was logged where it was classified and is
+//! answered with a generic message, so internals never leak.
 
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use cairn_error::{ErrorKind, ServiceError};
 use cairn_progress::{MAX_UPDATE_BYTES, UpdateError};
 use serde_json::json;
-use tonic::{Code, Status};
 
+use crate::aggregator::CallError;
 use crate::requests::RequestsError;
 
 /// Seconds a client should wait before retrying a 503 or 429.
-const RETRY_AFTER_SECS: &str = "1";
+const RETRY_AFTER_SECS: u64 = 1;
 
+/// An answer that is not a success: its kind (hence its status) and what the client is told.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// The request is wrong; the message says what to change.
-    #[error("{0}")]
-    BadRequest(String),
-    /// No progress node at this key (SCA's answer).
-    #[error("no progress at key {key:?}")]
-    Missing { key: String },
-    #[error("{0}")]
-    NotFound(String),
-    /// No request with this id.
-    #[error("no request {id}")]
-    RequestMissing { id: String },
-    /// The request conflicts with the state of what it names.
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    MethodNotAllowed(String),
-    /// Refused whoever asks (a cross-site browser request); the message says why.
-    #[error("{0}")]
-    Forbidden(String),
-    #[error(
-        "request body is larger than {MAX_UPDATE_BYTES} bytes; an update may have at most 64 KiB of JSON"
-    )]
-    PayloadTooLarge,
-    /// A request body over a limit other than the progress update's; the message names it.
-    #[error("{0}")]
-    TooLarge(String),
-    #[error("too many requests; retry later")]
-    TooManyRequests,
-    /// This client went over CAIRN_RATE_LIMIT; it may try again after this many seconds.
-    #[error("rate limit exceeded; retry after {0} s")]
-    RateLimited(u64),
-    /// No token, or a token that does not verify; the message says why (never the token).
-    #[error("{0}")]
-    Unauthorized(String),
-    /// The client did not send its request in time; the message says what was late.
-    #[error("{0}")]
-    RequestTimeout(String),
-    /// Backpressure: the queue is longer than the configured bound.
-    #[error("{0}")]
-    Overloaded(String),
-    #[error("the progress aggregator is unavailable; retry shortly")]
-    Unavailable,
-    #[error("the progress aggregator did not answer in time; retry shortly")]
-    Timeout,
-    /// Redis, which holds the request queue, did not answer (in time).
-    #[error("the request queue is unavailable; retry shortly")]
-    QueueUnavailable,
-    /// Details are logged where the error is classified, never sent.
-    #[error("internal error; the ingress log has the details")]
-    Internal,
+#[error("{message}")]
+pub struct ApiError {
+    kind: ErrorKind,
+    /// Shown to the client; never a dependency's internals.
+    message: String,
+    body: Body,
+    /// `Retry-After` seconds, for a 429 or 503 that knows better than the default.
+    retry_after: Option<u64>,
+}
+
+/// The shape of the body.
+#[derive(Debug)]
+enum Body {
+    /// `{"error": message}`.
+    Error,
+    /// `{field: value, "missing": true}` (SCA's answer for a missing node, and a missing request).
+    Missing { field: &'static str, value: String },
 }
 
 impl ApiError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Missing { .. } | ApiError::NotFound(_) | ApiError::RequestMissing { .. } => {
-                StatusCode::NOT_FOUND
-            }
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::PayloadTooLarge | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooManyRequests | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable | ApiError::Overloaded(_) | ApiError::QueueUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    /// An error of `kind` telling the client `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError { kind, message: message.into(), body: Body::Error, retry_after: None }
+    }
+
+    /// The request is wrong; the message says what to change.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::BadRequest, message)
+    }
+
+    /// No progress node at this key (SCA's answer).
+    pub fn missing_node(key: impl Into<String>) -> ApiError {
+        let key = key.into();
+        ApiError::missing(format!("no progress at key {key:?}"), "key", key)
+    }
+
+    /// No request with this id.
+    pub fn missing_request(id: impl Into<String>) -> ApiError {
+        let id = id.into();
+        ApiError::missing(format!("no request {id}"), "id", id)
+    }
+
+    fn missing(message: String, field: &'static str, value: String) -> ApiError {
+        ApiError { body: Body::Missing { field, value }, ..ApiError::new(ErrorKind::NotFound, message) }
+    }
+
+    /// A progress update's body over its limit.
+    pub fn update_too_large() -> ApiError {
+        ApiError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "request body is larger than {MAX_UPDATE_BYTES} bytes; an update may have at most 64 KiB of JSON"
+            ),
+        )
+    }
+
+    /// This client went over CAIRN_RATE_LIMIT; it may try again after `secs` seconds.
+    pub fn rate_limited(secs: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(secs),
+            ..ApiError::new(ErrorKind::RateLimited, format!("rate limit exceeded; retry after {secs} s"))
         }
+    }
+
+    /// Redis, which holds the request queue, did not answer (in time).
+    pub fn queue_unavailable() -> ApiError {
+        ApiError::new(ErrorKind::Unavailable, "the request queue is unavailable; retry shortly")
+    }
+
+    /// Details are logged where the error is classified, never sent.
+    pub fn internal() -> ApiError {
+        ApiError::new(ErrorKind::Internal, "internal error; the ingress log has the details")
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.kind.http_status()
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = match &self {
-            ApiError::Missing { key } => json!({ "key": key, "missing": true }),
-            ApiError::RequestMissing { id } => json!({ "id": id, "missing": true }),
-            other => json!({ "error": other.to_string() }),
+        let body = match &self.body {
+            Body::Missing { field, value } => json!({ *field: value, "missing": true }),
+            Body::Error => json!({ "error": self.message }),
         };
         let mut response = (status, axum::Json(body)).into_response();
-        if let ApiError::RateLimited(secs) = &self {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(*secs));
-        } else if let ApiError::Unauthorized(_) = &self {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        } else if self.status() == StatusCode::SERVICE_UNAVAILABLE
-            || self.status() == StatusCode::TOO_MANY_REQUESTS
-        {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECS));
+        let headers = response.headers_mut();
+        if self.kind == ErrorKind::Unauthenticated {
+            headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        if matches!(self.kind, ErrorKind::Unavailable | ErrorKind::RateLimited) {
+            let secs = self.retry_after.unwrap_or(RETRY_AFTER_SECS);
+            headers.insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         response
     }
 }
 
-/// The mapping from gRPC codes to HTTP: the aggregator's verdict on the caller's input passes
-/// through, a dependency being away is retryable, everything else is our fault.
-impl From<Status> for ApiError {
-    fn from(status: Status) -> ApiError {
-        match effective_code(&status) {
-            Code::InvalidArgument => ApiError::BadRequest(status.message().to_owned()),
-            Code::NotFound => ApiError::NotFound(status.message().to_owned()),
-            Code::Unauthenticated => ApiError::Unauthorized(status.message().to_owned()),
-            Code::PermissionDenied => ApiError::Forbidden(status.message().to_owned()),
-            Code::Unavailable => {
-                tracing::warn!(detail = status.message(), "progress aggregator unavailable");
-                ApiError::Unavailable
-            }
-            Code::DeadlineExceeded => {
-                tracing::warn!(detail = status.message(), "progress aggregator call timed out");
-                ApiError::Timeout
-            }
-            Code::ResourceExhausted => {
-                tracing::warn!(detail = status.message(), "progress aggregator refused a call as too much");
-                ApiError::TooManyRequests
-            }
-            code => {
-                tracing::error!(?code, detail = status.message(), "progress aggregator call failed");
-                ApiError::Internal
-            }
-        }
+/// A failed aggregator call: the aggregator's verdict on the caller's input passes through, a
+/// dependency being away is retryable, everything else is our fault (logged at the client edge).
+impl From<CallError> for ApiError {
+    fn from(error: CallError) -> ApiError {
+        let kind = error.kind();
+        let message = match kind {
+            _ if kind.is_caller_error() => return ApiError::new(kind, error.to_string()),
+            ErrorKind::Unavailable => "the progress aggregator is unavailable; retry shortly",
+            ErrorKind::Timeout => "the progress aggregator did not answer in time; retry shortly",
+            ErrorKind::RateLimited => "too many requests; retry later",
+            _ => return ApiError::internal(),
+        };
+        ApiError::new(kind, message)
     }
-}
-
-/// The status code, except that the client's own timeout (which tonic reports as `CANCELLED`
-/// with a [`tonic::TimeoutExpired`] source) counts as `DEADLINE_EXCEEDED`.
-fn effective_code(status: &Status) -> Code {
-    let mut source = status.source();
-    while let Some(error) = source {
-        if error.is::<tonic::TimeoutExpired>() {
-            return Code::DeadlineExceeded;
-        }
-        source = error.source();
-    }
-    status.code()
 }
 
 impl From<cairn_auth::Denied> for ApiError {
     fn from(denied: cairn_auth::Denied) -> ApiError {
-        ApiError::Forbidden(denied.0)
+        ApiError::new(denied.kind(), denied.0)
     }
 }
 
 impl From<cairn_auth::AuthError> for ApiError {
     fn from(error: cairn_auth::AuthError) -> ApiError {
-        ApiError::Unauthorized(error.to_string())
+        ApiError::new(error.kind(), error.to_string())
     }
 }
 
 impl From<UpdateError> for ApiError {
     fn from(error: UpdateError) -> ApiError {
         match error {
-            UpdateError::TooLarge { .. } => ApiError::PayloadTooLarge,
-            UpdateError::InvalidJson { detail } => ApiError::BadRequest(format!("invalid JSON: {detail}")),
-            other => ApiError::BadRequest(other.to_string()),
+            UpdateError::TooLarge { .. } => ApiError::update_too_large(),
+            UpdateError::InvalidJson { detail } => ApiError::bad_request(format!("invalid JSON: {detail}")),
+            other => ApiError::new(other.kind(), other.to_string()),
         }
     }
 }
 
-/// The request API's failures: the caller's mistakes pass through with their message, Redis
-/// being away is retryable, the rest was logged where it happened.
+/// The request API's failures: every message of [`RequestsError`] is written for the client
+/// (Redis details were logged where they happened), except that a missing request answers in
+/// SCA's shape and an internal error says where to look.
 impl From<RequestsError> for ApiError {
     fn from(error: RequestsError) -> ApiError {
         match error {
-            RequestsError::Invalid(e) if e.is_too_large() => ApiError::TooLarge(e.to_string()),
-            RequestsError::StreamTooLarge { .. } | RequestsError::StreamsTooLarge { .. } => {
-                ApiError::TooLarge(error.to_string())
-            }
-            RequestsError::UploadMissing { .. } | RequestsError::BadStreams(_) => {
-                ApiError::BadRequest(error.to_string())
-            }
-            RequestsError::UploadIncomplete { .. } => ApiError::Conflict(error.to_string()),
-            RequestsError::Invalid(_) | RequestsError::UnknownHandler { .. } => {
-                ApiError::BadRequest(error.to_string())
-            }
-            RequestsError::Overloaded { .. } | RequestsError::Busy => ApiError::Overloaded(error.to_string()),
-            RequestsError::Missing { id } => ApiError::RequestMissing { id },
-            RequestsError::NotDeadLetter { .. } => ApiError::NotFound(error.to_string()),
-            RequestsError::IdempotencyConflict { .. }
-            | RequestsError::AlreadyFinished { .. }
-            | RequestsError::NotDead { .. } => ApiError::Conflict(error.to_string()),
-            RequestsError::Unavailable => ApiError::QueueUnavailable,
-            RequestsError::Denied(denied) => ApiError::Forbidden(denied.0),
-            RequestsError::Internal => ApiError::Internal,
+            RequestsError::Missing { id } => ApiError::missing_request(id),
+            RequestsError::Internal => ApiError::internal(),
+            other => ApiError::new(other.kind(), other.to_string()),
         }
+    }
+}
+
+impl From<cairn_live::LiveError> for ApiError {
+    fn from(error: cairn_live::LiveError) -> ApiError {
+        ApiError::new(error.kind(), error.to_string())
     }
 }
 
 /// Fallback for paths no route serves.
 pub(crate) async fn route_not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+    ApiError::new(ErrorKind::NotFound, format!("no route for {method} {}", uri.path()))
 }
 
 /// Fallback for a known path asked with a method it does not serve.
 pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+    ApiError::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed on {}", uri.path()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::{Code, Status};
 
     async fn body(error: ApiError) -> (StatusCode, Option<String>, serde_json::Value) {
         let response = error.into_response();
@@ -250,7 +218,7 @@ mod tests {
         ];
         for (status, http, retry) in cases {
             let message = status.message().to_owned();
-            let (got, got_retry, json) = body(ApiError::from(status)).await;
+            let (got, got_retry, json) = body(CallError::from(status).into()).await;
             assert_eq!(got.as_u16(), http, "{message}");
             assert_eq!(got_retry.as_deref(), retry, "{message}");
             let error = json["error"].as_str().unwrap();
@@ -267,11 +235,14 @@ mod tests {
     async fn client_timeout_is_a_gateway_timeout() {
         let status = Status::from_error(Box::new(tonic::TimeoutExpired(())));
         assert_eq!(status.code(), Code::Cancelled);
-        let (got, _, json) = body(ApiError::from(status)).await;
+        let (got, _, json) = body(CallError::from(status).into()).await;
         assert_eq!(got, StatusCode::GATEWAY_TIMEOUT);
         assert!(json["error"].as_str().unwrap().contains("did not answer in time"));
         // A cancellation that is not our timeout stays an internal error.
-        assert_eq!(body(ApiError::from(Status::cancelled("x"))).await.0, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            body(CallError::from(Status::cancelled("x")).into()).await.0,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 
     #[tokio::test]
@@ -312,7 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_uses_scas_shape_and_update_errors_name_the_problem() {
-        let (got, _, json) = body(ApiError::Missing { key: "_test.a".into() }).await;
+        let (got, _, json) = body(ApiError::missing_node("_test.a")).await;
         assert_eq!(got, StatusCode::NOT_FOUND);
         assert_eq!(json, json!({"key": "_test.a", "missing": true}));
 

@@ -1,54 +1,36 @@
 //! The handler names this deployment offers, so a submission naming an unknown handler is refused
 //! at the door instead of dying in a processor. They come from the processors' handlers file
-//! (`CAIRN_HANDLERS_FILE`): the ingress reads only the names, the keys of its `[handlers.NAME]`
-//! tables, and leaves checking each handler's settings to the processor that runs it.
+//! (`CAIRN_HANDLERS_FILE`), read with the processor's parser (`cairn_runtime::handlers_file`):
+//! the ingress accepts a file only if its structure is what the processor expects, and keeps the
+//! names. What depends on the processor's host (the programs) only the processor checks.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use toml::{Table, Value};
+use cairn_runtime::handlers_file;
 
 /// The handlers a processor offers without a handlers file.
 pub const DEFAULT_HANDLERS: [&str; 1] = ["echo"];
 
-/// Why the handlers file gives no names.
-#[derive(Debug, thiserror::Error)]
-pub enum HandlersFileError {
-    #[error("cannot read handlers file {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("handlers file {}: {problem}", path.display())]
-    Invalid { path: PathBuf, problem: String },
-}
+/// Why the handlers file gives no names: the processor's own error for the same file.
+pub type HandlersFileError = handlers_file::ConfigError;
 
 /// The names in the handlers file at `path`, or [`DEFAULT_HANDLERS`] without one.
 pub fn load(path: Option<&Path>) -> Result<BTreeSet<String>, HandlersFileError> {
     let Some(path) = path else {
         return Ok(DEFAULT_HANDLERS.iter().map(|name| (*name).to_owned()).collect());
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| HandlersFileError::Read { path: path.to_owned(), source })?;
-    parse(&text).map_err(|problem| HandlersFileError::Invalid { path: path.to_owned(), problem })
-}
-
-/// The keys of the `[handlers]` table; `Err` says what is wrong with the file.
-pub fn parse(text: &str) -> Result<BTreeSet<String>, String> {
-    let root: Table = toml::from_str(text).map_err(|e| format!("invalid TOML: {}", e.message()))?;
-    let handlers = match root.get("handlers") {
-        Some(Value::Table(handlers)) => handlers,
-        Some(other) => {
-            return Err(format!("handlers: must be a table of handlers, found {}", other.type_str()));
-        }
-        None => return Err("no [handlers.NAME] table; add one per handler".to_owned()),
-    };
-    if handlers.is_empty() {
-        return Err("handlers: no handlers defined; add a [handlers.NAME] table".to_owned());
-    }
-    Ok(handlers.keys().cloned().collect())
+    Ok(handlers_file::names(path)?.into_iter().collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names of the handlers file's text; `Err` says what is wrong with the file.
+    fn parse(text: &str) -> Result<BTreeSet<String>, String> {
+        handlers_file::parse(text).map(|specs| specs.into_keys().collect()).map_err(|e| e.to_string())
+    }
 
     #[test]
     fn names_are_the_table_keys() {

@@ -36,9 +36,7 @@ use axum::Router;
 use cairn_redis::requests::{QueueNames, RequestQueue};
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
-use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration};
-use futures::FutureExt as _;
-use futures::future::BoxFuture;
+use cairn_runtime::{Admin, LogConfig, parse_duration};
 use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -202,19 +200,6 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// `/readyz` needs Redis, which holds the request queue.
-struct RedisReady(ConnectionManager);
-
-impl Readiness for RedisReady {
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        async move { cairn_redis::ping(&mut self.0.clone()).await }.boxed()
-    }
-
-    fn name(&self) -> &str {
-        "redis"
-    }
-}
-
 /// A built ingress, its listener bound (so tests can use port 0 and ask the address).
 pub struct App {
     config: Config,
@@ -327,7 +312,8 @@ impl App {
     fn admin(&self) -> Admin {
         Admin::new("ingress")
             .readiness(Arc::new(self.aggregator.clone()))
-            .readiness(Arc::new(RedisReady(self.redis.clone())))
+            // `/readyz` needs Redis, which holds the request queue.
+            .readiness(Arc::new(cairn_redis::RedisReady(self.redis.clone())))
             .with_shutdown(self.draining.clone())
     }
 
@@ -357,9 +343,7 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let router = self.router();
         let admin_router = self.admin().router();
-        let App {
-            config, listener, admin, mut redis, requests, waiters, replica, draining, live_stop, ..
-        } = self;
+        let App { config, listener, admin, requests, waiters, replica, draining, live_stop, .. } = self;
         info!(
             addr = %listener.local_addr()?,
             admin = %admin.local_addr()?,
@@ -404,7 +388,7 @@ impl App {
         background.cancel();
         admin_stop.cancel();
         let _ = tokio::join!(group, reader, admin_server);
-        requests.drop_reply_stream(&mut redis).await;
+        requests.drop_reply_stream().await;
         info!("ingress stopped");
         Ok(())
     }

@@ -41,6 +41,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::{debug, warn};
 
+use cairn_error::ErrorKind;
+
 use crate::error::ApiError;
 
 /// The listener's limits; every one is a `CAIRN_*` setting of the ingress (README).
@@ -150,9 +152,11 @@ async fn serve_connection(
 }
 
 fn body_too_slow(timeout: Duration) -> Response {
-    let mut response =
-        ApiError::RequestTimeout(format!("the request body did not arrive within {timeout:?}"))
-            .into_response();
+    let mut response = ApiError::new(
+        ErrorKind::ClientTimeout,
+        format!("the request body did not arrive within {timeout:?}"),
+    )
+    .into_response();
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
@@ -357,5 +361,5 @@ async fn admit(
 }
 
 fn busy(message: &str) -> Response {
-    ApiError::Overloaded(message.to_owned()).into_response()
+    ApiError::new(ErrorKind::Unavailable, message.to_owned()).into_response()
 }

@@ -13,10 +13,11 @@ use bytes::Bytes;
 use cairn_progress::{Key, MAX_UPDATE_BYTES, Update};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tonic::Code;
 
 use crate::aggregator::{Aggregator, Read};
 use crate::auth::Caller;
+use cairn_error::{ErrorKind, ServiceError as _};
+
 use crate::error::ApiError;
 
 /// Read parameters and their bounds, as the `cairn.v1.Progress` contract defines them.
@@ -50,7 +51,7 @@ impl FromRef<Progress> for StallAfter {
 
 impl StallAfter {
     fn json(self, node: &cairn_progress::view::NodeView) -> Value {
-        node.to_json_at(cairn_live::now_ms(), self.0)
+        node.to_json_at(cairn_progress::now_ms(), self.0)
     }
 }
 
@@ -77,10 +78,8 @@ async fn read(
     caller.grant.read(read.key.as_str())?;
     match aggregator.get(&read, caller.token.as_deref()).await {
         Ok(node) => Ok(Json(stall_after.json(&node))),
-        Err(status) if status.code() == Code::NotFound => {
-            Err(ApiError::Missing { key: read.key.to_string() })
-        }
-        Err(status) => Err(status.into()),
+        Err(error) if error.kind() == ErrorKind::NotFound => Err(ApiError::missing_node(read.key.as_str())),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -110,7 +109,7 @@ async fn remove(
 ) -> Result<Json<Value>, ApiError> {
     caller.grant.write(key.as_str())?;
     match aggregator.delete(&key, caller.token.as_deref()).await? {
-        0 => Err(ApiError::Missing { key: key.to_string() }),
+        0 => Err(ApiError::missing_node(key.as_str())),
         removed => {
             Ok(Json(json!({ "status": format!("removed {key} and its children"), "removed": removed })))
         }
@@ -139,9 +138,9 @@ async fn health(State(aggregator): State<Aggregator>) -> Response {
 
 fn body_rejection(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge
+        ApiError::update_too_large()
     } else {
-        ApiError::BadRequest(format!("cannot read the request body: {}", rejection.body_text()))
+        ApiError::bad_request(format!("cannot read the request body: {}", rejection.body_text()))
     }
 }
 
@@ -154,8 +153,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ProgressKey {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
-            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-        Key::parse(&raw).map(ProgressKey).map_err(|e| ApiError::BadRequest(format!("key {raw:?}: {e}")))
+            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+        Key::parse(&raw).map(ProgressKey).map_err(|e| ApiError::bad_request(format!("key {raw:?}: {e}")))
     }
 }
 
@@ -176,7 +175,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ReadQuery {
         let ProgressKey(key) = ProgressKey::from_request_parts(parts, state).await?;
         let Query(params) = Query::<ReadParams>::from_request_parts(parts, state)
             .await
-            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
         Ok(ReadQuery(read_options(key, params)?))
     }
 }
@@ -184,7 +183,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ReadQuery {
 fn read_options(key: Key, params: ReadParams) -> Result<Read, ApiError> {
     let after = match params.after.as_deref() {
         None | Some("") => None,
-        Some(raw) => Some(Key::parse(raw).map_err(|e| ApiError::BadRequest(format!("after {raw:?}: {e}")))?),
+        Some(raw) => Some(Key::parse(raw).map_err(|e| ApiError::bad_request(format!("after {raw:?}: {e}")))?),
     };
     Ok(Read {
         key,
@@ -198,7 +197,7 @@ pub(crate) fn bounded(name: &str, raw: Option<&str>, default: u32, max: u32) -> 
     let Some(raw) = raw else { return Ok(default) };
     match raw.parse::<u32>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(ApiError::BadRequest(format!("{name} must be an integer from 1 to {max}, got {raw:?}"))),
+        _ => Err(ApiError::bad_request(format!("{name} must be an integer from 1 to {max}, got {raw:?}"))),
     }
 }
 
@@ -216,7 +215,7 @@ mod tests {
 
     fn message(result: Result<Read, ApiError>) -> String {
         match result.unwrap_err() {
-            ApiError::BadRequest(message) => message,
+            error if error.kind() == cairn_error::ErrorKind::BadRequest => error.to_string(),
             other => panic!("expected a bad request, got {other:?}"),
         }
     }

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_redis::RedisConfig;
+use cairn_redis::requests::RequestQueue;
 use redis::aio::MultiplexedConnection;
-use redis::streams::StreamReadReply;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -119,7 +119,7 @@ pub async fn run_reader(
     waiters: Arc<Waiters>,
     shutdown: CancellationToken,
 ) {
-    let mut last_id = format!("{}-0", crate::requests::now_ms());
+    let mut last_id = format!("{}-0", cairn_progress::now_ms());
     let mut retry = FIRST_RETRY;
     let mut conn: Option<MultiplexedConnection> = None;
     info!(stream = %stream, "reading replies");
@@ -145,7 +145,10 @@ pub async fn run_reader(
         let reader = conn.as_mut().expect("connected above");
         let read = tokio::select! {
             () = shutdown.cancelled() => return,
-            read = tokio::time::timeout(BLOCK + READ_SLACK, read_replies(reader, &stream, &last_id)) => read,
+            read = tokio::time::timeout(
+                BLOCK + READ_SLACK,
+                RequestQueue::read_replies(reader, &stream, &last_id, BATCH, BLOCK.as_millis() as usize),
+            ) => read,
         };
         match read {
             Ok(Ok(replies)) => {
@@ -176,31 +179,6 @@ async fn backoff(shutdown: &CancellationToken, retry: &mut Duration) {
         () = tokio::time::sleep(*retry) => {}
     }
     *retry = (*retry * 2).min(MAX_RETRY);
-}
-
-/// One `XREAD BLOCK`: `(entry id, request id)` of the replies after `last_id`, oldest first.
-async fn read_replies(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    last_id: &str,
-) -> redis::RedisResult<Vec<(String, String)>> {
-    let reply: Option<StreamReadReply> = redis::cmd("XREAD")
-        .arg("COUNT")
-        .arg(BATCH)
-        .arg("BLOCK")
-        .arg(BLOCK.as_millis() as u64)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(last_id)
-        .query_async(conn)
-        .await?;
-    let entries = reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids);
-    Ok(entries
-        .map(|entry| {
-            let request_id: String = entry.get("id").unwrap_or_default();
-            (entry.id, request_id)
-        })
-        .collect())
 }
 
 #[cfg(test)]

@@ -3,20 +3,20 @@
 //! Every Redis call is bounded by [`REDIS_TIMEOUT`], so a Redis that is away or stalled becomes
 //! [`RequestsError::Unavailable`] within seconds, never a hang.
 
+use cairn_progress::now_ms;
 use std::collections::BTreeSet;
-use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cairn_auth::Grant;
+use cairn_error::{ErrorKind, ServiceError};
 use cairn_progress::{Key, Update};
 use cairn_redis::BlobStore;
 use cairn_redis::ProgressStore;
-use cairn_redis::blobs::BlobError;
-use cairn_redis::progress::{Change, ReadOptions, StoreError};
+use cairn_redis::progress::{Change, ReadOptions};
 use cairn_redis::requests::{
-    CancelOutcome, DeadLetter, QueueError, RequestQueue, RetryOutcome, StreamSource, SubmitOutcome,
+    CancelOutcome, DeadLetter, RequestQueue, RetryOutcome, StreamSource, SubmitOutcome,
 };
 use cairn_requests::{RequestRecord, RequestState, StreamInfo, Submission, SubmitError, new_request_id};
 use serde_json::{Value, json};
@@ -33,7 +33,7 @@ pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(4);
 /// Oldest group lag a backpressure decision may use.
 const LAG_MAX_AGE: Duration = Duration::from_millis(500);
 
-/// Why a request operation failed; `crate::error` maps each to one HTTP status.
+/// Why a request operation failed; each is of one [`ErrorKind`], which `crate::error` answers.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestsError {
     /// The submission is invalid (or too large: [`SubmitError::is_too_large`]).
@@ -81,6 +81,30 @@ pub enum RequestsError {
     /// A stored record or a script reply made no sense; details are logged.
     #[error("internal error")]
     Internal,
+}
+
+impl ServiceError for RequestsError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            RequestsError::Invalid(e) => e.kind(),
+            RequestsError::Denied(denied) => denied.kind(),
+            RequestsError::UnknownHandler { .. }
+            | RequestsError::UploadMissing { .. }
+            | RequestsError::BadStreams(_) => ErrorKind::BadRequest,
+            RequestsError::StreamTooLarge { .. } | RequestsError::StreamsTooLarge { .. } => {
+                ErrorKind::TooLarge
+            }
+            // Backpressure is a dependency's capacity, not this caller's rate.
+            RequestsError::Overloaded { .. } | RequestsError::Busy => ErrorKind::Unavailable,
+            RequestsError::IdempotencyConflict { .. }
+            | RequestsError::UploadIncomplete { .. }
+            | RequestsError::AlreadyFinished { .. }
+            | RequestsError::NotDead { .. } => ErrorKind::Conflict,
+            RequestsError::Missing { .. } | RequestsError::NotDeadLetter { .. } => ErrorKind::NotFound,
+            RequestsError::Unavailable => ErrorKind::Unavailable,
+            RequestsError::Internal => ErrorKind::Internal,
+        }
+    }
 }
 
 impl RequestsError {
@@ -550,16 +574,10 @@ impl Requests {
     /// The group's lag. A stream or group that does not exist (Redis lost its data, or started
     /// after this replica) is made again, with no lag.
     async fn read_lag(&self) -> Result<u64, RequestsError> {
-        let why = match tokio::time::timeout(REDIS_TIMEOUT, self.queue.lag()).await {
-            Ok(Ok(Some(lag))) => return Ok(lag),
-            Ok(Ok(None)) => "no lag reported for the group",
-            Ok(Err(QueueError::Redis(e))) if e.detail().is_some_and(|d| d.contains("no such key")) => {
-                "the request stream does not exist"
-            }
-            Ok(Err(e)) => return Err(classify("lag", e)),
-            Err(_) => return Err(timed_out("lag")),
-        };
-        debug!(why, "the request group's lag is unknown; making sure the group exists");
+        if let Some(lag) = bounded("lag", self.queue.lag()).await? {
+            return Ok(lag);
+        }
+        debug!("the request group's lag is unknown; making sure the group exists");
         self.ensure_group().await?;
         Ok(0)
     }
@@ -699,13 +717,8 @@ impl Requests {
 
     /// Removes this replica's reply stream (at shutdown); replies still on their way recreate it
     /// and it expires on its own.
-    pub async fn drop_reply_stream(&self, redis: &mut redis::aio::ConnectionManager) {
-        let deleted: Result<Result<(), redis::RedisError>, _> = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            redis::cmd("DEL").arg(&self.settings.reply_stream).query_async(redis),
-        )
-        .await;
-        if !matches!(deleted, Ok(Ok(()))) {
+    pub async fn drop_reply_stream(&self) {
+        if bounded("drop replies", self.queue.drop_replies(&self.settings.reply_stream)).await.is_err() {
             debug!(stream = %self.settings.reply_stream, "reply stream not removed at shutdown");
         }
     }
@@ -745,31 +758,10 @@ fn upload_of(_streams: &[StreamInfo], sources: &[StreamSource], name: &str) -> S
         .to_owned()
 }
 
-/// Errors of the Redis layers, told apart: Redis being away versus a reply that makes no sense.
-trait RedisFailure: Display {
-    fn is_unavailable(&self) -> bool;
-}
-
-impl RedisFailure for BlobError {
-    fn is_unavailable(&self) -> bool {
-        matches!(self, BlobError::Redis(_))
-    }
-}
-
-impl RedisFailure for QueueError {
-    fn is_unavailable(&self) -> bool {
-        matches!(self, QueueError::Redis(_))
-    }
-}
-
-impl RedisFailure for StoreError {
-    fn is_unavailable(&self) -> bool {
-        self.is_retryable()
-    }
-}
-
-fn classify(call: &'static str, e: impl RedisFailure) -> RequestsError {
-    if e.is_unavailable() {
+/// An error of the Redis layers by its kind: Redis being away (retryable) versus a reply that
+/// makes no sense or a call Redis refused.
+fn classify(call: &'static str, e: impl ServiceError) -> RequestsError {
+    if e.kind().is_retryable() {
         warn!(call, error = %e, "redis call failed");
         RequestsError::Unavailable
     } else {
@@ -784,7 +776,7 @@ fn timed_out(call: &'static str) -> RequestsError {
 }
 
 /// Runs one Redis call within [`REDIS_TIMEOUT`].
-async fn bounded<T, E: RedisFailure>(
+async fn bounded<T, E: ServiceError>(
     call: &'static str,
     future: impl Future<Output = Result<T, E>>,
 ) -> Result<T, RequestsError> {
@@ -793,13 +785,6 @@ async fn bounded<T, E: RedisFailure>(
         Ok(Err(e)) => Err(classify(call, e)),
         Err(_) => Err(timed_out(call)),
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

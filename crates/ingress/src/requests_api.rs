@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 use tracing::Instrument as _;
 
 use crate::auth::Caller;
+use cairn_error::ErrorKind;
+
 use crate::error::ApiError;
 use crate::progress_api::bounded;
 use crate::requests::{Canceled, Requests, Submitted, progress_url, record_rejection};
@@ -148,13 +150,13 @@ async fn dead_letters(
     params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller.grant.admin("listing dead letters")?;
-    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(params) = params.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = match params.after.as_deref() {
         None | Some("") | Some("-") => "-",
         Some(after) if is_entry_id(after) => after,
         Some(after) => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(ApiError::bad_request(format!(
                 "after must be a dead-letter entry id such as 1700000000000-0, got {after:?}"
             )));
         }
@@ -218,12 +220,15 @@ fn answer(status: StatusCode, body: Value, location: Option<&str>, wait: Option<
 fn body_rejection(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         record_rejection("too_large");
-        ApiError::TooLarge(format!(
-            "request body is larger than {MAX_SUBMISSION_BYTES} bytes; a request may have at most 2 MiB of JSON"
-        ))
+        ApiError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "request body is larger than {MAX_SUBMISSION_BYTES} bytes; a request may have at most 2 MiB of JSON"
+            ),
+        )
     } else {
         record_rejection("invalid");
-        ApiError::BadRequest(format!("cannot read the request body: {}", rejection.body_text()))
+        ApiError::bad_request(format!("cannot read the request body: {}", rejection.body_text()))
     }
 }
 
@@ -249,12 +254,12 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
-            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
         if is_valid_request_id(&id) {
             Ok(RequestId(id))
         } else {
             let shown: String = id.chars().take(64).collect();
-            Err(ApiError::BadRequest(format!(
+            Err(ApiError::bad_request(format!(
                 "invalid request id {shown:?}: expected a lowercase UUID such as 0190f5c2-7b8e-4c3d-9a2b-123456789abc"
             )))
         }

@@ -16,8 +16,9 @@ use cairn_requests::{
 };
 use tokio::time::Instant;
 
-use crate::requests::{NewRequest, Prepared, Requests, RequestsError, Submitted, now_ms, stream_node};
+use crate::requests::{NewRequest, Prepared, Requests, RequestsError, Submitted, stream_node};
 use crate::uploads::REPORT_EVERY;
+use cairn_progress::now_ms;
 
 /// The part that holds the JSON submission.
 pub const REQUEST_PART: &str = "request";

@@ -18,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use rust_embed::Embed;
 
+use cairn_error::ErrorKind;
+
 use crate::error::ApiError;
 
 #[derive(Embed)]
@@ -87,7 +89,7 @@ fn page_headers(etag: &str) -> [(header::HeaderName, HeaderValue); 6] {
 /// another (a page loaded before an upgrade) it is served as it is now, revalidated each time.
 async fn asset(Path((version, path)): Path<(String, String)>, headers: HeaderMap) -> Response {
     let Some(file) = Assets::get(&path).filter(|_| path != "index.html") else {
-        return ApiError::NotFound(format!("no UI asset {path:?}")).into_response();
+        return ApiError::new(ErrorKind::NotFound, format!("no UI asset {path:?}")).into_response();
     };
     let etag = format!("\"{}\"", hex(&file.metadata.sha256_hash()[..8]));
     let cache = if version == *VERSION { "public, max-age=31536000, immutable" } else { "no-cache" };

@@ -19,7 +19,9 @@ use sha1::Digest as _;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::requests::{REDIS_TIMEOUT, now_ms};
+use cairn_progress::now_ms;
+
+use crate::requests::REDIS_TIMEOUT;
 
 /// How often a growing upload or stream reports its bytes to its progress node.
 pub const REPORT_EVERY: Duration = Duration::from_millis(100);
@@ -43,6 +45,21 @@ pub enum UploadError {
     Body(String),
     #[error("the upload store is unavailable; retry shortly")]
     Unavailable,
+}
+
+impl cairn_error::ServiceError for UploadError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        use cairn_error::ErrorKind;
+        match self {
+            UploadError::Missing { .. } => ErrorKind::NotFound,
+            UploadError::OffsetMismatch { .. } => ErrorKind::Conflict,
+            UploadError::TooLarge { .. } | UploadError::PastLength { .. } => ErrorKind::TooLarge,
+            UploadError::ChecksumMismatch { .. } | UploadError::BadRequest(_) | UploadError::Body(_) => {
+                ErrorKind::BadRequest
+            }
+            UploadError::Unavailable => ErrorKind::Unavailable,
+        }
+    }
 }
 
 /// A checksum algorithm of the tus `checksum` extension.

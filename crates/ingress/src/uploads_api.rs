@@ -12,6 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
+use cairn_error::ServiceError as _;
 use cairn_requests::is_valid_request_id;
 use serde_json::json;
 
@@ -75,16 +76,11 @@ impl IntoResponse for Tus {
 impl From<UploadError> for Tus {
     fn from(error: UploadError) -> Tus {
         let status = match &error {
-            UploadError::Missing { .. } => StatusCode::NOT_FOUND,
-            UploadError::OffsetMismatch { .. } => StatusCode::CONFLICT,
-            UploadError::TooLarge { .. } | UploadError::PastLength { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // tus's own status for a checksum mismatch.
             UploadError::ChecksumMismatch { .. } => {
                 StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST)
             }
-            UploadError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            UploadError::Body(_) => StatusCode::BAD_REQUEST,
-            UploadError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            other => other.kind().http_status(),
         };
         let mut tus = Tus::new(status);
         if let UploadError::OffsetMismatch { offset, .. } = &error {

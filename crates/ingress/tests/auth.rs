@@ -320,9 +320,14 @@ async fn calls_outside_a_tokens_scopes_get_403() {
 async fn a_command_handler_reports_progress_through_its_url_with_auth_on() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/report_progress.sh");
     let handler = CommandHandler::new(script.to_str().unwrap(), Vec::new()).expect("script handler");
-    // The ingress knows handlers by the names in the processors' handlers file.
+    // The ingress knows handlers by the names in the processors' handlers file, which it reads
+    // with the processor's parser (the program is looked for only where it runs).
     let handlers_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(handlers_file.path(), "[handlers.report]\ncommand = \"report_progress.sh\"\n").unwrap();
+    std::fs::write(
+        handlers_file.path(),
+        "[handlers.report]\nkind = \"command\"\nprogram = \"report_progress.sh\"\n",
+    )
+    .unwrap();
     let options = Options::default()
         .handlers(HandlerSet::new().with("report", handler))
         .arg("--handlers", handlers_file.path().to_str().unwrap());

@@ -3,9 +3,10 @@
 
 mod common;
 
+use cairn_progress::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cairn_progress::Update;
 use cairn_testkit::{RedisServer, wait_until};
@@ -20,10 +21,6 @@ use serde_json::{Value, json};
 
 fn header<'a>(reply: &'a Reply, name: &str) -> Option<&'a str> {
     reply.headers.get(name).map(|v| v.to_str().expect("ASCII header"))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
 }
 
 fn id_of(reply: &Reply) -> String {

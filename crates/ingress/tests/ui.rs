@@ -7,6 +7,7 @@
 
 mod common;
 
+use cairn_progress::now_ms;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -122,10 +123,6 @@ async fn node(script: &str, args: &[&str]) -> String {
 
 fn key(s: &str) -> Key {
     Key::parse(s).expect("valid key")
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64
 }
 
 /// `count` children `{parent}.c00001…` written straight into the store, each 1 ms after the

@@ -6,13 +6,15 @@
 //! with several aggregator replicas, which share the shards ([`crate::shards`]). A failed batch is never acked: RabbitMQ redelivers it, and
 //! applying an update again leaves the same tree.
 
+use cairn_progress::now_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cairn_amqp::{Endpoint, Topology, connect_with_retry, explain, name};
+use cairn_error::ServiceError as _;
 use cairn_progress::parse_message;
 use cairn_redis::progress::{Change, ProgressStore, StoreError};
 use cairn_redis::streams::LeaseState;
@@ -96,10 +98,6 @@ pub struct ConsumerSettings {
     pub topology: Topology,
     pub prefetch: u16,
     pub batch: usize,
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The publisher's time of a message, never more than [`MAX_CLOCK_AHEAD_MS`] ahead of `now` and
@@ -267,7 +265,8 @@ async fn store_with_retry(
     let result = loop {
         match store.apply(changes).await {
             Ok(()) => break Ok(Ok(())),
-            Err(error) if !error.is_retryable() => {
+            // A failure that cannot pass by itself goes back to be split and dead-lettered.
+            Err(error) if !error.kind().is_retryable() => {
                 metrics::counter!("cairn_progress_store_refusals_total").increment(1);
                 break Ok(Err(error));
             }

@@ -1,7 +1,8 @@
 //! gRPC `cairn.v1.Progress`: a thin adapter that validates input and calls the progress store,
 //! and, for `Watch`, the process's live fan-out (`cairn-live`).
 
-use cairn_auth::{Denied, Grant, Verifier};
+use cairn_auth::{Grant, Verifier};
+use cairn_error::{ErrorKind, ServiceError};
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
 use cairn_proto::struct_to_json;
@@ -20,7 +21,7 @@ use futures::stream::FuturesOrdered;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use crate::consumer::now_ms;
+use cairn_progress::now_ms;
 
 pub struct ProgressService {
     store: ProgressStore,
@@ -86,23 +87,26 @@ impl UpdateBatcher {
 }
 
 fn parse_key(raw: &str, what: &str) -> Result<Key, Status> {
-    Key::parse(raw).map_err(|e| Status::invalid_argument(format!("{what} {raw:?}: {e}")))
+    Key::parse(raw).map_err(|e| bad_request(format!("{what} {raw:?}: {e}")))
 }
 
-/// The one classification of store errors: a caller mistake or a dependency being away.
-fn store_status(error: StoreError) -> Status {
-    match error {
-        StoreError::BadCursor { .. } | StoreError::BadDepth(_) | StoreError::BadLimit(_) => {
-            Status::invalid_argument(error.to_string())
-        }
-        StoreError::Redis(_) => {
-            tracing::warn!(%error, "progress store unavailable");
-            Status::unavailable("the progress store is unavailable; try again")
-        }
-        StoreError::Protocol(_) | StoreError::Rejected(_) => {
-            tracing::error!(%error, "progress store answered something unexpected");
-            Status::internal("internal error reading progress")
-        }
+fn bad_request(message: String) -> Status {
+    Status::new(ErrorKind::BadRequest.grpc_code(), message)
+}
+
+/// A domain error as a gRPC status, by its kind (`cairn_error`, the one mapping): the caller's
+/// mistakes with their message; the rest logged here and answered in general terms.
+fn status(error: impl ServiceError) -> Status {
+    let kind = error.kind();
+    let code = kind.grpc_code();
+    if kind.is_caller_error() {
+        Status::new(code, error.to_string())
+    } else if kind.is_retryable() {
+        tracing::warn!(%error, "progress store unavailable");
+        Status::new(code, "the progress store is unavailable; try again")
+    } else {
+        tracing::error!(%error, "progress store answered something unexpected");
+        Status::new(code, "internal error reading progress")
     }
 }
 
@@ -115,7 +119,7 @@ fn answer(result: Result<Vec<NodeView>, StoreError>, replies: Vec<UpdateReply>) 
             }
         }
         Err(error) => {
-            let status = store_status(error);
+            let status = status(error);
             for reply in replies {
                 let _ = reply.send(Err(status.clone()));
             }
@@ -134,7 +138,7 @@ pub fn authenticate(
             None => Grant::open(),
             Some(verifier) => {
                 let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-                verifier.verify_header(header).map_err(|e| Status::unauthenticated(e.to_string()))?
+                verifier.verify_header(header).map_err(status)?
             }
         };
         request.extensions_mut().insert(grant);
@@ -150,10 +154,6 @@ fn grant<T>(request: &Request<T>) -> Result<Grant, Status> {
     })
 }
 
-fn denied(denied: Denied) -> Status {
-    Status::permission_denied(denied.0)
-}
-
 #[tonic::async_trait]
 impl Progress for ProgressService {
     type WatchStream = WatchStream;
@@ -162,13 +162,10 @@ impl Progress for ProgressService {
         let grant = grant(&request)?;
         let request = request.into_inner();
         let key = parse_key(&request.key, "key")?;
-        grant.read(key.as_str()).map_err(denied)?;
+        grant.read(key.as_str()).map_err(status)?;
         let after = match request.after.as_str() {
             "" => None,
-            raw => Some(
-                raw.parse()
-                    .map_err(|e: cairn_live::BadFeedId| Status::invalid_argument(format!("after: {e}")))?,
-            ),
+            raw => Some(raw.parse().map_err(|e: cairn_live::BadFeedId| bad_request(format!("after: {e}")))?),
         };
         let watch = Watch {
             key,
@@ -176,13 +173,14 @@ impl Progress for ProgressService {
             limit: if request.limit == 0 { DEFAULT_LIMIT } else { request.limit },
             after,
         };
-        let subscription = self.live.subscribe(watch).map_err(|e| match e {
-            LiveError::Full(_) => Status::unavailable(e.to_string()),
-            LiveError::BadDepth(_) | LiveError::BadLimit(_) => Status::invalid_argument(e.to_string()),
-        })?;
+        // Every live error's message is written for the caller ("too many subscribers; try later").
+        let subscription = self
+            .live
+            .subscribe(watch)
+            .map_err(|e: LiveError| Status::new(e.kind().grpc_code(), e.to_string()))?;
         let stall = i64::try_from(self.live.settings().stall_after.as_millis()).unwrap_or(i64::MAX);
         let events = subscription.into_stream().map(move |event| {
-            let now = cairn_live::now_ms();
+            let now = cairn_progress::now_ms();
             let nodes = match event.kind {
                 EventKind::Delete => {
                     event.deleted.iter().map(|key| Node { key: key.clone(), ..Node::default() }).collect()
@@ -203,7 +201,7 @@ impl Progress for ProgressService {
         let grant = grant(&request)?;
         let request = request.into_inner();
         let key = parse_key(&request.key, "key")?;
-        grant.read(key.as_str()).map_err(denied)?;
+        grant.read(key.as_str()).map_err(status)?;
         let after = match request.after.as_str() {
             "" => None,
             raw => Some(parse_key(raw, "after")?),
@@ -213,9 +211,12 @@ impl Progress for ProgressService {
             limit: if request.limit == 0 { DEFAULT_LIMIT } else { request.limit },
             after,
         };
-        match self.store.get(&key, &options).await.map_err(store_status)? {
+        match self.store.get(&key, &options).await.map_err(status)? {
             Some(view) => Ok(Response::new(GetResponse { node: Some(Node::from(&view)) })),
-            None => Err(Status::not_found(format!("no progress at key {:?}", key.as_str()))),
+            None => Err(Status::new(
+                ErrorKind::NotFound.grpc_code(),
+                format!("no progress at key {:?}", key.as_str()),
+            )),
         }
     }
 
@@ -223,15 +224,15 @@ impl Progress for ProgressService {
         let grant = grant(&request)?;
         let request = request.into_inner();
         let key = parse_key(&request.key, "key")?;
-        grant.write(key.as_str()).map_err(denied)?;
+        grant.write(key.as_str()).map_err(status)?;
         if key.is_namespace() {
-            return Err(Status::invalid_argument(format!(
+            return Err(bad_request(format!(
                 "key {:?} is a namespace; post progress to a key below it",
                 key.as_str()
             )));
         }
         let fields = request.fields.map(|s| struct_to_json(&s)).unwrap_or_else(|| serde_json::json!({}));
-        let update = Update::from_json(&fields).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let update = Update::from_json(&fields).map_err(status)?;
         let change = Change { key, update, time_ms: now_ms() };
         let view = self.updates.apply(change).await?;
         Ok(Response::new(UpdateResponse { node: Some(Node::from(&view)) }))
@@ -239,8 +240,8 @@ impl Progress for ProgressService {
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let key = parse_key(&request.get_ref().key, "key")?;
-        grant(&request)?.write(key.as_str()).map_err(denied)?;
-        let removed = self.store.delete(&key, now_ms()).await.map_err(store_status)?;
+        grant(&request)?.write(key.as_str()).map_err(status)?;
+        let removed = self.store.delete(&key, now_ms()).await.map_err(status)?;
         Ok(Response::new(DeleteResponse { removed }))
     }
 }

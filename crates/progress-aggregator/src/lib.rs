@@ -162,10 +162,6 @@ impl App {
         self.admin.local_addr().expect("bound listener has an address")
     }
 
-    pub fn store(&self) -> &ProgressStore {
-        &self.store
-    }
-
     /// Runs until `shutdown` fires: then reports not-ready, stops intake, finishes in-flight
     /// batches and calls within the grace period, and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {

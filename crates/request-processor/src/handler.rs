@@ -32,6 +32,20 @@ pub enum HandlerError {
     Permanent(String),
 }
 
+/// Where a run's progress reports go: the AMQP [`ProgressPublisher`] in a processor, anything
+/// else in tests or around a handler run outside one.
+pub trait ProgressSink: Send + Sync + 'static {
+    /// Queues `update` of `key`, within the trace `traceparent` (coalesced, never blocks, never
+    /// fails).
+    fn send(&self, key: Key, update: Update, traceparent: Option<&str>);
+}
+
+impl ProgressSink for ProgressPublisher {
+    fn send(&self, key: Key, update: Update, traceparent: Option<&str>) {
+        self.publish_traced(key, update, traceparent);
+    }
+}
+
 /// Everything a handler knows about the attempt it runs.
 pub struct Context {
     pub request_id: String,
@@ -50,7 +64,7 @@ pub struct Context {
     pub cancel: CancellationToken,
     /// The request's data streams: `streams.open(name)` reads one from its start.
     pub streams: Streams,
-    pub(crate) publisher: ProgressPublisher,
+    pub(crate) publisher: Arc<dyn ProgressSink>,
     /// What `report` last said of `progress`; the processor's heartbeats carry it.
     pub(crate) last_progress: Arc<LastProgress>,
 }
@@ -71,14 +85,14 @@ impl Context {
         if let Some(progress) = update.progress {
             self.last_progress.set(progress);
         }
-        self.publisher.publish_traced(self.progress_key.clone(), update, self.traceparent.as_deref());
+        self.publisher.send(self.progress_key.clone(), update, self.traceparent.as_deref());
     }
 
     /// Reports progress of a sub-step `{progress_key}.{step}`; it rolls up into the request's
     /// node by its weight. An invalid step name is ignored with a warning.
     pub fn report_step(&self, step: &str, update: Update) {
         match Key::parse(&format!("{}.{step}", self.progress_key)) {
-            Ok(key) => self.publisher.publish_traced(key, update, self.traceparent.as_deref()),
+            Ok(key) => self.publisher.send(key, update, self.traceparent.as_deref()),
             Err(error) => tracing::warn!(%error, step, "ignoring progress of an invalid step name"),
         }
     }

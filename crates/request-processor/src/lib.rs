@@ -17,15 +17,13 @@ use cairn_amqp::{AmqpConfig, ProgressPublisher, PublisherConfig};
 use cairn_redis::RedisConfig;
 use cairn_redis::requests::{QueueNames, RequestQueue};
 use cairn_requests::{Backoff, LeaseSettings};
-use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration, serve_admin};
-use futures::FutureExt;
-use futures::future::BoxFuture;
+use cairn_runtime::{Admin, LogConfig, parse_duration, serve_admin};
 use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use handler::{Context, Handler, HandlerError, HandlerSet};
+pub use handler::{Context, Handler, HandlerError, HandlerSet, ProgressSink};
 pub use streams::{StreamReader, Streams};
 
 /// Settings of the processor: flags, or `CAIRN_*` environment variables.
@@ -106,14 +104,6 @@ fn default_consumer_name() -> String {
     format!("{}-{}-{tag}", if host.is_empty() { "processor" } else { host }, std::process::id())
 }
 
-struct Ready(ConnectionManager);
-
-impl Readiness for Ready {
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        async move { cairn_redis::ping(&mut self.0.clone()).await }.boxed()
-    }
-}
-
 /// A built processor, its admin listener bound.
 pub struct App {
     config: Config,
@@ -177,7 +167,7 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let App { config, deps, redis, admin } = self;
         let admin_router = Admin::new("request-processor")
-            .readiness(Arc::new(Ready(redis)))
+            .readiness(Arc::new(cairn_redis::RedisReady(redis)))
             .with_shutdown(shutdown.clone())
             .router();
         let admin_stop = CancellationToken::new();

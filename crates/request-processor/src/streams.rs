@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::handler::ProgressSink;
 use bytes::Bytes;
-use cairn_amqp::ProgressPublisher;
 use cairn_progress::{Key, Update};
 use cairn_redis::BlobStore;
 use cairn_requests::StreamInfo;
@@ -33,7 +33,7 @@ struct Inner {
     blobs: Option<BlobStore>,
     request_id: String,
     progress_key: Key,
-    publisher: Option<ProgressPublisher>,
+    publisher: Option<Arc<dyn ProgressSink>>,
     list: Vec<StreamInfo>,
     /// Bytes handed to the handler so far, per stream (the furthest any reader got).
     sent: Vec<AtomicU64>,
@@ -44,7 +44,7 @@ impl Streams {
         blobs: BlobStore,
         request_id: &str,
         progress_key: &Key,
-        publisher: ProgressPublisher,
+        publisher: Arc<dyn ProgressSink>,
         list: Vec<StreamInfo>,
     ) -> Streams {
         let sent = list.iter().map(|_| AtomicU64::new(0)).collect();
@@ -128,7 +128,7 @@ impl Inner {
         let Some(publisher) = &self.publisher else { return };
         let name = &self.list[index].name;
         let Ok(key) = Key::parse(&format!("{}.streams.{name}", self.progress_key)) else { return };
-        publisher.publish(key, bytes_update(bytes, total));
+        publisher.send(key, bytes_update(bytes, total), None);
     }
 }
 

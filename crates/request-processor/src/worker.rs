@@ -21,8 +21,9 @@ mod registry;
 mod report;
 mod step;
 
+use cairn_progress::now_ms;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cairn_amqp::ProgressPublisher;
 use cairn_redis::RedisConfig;
@@ -63,10 +64,6 @@ pub struct Deps {
     pub publisher: ProgressPublisher,
     pub settings: Settings,
     pub committer: Committer,
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs until `shutdown` fires, then stops intake, lets in-flight runs finish within `grace`,

@@ -2,10 +2,11 @@
 //! kill -9 mid-request, SIGTERM drain, SIGSTOP past the lease, poison requests, cancellation of a
 //! running command, and a Redis restart under load.
 
+use cairn_progress::now_ms;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cairn_redis::RedisConfig;
 use cairn_redis::requests::{QueueNames, RequestQueue, SubmitOutcome};
@@ -15,10 +16,6 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_request-processor");
 const WAIT: Duration = Duration::from_secs(60);
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

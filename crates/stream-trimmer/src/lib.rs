@@ -14,9 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use cairn_redis::RedisConfig;
 use cairn_redis::streams::{Lease, Purger, Streams, TrimPolicy};
-use cairn_runtime::{Admin, LogConfig, Readiness, parse_duration, serve_admin};
-use futures::FutureExt;
-use futures::future::BoxFuture;
+use cairn_runtime::{Admin, LogConfig, parse_duration, serve_admin};
 use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -157,18 +155,6 @@ fn default_instance_name() -> String {
     format!("{}-{}-{tag}", if host.is_empty() { "trimmer" } else { host }, std::process::id())
 }
 
-struct Ready(ConnectionManager);
-
-impl Readiness for Ready {
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        async move { cairn_redis::ping(&mut self.0.clone()).await }.boxed()
-    }
-
-    fn name(&self) -> &str {
-        "redis"
-    }
-}
-
 /// A built trimmer, its admin listener bound.
 pub struct App {
     config: Config,
@@ -229,7 +215,7 @@ impl App {
             "stream-trimmer starting"
         );
         let admin_router = Admin::new("stream-trimmer")
-            .readiness(Arc::new(Ready(redis)))
+            .readiness(Arc::new(cairn_redis::RedisReady(redis)))
             .with_shutdown(shutdown.clone())
             .router();
         let admin_stop = CancellationToken::new();

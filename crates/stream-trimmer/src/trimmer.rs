@@ -5,8 +5,9 @@
 //! and purges finished request records and progress trees past their retention — each purge
 //! bounded per run so a run never holds Redis for long.
 
+use cairn_progress::now_ms;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cairn_redis::streams::{
     Lease, LeaseState, Purger, RemovedConsumer, StreamError, Streams, TrimOutcome, TrimPolicy,
@@ -133,13 +134,6 @@ impl TrimReport {
     pub fn stream(&self, name: &str) -> Option<&StreamReport> {
         self.streams.iter().find(|s| s.stream == name)
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn millis(d: Duration) -> i64 {

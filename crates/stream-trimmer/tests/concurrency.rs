@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use cairn_progress::now_ms;
 use cairn_redis::RedisConfig;
 use cairn_redis::requests::{QueueNames, RequestQueue, SubmitOutcome};
 use cairn_requests::{RequestRecord, RequestState, Submission, new_request_id};
 use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
 use clap::Parser;
-use common::{metrics, now_ms, trimmer};
+use common::{metrics, trimmer};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply};
 use serde_json::json;
 use stream_trimmer::trim_once;

@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use cairn_progress::now_ms;
 use cairn_progress::{Key, Update};
 use cairn_redis::progress::Change;
 use cairn_redis::requests::{Commit, QueueNames, RequestQueue, Start};
@@ -14,7 +15,7 @@ use cairn_redis::streams::{LeaseState, registry_key};
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_requests::{RequestRecord, RequestState, Submission, new_request_id};
 use cairn_testkit::RedisNamespace;
-use common::{now_ms, trimmer};
+use common::trimmer;
 use redis::aio::ConnectionManager;
 use serde_json::json;
 use stream_trimmer::trim_once;

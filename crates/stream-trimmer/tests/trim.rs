@@ -5,9 +5,10 @@ mod common;
 
 use std::time::Duration;
 
+use cairn_progress::now_ms;
 use cairn_redis::streams::{LeaseState, registry_key};
 use cairn_testkit::{RedisNamespace, wait_until};
-use common::{add, create_group, ids, metrics, now_ms, read, trimmer};
+use common::{add, create_group, ids, metrics, read, trimmer};
 use stream_trimmer::trim_once;
 use tokio_util::sync::CancellationToken;
 

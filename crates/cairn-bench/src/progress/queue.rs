@@ -10,13 +10,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
+use cairn_progress::now_ms;
 use cairn_progress::{Key, Update, encode_burst};
 use cairn_redis::ProgressStore;
 use cairn_redis::progress::ReadOptions;
 use cairn_testkit::{AmqpVhost, RedisNamespace};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use progress_aggregator::consumer::{TIME_HEADER, now_ms};
+use progress_aggregator::consumer::TIME_HEADER;
 use serde_json::{Map, Value, json};
 
 use super::system::{Probe, us_per_item};

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use cairn_progress::Update;
+use cairn_progress::now_ms;
 use cairn_proto::v1::GetRequest;
 use cairn_proto::v1::progress_client::ProgressClient;
 use cairn_redis::progress::{Change, ReadOptions};
 use cairn_testkit::{AmqpVhost, RedisNamespace};
 use clap::Parser as _;
-use progress_aggregator::consumer::now_ms;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;

@@ -10,11 +10,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
+use cairn_progress::now_ms;
 use cairn_progress::{Key, Update};
 use cairn_redis::ProgressStore;
 use cairn_redis::progress::{Change, ReadOptions};
 use cairn_testkit::RedisNamespace;
-use progress_aggregator::consumer::now_ms;
 use serde_json::{Map, Value, json};
 
 use super::system::Probe;

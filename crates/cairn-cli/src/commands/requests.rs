@@ -182,7 +182,10 @@ pub fn print_request(out: Output, view: &Value) {
         format!("finished      {}", timestamp(view["finished_at"].as_i64())),
     ];
     if let Some(heartbeat) = view["heartbeat_at"].as_i64().filter(|_| !is_terminal(view)) {
-        lines.push(format!("heartbeat     {} ago", output::short_duration(output::now_ms() - heartbeat)));
+        lines.push(format!(
+            "heartbeat     {} ago",
+            output::short_duration(cairn_progress::now_ms() - heartbeat)
+        ));
     }
     if view["cancel_requested"] == Value::Bool(true) {
         lines.push("cancel        requested".to_owned());
@@ -258,7 +261,7 @@ pub async fn list(client: &Client, out: Output, args: RequestList) -> Result<Exi
 fn took(view: &Value) -> String {
     match (view["started_at"].as_i64(), view["finished_at"].as_i64()) {
         (Some(start), Some(end)) => output::short_duration(end - start),
-        (Some(start), None) => format!("{}…", output::short_duration(output::now_ms() - start)),
+        (Some(start), None) => format!("{}…", output::short_duration(cairn_progress::now_ms() - start)),
         _ => "-".to_owned(),
     }
 }

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::output::{self, now_ms};
+use cairn_progress::now_ms;
+
+use crate::output;
 
 /// The statuses after which a node changes no more; a watch ends when its root reaches one.
 pub const TERMINAL: [&str; 3] = ["finished", "failed", "canceled"];

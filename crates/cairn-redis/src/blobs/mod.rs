@@ -53,6 +53,19 @@ pub enum BlobError {
     Protocol(String),
 }
 
+impl cairn_error::ServiceError for BlobError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        use cairn_error::ErrorKind;
+        match self {
+            BlobError::Redis(e) => crate::error_kind(e),
+            BlobError::Missing => ErrorKind::NotFound,
+            BlobError::Offset { .. } => ErrorKind::Conflict,
+            BlobError::TooLong { .. } => ErrorKind::TooLarge,
+            BlobError::Protocol(_) => ErrorKind::Internal,
+        }
+    }
+}
+
 /// What the store knows of a blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobInfo {

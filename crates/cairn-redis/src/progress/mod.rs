@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
+use cairn_error::{ErrorKind, ServiceError};
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Update};
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -52,10 +53,15 @@ pub enum StoreError {
     Protocol(String),
 }
 
-impl StoreError {
-    /// Whether trying again later may succeed (Redis away) rather than the request being wrong.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Redis(_))
+impl ServiceError for StoreError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Redis(_) => ErrorKind::Unavailable,
+            StoreError::BadCursor { .. } | StoreError::BadDepth(_) | StoreError::BadLimit(_) => {
+                ErrorKind::BadRequest
+            }
+            StoreError::Rejected(_) | StoreError::Protocol(_) => ErrorKind::Internal,
+        }
     }
 }
 
@@ -241,7 +247,8 @@ impl ProgressStore {
             .await;
         match reply {
             Ok(value) => parse_node(&value),
-            Err(e) if e.to_string().contains("CAIRN_BAD_CURSOR") => {
+            // read.lua's own error code for an `after` that is not a child.
+            Err(e) if crate::error_code(&e) == Some("CAIRN_BAD_CURSOR") => {
                 Err(StoreError::BadCursor { key: key.to_string(), after: after.to_owned() })
             }
             Err(e) => Err(e.into()),
@@ -254,6 +261,21 @@ impl ProgressStore {
         invocation.arg(&self.prefix).arg(key.as_str()).arg(time_ms);
         let removed = self.call(&invocation).await?;
         as_int(&removed).and_then(|n| u64::try_from(n).ok()).ok_or_else(|| protocol("removed count"))
+    }
+
+    /// Tree roots by their latest update, newest first: `(key, update time in ms)`, `count`
+    /// from `offset`.
+    pub async fn roots(&self, offset: usize, count: usize) -> Result<Vec<(String, f64)>, StoreError> {
+        use redis::AsyncCommands as _;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let (start, stop) = (offset as isize, (offset + count - 1) as isize);
+        Ok(self
+            .conn
+            .clone()
+            .zrevrange_withscores(crate::keys::progress::roots(&self.prefix), start, stop)
+            .await?)
     }
 
     /// A parent's running sums (Σw, Σw·p over its direct children), for checks and diagnostics.

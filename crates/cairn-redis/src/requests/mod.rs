@@ -13,7 +13,7 @@ use cairn_progress::Update;
 use cairn_requests::{RequestRecord, RequestState};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, Value};
+use redis::{AsyncCommands, RedisResult, Value};
 
 use crate::keys;
 use crate::library::{Function, Invocation, LIBRARY};
@@ -36,6 +36,15 @@ pub enum QueueError {
     Record { id: String, detail: String },
     #[error("unexpected reply from a request script: {0}")]
     Protocol(String),
+}
+
+impl cairn_error::ServiceError for QueueError {
+    fn kind(&self) -> cairn_error::ErrorKind {
+        match self {
+            QueueError::Redis(e) => crate::error_kind(e),
+            QueueError::Record { .. } | QueueError::Protocol(_) => cairn_error::ErrorKind::Internal,
+        }
+    }
 }
 
 /// Names of the queue's keys, all under the key prefix.
@@ -316,6 +325,35 @@ impl RequestQueue {
         Ok(reply.map(|r| entries(r.keys.into_iter().flat_map(|k| k.ids))).unwrap_or_default())
     }
 
+    /// The replies on an ingress replica's reply stream `stream` after entry `after`, waiting up
+    /// to `block_ms`: `(entry id, request id)`, oldest first. The commit script writes them; give
+    /// this a dedicated connection.
+    pub async fn read_replies<C: ConnectionLike + Send>(
+        conn: &mut C,
+        stream: &str,
+        after: &str,
+        count: usize,
+        block_ms: usize,
+    ) -> Result<Vec<(String, String)>, QueueError> {
+        let options = StreamReadOptions::default().count(count).block(block_ms);
+        let reply: Option<StreamReadReply> =
+            redis::cmd("XREAD").arg(&options).arg("STREAMS").arg(stream).arg(after).query_async(conn).await?;
+        let entries = reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids);
+        Ok(entries
+            .map(|entry| {
+                let request_id: String = entry.get("id").unwrap_or_default();
+                (entry.id, request_id)
+            })
+            .collect())
+    }
+
+    /// Removes an ingress replica's reply stream (at its shutdown); replies still on their way
+    /// make it again, and it expires by itself.
+    pub async fn drop_replies(&self, stream: &str) -> Result<(), QueueError> {
+        let _: () = self.conn.clone().del(stream).await?;
+        Ok(())
+    }
+
     /// Takes over entries whose lease ran out (idle longer than `min_idle_ms`).
     pub async fn reclaim(
         &self,
@@ -450,6 +488,52 @@ impl RequestQueue {
             .map_err(|e| QueueError::Record { id: id.to_owned(), detail: e.to_string() })
     }
 
+    /// The records of `ids` in one pipelined round trip, in order; `None` for a record that is
+    /// gone, or unreadable (logged).
+    pub async fn records(&self, ids: &[&str]) -> Result<Vec<Option<RequestRecord>>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(self.names.record(id));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(hashes
+            .into_iter()
+            .zip(ids)
+            .map(|(hash, id)| {
+                if hash.is_empty() {
+                    return None;
+                }
+                RequestRecord::from_hash(&hash)
+                    .inspect_err(|error| tracing::warn!(request = %id, %error, "skipping an unreadable request record"))
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// One field of a request's record (`cairn_requests::fields`), `None` without the record.
+    pub async fn record_field(&self, id: &str, field: &str) -> Result<Option<String>, QueueError> {
+        Ok(self.conn.clone().hget(self.names.record(id), field).await?)
+    }
+
+    /// Up to `count` entries of the request stream, newest first, before the entry id `before`
+    /// (from the newest without one). An entry without a request id has an empty one.
+    pub async fn newest(&self, before: Option<&str>, count: usize) -> Result<Vec<Entry>, QueueError> {
+        let end = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+        let page: redis::streams::StreamRangeReply =
+            self.conn.clone().xrevrange_count(&self.names.stream, end, "-", count).await?;
+        Ok(page
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let request_id: String = entry.get("id").unwrap_or_default();
+                Entry { entry_id: entry.id, request_id }
+            })
+            .collect())
+    }
+
     pub async fn cancel(&self, id: &str, now_ms: i64) -> Result<CancelOutcome, QueueError> {
         let (outcome, state): (String, String) =
             self.invocation(&CANCEL).arg(id).arg(now_ms).invoke_async(&mut self.conn.clone()).await?;
@@ -491,13 +575,24 @@ impl RequestQueue {
     }
 
     /// How many entries the group has not yet received (`XINFO GROUPS` lag; Redis ≥ 7). `None`
-    /// when Redis cannot tell (it then counts the stream length minus delivered entries itself).
+    /// when Redis cannot tell (it then counts the stream length minus delivered entries itself),
+    /// or when the stream or the group does not exist (Redis lost its data, or the stream was
+    /// never made).
     pub async fn lag(&self) -> Result<Option<u64>, QueueError> {
-        let groups: Value = redis::cmd("XINFO")
+        // One transaction, so "no stream" is read from EXISTS, never from XINFO's error text.
+        let (exists, groups): (RedisResult<bool>, RedisResult<Value>) = redis::pipe()
+            .atomic()
+            .ignore_errors()
+            .exists(&self.names.stream)
+            .cmd("XINFO")
             .arg("GROUPS")
             .arg(&self.names.stream)
             .query_async(&mut self.conn.clone())
             .await?;
+        if !exists? {
+            return Ok(None);
+        }
+        let groups = groups?;
         let Value::Array(groups) = groups else { return Ok(None) };
         for group in groups {
             let fields = match group {

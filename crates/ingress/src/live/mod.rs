@@ -9,10 +9,8 @@ mod ws;
 use std::time::Duration;
 
 use axum::Router;
-use cairn_live::{Event, EventKind, Live, LiveError};
+use cairn_live::{Event, EventKind, Live};
 use serde_json::Value;
-
-use crate::error::ApiError;
 
 pub(crate) use sse::router as sse_router;
 
@@ -35,19 +33,10 @@ pub(crate) fn router(live: Live, config: &LiveConfig, verifier: Option<cairn_aut
         .merge(socketio::router(live, config.allowed_origins.clone(), verifier))
 }
 
-impl From<LiveError> for ApiError {
-    fn from(error: LiveError) -> ApiError {
-        match error {
-            LiveError::Full(_) => ApiError::Overloaded(error.to_string()),
-            LiveError::BadDepth(_) | LiveError::BadLimit(_) => ApiError::BadRequest(error.to_string()),
-        }
-    }
-}
-
 /// The JSON payload of an event: a snapshot's node (with its subtree), an update's array of
 /// nodes, a delete's array of keys. Every node carries `_age_ms` and, when stuck, `_stalled`.
 pub(crate) fn payload(event: &Event, stall_after: Duration) -> Value {
-    let now = cairn_live::now_ms();
+    let now = cairn_progress::now_ms();
     let stall = stall_after.as_millis() as i64;
     match event.kind {
         EventKind::Snapshot => event.nodes.first().map_or(Value::Null, |node| node.to_json_at(now, stall)),

@@ -164,7 +164,7 @@ fn join(socket: &SocketRef, live: &Live, joined: &Joined, grant: &Grant, arg: &V
     let socket = socket.clone();
     let task = tokio::spawn(async move {
         while let Some(event) = subscription.next().await {
-            let now = cairn_live::now_ms();
+            let now = cairn_progress::now_ms();
             let sent = match event.kind {
                 EventKind::Delete => socket.emit("delete", &event.deleted),
                 EventKind::Update => {

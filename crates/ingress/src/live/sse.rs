@@ -69,5 +69,5 @@ async fn events(
 }
 
 fn parse_after(name: &str, raw: &str) -> Result<FeedId, ApiError> {
-    raw.trim().parse().map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))
+    raw.trim().parse().map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
 }

@@ -25,6 +25,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::auth::Caller;
+use cairn_error::ErrorKind;
+
 use crate::error::ApiError;
 
 /// Subscriptions one socket may hold.
@@ -63,9 +65,10 @@ pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<()
     {
         return Ok(());
     }
-    Err(ApiError::Forbidden(format!(
-        "cross-site WebSocket from origin {origin:?} refused: list it in CAIRN_ALLOWED_ORIGINS"
-    )))
+    Err(ApiError::new(
+        ErrorKind::Forbidden,
+        format!("cross-site WebSocket from origin {origin:?} refused: list it in CAIRN_ALLOWED_ORIGINS"),
+    ))
 }
 
 #[derive(Deserialize)]

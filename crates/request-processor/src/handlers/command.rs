@@ -37,9 +37,9 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::config::ConfigError;
 use super::http::parse_output;
 use crate::handler::{Context, Handler, HandlerError};
+use cairn_runtime::handlers_file::ConfigError;
 
 /// The exit status by which a program says its input is wrong (not worth retrying).
 pub const EXIT_INPUT_WRONG: i32 = 2;
@@ -119,10 +119,6 @@ impl CommandHandler {
         Ok(self)
     }
 
-    pub fn program(&self) -> &Path {
-        &self.program
-    }
-
     /// The arguments for this payload; every error is the payload's fault, hence permanent.
     fn render_args(&self, ctx: &Context) -> Result<Vec<String>, HandlerError> {
         self.args
@@ -188,7 +184,7 @@ impl CommandHandler {
                 // Stragglers would hold the pipes open and keep the reads below waiting. The
                 // child was just reaped, but while its group has members the id cannot be reused.
                 if let Some(pgid) = pgid {
-                    kill_group(pgid).await;
+                    kill_group(pgid);
                 }
                 status
             };
@@ -302,7 +298,7 @@ async fn write_streams(ctx: &Context) -> Result<tempfile::TempDir, HandlerError>
 
 async fn stopped(child: &mut tokio::process::Child, pgid: Option<u32>, reason: String) -> HandlerError {
     if let Some(pgid) = pgid {
-        kill_group(pgid).await;
+        kill_group(pgid);
     }
     let _ = child.kill().await;
     HandlerError::Retryable(reason)
@@ -428,50 +424,21 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if let Some(pgid) = self.0 {
-            kill_group_blocking(pgid);
+            kill_group(pgid);
         }
     }
 }
 
-/// SIGKILLs every process of group `pgid`.
-async fn kill_group(pgid: u32) {
-    let target = format!("-{pgid}");
-    let mut result = tokio::process::Command::from(kill_command(&target, false)).status().await;
-    if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
-        result = tokio::process::Command::from(kill_command(&target, true)).status().await;
+/// SIGKILLs every process of group `pgid`: one `kill(-pgid, SIGKILL)` system call, which never
+/// blocks, so `Drop` may call it too.
+fn kill_group(pgid: u32) {
+    use rustix::process::{Pid, Signal, kill_process_group};
+    let Some(pid) = i32::try_from(pgid).ok().and_then(Pid::from_raw) else { return };
+    match kill_process_group(pid, Signal::KILL) {
+        // The group is gone already: nothing left to stop.
+        Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+        Err(e) => tracing::warn!(pgid, error = %e, "cannot kill the process group of a command"),
     }
-    if let Err(e) = result {
-        tracing::warn!(pgid, error = %e, "cannot kill the process group of a command");
-    }
-}
-
-/// [`kill_group`] for `Drop`, which cannot await; `kill` returns within milliseconds.
-fn kill_group_blocking(pgid: u32) {
-    let target = format!("-{pgid}");
-    let mut result = kill_command(&target, false).status();
-    if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
-        result = kill_command(&target, true).status();
-    }
-    if let Err(e) = result {
-        tracing::warn!(pgid, error = %e, "cannot kill the process group of a command");
-    }
-}
-
-/// Without `libc` (and `unsafe`) a signal goes through `kill(1)`, or through the shell's `kill`
-/// builtin where no `kill` binary is installed (slim images).
-fn kill_command(target: &str, shell: bool) -> std::process::Command {
-    let mut command = if shell {
-        let mut command = std::process::Command::new("/bin/sh");
-        // dash's builtin takes no `--`; a negative id after the signal is a group there too.
-        command.args(["-c", "kill -9 \"$1\"", "sh", target]);
-        command
-    } else {
-        let mut command = std::process::Command::new("kill");
-        command.args(["-KILL", "--", target]);
-        command
-    };
-    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    command
 }
 
 /// The processor's variables a `command` program inherits: where programs and the home folder
@@ -742,14 +709,13 @@ mod tests {
     }
 
     #[test]
-    fn the_shell_fallback_kills_a_group() {
+    fn killing_a_group_sends_sigkill() {
         use std::os::unix::process::CommandExt;
 
         let mut sleeper = std::process::Command::new("sleep");
         sleeper.arg("30").process_group(0);
         let mut sleeper = sleeper.spawn().unwrap();
-        let status = kill_command(&format!("-{}", sleeper.id()), true).status().unwrap();
-        assert!(status.success());
+        kill_group(sleeper.id());
         assert_eq!(sleeper.wait().unwrap().signal(), Some(9));
     }
 

@@ -30,89 +30,33 @@
 //! Durations take a unit: `500ms`, `30s`, `5m`, `1h`. Everything is checked when the file is
 //! loaded — unknown keys, bad durations, a `program` that does not exist or is not executable —
 //! and each error names the handler and the field, e.g.
-//! `handlers.convert.timeout: invalid duration "soon": …`.
+//! `handlers.convert.timeout: invalid duration "soon": …`. The file's structure is checked by
+//! `cairn_runtime::handlers_file`, which the ingress reads it with too; this module builds the
+//! handlers and checks what depends on this host (the program) and on the handler (URLs, args).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use toml::{Table, Value};
+use std::path::Path;
+use std::sync::Arc;
 
 use super::command::CommandHandler;
 use super::echo::Echo;
 use super::http::HttpHandler;
 use crate::handler::HandlerSet;
-
-/// Used by `http` handlers that do not set `timeout`.
-pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-
-const MAX_NAME_LEN: usize = 64;
-
-/// Why a handlers file, or one handler's settings, cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read handlers file {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    /// An error inside the file at `path`.
-    #[error("handlers file {}: {source}", path.display())]
-    File { path: PathBuf, source: Box<ConfigError> },
-    #[error("invalid TOML: {0}")]
-    Syntax(String),
-    /// `field` is the dotted path of the offending setting, such as `handlers.convert.timeout`.
-    #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
-}
-
-impl ConfigError {
-    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Invalid { field: field.into(), message: message.into() }
-    }
-
-    /// Puts `prefix.` in front of the field an error names.
-    fn within(self, prefix: &str) -> Self {
-        match self {
-            Self::Invalid { field, message } => Self::Invalid { field: format!("{prefix}.{field}"), message },
-            other => other,
-        }
-    }
-}
+use cairn_runtime::handlers_file::{self as spec, ConfigError, HandlerSpec};
 
 /// Reads and checks the handlers file at `path`; see the [module docs](self) for its format.
 pub fn load(path: &Path) -> Result<HandlerSet, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = spec::read(path)?;
     let base_dir = path.parent().unwrap_or(Path::new("."));
     parse(&text, base_dir).map_err(|e| ConfigError::File { path: path.to_owned(), source: Box::new(e) })
 }
 
-/// Parses a handlers file's text; relative `program` paths resolve against `base_dir`.
+/// Parses a handlers file's text ([`spec::parse`]) and builds its handlers; relative `program`
+/// paths resolve against `base_dir`.
 pub fn parse(text: &str, base_dir: &Path) -> Result<HandlerSet, ConfigError> {
-    let mut root: Table = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.message().to_owned()))?;
-    let handlers = match root.remove("handlers") {
-        Some(Value::Table(handlers)) => handlers,
-        Some(other) => {
-            return Err(ConfigError::invalid(
-                "handlers",
-                format!("must be a table of handlers, found {}", other.type_str()),
-            ));
-        }
-        None => Table::new(),
-    };
-    if let Some(key) = root.keys().next() {
-        return Err(ConfigError::invalid(key.as_str(), "unknown key; expected only [handlers.NAME] tables"));
-    }
-    if handlers.is_empty() {
-        return Err(ConfigError::invalid("handlers", "no handlers defined; add a [handlers.NAME] table"));
-    }
-
     let mut set = HandlerSet::new();
-    for (name, spec) in handlers {
-        let prefix = format!("handlers.{name}");
-        check_name(&name).map_err(|message| ConfigError::invalid(&prefix, message))?;
-        let Value::Table(spec) = spec else {
-            return Err(ConfigError::invalid(prefix, format!("must be a table, found {}", spec.type_str())));
-        };
-        add_handler(&mut set, &name, Fields::new(spec), base_dir).map_err(|e| e.within(&prefix))?;
+    for (name, spec) in spec::parse(text)? {
+        let built = build(spec, base_dir).map_err(|e| e.within(&format!("handlers.{name}")))?;
+        set.insert(&name, built);
     }
     Ok(set)
 }
@@ -122,126 +66,18 @@ pub fn default_handlers() -> HandlerSet {
     HandlerSet::new().with("echo", Echo)
 }
 
-fn check_name(name: &str) -> Result<(), String> {
-    let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if name.is_empty() || name.len() > MAX_NAME_LEN || !valid_chars {
-        return Err(format!(
-            "invalid handler name {name:?}: use 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '_' and '-'"
-        ));
-    }
-    Ok(())
-}
-
-fn add_handler(
-    set: &mut HandlerSet,
-    name: &str,
-    mut fields: Fields,
-    base_dir: &Path,
-) -> Result<(), ConfigError> {
-    let kind = fields
-        .string("kind")?
-        .ok_or_else(|| ConfigError::invalid("kind", "missing; use \"echo\", \"http\" or \"command\""))?;
-    match kind.as_str() {
-        "echo" => {
-            fields.finish(&["kind"])?;
-            set.insert(name, std::sync::Arc::new(Echo));
-        }
-        "http" => {
-            let url = fields.string("url")?.ok_or_else(|| ConfigError::invalid("url", "missing"))?;
-            let timeout = fields.duration("timeout")?.unwrap_or(DEFAULT_HTTP_TIMEOUT);
-            fields.finish(&["kind", "url", "timeout"])?;
-            set.insert(name, std::sync::Arc::new(HttpHandler::new(&url, timeout)?));
-        }
-        "command" => {
-            let program =
-                fields.string("program")?.ok_or_else(|| ConfigError::invalid("program", "missing"))?;
-            let args = fields.strings("args")?.unwrap_or_default();
-            let timeout = fields.duration("timeout")?;
-            let env = fields.string_map("env")?.unwrap_or_default();
-            fields.finish(&["kind", "program", "args", "timeout", "env"])?;
+fn build(spec: HandlerSpec, base_dir: &Path) -> Result<Arc<dyn crate::handler::Handler>, ConfigError> {
+    Ok(match spec {
+        HandlerSpec::Echo => Arc::new(Echo),
+        HandlerSpec::Http { url, timeout } => Arc::new(HttpHandler::new(&url, timeout)?),
+        HandlerSpec::Command { program, args, timeout, env } => {
             let mut handler = CommandHandler::new(base_dir.join(program), args)?.with_env(env)?;
             if let Some(timeout) = timeout {
                 handler = handler.with_timeout(timeout)?;
             }
-            set.insert(name, std::sync::Arc::new(handler));
+            Arc::new(handler)
         }
-        other => {
-            return Err(ConfigError::invalid(
-                "kind",
-                format!("unknown kind {other:?}; use \"echo\", \"http\" or \"command\""),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// One handler's table, taken apart field by field so every error names its field (serde's
-/// own messages do not say which field of a table had the wrong type).
-struct Fields(Table);
-
-impl Fields {
-    fn new(table: Table) -> Self {
-        Self(table)
-    }
-
-    fn string(&mut self, field: &str) -> Result<Option<String>, ConfigError> {
-        match self.0.remove(field) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(wrong_type(field, "a string", &other)),
-        }
-    }
-
-    fn duration(&mut self, field: &str) -> Result<Option<Duration>, ConfigError> {
-        let Some(text) = self.string(field)? else { return Ok(None) };
-        cairn_runtime::parse_duration(&text).map(Some).map_err(|message| ConfigError::invalid(field, message))
-    }
-
-    fn strings(&mut self, field: &str) -> Result<Option<Vec<String>>, ConfigError> {
-        match self.0.remove(field) {
-            None => Ok(None),
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| match item {
-                    Value::String(s) => Ok(s),
-                    other => Err(wrong_type(&format!("{field}[{i}]"), "a string", &other)),
-                })
-                .collect::<Result<_, _>>()
-                .map(Some),
-            Some(other) => Err(wrong_type(field, "an array of strings", &other)),
-        }
-    }
-
-    fn string_map(&mut self, field: &str) -> Result<Option<BTreeMap<String, String>>, ConfigError> {
-        match self.0.remove(field) {
-            None => Ok(None),
-            Some(Value::Table(table)) => table
-                .into_iter()
-                .map(|(key, value)| match value {
-                    Value::String(s) => Ok((key, s)),
-                    other => Err(wrong_type(&format!("{field}.{key}"), "a string", &other)),
-                })
-                .collect::<Result<_, _>>()
-                .map(Some),
-            Some(other) => Err(wrong_type(field, "a table of strings", &other)),
-        }
-    }
-
-    /// Rejects whatever key is left: a typo must not silently fall back to a default.
-    fn finish(self, known: &[&str]) -> Result<(), ConfigError> {
-        match self.0.keys().next() {
-            None => Ok(()),
-            Some(key) => Err(ConfigError::invalid(
-                key.as_str(),
-                format!("unknown field; this kind takes {}", known.join(", ")),
-            )),
-        }
-    }
-}
-
-fn wrong_type(field: &str, expected: &str, found: &Value) -> ConfigError {
-    ConfigError::invalid(field, format!("must be {expected}, found {}", found.type_str()))
+    })
 }
 
 #[cfg(test)]

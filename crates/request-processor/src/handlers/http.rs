@@ -19,8 +19,8 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde_json::Value;
 
-use super::config::ConfigError;
 use crate::handler::{Context, Handler, HandlerError};
+use cairn_runtime::handlers_file::ConfigError;
 
 /// A successful answer's body becomes the stored result; larger ones fail the request.
 const MAX_RESULT_BYTES: usize = 1 << 20;

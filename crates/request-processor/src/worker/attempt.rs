@@ -1,6 +1,7 @@
 //! One attempt: the handler in a task of its own, bounded by the request's timeout and stopped
 //! when the run is.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_requests::{Failure, RequestRecord};
@@ -9,7 +10,7 @@ use serde_json::Value;
 use super::Deps;
 use super::outcome::Attempt;
 use super::registry::{RunSignals, Stop};
-use crate::handler::{Context, HandlerError};
+use crate::handler::{Context, HandlerError, ProgressSink};
 use crate::streams::Streams;
 
 /// How long a told-to-stop handler gets to clean up (kill its process) before it is aborted.
@@ -28,6 +29,7 @@ pub(super) async fn run_attempt(
         return Attempt::Failed(Failure::Permanent(message));
     };
     let run_cancel = signals.cancel.child_token();
+    let sink: Arc<dyn ProgressSink> = Arc::new(deps.publisher.clone());
     let streams = if record.streams.is_empty() {
         Streams::none(&record.progress_key)
     } else {
@@ -35,7 +37,7 @@ pub(super) async fn run_attempt(
             deps.blobs.clone(),
             &record.id,
             &record.progress_key,
-            deps.publisher.clone(),
+            sink.clone(),
             record.streams.clone(),
         )
     };
@@ -58,7 +60,7 @@ pub(super) async fn run_attempt(
             let ttl = record.timeout_ms.map_or(24 * 3600, |ms| ms.div_ceil(1000) + 60);
             minter.progress_token(&format!("request:{}", record.id), record.progress_key.as_str(), ttl)
         }),
-        publisher: deps.publisher.clone(),
+        publisher: sink,
         last_progress: signals.progress.clone(),
     };
     // Its own task, so a panic fails this request only.

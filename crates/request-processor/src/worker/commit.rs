@@ -8,8 +8,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::now_ms;
 use super::outcome::Committed;
+use cairn_progress::now_ms;
 
 type CommitReply = oneshot::Sender<Result<bool, String>>;
 

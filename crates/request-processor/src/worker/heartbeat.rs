@@ -11,8 +11,9 @@ use cairn_redis::requests::{Heartbeat, QueueError, Renewal};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::Deps;
 use super::registry::{Registry, Stop};
-use super::{Deps, now_ms};
+use cairn_progress::now_ms;
 
 /// Renews the leases of this processor's runs in Redis until `stop` fires.
 pub(super) async fn heartbeat_loop(deps: Arc<Deps>, registry: Registry, stop: CancellationToken) {

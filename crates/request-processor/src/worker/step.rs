@@ -8,12 +8,13 @@ use cairn_redis::requests::{Commit, Entry};
 use cairn_requests::{RequestRecord, RequestState};
 use tracing::{debug, warn};
 
+use super::Deps;
 use super::attempt::run_attempt;
 use super::commit::commit_with_retry;
 use super::outcome::{Restart, Then, Verdict, after_backoff, after_commit, decide};
 use super::registry::{RunSignals, Stop};
 use super::report::report;
-use super::{Deps, now_ms};
+use cairn_progress::now_ms;
 
 /// Runs attempt number `attempt` of `entry` and stores its outcome (fenced by our lease).
 pub(super) async fn handle_attempt(

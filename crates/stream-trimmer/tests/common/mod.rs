@@ -1,16 +1,10 @@
 //! Helpers shared by the trimmer's integration tests.
 #![allow(dead_code)]
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use cairn_testkit::RedisNamespace;
 use clap::Parser;
 use redis::aio::ConnectionManager;
 use stream_trimmer::{App, Config};
-
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 /// A trimmer on the namespace's prefix, admin port 0, with `extra` flags.
 pub fn config(ns: &RedisNamespace, extra: &[&str]) -> Config {
