@@ -340,12 +340,13 @@ fn show_number(x: f64) -> String {
     }
 }
 
-/// A JSON value for an error message, never more than a few dozen characters.
+/// A JSON value for an error message, never more than a few dozen characters; a number as it was
+/// sent (`3.0` stays `3.0`: shown as `3`, it would read like a valid integer).
 pub fn describe(value: &Value) -> String {
     match value {
         Value::Null => "null".to_owned(),
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.as_f64().map_or_else(|| n.to_string(), show_number),
+        Value::Number(n) => n.to_string(),
         Value::String(s) if s.chars().count() > 32 => {
             format!("{:?}", format!("{}…", s.chars().take(32).collect::<String>()))
         }
