@@ -19,6 +19,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_error::Retries;
 use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
@@ -298,17 +299,20 @@ pub fn explain(error: &lapin::Error) -> String {
 
 /// Connects, retrying with capped exponential backoff until it succeeds or `cancel` fires.
 pub async fn connect_with_retry(endpoint: &Endpoint, cancel: &CancellationToken) -> Option<Connection> {
-    let mut delay = Duration::from_millis(100);
+    let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        match endpoint.connect(ConnectionProperties::default()).await {
+        let delay = match endpoint.connect(ConnectionProperties::default()).await {
             Ok(conn) => return Some(conn),
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to rabbitmq"),
-        }
+            Err(e) => {
+                let delay = retries.failed();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to rabbitmq");
+                delay
+            }
+        };
         tokio::select! {
             () = cancel.cancelled() => return None,
             () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::time::Duration;
 
+use cairn_error::Retries;
 use cairn_progress::{Key, MAX_BURST_BYTES, MAX_BURST_UPDATES, Update, encode_burst};
 use futures::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
@@ -224,18 +225,26 @@ struct Sender {
     link: Option<Link>,
     /// The background task waits until then after a failure.
     retry_at: Option<Instant>,
-    backoff: Duration,
+    retries: Retries,
 }
 
 impl Sender {
+    fn new() -> Sender {
+        Sender { link: None, retry_at: None, retries: Retries::doubling(FIRST_BACKOFF, MAX_BACKOFF) }
+    }
+
     fn failed(&mut self) {
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.retry_at = Some(Instant::now() + self.retries.failed());
     }
 
     fn succeeded(&mut self) {
         self.retry_at = None;
-        self.backoff = FIRST_BACKOFF;
+        self.retries.succeeded();
+    }
+
+    /// How long the background task will wait after the next failure.
+    fn retry_in(&self) -> Duration {
+        self.retries.backoff().cap(self.retries.failures().saturating_add(1))
     }
 }
 
@@ -290,7 +299,7 @@ impl ProgressPublisher {
         let inner = Arc::new(Inner {
             pending: StdMutex::new(Pending::new(config.max_pending)),
             config,
-            sender: Mutex::new(Sender { link: None, retry_at: None, backoff: FIRST_BACKOFF }),
+            sender: Mutex::new(Sender::new()),
             connected: AtomicBool::new(false),
         });
         let (stop, closing) = (CancellationToken::new(), CancellationToken::new());
@@ -351,19 +360,20 @@ impl ProgressPublisher {
         let inner = &self.handle.inner;
         let mut last = None;
         let result = tokio::time::timeout_at(deadline, async {
-            let mut backoff = FIRST_BACKOFF;
+            let mut retries = Retries::doubling(FIRST_BACKOFF, Duration::from_secs(1));
             loop {
                 let mut sender = inner.sender.lock().await;
-                match inner.flush_locked(&mut sender).await {
+                let delay = match inner.flush_locked(&mut sender).await {
                     Ok(()) => return,
                     Err(e) => {
-                        debug!(error = %e, retry_in = ?backoff, "final progress flush failed");
+                        let delay = retries.failed();
+                        debug!(error = %e, retry_in = ?delay, "final progress flush failed");
                         last = Some(e);
+                        delay
                     }
-                }
+                };
                 drop(sender);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                tokio::time::sleep(delay).await;
             }
         })
         .await;
@@ -448,14 +458,14 @@ impl Inner {
             if sender.link.is_some() {
                 sender.succeeded();
             } else if let Err(e) = self.ensure_link(sender).await {
-                warn!(error = %e, retry_in = ?sender.backoff, "cannot connect to rabbitmq");
+                warn!(error = %e, retry_in = ?sender.retry_in(), "cannot connect to rabbitmq");
                 sender.failed();
             }
             return;
         }
         if let Err(e) = self.flush_locked(sender).await {
             let pending = self.lock_pending().entries.len();
-            warn!(error = %e, pending, retry_in = ?sender.backoff, "progress publish failed; will retry");
+            warn!(error = %e, pending, retry_in = ?sender.retry_in(), "progress publish failed; will retry");
         }
     }
 
@@ -856,13 +866,13 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_resets() {
-        let mut sender = Sender { link: None, retry_at: None, backoff: FIRST_BACKOFF };
+        let mut sender = Sender::new();
         for _ in 0..10 {
             sender.failed();
         }
-        assert_eq!(sender.backoff, MAX_BACKOFF);
+        assert_eq!(sender.retry_in(), MAX_BACKOFF);
         assert!(sender.retry_at.is_some());
         sender.succeeded();
-        assert_eq!((sender.backoff, sender.retry_at), (FIRST_BACKOFF, None));
+        assert_eq!((sender.retry_in(), sender.retry_at), (FIRST_BACKOFF, None));
     }
 }

@@ -55,13 +55,9 @@ fn process_cpu_s(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// `VmRSS` of `pid` in KiB (0 once it is gone), read by the test harness.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    cairn_testkit::rss_kib(pid).unwrap_or(0)
 }
 
 /// Latencies (µs) one subscriber saw (its own lock: never contended while measuring).

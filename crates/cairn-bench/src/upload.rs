@@ -39,13 +39,9 @@ pub struct Args {
     bin_dir: Option<PathBuf>,
 }
 
+/// `VmRSS` of `pid` in KiB (0 once it is gone), read by the test harness.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    cairn_testkit::rss_kib(pid).unwrap_or(0)
 }
 
 /// Bodies the receiving server has read whole, and their bytes.
@@ -80,19 +76,15 @@ async fn receiver(sink: Arc<Sink>, cancel: CancellationToken) -> anyhow::Result<
     Ok(addr)
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], cairn_testkit::free_port()))
 }
 
 async fn wait_ready(url: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if cairn_runtime::healthcheck(url).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{url} not ready within 30 s")
+    cairn_testkit::wait_until(url, Duration::from_secs(30), || async {
+        cairn_runtime::healthcheck(url).await.is_ok()
+    })
+    .await
 }
 
 /// Writes `count` files of `bytes` each (different content) into `dir`.
@@ -175,7 +167,7 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     let grpc = aggregator.grpc_addr();
     let aggregator_task = tokio::spawn(aggregator.run(cancel.clone()));
 
-    let (ingress_addr, processor_admin) = (free_addr()?, free_addr()?);
+    let (ingress_addr, processor_admin) = (free_addr(), free_addr());
     let mut ingress = tokio::process::Command::new(bin_dir.join("ingress"))
         .args([format!("--addr={ingress_addr}"), "--admin-addr=127.0.0.1:0".into()])
         .args([format!("--aggregator-url=http://{grpc}"), format!("--handlers={}", handlers.display())])

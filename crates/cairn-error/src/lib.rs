@@ -9,6 +9,9 @@
 //! ([`ErrorKind::is_caller_error`]); for the rest it logs the message and answers in general
 //! terms (unless the error's message is written for users), so internals never leak.
 
+mod backoff;
+
+pub use backoff::{Backoff, Retries};
 use http::StatusCode;
 use tonic::Code;
 

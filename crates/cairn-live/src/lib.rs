@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cairn_error::Retries;
 use cairn_progress::Key;
 use cairn_progress::view::NodeView;
 use cairn_redis::progress::feed::{Feed, NotificationReader};
@@ -268,7 +269,7 @@ impl Drop for Subscription {
 /// reconnect, or when it fell behind further than `P:pfeed` keeps, every hub re-reads its tree's
 /// feed from where it was, so nothing is missed.
 async fn read_notifications(redis: RedisConfig, inner: Arc<Inner>) {
-    let mut delay = Duration::from_millis(100);
+    let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
     let mut first = true;
     'connect: loop {
         let started = async {
@@ -280,17 +281,17 @@ async fn read_notifications(redis: RedisConfig, inner: Arc<Inner>) {
             started = started => match started {
                 Ok(reader) => reader,
                 Err(error) => {
+                    let delay = retries.failed();
                     warn!(%error, retry_in = ?delay, "cannot start the live feed reader");
                     tokio::select! {
                         () = inner.shutdown.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                     continue;
                 }
             },
         };
-        delay = Duration::from_millis(100);
+        retries.succeeded();
         if first {
             info!("live feed reader started");
             first = false;

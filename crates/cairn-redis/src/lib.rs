@@ -68,18 +68,6 @@ pub fn is_refusal(error: &redis::RedisError) -> bool {
     error.code().is_some_and(|code| !PASSING.contains(&code))
 }
 
-/// The error code a script raised with `redis.error_reply(CODE …)`, or Redis's own code. A bare
-/// `error_reply('CODE')` reaches the client as `ERR CODE` (Redis adds a code to a reply that has
-/// none), so a one-word detail of capitals after `ERR` is taken as the script's code.
-pub fn error_code(error: &redis::RedisError) -> Option<&str> {
-    let code = error.code()?;
-    let is_code = |word: &str| !word.is_empty() && word.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
-    match error.detail() {
-        Some(detail) if code == "ERR" && is_code(detail) => Some(detail),
-        _ => Some(code),
-    }
-}
-
 /// The kind of a Redis error: a refusal ([`is_refusal`]) is ours to fix, anything else is Redis
 /// being away for a while.
 pub fn error_kind(error: &redis::RedisError) -> ErrorKind {
@@ -328,18 +316,6 @@ mod tests {
         assert!(refused.contains("CAIRN_REDIS_CLUSTER=true"), "{refused}");
         let none = RedisConfig::cluster(" , ", "c").cluster_client().expect_err("no seed").to_string();
         assert!(none.contains("no seed node"), "{none}");
-    }
-
-    #[test]
-    fn script_codes_are_read_with_or_without_a_message() {
-        let bare = redis::make_extension_error("ERR".into(), Some("CAIRN_BAD_CURSOR".into()));
-        assert_eq!(error_code(&bare), Some("CAIRN_BAD_CURSOR"));
-        let coded = redis::make_extension_error("CAIRN_BAD_CURSOR".into(), Some("after x".into()));
-        assert_eq!(error_code(&coded), Some("CAIRN_BAD_CURSOR"));
-        let prose = redis::make_extension_error("ERR".into(), Some("no such key".into()));
-        assert_eq!(error_code(&prose), Some("ERR"));
-        let io = redis::RedisError::from(std::io::Error::other("reset"));
-        assert_eq!(error_code(&io), None);
     }
 
     #[test]

@@ -172,6 +172,10 @@ impl Invocation {
     }
 }
 
+/// Whether FCALL failed because Redis does not have the function (restarted without
+/// persistence, or its functions were flushed). Redis answers `ERR Function not found`: no
+/// dedicated code (unlike `NOSCRIPT` for EVALSHA, which redis-rs exposes as a kind), so the text
+/// is the only signal; this is the one place that reads it.
 fn is_missing_function(error: &redis::RedisError) -> bool {
     error.detail().is_some_and(|detail| detail.contains("Function not found"))
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use cairn_progress::view::NodeView;
 use cairn_progress::{Key, Tree, Update};
 use cairn_redis::RedisConfig;
-use cairn_redis::progress::{Change, ProgressStore, ReadOptions};
+use cairn_redis::progress::{Change, ProgressStore, ReadOptions, StoreError};
 use cairn_testkit::{RedisCluster, RedisServer, wait_until};
 use common::Target;
 use proptest::prelude::*;
@@ -321,6 +321,7 @@ async fn children_page_in_start_time_order_and_bad_cursors_are_named(t: &Target)
     assert_eq!(seen, expected, "every child once, in start_time order");
     let bad = ReadOptions { after: Some(key("_p.other")), ..ReadOptions::default() };
     let error = store.get(&key("_p.parent"), &bad).await.unwrap_err();
+    assert!(matches!(error, StoreError::BadCursor { .. }), "read.lua's code is the error's code: {error:?}");
     assert!(error.to_string().contains("_p.other"), "{error}");
 }
 

@@ -1,70 +1,12 @@
 //! What happens after a failed attempt: another one after a backoff, or the dead-letter stream.
 //!
-//! Backoff uses "full jitter" (a uniform delay between zero and an exponentially growing cap),
-//! which spreads the retries of many requests that failed together, e.g. when an upstream came
-//! back, instead of sending them all at once again.
+//! The delay before another attempt is a full-jitter [`Backoff`] (it lives in `cairn-error`, with
+//! the other loops' retries), which spreads the retries of many requests that failed together,
+//! e.g. when an upstream came back, instead of sending them all at once again.
 
 use std::fmt;
-use std::time::Duration;
 
-use rand::Rng;
-
-/// Exponential backoff with full jitter: the delay before attempt `n + 1` is uniform in
-/// `[0, cap(n)]` with `cap(n) = min(max, base · factor^(n-1))`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    /// Cap after the first failed attempt.
-    pub base: Duration,
-    /// Largest cap, whatever the attempt.
-    pub max: Duration,
-    /// Growth of the cap per attempt. Values below 1, and NaN, count as 1, so caps never
-    /// shrink from one attempt to the next.
-    pub factor: f64,
-}
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff { base: Duration::from_millis(200), max: Duration::from_secs(30), factor: 2.0 }
-    }
-}
-
-impl Backoff {
-    /// The largest delay after `attempt` failed attempts (attempt 0 counts as 1): never above
-    /// `max`, and never smaller than the cap of an earlier attempt.
-    pub fn cap(&self, attempt: u32) -> Duration {
-        let factor = if self.factor >= 1.0 { self.factor } else { 1.0 };
-        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
-        // Infinite once the growth overflows f64; the comparison below clamps that to `max`.
-        let nanos = self.base.as_nanos() as f64 * factor.powi(exponent);
-        if nanos >= self.max.as_nanos() as f64 {
-            self.max
-        } else {
-            duration_from_nanos(nanos as u128).min(self.max)
-        }
-    }
-
-    /// The delay after `attempt` failed attempts, given `jitter` uniform in `[0, 1]` from the
-    /// caller's random source. Jitter outside that range is clamped (NaN counts as 0).
-    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
-        let jitter = if jitter.is_nan() { 0.0 } else { jitter.clamp(0.0, 1.0) };
-        let cap = self.cap(attempt);
-        duration_from_nanos((cap.as_nanos() as f64 * jitter) as u128).min(cap)
-    }
-
-    pub fn delay_with_rng(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
-        self.delay(attempt, rng.random::<f64>())
-    }
-}
-
-/// Saturates at [`Duration::MAX`].
-fn duration_from_nanos(nanos: u128) -> Duration {
-    const NANOS_PER_SEC: u128 = 1_000_000_000;
-    match u64::try_from(nanos / NANOS_PER_SEC) {
-        // The remainder is below 10⁹, so it fits in a u32.
-        Ok(secs) => Duration::new(secs, (nanos % NANOS_PER_SEC) as u32),
-        Err(_) => Duration::MAX,
-    }
-}
+pub use cairn_error::Backoff;
 
 /// How an attempt failed, as the handler classifies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,72 +56,6 @@ pub fn next_step(attempts_done: u32, max_attempts: u32, failure: &Failure) -> Ne
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-    use rand::SeedableRng;
-    use rand::rngs::StdRng;
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    #[test]
-    fn default_caps_double_up_to_max() {
-        let b = Backoff::default();
-        let caps: Vec<u128> = (0..=10).map(|n| b.cap(n).as_millis()).collect();
-        assert_eq!(caps, [200, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]);
-        assert_eq!(b.cap(u32::MAX), b.max);
-    }
-
-    #[test]
-    fn delay_is_jitter_times_cap() {
-        let b = Backoff::default();
-        assert_eq!(b.delay(1, 0.0), Duration::ZERO);
-        assert_eq!(b.delay(1, 1.0), ms(200));
-        assert_eq!(b.delay(3, 0.5), ms(400));
-        assert_eq!(b.delay(3, 0.25), ms(200));
-        // Out-of-range jitter is clamped.
-        assert_eq!(b.delay(3, 7.0), ms(800));
-        assert_eq!(b.delay(3, -1.0), Duration::ZERO);
-        assert_eq!(b.delay(3, f64::NAN), Duration::ZERO);
-        assert_eq!(b.delay(3, f64::INFINITY), ms(800));
-    }
-
-    #[test]
-    fn odd_settings_are_tamed() {
-        let shrinking = Backoff { factor: 0.5, ..Backoff::default() };
-        assert_eq!(shrinking.cap(5), ms(200));
-        let nan = Backoff { factor: f64::NAN, ..Backoff::default() };
-        assert_eq!(nan.cap(5), ms(200));
-        let inf = Backoff { factor: f64::INFINITY, ..Backoff::default() };
-        assert_eq!(inf.cap(1), ms(200));
-        assert_eq!(inf.cap(2), inf.max);
-        let max_below_base = Backoff { base: ms(500), max: ms(100), factor: 2.0 };
-        assert_eq!(max_below_base.cap(1), ms(100));
-        let zero = Backoff { base: Duration::ZERO, ..Backoff::default() };
-        assert_eq!(zero.cap(40), Duration::ZERO);
-        let huge = Backoff { base: Duration::MAX, max: Duration::MAX, factor: 10.0 };
-        assert_eq!(huge.cap(1), Duration::MAX);
-        assert_eq!(huge.cap(u32::MAX), Duration::MAX);
-        assert!(huge.delay(3, 1.0) <= Duration::MAX);
-        assert_eq!(huge.delay(3, 0.0), Duration::ZERO);
-    }
-
-    #[test]
-    fn delay_with_rng_stays_under_cap_and_varies() {
-        let b = Backoff::default();
-        let mut rng = StdRng::seed_from_u64(7);
-        let delays: Vec<Duration> = (0..100).map(|_| b.delay_with_rng(4, &mut rng)).collect();
-        assert!(delays.iter().all(|d| *d <= ms(1600)));
-        let distinct: std::collections::HashSet<_> = delays.iter().collect();
-        assert!(distinct.len() > 90, "{} distinct delays", distinct.len());
-    }
-
-    #[test]
-    fn duration_from_nanos_saturates() {
-        assert_eq!(duration_from_nanos(1_500_000_001), Duration::new(1, 500_000_001));
-        assert_eq!(duration_from_nanos(u128::MAX), Duration::MAX);
-        assert_eq!(duration_from_nanos(Duration::MAX.as_nanos()), Duration::MAX);
-    }
 
     #[test]
     fn next_step_decides() {
@@ -196,37 +72,5 @@ mod tests {
         assert!(!permanent.is_retryable());
         assert_eq!(permanent.message(), "upstream answered 400");
         assert_eq!(retryable.to_string(), "upstream answered 503");
-    }
-
-    fn backoff() -> impl Strategy<Value = Backoff> {
-        (0u64..=60_000_000_000, 0u64..=3_600_000_000_000, prop_oneof![Just(2.0), 0.0f64..10.0]).prop_map(
-            |(base, max, factor)| Backoff {
-                base: Duration::from_nanos(base),
-                max: Duration::from_nanos(max),
-                factor,
-            },
-        )
-    }
-
-    proptest! {
-        #[test]
-        fn delay_never_exceeds_cap_or_max(b in backoff(), attempt in any::<u32>(), jitter in -0.5f64..1.5) {
-            let cap = b.cap(attempt);
-            prop_assert!(cap <= b.max);
-            let delay = b.delay(attempt, jitter);
-            prop_assert!(delay <= cap, "{delay:?} > {cap:?}");
-            prop_assert!(delay <= b.max);
-        }
-
-        #[test]
-        fn caps_grow_monotonically(b in backoff(), start in prop_oneof![0u32..80, any::<u32>()], steps in 1u32..64) {
-            let mut previous = b.cap(start);
-            for attempt in start.saturating_add(1)..=start.saturating_add(steps) {
-                let cap = b.cap(attempt);
-                prop_assert!(cap >= previous, "cap({attempt}) = {cap:?} < {previous:?}");
-                previous = cap;
-            }
-            prop_assert!(b.cap(0) <= b.cap(start));
-        }
     }
 }

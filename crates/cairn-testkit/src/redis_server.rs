@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::free_port;
+
 /// How long a started server has to answer PING (AOF replay included).
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fresh ports tried when the one picked was taken by someone else before Redis bound it.
@@ -265,14 +267,6 @@ impl Drop for RedisServer {
         }
         self.stop();
     }
-}
-
-/// A port that was free a moment ago; a race with other processes is possible, hence retries.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("cannot bind 127.0.0.1:0 to pick a free port")
-        .port()
 }
 
 /// The pid of the Redis answering on `port`, once it serves commands (not while it replays the

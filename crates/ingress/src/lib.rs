@@ -33,6 +33,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use axum::Router;
+use cairn_error::Retries;
 use cairn_redis::requests::{QueueNames, RequestQueue};
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
@@ -396,17 +397,20 @@ impl App {
 
 /// Creates the request group, retrying with backoff until Redis answers or `stop` fires.
 async fn ensure_group(requests: Arc<requests::Requests>, stop: CancellationToken) {
-    let mut delay = Duration::from_millis(100);
+    let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        match requests.ensure_group().await {
+        let delay = match requests.ensure_group().await {
             Ok(()) => return,
-            Err(error) => warn!(%error, retry_in = ?delay, "cannot create the request group yet"),
-        }
+            Err(error) => {
+                let delay = retries.failed();
+                warn!(%error, retry_in = ?delay, "cannot create the request group yet");
+                delay
+            }
+        };
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cairn_error::Retries;
 use cairn_redis::RedisConfig;
 use cairn_redis::requests::RequestQueue;
 use redis::aio::MultiplexedConnection;
@@ -120,7 +121,7 @@ pub async fn run_reader(
     shutdown: CancellationToken,
 ) {
     let mut last_id = format!("{}-0", cairn_progress::now_ms());
-    let mut retry = FIRST_RETRY;
+    let mut retries = Retries::doubling(FIRST_RETRY, MAX_RETRY);
     let mut conn: Option<MultiplexedConnection> = None;
     info!(stream = %stream, "reading replies");
     while !shutdown.is_cancelled() {
@@ -136,8 +137,9 @@ pub async fn run_reader(
                     waiters.wake_all();
                 }
                 Err(error) => {
-                    warn!(%error, retry_in = ?retry, "cannot connect to redis to read replies");
-                    backoff(&shutdown, &mut retry).await;
+                    let delay = retries.failed();
+                    warn!(%error, retry_in = ?delay, "cannot connect to redis to read replies");
+                    pause(&shutdown, delay).await;
                     continue;
                 }
             }
@@ -152,7 +154,7 @@ pub async fn run_reader(
         };
         match read {
             Ok(Ok(replies)) => {
-                retry = FIRST_RETRY;
+                retries.succeeded();
                 for (entry_id, request_id) in replies {
                     let woken = waiters.wake(&request_id);
                     debug!(request = %request_id, woken, "reply received");
@@ -161,9 +163,10 @@ pub async fn run_reader(
                 }
             }
             Ok(Err(error)) => {
-                warn!(%error, retry_in = ?retry, "cannot read replies; reconnecting");
+                let delay = retries.failed();
+                warn!(%error, retry_in = ?delay, "cannot read replies; reconnecting");
                 conn = None;
-                backoff(&shutdown, &mut retry).await;
+                pause(&shutdown, delay).await;
             }
             Err(_) => {
                 warn!(timeout = ?(BLOCK + READ_SLACK), "redis did not answer a reply read; reconnecting");
@@ -173,12 +176,11 @@ pub async fn run_reader(
     }
 }
 
-async fn backoff(shutdown: &CancellationToken, retry: &mut Duration) {
+async fn pause(shutdown: &CancellationToken, delay: Duration) {
     tokio::select! {
         () = shutdown.cancelled() => {}
-        () = tokio::time::sleep(*retry) => {}
+        () = tokio::time::sleep(delay) => {}
     }
-    *retry = (*retry * 2).min(MAX_RETRY);
 }
 
 #[cfg(test)]

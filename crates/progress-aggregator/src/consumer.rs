@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_amqp::{Endpoint, Topology, connect_with_retry, explain, name};
-use cairn_error::ServiceError as _;
+use cairn_error::{Retries, ServiceError as _};
 use cairn_progress::parse_message;
 use cairn_redis::progress::{Change, ProgressStore, StoreError};
 use cairn_redis::streams::LeaseState;
@@ -259,11 +259,11 @@ async fn store_with_retry(
     stalls: &Stalls,
     cancel: &CancellationToken,
 ) -> Result<Result<(), StoreError>, ConsumeError> {
-    let mut delay = Duration::from_millis(50);
+    let mut retries = Retries::doubling(Duration::from_millis(50), Duration::from_secs(2));
     let started = Instant::now();
     let mut stalled = false;
     let result = loop {
-        match store.apply(changes).await {
+        let delay = match store.apply(changes).await {
             Ok(()) => break Ok(Ok(())),
             // A failure that cannot pass by itself goes back to be split and dead-lettered.
             Err(error) if !error.kind().is_retryable() => {
@@ -272,9 +272,11 @@ async fn store_with_retry(
             }
             Err(error) => {
                 metrics::counter!("cairn_progress_store_failures_total").increment(1);
+                let delay = retries.failed();
                 warn!(%error, retry_in = ?delay, updates = changes.len(), "cannot store progress; retrying");
+                delay
             }
-        }
+        };
         if !stalled && started.elapsed() >= STALL_AFTER {
             stalled = true;
             stalls.enter();
@@ -283,7 +285,6 @@ async fn store_with_retry(
             () = cancel.cancelled() => break Err(ConsumeError::Shutdown),
             () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     };
     if stalled {
         stalls.leave();
@@ -326,7 +327,7 @@ pub async fn run(
     stalls: Arc<Stalls>,
     cancel: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(100);
+    let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
     let mut owner = Owner::new(leases);
     while !cancel.is_cancelled() {
         let Some(conn) = connect_with_retry(&settings.endpoint, &cancel).await else { break };
@@ -338,14 +339,15 @@ pub async fn run(
         connected.store(false, Ordering::SeqCst);
         metrics::gauge!("cairn_aggregator_amqp_connected").set(0.0);
         let _ = conn.close(200, "aggregator stopping or reconnecting".into()).await;
+        // A connection that lasted counts as a success: the next drop waits the first delay.
         if started.elapsed() > Duration::from_secs(10) {
-            delay = Duration::from_millis(100);
+            retries.succeeded();
         }
+        let delay = retries.failed();
         tokio::select! {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
     owner.hand_back_all().await;
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cairn_amqp::{AmqpConfig, ProgressPublisher, PublisherConfig};
+use cairn_error::Retries;
 use cairn_redis::RedisConfig;
 use cairn_redis::requests::{QueueNames, RequestQueue};
 use cairn_requests::{Backoff, LeaseSettings};
@@ -172,18 +173,21 @@ impl App {
             .router();
         let admin_stop = CancellationToken::new();
         let admin_server = tokio::spawn(serve_admin(admin, admin_router, admin_stop.clone()));
-        let mut delay = Duration::from_millis(100);
+        let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             // The group must exist before the first read; wait for Redis to come up.
-            match deps.queue.ensure_group().await {
+            let delay = match deps.queue.ensure_group().await {
                 Ok(()) => break,
-                Err(error) => tracing::warn!(%error, retry_in = ?delay, "waiting for redis"),
-            }
+                Err(error) => {
+                    let delay = retries.failed();
+                    tracing::warn!(%error, retry_in = ?delay, "waiting for redis");
+                    delay
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => { admin_stop.cancel(); return Ok(()) }
                 () = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
         info!(consumer = %deps.settings.consumer, stream = %deps.queue.names().stream, "request-processor starting");
         worker::run(deps, config.redis.clone(), shutdown, config.grace).await;

@@ -5,6 +5,7 @@
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use cairn_error::Retries;
 use eventsource_stream::{Event, EventStreamError, Eventsource as _};
 use futures::{Stream, StreamExt as _};
 use reqwest::header::ACCEPT;
@@ -109,7 +110,7 @@ pub struct Feed {
     events: Option<Events>,
     /// When the current run of failed connection attempts began.
     failing_since: Option<Instant>,
-    backoff: Duration,
+    retries: Retries,
     ever_connected: bool,
 }
 
@@ -122,7 +123,7 @@ impl Feed {
             last_id: None,
             events: None,
             failing_since: None,
-            backoff: FIRST_BACKOFF,
+            retries: Retries::doubling(FIRST_BACKOFF, MAX_BACKOFF),
             ever_connected: false,
         }
     }
@@ -139,7 +140,7 @@ impl Feed {
                             on_link(Link::Connected);
                         }
                         self.events = Some(events);
-                        self.backoff = FIRST_BACKOFF;
+                        self.retries.succeeded();
                         self.ever_connected = true;
                     }
                     Err(error) if !self.ever_connected || !retryable(&error) => return Err(error),
@@ -149,8 +150,7 @@ impl Feed {
                             return Err(error);
                         }
                         on_link(Link::Reconnecting(error.to_string()));
-                        tokio::time::sleep(self.backoff).await;
-                        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                        tokio::time::sleep(self.retries.failed()).await;
                         continue;
                     }
                 }

@@ -248,7 +248,7 @@ impl ProgressStore {
         match reply {
             Ok(value) => parse_node(&value),
             // read.lua's own error code for an `after` that is not a child.
-            Err(e) if crate::error_code(&e) == Some("CAIRN_BAD_CURSOR") => {
+            Err(e) if e.code() == Some("CAIRN_BAD_CURSOR") => {
                 Err(StoreError::BadCursor { key: key.to_string(), after: after.to_owned() })
             }
             Err(e) => Err(e.into()),

@@ -16,7 +16,9 @@ read_node = function(k, depth, limit, after)
     local start = 0
     if after ~= '' then
       local rank = redis.call('ZRANK', ck, after)
-      if not rank then return redis.error_reply('CAIRN_BAD_CURSOR') end
+      -- A message after the code keeps the code: a bare error_reply('CODE') reaches the client as
+      -- 'ERR CODE'.
+      if not rank then return redis.error_reply('CAIRN_BAD_CURSOR after is not a child of this node') end
       start = rank + 1
     end
     page = redis.call('ZRANGE', ck, start, start + limit - 1)

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_error::{Backoff, Retries};
 use cairn_redis::requests::QueueError;
-use cairn_requests::Backoff;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -24,25 +24,23 @@ const RECONNECT: Backoff =
 /// Failures of the reader in a row, and how long to wait after each.
 #[derive(Debug)]
 pub(super) struct Reconnect {
-    backoff: Backoff,
-    failures: u32,
+    retries: Retries,
 }
 
 impl Default for Reconnect {
     fn default() -> Reconnect {
-        Reconnect { backoff: RECONNECT, failures: 0 }
+        Reconnect { retries: Retries::jittered(RECONNECT) }
     }
 }
 
 impl Reconnect {
     /// Counts a failure; the delay before the next try.
     pub(super) fn failed(&mut self) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        self.backoff.delay_with_rng(self.failures, &mut rand::rng())
+        self.retries.failed()
     }
 
     pub(super) fn succeeded(&mut self) {
-        self.failures = 0;
+        self.retries.succeeded();
     }
 
     /// Waits `delay` unless `shutdown` fires first (then `false`).
@@ -102,9 +100,9 @@ mod tests {
             })
             .collect();
         assert_eq!(caps, [100, 200, 400, 800, 1600, 2000, 2000]);
-        assert_eq!(reconnect.failures, 7);
+        assert_eq!(reconnect.retries.failures(), 7);
         reconnect.succeeded();
-        assert_eq!(reconnect.failures, 0);
+        assert_eq!(reconnect.retries.failures(), 0);
         assert!(reconnect.failed() <= Duration::from_millis(100));
     }
 
