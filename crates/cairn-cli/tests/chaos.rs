@@ -19,9 +19,8 @@ use cairn_progress::update::Update;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess, free_port, wait_until};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel};
 use rand::Rng;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -176,18 +175,6 @@ impl Stack {
     }
 }
 
-async fn publisher(vhost: &AmqpVhost) -> (Connection, Channel) {
-    let conn = Connection::connect(&vhost.url, ConnectionProperties::default()).await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    channel
-        .exchange_declare("progress".into(), ExchangeKind::Topic, durable, FieldTable::default())
-        .await
-        .unwrap();
-    (conn, channel)
-}
-
 /// Publishes every leaf's updates in order, spread over the load, feeding the model the same.
 async fn publish_progress(channel: Channel, model: Arc<Mutex<Tree>>) {
     let pause = LOAD / u32::try_from(UPDATES).unwrap();
@@ -277,7 +264,7 @@ async fn a_stack_that_loses_a_random_process_every_few_seconds_loses_nothing() {
     }
 
     let model = Arc::new(Mutex::new(Tree::new()));
-    let (_conn, channel) = publisher(&vhost).await;
+    let (_conn, channel) = vhost.progress_publisher().await;
     let progress = tokio::spawn(publish_progress(channel, model.clone()));
     let stop = CancellationToken::new();
     let load = tokio::spawn(submit_load(stack.ingress.clone(), stop.clone()));

@@ -44,6 +44,24 @@ impl AmqpVhost {
         Self { url, name, api, users: std::sync::Mutex::new(Vec::new()) }
     }
 
+    /// A connection and a confirming channel on this vhost, with the durable topic exchange
+    /// `progress` declared: what a test publishes progress messages through, as producers do.
+    pub async fn progress_publisher(&self) -> (lapin::Connection, lapin::Channel) {
+        use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
+        let conn = lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.name));
+        let channel = conn.create_channel().await.expect("an AMQP channel");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("publisher confirms");
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let kind = lapin::ExchangeKind::Topic;
+        channel
+            .exchange_declare("progress".into(), kind, durable, lapin::types::FieldTable::default())
+            .await
+            .expect("the progress exchange");
+        (conn, channel)
+    }
+
     /// Adds a user with these `configure`, `write` and `read` permission patterns on this vhost
     /// (and none elsewhere); returns its `amqp://` URL to this vhost. The user is named
     /// `<vhost>-<name>` (users are global to the broker) and deleted on drop.

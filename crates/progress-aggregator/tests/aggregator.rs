@@ -10,9 +10,9 @@ use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
 use clap::Parser;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel};
 use progress_aggregator::consumer::{ERROR_HEADER, TIME_HEADER};
 use progress_aggregator::{App, Config};
 use serde_json::{Value, json};
@@ -88,18 +88,6 @@ fn key(s: &str) -> Key {
     Key::parse(s).expect("valid key")
 }
 
-async fn publisher(vhost: &AmqpVhost) -> (Connection, Channel) {
-    let conn = Connection::connect(&vhost.url, ConnectionProperties::default()).await.expect("amqp connect");
-    let channel = conn.create_channel().await.expect("channel");
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    channel
-        .exchange_declare("progress".into(), ExchangeKind::Topic, durable, FieldTable::default())
-        .await
-        .expect("exchange");
-    (conn, channel)
-}
-
 /// Publishes one message and waits for the broker's confirm.
 async fn publish(channel: &Channel, routing_key: &str, body: &[u8], headers: Option<FieldTable>) {
     let mut properties = BasicProperties::default().with_content_type("application/json".into());
@@ -129,7 +117,7 @@ async fn progress_of(store: &ProgressStore, k: &str) -> Option<f64> {
 async fn poison_messages_are_dead_lettered_while_good_ones_apply() {
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
     let _aggregator = start(&ns, &vhost, 1).await;
-    let (_conn, channel) = publisher(&vhost).await;
+    let (_conn, channel) = vhost.progress_publisher().await;
     let store = store(&ns);
 
     publish(&channel, "_t.job.a", br#"{"progress": 0.1}"#, None).await;
@@ -172,7 +160,7 @@ async fn poison_messages_are_dead_lettered_while_good_ones_apply() {
 async fn quorum_queues_carry_updates_and_dead_letters() {
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
     let aggregator = start_with(&ns, &vhost, 2, &["--queue-type=quorum"]).await;
-    let (conn, channel) = publisher(&vhost).await;
+    let (conn, channel) = vhost.progress_publisher().await;
     let store = store(&ns);
     publish(&channel, "_t.q.a", br#"{"progress": 0.5}"#, None).await;
     publish(&channel, "_t.q.b", b"{not json", None).await;
@@ -207,7 +195,7 @@ async fn quorum_queues_carry_updates_and_dead_letters() {
 async fn a_message_redis_refuses_is_dead_lettered_and_the_shard_goes_on() {
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
     let _aggregator = start(&ns, &vhost, 1).await;
-    let (_conn, channel) = publisher(&vhost).await;
+    let (_conn, channel) = vhost.progress_publisher().await;
     let store = store(&ns);
     let mut redis = ns.connection().await;
     let _: () = redis::cmd("SET")
@@ -278,7 +266,7 @@ async fn grpc_health_follows_a_hung_redis() {
 async fn a_duplicated_message_does_not_double_count() {
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
     let _aggregator = start(&ns, &vhost, 1).await;
-    let (_conn, channel) = publisher(&vhost).await;
+    let (_conn, channel) = vhost.progress_publisher().await;
     let store = store(&ns);
     let mut headers = FieldTable::default();
     headers.insert(TIME_HEADER.into(), AMQPValue::LongLongInt(1_700_000_000_000));
@@ -323,7 +311,7 @@ async fn survives_the_broker_closing_its_connection_without_losing_confirmed_upd
             vhost.close_connections().await;
         }
         // A fresh publishing connection each time the broker closed ours.
-        let (conn, channel) = publisher(&vhost).await;
+        let (conn, channel) = vhost.progress_publisher().await;
         publish(&channel, &format!("_t.c.k{i}"), br#"{"progress": 1, "status": "finished"}"#, None).await;
         conn.close(200, "done".into()).await.ok();
     }
@@ -344,7 +332,7 @@ async fn two_aggregators_keep_per_key_order_across_a_failover() {
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
     let first = start(&ns, &vhost, 4).await;
     let second = start(&ns, &vhost, 4).await;
-    let (_conn, channel) = publisher(&vhost).await;
+    let (_conn, channel) = vhost.progress_publisher().await;
     let store = store(&ns);
     let (keys, steps) = (8, 60);
     for step in 0..steps {

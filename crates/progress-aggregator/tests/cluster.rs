@@ -9,9 +9,8 @@ use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_testkit::{AmqpVhost, RedisCluster, unique_name, wait_until};
 use clap::Parser as _;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
 use progress_aggregator::{App, Config};
 use tokio_util::sync::CancellationToken;
 
@@ -45,14 +44,7 @@ async fn updates_over_amqp_land_in_a_cluster() {
     .await
     .expect("the aggregator becomes ready on the cluster");
 
-    let amqp = Connection::connect(&vhost.url, ConnectionProperties::default()).await.expect("amqp connect");
-    let channel = amqp.create_channel().await.expect("channel");
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    channel
-        .exchange_declare("progress".into(), ExchangeKind::Topic, durable, FieldTable::default())
-        .await
-        .expect("exchange");
+    let (_amqp, channel) = vhost.progress_publisher().await;
     let publish = |routing_key: &'static str, body: String| {
         let channel = channel.clone();
         async move {

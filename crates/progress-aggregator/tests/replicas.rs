@@ -11,9 +11,8 @@ use cairn_progress::Key;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -110,18 +109,6 @@ async fn wait_for_spread(replicas: &[&Replica], most: usize) -> Vec<BTreeSet<u16
     }
 }
 
-async fn publisher(vhost: &AmqpVhost) -> (Connection, Channel) {
-    let conn = Connection::connect(&vhost.url, ConnectionProperties::default()).await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    channel
-        .exchange_declare("progress".into(), ExchangeKind::Topic, durable, FieldTable::default())
-        .await
-        .unwrap();
-    (conn, channel)
-}
-
 async fn publish(channel: &Channel, routing_key: &str, body: &[u8]) {
     let confirm = channel
         .basic_publish(
@@ -152,7 +139,7 @@ async fn replicas_share_the_shards_and_a_killed_ones_move_within_the_lease() {
 
     let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
     let store = ProgressStore::new(config.manager().unwrap(), ns.prefix.clone());
-    let (_conn, channel) = publisher(&vhost).await;
+    let (_conn, channel) = vhost.progress_publisher().await;
     let (keys, steps) = (24, 40);
     for step in 0..steps {
         if step == steps / 2 {
