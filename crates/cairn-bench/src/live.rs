@@ -8,6 +8,7 @@
 //! call per tick carrying one update per tree); each names its write time (`sent_us`), which the
 //! clients read back from the events. Clients are plain TCP readers of the event stream.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use anyhow::{Context as _, bail};
 use cairn_progress::{Key, Update};
 use cairn_redis::RedisConfig;
 use cairn_redis::progress::{Change, ProgressStore};
-use cairn_testkit::RedisNamespace;
+use cairn_testkit::{RedisNamespace, ServiceProcess};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
@@ -81,36 +82,27 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     let first: Vec<Change> = trees.iter().map(|t| change(&format!("{t}.leaf"), 0.0, 0)).collect();
     store.apply(&first).await?;
 
-    let addr: SocketAddr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?
-    };
-    let mut child = tokio::process::Command::new(&ingress_bin)
-        .args([
-            "--addr",
-            &addr.to_string(),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--redis-url",
-            &ns.url,
-            "--key-prefix",
-            &ns.prefix,
-        ])
-        .args([
-            "--aggregator-url",
-            "http://127.0.0.1:1",
-            "--max-live-subscribers",
-            &(args.subscribers + 10).to_string(),
-        ])
-        .env("CAIRN_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", ingress_bin.display()))?;
-    let pid = child.id().context("ingress pid")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], cairn_testkit::free_port()));
+    let max_subscribers = (args.subscribers + 10).to_string();
+    let addr_arg = addr.to_string();
+    let work = tempfile::tempdir()?;
+    let env = BTreeMap::from([("CAIRN_LOG".to_owned(), "warn".to_owned())]);
+    let service_args = [
+        ("--addr", addr_arg.as_str()),
+        ("--admin-addr", "127.0.0.1:0"),
+        ("--redis-url", ns.url.as_str()),
+        ("--key-prefix", ns.prefix.as_str()),
+        ("--aggregator-url", "http://127.0.0.1:1"),
+        ("--max-live-subscribers", max_subscribers.as_str()),
+    ];
+    let service_args: Vec<&str> = service_args.iter().flat_map(|(flag, value)| [*flag, *value]).collect();
+    let mut ingress = ServiceProcess::new("ingress", &ingress_bin, &service_args, env, work.path());
+    ingress.start();
+    let pid = ingress.pid().context("ingress pid")?;
     let started = Instant::now();
     while TcpStream::connect(addr).await.is_err() {
         if started.elapsed() > Duration::from_secs(20) {
-            bail!("ingress did not listen within 20 s");
+            bail!("ingress did not listen within 20 s: {}", ingress.log_tail(20));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -182,7 +174,7 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     for client in &clients {
         client.abort();
     }
-    let _ = child.kill().await;
+    ingress.kill();
     let mut latencies: Vec<u64> =
         seen_all.iter().flat_map(|seen| std::mem::take(&mut *seen.lock().expect("latencies lock"))).collect();
     latencies.sort_unstable();

@@ -4,6 +4,7 @@
 //! receiving server in the same run; and the RSS of the ingress and processor processes (the
 //! binaries next to this one) while `cairn upload` runs.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use cairn_testkit::{AmqpVhost, RedisNamespace};
+use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess};
 use clap::Parser as _;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
@@ -168,27 +169,40 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     let aggregator_task = tokio::spawn(aggregator.run(cancel.clone()));
 
     let (ingress_addr, processor_admin) = (free_addr(), free_addr());
-    let mut ingress = tokio::process::Command::new(bin_dir.join("ingress"))
-        .args([format!("--addr={ingress_addr}"), "--admin-addr=127.0.0.1:0".into()])
-        .args([format!("--aggregator-url=http://{grpc}"), format!("--handlers={}", handlers.display())])
-        .args(&common)
-        .env("CAIRN_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting ingress")?;
-    let mut processor = tokio::process::Command::new(bin_dir.join("request-processor"))
-        .args([format!("--admin-addr={processor_admin}"), format!("--amqp-url={}", vhost.url)])
-        .arg(format!("--handlers={}", handlers.display()))
-        .args(&common)
-        .env("CAIRN_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting request-processor")?;
+    // Each service as its own process (cleared environment, output in `work/<name>.log`).
+    let service = |name: &str, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env = BTreeMap::from([("CAIRN_LOG".to_owned(), "warn".to_owned())]);
+        let mut process = ServiceProcess::new(name, bin_dir.join(name), &args, env, work.path());
+        process.start();
+        process
+    };
+    let mut ingress = service(
+        "ingress",
+        [
+            vec![format!("--addr={ingress_addr}"), "--admin-addr=127.0.0.1:0".into()],
+            vec![format!("--aggregator-url=http://{grpc}"), format!("--handlers={}", handlers.display())],
+            common.to_vec(),
+        ]
+        .concat(),
+    );
+    let mut processor = service(
+        "request-processor",
+        [
+            vec![format!("--admin-addr={processor_admin}"), format!("--amqp-url={}", vhost.url)],
+            vec![format!("--handlers={}", handlers.display())],
+            common.to_vec(),
+        ]
+        .concat(),
+    );
     let base = format!("http://{ingress_addr}");
-    wait_ready(&format!("{base}/readyz")).await?;
-    wait_ready(&format!("http://{processor_admin}/readyz")).await?;
+    for (process, url) in
+        [(&ingress, format!("{base}/readyz")), (&processor, format!("http://{processor_admin}/readyz"))]
+    {
+        wait_ready(&url).await.with_context(|| format!("{}: {}", process.name(), process.log_tail(20)))?;
+    }
     let (ingress_pid, processor_pid) =
-        (ingress.id().context("ingress pid")?, processor.id().context("processor pid")?);
+        (ingress.pid().context("ingress pid")?, processor.pid().context("processor pid")?);
 
     eprintln!("upload: writing {} files of {} MiB", args.files, args.file_mib);
     let dir = work.path().join("outbox");
@@ -254,8 +268,8 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     let _ = sampler.await;
 
     cancel.cancel();
-    let _ = ingress.kill().await;
-    let _ = processor.kill().await;
+    ingress.kill();
+    processor.kill();
     let _ = tokio::time::timeout(Duration::from_secs(15), aggregator_task).await;
     Ok(json!({
         "files": args.files,

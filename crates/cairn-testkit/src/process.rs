@@ -88,8 +88,12 @@ impl ServiceProcess {
 
     /// The process's resident memory in KiB (`VmRSS`), or `None` when it is not running.
     pub fn rss_kib(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
-        rss_kib(pid)
+        rss_kib(self.pid()?)
+    }
+
+    /// The running process's id (for samplers that outlive a borrow), `None` before a start.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.as_ref()?.id())
     }
 
     pub fn name(&self) -> &str {
