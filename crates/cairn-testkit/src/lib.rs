@@ -74,6 +74,16 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
 }
 
+/// Command-line arguments of an in-process progress-aggregator for a test stack: loopback ports
+/// picked by the OS, this prefix and vhost, one shard, a 5 s grace; `progress-aggregator` first
+/// (the program name clap expects). Append flags to add or override settings.
+pub fn aggregator_args(ns: &RedisNamespace, vhost: &AmqpVhost) -> Vec<String> {
+    let args = ["progress-aggregator", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"];
+    let stores = ["--redis-url", &ns.url, "--key-prefix", &ns.prefix, "--amqp-url", &vhost.url];
+    let behaviour = ["--shards", "1", "--grace", "5s"];
+    args.iter().chain(&stores).chain(&behaviour).map(|arg| (*arg).to_owned()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

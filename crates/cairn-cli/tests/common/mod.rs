@@ -83,24 +83,8 @@ impl Stack {
         let ns = RedisNamespace::new();
         let vhost = AmqpVhost::new().await;
         let cancel = CancellationToken::new();
-        let config = progress_aggregator::Config::try_parse_from([
-            "progress-aggregator",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--redis-url",
-            &ns.url,
-            "--key-prefix",
-            &ns.prefix,
-            "--amqp-url",
-            &vhost.url,
-            "--shards",
-            "1",
-            "--grace",
-            "5s",
-        ])
-        .expect("valid aggregator config");
+        let config = progress_aggregator::Config::try_parse_from(cairn_testkit::aggregator_args(&ns, &vhost))
+            .expect("valid aggregator config");
         let aggregator = progress_aggregator::App::build(config).await.expect("aggregator builds");
         let aggregator_url = format!("http://{}", aggregator.grpc_addr());
         let mut tasks = vec![tokio::spawn(aggregator.run(cancel.clone()))];

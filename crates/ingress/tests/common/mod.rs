@@ -102,26 +102,9 @@ impl Stack {
         let ns = RedisNamespace::new();
         let vhost = AmqpVhost::new().await;
         let config = progress_aggregator::Config::try_parse_from(
-            [
-                "progress-aggregator",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--redis-url",
-                &ns.url,
-                "--key-prefix",
-                &ns.prefix,
-                "--amqp-url",
-                &vhost.url,
-                "--shards",
-                "1",
-                "--grace",
-                "5s",
-            ]
-            .map(String::from)
-            .into_iter()
-            .chain(options.shared_args.iter().cloned()),
+            cairn_testkit::aggregator_args(&ns, &vhost)
+                .into_iter()
+                .chain(options.shared_args.iter().cloned()),
         )
         .expect("valid aggregator config");
         let aggregator = progress_aggregator::App::build(config).await.expect("aggregator builds");
