@@ -102,6 +102,15 @@ pub mod progress {
 }
 
 /// The request queue's keys.
+///
+/// The queue is split in `CAIRN_REQUEST_PARTITIONS` partitions, each a stream of its own; a
+/// request belongs to the partition [`partition_of`] its id (or its idempotency key) gives. On a
+/// Redis Cluster every key of a partition carries the partition's hash tag ([`partition_tag`],
+/// `{p3}`), so the stream, the records of its requests, their data streams, the idempotency
+/// claims, the finished index and the dead letters of a partition share one slot and each
+/// request function touches one slot. On one Redis the tag is empty and every key keeps the
+/// layout existing data has; only partitions past the first get a stream of their own
+/// (`{prefix}:{stream}:{n}`), and the other keys are shared by all partitions.
 pub mod requests {
     pub(crate) const RECORD: &str = ":req:";
     pub(crate) const FINISHED: &str = ":req:finished";
@@ -109,29 +118,72 @@ pub mod requests {
     pub(crate) const DEAD: &str = ":dead";
     pub(crate) const REPLIES: &str = ":replies:";
 
-    /// The request stream, named `stream` in config.
+    /// The hash tag of a partition's keys on a Redis Cluster.
+    pub fn partition_tag(partition: u16) -> String {
+        format!("{{p{partition}}}")
+    }
+
+    /// The partition of `partitions` that an id (or an idempotency key) belongs to: FNV-1a of
+    /// its bytes, so every service and every version agrees without asking Redis.
+    pub fn partition_of(key: &str, partitions: u16) -> u16 {
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        (hash % u64::from(partitions.max(1))) as u16
+    }
+
+    /// The request stream, named `stream` in config (its first partition on one Redis).
     pub fn stream(prefix: &str, stream: &str) -> String {
         format!("{prefix}:{stream}")
     }
 
+    /// The stream of partition `partition` in the layout of `tag` (empty on one Redis).
+    pub fn stream_in(prefix: &str, stream: &str, tag: &str, partition: u16) -> String {
+        match (tag.is_empty(), partition) {
+            (true, 0) => format!("{prefix}:{stream}"),
+            (true, n) => format!("{prefix}:{stream}:{n}"),
+            (false, _) => format!("{prefix}:{stream}{tag}"),
+        }
+    }
+
     /// A request's record (a hash).
     pub fn record(prefix: &str, id: &str) -> String {
-        format!("{prefix}{RECORD}{id}")
+        record_in(prefix, "", id)
+    }
+
+    /// A request's record in its partition's layout.
+    pub fn record_in(prefix: &str, tag: &str, id: &str) -> String {
+        format!("{prefix}{RECORD}{tag}{id}")
     }
 
     /// The index of finished requests: a zset of ids scored by `finished_ms`.
     pub fn finished(prefix: &str) -> String {
-        format!("{prefix}{FINISHED}")
+        finished_in(prefix, "")
+    }
+
+    /// A partition's index of finished requests.
+    pub fn finished_in(prefix: &str, tag: &str) -> String {
+        format!("{prefix}{FINISHED}{tag}")
     }
 
     /// An idempotency key's claim (the id of the request it submitted).
     pub fn idem(prefix: &str, key: &str) -> String {
-        format!("{prefix}{IDEM}{key}")
+        idem_in(prefix, "", key)
+    }
+
+    /// An idempotency key's claim in its partition's layout.
+    pub fn idem_in(prefix: &str, tag: &str, key: &str) -> String {
+        format!("{prefix}{IDEM}{tag}{key}")
     }
 
     /// The dead-letter stream.
     pub fn dead(prefix: &str) -> String {
-        format!("{prefix}{DEAD}")
+        dead_in(prefix, "")
+    }
+
+    /// A partition's dead-letter stream (on one Redis, the one all partitions share).
+    pub fn dead_in(prefix: &str, tag: &str) -> String {
+        format!("{prefix}{DEAD}{tag}")
     }
 
     /// One ingress replica's reply stream.
@@ -202,6 +254,34 @@ mod tests {
         assert_eq!(progress::feed_in(true, "c", "a"), "c:pf:{a}");
         assert_eq!(progress::node_in(false, "c", "a.b"), "c:pn:a.b");
         assert_eq!(progress::feed_in(false, "c", "a"), "c:pf:a");
+    }
+
+    #[test]
+    fn request_partitions_keep_one_slot_each_on_a_cluster_and_the_old_layout_on_one_redis() {
+        use requests::*;
+        assert_eq!(stream_in("c", "requests", "", 0), "c:requests");
+        assert_eq!(stream_in("c", "requests", "", 2), "c:requests:2");
+        let tag = partition_tag(2);
+        assert_eq!(tag, "{p2}");
+        assert_eq!(stream_in("c", "requests", &tag, 2), "c:requests{p2}");
+        assert_eq!(record_in("c", &tag, "r1"), "c:req:{p2}r1");
+        assert_eq!(finished_in("c", &tag), "c:req:finished{p2}");
+        assert_eq!(idem_in("c", &tag, "k"), "c:idem:{p2}k");
+        assert_eq!(dead_in("c", &tag), "c:dead{p2}");
+        assert_eq!(record_in("c", "", "r1"), record("c", "r1"));
+    }
+
+    #[test]
+    fn partition_of_is_stable_and_spreads_ids() {
+        use requests::partition_of;
+        assert_eq!(partition_of("anything", 1), 0);
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c: fixed, so a change of the hash is caught.
+        assert_eq!(partition_of("a", 7), (0xaf63_dc4c_8601_ec8c_u64 % 7) as u16);
+        let mut counts = [0u32; 4];
+        for i in 0..4000 {
+            counts[usize::from(partition_of(&format!("req-{i}"), 4))] += 1;
+        }
+        assert!(counts.iter().all(|&n| n > 800), "{counts:?}");
     }
 
     /// The Lua spells no family itself: every key it builds goes through a `KEY_*` local.

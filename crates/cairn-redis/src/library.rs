@@ -45,12 +45,22 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
             ("progress_snapshot", "begin(ARGV[1], KEYS)", include_str!("progress/snapshot.lua"), NONE),
             ("progress_read_nodes", "begin(ARGV[1], KEYS)", include_str!("progress/read_nodes.lua"), NONE),
             ("progress_feed_since", "begin(ARGV[1], KEYS)", include_str!("progress/feed_since.lua"), NONE),
-            ("requests_submit", "begin_requests(ARGV)", include_str!("requests/submit.lua"), NONE),
-            ("requests_start", "begin_requests(ARGV)", include_str!("requests/start.lua"), NONE),
-            ("requests_heartbeat", "begin_requests(ARGV)", include_str!("requests/heartbeat.lua"), NONE),
-            ("requests_commit", "begin_requests(ARGV)", include_str!("requests/commit.lua"), NONE),
-            ("requests_cancel", "begin_requests(ARGV)", include_str!("requests/cancel.lua"), NONE),
-            ("requests_retry_dead", "begin_requests(ARGV)", include_str!("requests/retry_dead.lua"), NONE),
+            ("requests_submit", "begin_requests(ARGV, KEYS)", include_str!("requests/submit.lua"), NONE),
+            ("requests_start", "begin_requests(ARGV, KEYS)", include_str!("requests/start.lua"), NONE),
+            (
+                "requests_heartbeat",
+                "begin_requests(ARGV, KEYS)",
+                include_str!("requests/heartbeat.lua"),
+                NONE,
+            ),
+            ("requests_commit", "begin_requests(ARGV, KEYS)", include_str!("requests/commit.lua"), NONE),
+            ("requests_cancel", "begin_requests(ARGV, KEYS)", include_str!("requests/cancel.lua"), NONE),
+            (
+                "requests_retry_dead",
+                "begin_requests(ARGV, KEYS)",
+                include_str!("requests/retry_dead.lua"),
+                NONE,
+            ),
             ("retention_safe_trim", "", include_str!("retention/safe_trim.lua"), ALLOW_OOM),
             ("retention_idle_consumers", "", include_str!("retention/idle_consumers.lua"), ALLOW_OOM),
             ("retention_purge_requests", "", include_str!("retention/purge_requests.lua"), ALLOW_OOM),
@@ -132,11 +142,6 @@ pub(crate) struct Function {
 }
 
 impl Function {
-    /// An `FCALL` of this function with no keys; add its `ARGV` with [`Invocation::arg`].
-    pub(crate) fn prepare_invoke(&self) -> Invocation {
-        self.prepare_invoke_with_keys(&[])
-    }
-
     /// An `FCALL` of this function with `keys` as its `KEYS`; add its `ARGV` with
     /// [`Invocation::arg`].
     pub(crate) fn prepare_invoke_with_keys(&self, keys: &[&str]) -> Invocation {

@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use axum::Router;
 use cairn_error::Retries;
-use cairn_redis::requests::{QueueNames, RequestQueue};
+use cairn_redis::requests::{QueueConfig, QueueLayout, QueueNames, RequestQueue};
 use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
 use cairn_runtime::{Admin, LogConfig, parse_duration};
@@ -85,12 +85,10 @@ pub struct Config {
     /// Requests a client may make at once above CAIRN_RATE_LIMIT (default: one second's worth).
     #[arg(long, env = "CAIRN_RATE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_burst: Option<u32>,
-    /// Request stream (key `{prefix}:{stream}`), as the processors read it.
-    #[arg(long = "request-stream", env = "CAIRN_REQUEST_STREAM", default_value = "requests")]
-    pub stream: String,
-    /// Consumer group of the processors; its lag is the backpressure signal.
-    #[arg(long = "request-group", env = "CAIRN_REQUEST_GROUP", default_value = "processors")]
-    pub group: String,
+    /// The request stream, its partitions and the processors' group (whose lag is the
+    /// backpressure signal), as the processors read them.
+    #[command(flatten)]
+    pub queue: QueueConfig,
     /// Attempts a request gets when it names no `max_attempts`.
     #[arg(long, env = "CAIRN_DEFAULT_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAX_ATTEMPTS)))]
@@ -156,8 +154,12 @@ pub struct Config {
 }
 
 impl Config {
+    pub fn queue_layout(&self) -> QueueLayout {
+        self.queue.layout(&self.redis.prefix)
+    }
+
     pub fn queue_names(&self) -> QueueNames {
-        QueueNames::new(&self.redis.prefix, &self.stream, &self.group)
+        self.queue_layout().partition(0)
     }
 
     fn rate_limit(&self) -> Option<auth::RateLimit> {
@@ -255,14 +257,14 @@ impl App {
         let requests = Arc::new(requests::Requests::new(
             RequestQueue::new(redis.clone(), names),
             ProgressStore::new(redis.clone(), config.redis.prefix.clone()),
-            cairn_redis::BlobStore::new(redis.clone(), config.redis.prefix.clone()),
+            cairn_redis::BlobStore::new(redis.clone(), &config.queue_layout()),
             waiters.clone(),
             handlers,
             settings,
             draining.clone(),
         ));
         let uploads = Arc::new(uploads::Uploads::new(
-            cairn_redis::BlobStore::new(redis.clone(), config.redis.prefix.clone()),
+            cairn_redis::BlobStore::new(redis.clone(), &config.queue_layout()),
             ProgressStore::new(redis.clone(), config.redis.prefix.clone()),
             uploads::UploadSettings { max_bytes: config.max_stream_bytes, expiry: config.upload_expiry },
         ));

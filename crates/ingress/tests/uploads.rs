@@ -81,7 +81,10 @@ async fn received(stack: &Stack, id: &str) -> u64 {
 }
 
 async fn stored_bytes(stack: &Stack, id: &str) -> Vec<u8> {
-    let store = BlobStore::new(stack.redis().await, stack.ns().prefix.clone());
+    let store = BlobStore::new(
+        stack.redis().await,
+        &cairn_redis::requests::QueueLayout::new(&stack.ns().prefix, "requests", "processors"),
+    );
     let chunks: Vec<bytes::Bytes> =
         store.read(&store.upload_key(id)).try_collect().await.expect("blob reads");
     chunks.concat()

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use cairn_amqp::{AmqpConfig, ProgressPublisher, PublisherConfig};
 use cairn_error::Retries;
 use cairn_redis::RedisConfig;
-use cairn_redis::requests::{QueueNames, RequestQueue};
+use cairn_redis::requests::{QueueConfig, QueueLayout, QueueNames, RequestQueue};
 use cairn_requests::{Backoff, LeaseSettings};
 use cairn_runtime::{Admin, LogConfig, parse_duration, serve_admin};
 use redis::aio::ConnectionManager;
@@ -49,12 +49,9 @@ pub struct Config {
     #[arg(long, env = "CAIRN_PROGRESS_BUFFER_KEYS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub progress_buffer_keys: u32,
-    /// Request stream (key `{prefix}:{stream}`).
-    #[arg(long, env = "CAIRN_REQUEST_STREAM", default_value = "requests")]
-    pub stream: String,
-    /// Consumer group of the processors.
-    #[arg(long, env = "CAIRN_REQUEST_GROUP", default_value = "processors")]
-    pub group: String,
+    /// The request stream, its partitions (every processor reads all of them) and the group.
+    #[command(flatten)]
+    pub queue: QueueConfig,
     /// This processor's consumer name; unique per process (default: host, pid and a random tag).
     #[arg(long, env = "CAIRN_PROCESSOR_NAME")]
     pub name: Option<String>,
@@ -93,8 +90,12 @@ impl Config {
         Ok(lease)
     }
 
+    pub fn queue_layout(&self) -> QueueLayout {
+        self.queue.layout(&self.redis.prefix)
+    }
+
     pub fn queue_names(&self) -> QueueNames {
-        QueueNames::new(&self.redis.prefix, &self.stream, &self.group)
+        self.queue_layout().partition(0)
     }
 }
 
@@ -150,7 +151,7 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on CAIRN_PROCESSOR_ADMIN_ADDR={}", config.admin_addr))?;
         let committer = worker::Committer::start(queue.clone(), settings.consumer.clone());
-        let blobs = cairn_redis::BlobStore::new(redis.clone(), config.redis.prefix.clone());
+        let blobs = cairn_redis::BlobStore::new(redis.clone(), &config.queue_layout());
         let deps = Arc::new(worker::Deps { queue, blobs, handlers, publisher, settings, committer });
         Ok(App { config, deps, redis, admin })
     }

@@ -448,7 +448,10 @@ async fn submit_with_stream(world: &World, handler: &str, name: &str, data: &[u8
     use cairn_requests::StreamInfo;
 
     let conn = RedisConfig::new(world.redis_url.clone(), world.prefix.clone()).manager().unwrap();
-    let blobs = BlobStore::new(conn, world.prefix.clone());
+    let blobs = BlobStore::new(
+        conn,
+        &cairn_redis::requests::QueueLayout::new(&world.prefix, "requests", "processors"),
+    );
     let id = new_request_id();
     let base = blobs.stream_key(&id, name);
     blobs.create(&base, &[], now_ms(), None).await.unwrap();

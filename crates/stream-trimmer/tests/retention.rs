@@ -348,12 +348,13 @@ async fn of_two_trimmers_on_one_prefix_only_the_lease_holder_acts() {
 #[tokio::test]
 async fn data_streams_go_with_their_purged_request_and_stay_with_the_others() {
     use cairn_redis::BlobStore;
-    use cairn_redis::requests::StreamSource;
+    use cairn_redis::requests::{QueueLayout, StreamSource};
     use cairn_requests::StreamInfo;
 
     let ns = RedisNamespace::new();
     let requests = Requests::new(&ns).await;
-    let blobs = BlobStore::new(requests.conn.clone(), ns.prefix.clone());
+    let blobs =
+        BlobStore::new(requests.conn.clone(), &QueueLayout::new(&ns.prefix, "requests", "processors"));
     let now = now_ms();
     let old = now - 2 * HOUR_MS;
     let mut ids = Vec::new();

@@ -24,9 +24,10 @@ use std::sync::LazyLock;
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
+use crate::RedisConnection;
 use crate::library::{Function, LIBRARY};
+use crate::requests::QueueLayout;
 
 static APPEND: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("blobs_append"));
 static STAGE: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("blobs_stage"));
@@ -103,26 +104,34 @@ impl BlobInfo {
     }
 }
 
-/// The blobs of one key prefix.
+/// The blobs of one key prefix, laid out as its request queue is: on a Redis Cluster a blob's
+/// keys carry the hash tag of the partition its id falls in (a request's data streams its
+/// request's, an upload the one of its own id), so a blob's three keys share a slot and a
+/// request takes over an upload of its partition in one step.
 #[derive(Clone)]
 pub struct BlobStore {
-    conn: ConnectionManager,
-    prefix: String,
+    conn: RedisConnection,
+    layout: QueueLayout,
 }
 
 impl BlobStore {
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
-        Self { conn, prefix: prefix.into() }
+    /// The blobs next to the request queue of `layout` on `conn` (keys tagged on a cluster).
+    pub fn new(conn: impl Into<RedisConnection>, layout: &QueueLayout) -> Self {
+        let conn = conn.into();
+        let layout = layout.clone().tagged(conn.is_cluster());
+        Self { conn, layout }
     }
 
     /// Base key of the resumable upload `id`.
     pub fn upload_key(&self, id: &str) -> String {
-        format!("{}:upload:{id}", self.prefix)
+        let names = self.layout.partition(self.layout.partition_of(id));
+        format!("{}:upload:{}{id}", names.prefix, names.tag)
     }
 
     /// Base key of the data stream `name` of request `request_id`.
     pub fn stream_key(&self, request_id: &str, name: &str) -> String {
-        stream_key(&self.prefix, request_id, name)
+        let names = self.layout.partition(self.layout.partition_of(request_id));
+        format!("{}:s:{name}", names.record(request_id))
     }
 
     /// Creates an empty blob with `fields` (plus `offset`, `seq` and `created_ms`), expiring at
@@ -174,8 +183,8 @@ impl BlobStore {
         expire_at_ms: Option<i64>,
     ) -> Result<u64, BlobError> {
         let reply: (String, u64) = APPEND
-            .prepare_invoke()
-            .arg(&self.prefix)
+            .prepare_invoke_with_keys(&[base])
+            .arg(&self.layout.prefix)
             .arg(base)
             .arg(expected)
             .arg(expire_at_ms.unwrap_or(0))
@@ -188,8 +197,8 @@ impl BlobStore {
     /// Stores `data` as a chunk of the blob that is not yet part of it (see [`Self::commit`]).
     pub async fn stage(&self, base: &str, data: &[u8], expire_at_ms: Option<i64>) -> Result<u64, BlobError> {
         let seq: u64 = STAGE
-            .prepare_invoke()
-            .arg(&self.prefix)
+            .prepare_invoke_with_keys(&[base])
+            .arg(&self.layout.prefix)
             .arg(base)
             .arg(expire_at_ms.unwrap_or(0))
             .arg(data)
@@ -206,8 +215,8 @@ impl BlobStore {
         staged: &[u64],
         expire_at_ms: Option<i64>,
     ) -> Result<u64, BlobError> {
-        let mut invocation = COMMIT.prepare_invoke();
-        invocation.arg(&self.prefix).arg(base).arg(expected).arg(expire_at_ms.unwrap_or(0));
+        let mut invocation = COMMIT.prepare_invoke_with_keys(&[base]);
+        invocation.arg(&self.layout.prefix).arg(base).arg(expected).arg(expire_at_ms.unwrap_or(0));
         for seq in staged {
             invocation.arg(*seq);
         }
@@ -244,7 +253,7 @@ impl BlobStore {
     /// a blob deleted while it is read ends in [`BlobError::Missing`].
     pub fn read(&self, base: &str) -> impl Stream<Item = Result<Bytes, BlobError>> + Send + 'static {
         struct State {
-            conn: ConnectionManager,
+            conn: RedisConnection,
             base: String,
             chunks: Option<VecDeque<String>>,
         }
@@ -266,11 +275,6 @@ impl BlobStore {
             Ok(Some((Bytes::from(chunk), state)))
         })
     }
-}
-
-/// Base key of the data stream `name` of request `request_id` under `prefix`.
-pub fn stream_key(prefix: &str, request_id: &str, name: &str) -> String {
-    format!("{prefix}:req:{request_id}:s:{name}")
 }
 
 /// The three keys of the blob at `base`.

@@ -18,4 +18,4 @@ for i = 6, #ARGV, 5 do
   end
 end
 flush()
-return out
+return answer(out)

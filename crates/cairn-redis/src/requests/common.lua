@@ -1,15 +1,22 @@
 -- Shared by the request functions of the library (library.rs), after the progress store's
 -- common.lua (its `begin` sets the key prefix P from ARGV[1]); `begin_requests` takes ARGV[2]
 -- stream key and ARGV[3] group. Key families (KEY_* locals) come from keys.rs:
---   P:req:<id>        hash: the request record (field names in cairn_requests::record::fields)
---   <stream>          the request stream; its consumer group's PEL holds the leases
---   P:dead            dead-letter stream
+--   P:req:<T><id>     hash: the request record (field names in cairn_requests::record::fields)
+--   <stream>          the request stream of one partition (KEYS[1]); its consumer group's PEL
+--                     holds the leases
+--   P:dead<T>         dead-letter stream
 --   <reply_to>        the submitting ingress replica's reply stream (named in the record)
---   P:req:finished    zset of finished request ids scored by finished_ms (the trimmer purges
+--   P:req:finished<T> zset of finished request ids scored by finished_ms (the trimmer purges
 --                     from it)
 --   P:streams         registry of every stream Cairn creates (the trimmer finds them here)
-local STREAM, GROUP
-local function rkey(id) return P .. KEY_RECORD .. id end
+-- <T> (PT below) is the partition's hash tag on a Redis Cluster (`{p3}`), taken from the stream
+-- key the caller declares, and empty on one Redis (keys.rs, `requests`). With a tag (TAGGED) a
+-- call touches its partition's slot only: what lives elsewhere (the request's progress node, the
+-- replica's reply stream, the registry) is returned to the caller, which writes it after the
+-- call (`answer`); the streams of a partition are registered when its group is made.
+local STREAM, GROUP, PT
+local DEFERRED_NODES, DEFERRED_REPLIES = {}, {}
+local function rkey(id) return P .. KEY_RECORD .. PT .. id end
 
 -- The consumer that holds the entry's lease, or nil when the entry is not pending at all.
 local function owner_of(entry)
@@ -59,16 +66,25 @@ local function show_terminal(id, state, now)
     end
     args[#args + 1] = 'msg'; args[#args + 1] = cjson.encode(msg)
   end
+  if TAGGED then
+    -- the node's tree is in another slot: { key, time, name, JSON, … } for the caller to apply
+    table.insert(args, 1, now)
+    table.insert(args, 1, key)
+    DEFERRED_NODES[#DEFERRED_NODES + 1] = args
+    return
+  end
   apply_update(key, now, args, 1, #args / 2)
 end
 
 local function reply(id, state, now)
   if TERMINAL_STATES[state] then
-    redis.call('ZADD', P .. KEY_FINISHED, now, id)
+    redis.call('ZADD', P .. KEY_FINISHED .. PT, now, id)
     show_terminal(id, state, now)
   end
   local to = redis.call('HGET', rkey(id), 'reply_to')
-  if to and to ~= '' then
+  if to and to ~= '' and TAGGED then
+    DEFERRED_REPLIES[#DEFERRED_REPLIES + 1] = { to, id, state, now }
+  elseif to and to ~= '' then
     redis.call('XADD', to, 'MAXLEN', '~', 10000, '*', 'id', id, 'state', state, 'time', now)
     if not REFRESHED[to] then
       redis.call('PEXPIRE', to, 3600000)
@@ -85,15 +101,25 @@ local function finish(id, entry, state, now, result, err)
   redis.call('HSET', rkey(id), unpack(args))
   redis.call('XACK', STREAM, GROUP, entry)
   if state == 'dead' then
-    redis.call('XADD', P .. KEY_DEAD, '*', 'id', id, 'error', err or '', 'time', now)
-    redis.call('SADD', P .. KEY_STREAMS, P .. KEY_DEAD)
+    redis.call('XADD', P .. KEY_DEAD .. PT, '*', 'id', id, 'error', err or '', 'time', now)
+    if not TAGGED then redis.call('SADD', P .. KEY_STREAMS, P .. KEY_DEAD) end
   end
   reply(id, state, now)
 end
 
--- Starts a call of a request function: `begin` (prefix, per-call state), then stream and group.
-local function begin_requests(args)
-  begin(args[1])
-  STREAM, GROUP = args[2], args[3]
-  REFRESHED = {}
+-- Starts a call of a request function: `begin` (prefix, layout, per-call state), then stream
+-- (KEYS[1]), group and the partition's tag.
+local function begin_requests(args, keys)
+  begin(args[1], keys)
+  STREAM, GROUP = keys[1], args[3]
+  PT = TAGGED and string.match(keys[1], '{[^}]*}') or ''
+  REFRESHED, DEFERRED_NODES, DEFERRED_REPLIES = {}, {}, {}
+end
+
+-- A request function's reply: `result`, or with TAGGED `{ result, nodes, replies }`, the
+-- terminal states to show on progress nodes ({ key, time, name, JSON, … }) and the replies to
+-- send ({ reply stream, id, state, time }) that the call left to its caller.
+local function answer(result)
+  if not TAGGED then return result end
+  return { result, DEFERRED_NODES, DEFERRED_REPLIES }
 end

@@ -18,4 +18,4 @@ for i = 6, #ARGV, 3 do
     if redis.call('HGET', rkey(id), 'cancel') == '1' then out[#out + 1] = 'cancel' else out[#out + 1] = 'ok' end
   end
 end
-return out
+return answer(out)

@@ -5,19 +5,29 @@
 //! is one Lua step that first checks that ownership, so a processor that lost its lease (paused,
 //! partitioned, reclaimed by another) can neither store a result nor ack — the fence of docs/contract.md §3.
 //! Blocking reads take a dedicated connection (see [`crate::RedisConfig::dedicated`]).
+//!
+//! The queue is split in partitions ([`QueueLayout`], `CAIRN_REQUEST_PARTITIONS`): a
+//! [`RequestQueue`] is one partition, [`RequestQueues`] all of them, routing a request to its
+//! partition by id and merging what is listed across them. On a Redis Cluster each partition is
+//! one slot ([`crate::keys::requests`]) and what a request function would write elsewhere (the
+//! request's progress node, the submitting replica's reply stream) it returns, and the queue
+//! writes right after the call: a process that dies in between leaves the request stored and
+//! acked but its node not yet terminal and its waiter unanswered; the waiter's polling fallback
+//! reads the record, and the processor's own lifecycle report reaches the node.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use cairn_progress::Update;
+use cairn_progress::{Key, Update};
 use cairn_requests::{RequestRecord, RequestState};
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::ConnectionLike;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, RedisResult, Value};
+use redis::{AsyncCommands, FromRedisValue, RedisResult, Value};
 
 use crate::keys;
 use crate::library::{Function, Invocation, LIBRARY};
-use crate::progress::push_change;
+use crate::progress::{Change, ProgressStore, push_change};
+use crate::{RedisConnection, StoreError};
 
 // The queue's Lua (common.lua, and one file per function) is part of the library
 // (crate::library); submit also applies the request's first progress update.
@@ -36,6 +46,10 @@ pub enum QueueError {
     Record { id: String, detail: String },
     #[error("unexpected reply from a request script: {0}")]
     Protocol(String),
+    /// A terminal state or a first update could not be written to the request's progress node
+    /// (a Redis Cluster, where the node is written after the request's own step).
+    #[error("cannot write the request's progress node: {0}")]
+    Progress(#[from] StoreError),
 }
 
 impl cairn_error::ServiceError for QueueError {
@@ -43,35 +57,158 @@ impl cairn_error::ServiceError for QueueError {
         match self {
             QueueError::Redis(e) => crate::error_kind(e),
             QueueError::Record { .. } | QueueError::Protocol(_) => cairn_error::ErrorKind::Internal,
+            QueueError::Progress(e) => e.kind(),
         }
     }
 }
 
-/// Names of the queue's keys, all under the key prefix.
+/// The request queue's settings, the same for ingress, the processors and the trimmer.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Request stream (key `{prefix}:{stream}`; partitions past the first `{prefix}:{stream}:{n}`,
+    /// on a Redis Cluster `{prefix}:{stream}{p<n>}`).
+    #[arg(
+        long = "request-stream",
+        alias = "stream",
+        env = "CAIRN_REQUEST_STREAM",
+        default_value = "requests"
+    )]
+    pub stream: String,
+    /// Consumer group of the processors.
+    #[arg(
+        long = "request-group",
+        alias = "group",
+        env = "CAIRN_REQUEST_GROUP",
+        default_value = "processors"
+    )]
+    pub group: String,
+    /// Partitions of the request stream, each read by every processor (on a Redis Cluster each
+    /// its own slot). Every service must use the same number; changing it needs an empty queue.
+    #[arg(long = "request-partitions", env = "CAIRN_REQUEST_PARTITIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub partitions: u16,
+}
+
+impl QueueConfig {
+    /// The layout under `prefix` (tagged later, by the connection it is used on).
+    pub fn layout(&self, prefix: &str) -> QueueLayout {
+        QueueLayout::new(prefix, &self.stream, &self.group).with_partitions(self.partitions)
+    }
+}
+
+/// How the request queue is laid out: its stream and group, how many partitions, and whether
+/// its keys carry hash tags (a Redis Cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueLayout {
+    pub prefix: String,
+    /// The stream's name in config (`CAIRN_REQUEST_STREAM`), without prefix or partition.
+    pub stream: String,
+    pub group: String,
+    /// `CAIRN_REQUEST_PARTITIONS`, at least 1.
+    pub partitions: u16,
+    /// Hash-tagged keys, one slot per partition (a Redis Cluster).
+    pub tagged: bool,
+}
+
+impl QueueLayout {
+    /// One partition on one Redis: the layout every earlier version had.
+    pub fn new(prefix: &str, stream: &str, group: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            partitions: 1,
+            tagged: false,
+        }
+    }
+
+    pub fn with_partitions(mut self, partitions: u16) -> Self {
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    pub fn tagged(mut self, tagged: bool) -> Self {
+        self.tagged = tagged;
+        self
+    }
+
+    /// The names of partition `partition`.
+    pub fn partition(&self, partition: u16) -> QueueNames {
+        let tag = if self.tagged { keys::requests::partition_tag(partition) } else { String::new() };
+        QueueNames {
+            prefix: self.prefix.clone(),
+            stream: keys::requests::stream_in(&self.prefix, &self.stream, &tag, partition),
+            group: self.group.clone(),
+            partition,
+            tag,
+        }
+    }
+
+    /// Every partition's names, in order.
+    pub fn all(&self) -> Vec<QueueNames> {
+        (0..self.partitions).map(|p| self.partition(p)).collect()
+    }
+
+    /// The partition a request id (or an idempotency key) belongs to.
+    pub fn partition_of(&self, key: &str) -> u16 {
+        keys::requests::partition_of(key, self.partitions)
+    }
+
+    /// A new request id: a UUID v4, in the partition of `idempotency_key` when there is one (so
+    /// the key's claim and the request it names are in one slot), else wherever it falls.
+    pub fn new_id(&self, idempotency_key: Option<&str>) -> String {
+        self.new_id_in(idempotency_key.map(|key| self.partition_of(key)))
+    }
+
+    /// A new request id (a UUID v4) in partition `partition`, or wherever it falls.
+    pub fn new_id_in(&self, partition: Option<u16>) -> String {
+        let target = partition.map(|p| p % self.partitions);
+        loop {
+            let id = uuid::Uuid::new_v4().to_string();
+            if target.is_none_or(|p| self.partition_of(&id) == p) {
+                return id;
+            }
+        }
+    }
+}
+
+/// Names of one partition's keys, all under the key prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueNames {
     pub prefix: String,
     /// The request stream's key.
     pub stream: String,
     pub group: String,
+    /// Which partition (0 with one).
+    pub partition: u16,
+    /// The partition's hash tag on a Redis Cluster; empty on one Redis.
+    pub tag: String,
 }
 
 impl QueueNames {
-    /// `stream` and `group` as configured; the stream key gets the prefix.
+    /// `stream` and `group` as configured, one partition on one Redis; the stream key gets the
+    /// prefix.
     pub fn new(prefix: &str, stream: &str, group: &str) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-            stream: keys::requests::stream(prefix, stream),
-            group: group.to_owned(),
-        }
+        QueueLayout::new(prefix, stream, group).partition(0)
     }
 
     pub fn record(&self, id: &str) -> String {
-        keys::requests::record(&self.prefix, id)
+        keys::requests::record_in(&self.prefix, &self.tag, id)
     }
 
+    /// The dead-letter stream (shared by the partitions of one Redis).
     pub fn dead(&self) -> String {
-        keys::requests::dead(&self.prefix)
+        keys::requests::dead_in(&self.prefix, &self.tag)
+    }
+
+    /// The index of finished requests the trimmer purges from.
+    pub fn finished(&self) -> String {
+        keys::requests::finished_in(&self.prefix, &self.tag)
+    }
+
+    /// An idempotency key's claim.
+    pub fn idem(&self, key: &str) -> String {
+        keys::requests::idem_in(&self.prefix, &self.tag, key)
     }
 
     /// The reply stream of one ingress replica.
@@ -121,7 +258,7 @@ pub enum SubmitOutcome {
 pub struct StreamSource {
     pub name: String,
     /// The base key of a finished upload the request takes over; `None` for a stream already
-    /// written at the request's own key ([`crate::blobs::stream_key`]).
+    /// written at the request's own key ([`crate::BlobStore::stream_key`]).
     pub upload: Option<String>,
 }
 
@@ -194,26 +331,90 @@ pub struct DeadLetter {
 /// One row of `start.lua`'s answer: entry, verdict, attempts, error, record hash.
 type StartRow = (String, String, u32, String, HashMap<String, String>);
 
-/// The request queue of one key prefix.
+/// One partition of the request queue of one key prefix.
 #[derive(Clone)]
 pub struct RequestQueue {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     names: QueueNames,
+    /// Writes what a call on a cluster leaves to its caller: terminal states on progress nodes.
+    progress: ProgressStore,
 }
 
 impl RequestQueue {
-    pub fn new(conn: ConnectionManager, names: QueueNames) -> Self {
-        Self { conn, names }
+    /// A partition on `conn`; its names must be tagged exactly when `conn` is a cluster's
+    /// ([`QueueLayout::tagged`]).
+    pub fn new(conn: impl Into<RedisConnection>, names: QueueNames) -> Self {
+        let conn = conn.into();
+        let progress = ProgressStore::new(conn.clone(), names.prefix.clone());
+        Self { conn, names, progress }
     }
 
     pub fn names(&self) -> &QueueNames {
         &self.names
     }
 
+    /// Whether this partition's keys carry its hash tag (a Redis Cluster).
+    fn tagged(&self) -> bool {
+        !self.names.tag.is_empty()
+    }
+
     fn invocation(&self, function: &Function) -> Invocation {
-        let mut invocation = function.prepare_invoke();
+        let mut invocation = function.prepare_invoke_with_keys(&[&self.names.stream]);
         invocation.arg(&self.names.prefix).arg(&self.names.stream).arg(&self.names.group);
         invocation
+    }
+
+    /// Calls a request function; on a cluster also writes what it left to its caller (`answer`
+    /// in common.lua): first the terminal states on progress nodes, then the replies, so a
+    /// replica woken by its reply reads the node as final.
+    async fn call<T: FromRedisValue>(&self, invocation: &Invocation) -> Result<T, QueueError> {
+        let reply: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
+        if !self.tagged() {
+            return parse(reply);
+        }
+        let Value::Array(parts) = reply else {
+            return Err(protocol("a tagged call's reply is not an array"));
+        };
+        let Ok([result, nodes, replies]) = <[Value; 3]>::try_from(parts) else {
+            return Err(protocol("a tagged call's reply has the wrong number of parts"));
+        };
+        let nodes: Vec<Vec<String>> = texts(nodes)?;
+        let replies: Vec<Vec<String>> = texts(replies)?;
+        if !nodes.is_empty() {
+            let changes = nodes.iter().map(|node| node_change(node)).collect::<Result<Vec<_>, _>>()?;
+            self.progress.apply(&changes).await?;
+        }
+        if !replies.is_empty() {
+            self.send_replies(&replies).await?;
+        }
+        parse(result)
+    }
+
+    /// Sends `{ reply stream, id, state, time }` replies as common.lua's `reply` does on one Redis:
+    /// a capped stream that expires with its replica, registered for the trimmer.
+    async fn send_replies(&self, replies: &[Vec<String>]) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let mut streams: Vec<&str> = Vec::new();
+        for reply in replies {
+            let [to, id, state, time] = reply.as_slice() else { return Err(protocol("a deferred reply")) };
+            let _: String = redis::cmd("XADD")
+                .arg(to)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(10_000)
+                .arg("*")
+                .arg(&[("id", id), ("state", state), ("time", time)])
+                .query_async(&mut conn)
+                .await?;
+            if !streams.contains(&to.as_str()) {
+                streams.push(to);
+            }
+        }
+        for stream in streams {
+            let _: () = conn.pexpire(stream, 3_600_000).await?;
+            let _: () = conn.sadd(self.names.registry(), stream).await?;
+        }
+        Ok(())
     }
 
     /// Creates the consumer group (reading from the stream's start, so nothing added before it
@@ -227,6 +428,11 @@ impl RequestQueue {
             _ => {}
         }
         let _: () = conn.sadd(self.names.registry(), &self.names.stream).await?;
+        if self.tagged() {
+            // One Redis registers its dead-letter stream when it first dead-letters; a
+            // partition's own cannot be written by the call that does (another slot).
+            let _: () = conn.sadd(self.names.registry(), self.names.dead()).await?;
+        }
         Ok(())
     }
 
@@ -262,7 +468,8 @@ impl RequestQueue {
             .arg(&record.fingerprint)
             .arg(idempotency_ttl_ms)
             .arg(self.names.registry());
-        match progress {
+        // On a cluster the node is in its tree's slot: written after a 'created' instead.
+        match progress.filter(|_| !self.tagged()) {
             Some(update) => push_change(&mut invocation, &record.progress_key, record.created_ms, update),
             None => {
                 invocation.arg("").arg(0).arg(0);
@@ -278,10 +485,19 @@ impl RequestQueue {
         if let Some(reply_to) = reply_to {
             invocation.arg("reply_to").arg(reply_to);
         }
-        let (outcome, id, entry_id): (String, String, String) =
-            invocation.invoke_async(&mut self.conn.clone()).await?;
+        let (outcome, id, entry_id): (String, String, String) = self.call(&invocation).await?;
         match outcome.as_str() {
-            "created" => Ok(SubmitOutcome::Created { entry_id }),
+            "created" => {
+                if let Some(update) = progress.filter(|_| self.tagged()) {
+                    let change = Change {
+                        key: record.progress_key.clone(),
+                        update: update.clone(),
+                        time_ms: record.created_ms,
+                    };
+                    self.progress.apply(&[change]).await?;
+                }
+                Ok(SubmitOutcome::Created { entry_id })
+            }
             "existing" => Ok(SubmitOutcome::Existing { id }),
             "conflict" => Ok(SubmitOutcome::Conflict { id }),
             "stream_missing" => Ok(SubmitOutcome::StreamMissing { name: id }),
@@ -299,7 +515,7 @@ impl RequestQueue {
         fingerprint: &str,
     ) -> Result<Option<(String, bool)>, QueueError> {
         let mut conn = self.conn.clone();
-        let existing: Option<String> = conn.get(format!("{}:idem:{key}", self.names.prefix)).await?;
+        let existing: Option<String> = conn.get(self.names.idem(key)).await?;
         let Some(existing) = existing else { return Ok(None) };
         let known: Option<String> = conn.hget(self.names.record(&existing), "fingerprint").await?;
         Ok(known.map(|known| (existing, known == fingerprint)))
@@ -403,7 +619,7 @@ impl RequestQueue {
         for entry in batch {
             invocation.arg(&entry.entry_id).arg(&entry.request_id);
         }
-        let rows: Vec<StartRow> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let rows: Vec<StartRow> = self.call(&invocation).await?;
         rows.into_iter()
             .map(|(_, verdict, attempt, error, hash)| match verdict.as_str() {
                 "run" => {
@@ -442,7 +658,7 @@ impl RequestQueue {
                 .arg(&renewal.entry.request_id)
                 .arg(progress.map_or_else(String::new, |p| p.to_string()));
         }
-        let rows: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let rows: Vec<String> = self.call(&invocation).await?;
         Ok(rows
             .iter()
             .map(|r| match r.as_str() {
@@ -474,7 +690,7 @@ impl RequestQueue {
                 .arg(result)
                 .arg(commit.error.as_deref().unwrap_or(""));
         }
-        let stored: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let stored: Vec<i64> = self.call(&invocation).await?;
         Ok(stored.into_iter().map(|s| s == 1).collect())
     }
 
@@ -536,7 +752,7 @@ impl RequestQueue {
 
     pub async fn cancel(&self, id: &str, now_ms: i64) -> Result<CancelOutcome, QueueError> {
         let (outcome, state): (String, String) =
-            self.invocation(&CANCEL).arg(id).arg(now_ms).invoke_async(&mut self.conn.clone()).await?;
+            self.call(self.invocation(&CANCEL).arg(id).arg(now_ms)).await?;
         match outcome.as_str() {
             "missing" => Ok(CancelOutcome::Missing),
             "terminal" => Ok(CancelOutcome::AlreadyFinished(state)),
@@ -548,7 +764,7 @@ impl RequestQueue {
 
     pub async fn retry_dead(&self, id: &str, now_ms: i64) -> Result<RetryOutcome, QueueError> {
         let (outcome, detail): (String, String) =
-            self.invocation(&RETRY_DEAD).arg(id).arg(now_ms).invoke_async(&mut self.conn.clone()).await?;
+            self.call(self.invocation(&RETRY_DEAD).arg(id).arg(now_ms)).await?;
         match outcome.as_str() {
             "missing" => Ok(RetryOutcome::Missing),
             "not_dead" => Ok(RetryOutcome::NotDead(detail)),
@@ -620,6 +836,179 @@ impl RequestQueue {
     }
 }
 
+/// Every partition of the request queue: routes a request to its partition by id, and lists
+/// across partitions newest first.
+#[derive(Clone)]
+pub struct RequestQueues {
+    layout: QueueLayout,
+    partitions: Vec<RequestQueue>,
+}
+
+impl RequestQueues {
+    /// The queue of `layout` on `conn`; its keys are tagged exactly when `conn` is a cluster's.
+    pub fn new(conn: impl Into<RedisConnection>, layout: QueueLayout) -> Self {
+        let conn = conn.into();
+        let layout = layout.tagged(conn.is_cluster());
+        let partitions =
+            layout.all().into_iter().map(|names| RequestQueue::new(conn.clone(), names)).collect();
+        Self { layout, partitions }
+    }
+
+    pub fn layout(&self) -> &QueueLayout {
+        &self.layout
+    }
+
+    /// Each partition, in order.
+    pub fn partitions(&self) -> &[RequestQueue] {
+        &self.partitions
+    }
+
+    /// The partition a request id (or an idempotency key) belongs to.
+    pub fn of(&self, id: &str) -> &RequestQueue {
+        &self.partitions[usize::from(self.layout.partition_of(id))]
+    }
+
+    /// A new request id ([`QueueLayout::new_id`]).
+    pub fn new_id(&self, idempotency_key: Option<&str>) -> String {
+        self.layout.new_id(idempotency_key)
+    }
+
+    /// A new request id in `partition` ([`QueueLayout::new_id_in`]).
+    pub fn new_id_in(&self, partition: Option<u16>) -> String {
+        self.layout.new_id_in(partition)
+    }
+
+    /// Every partition's group and registration ([`RequestQueue::ensure_group`]).
+    pub async fn ensure_groups(&self) -> Result<(), QueueError> {
+        for queue in &self.partitions {
+            queue.ensure_group().await?;
+        }
+        Ok(())
+    }
+
+    /// The request an idempotency key names ([`RequestQueue::idempotent`]), in the key's
+    /// partition.
+    pub async fn idempotent(
+        &self,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Option<(String, bool)>, QueueError> {
+        self.of(key).idempotent(key, fingerprint).await
+    }
+
+    pub async fn record(&self, id: &str) -> Result<Option<RequestRecord>, QueueError> {
+        self.of(id).record(id).await
+    }
+
+    /// The records of `ids`, in order: one pipelined round trip per partition they fall in.
+    pub async fn records(&self, ids: &[&str]) -> Result<Vec<Option<RequestRecord>>, QueueError> {
+        let mut out: Vec<Option<RequestRecord>> = vec![None; ids.len()];
+        for (p, queue) in self.partitions.iter().enumerate() {
+            let mine: Vec<usize> =
+                (0..ids.len()).filter(|&i| usize::from(self.layout.partition_of(ids[i])) == p).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let wanted: Vec<&str> = mine.iter().map(|&i| ids[i]).collect();
+            for (i, record) in mine.into_iter().zip(queue.records(&wanted).await?) {
+                out[i] = record;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One field of a request's record ([`RequestQueue::record_field`]).
+    pub async fn record_field(&self, id: &str, field: &str) -> Result<Option<String>, QueueError> {
+        self.of(id).record_field(id, field).await
+    }
+
+    pub async fn cancel(&self, id: &str, now_ms: i64) -> Result<CancelOutcome, QueueError> {
+        self.of(id).cancel(id, now_ms).await
+    }
+
+    pub async fn retry_dead(&self, id: &str, now_ms: i64) -> Result<RetryOutcome, QueueError> {
+        self.of(id).retry_dead(id, now_ms).await
+    }
+
+    /// Up to `count` entries of all partitions' streams, newest first by entry id, before
+    /// `before` ([`RequestQueue::newest`]).
+    pub async fn newest(&self, before: Option<&str>, count: usize) -> Result<Vec<Entry>, QueueError> {
+        let mut all = Vec::new();
+        for queue in &self.partitions {
+            all.extend(queue.newest(before, count).await?);
+        }
+        Ok(newest_first(all, |entry| &entry.entry_id, count))
+    }
+
+    /// Dead letters of every partition older than `after`, newest first
+    /// ([`RequestQueue::dead_letters`]); on one Redis the partitions share one dead-letter stream.
+    pub async fn dead_letters(&self, after: &str, count: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let streams = if self.layout.tagged { &self.partitions[..] } else { &self.partitions[..1] };
+        let mut all = Vec::new();
+        for queue in streams {
+            all.extend(queue.dead_letters(after, count).await?);
+        }
+        Ok(newest_first(all, |letter| &letter.entry_id, count))
+    }
+
+    /// The group's lag summed over partitions; `None` when no partition can tell
+    /// ([`RequestQueue::lag`]).
+    pub async fn lag(&self) -> Result<Option<u64>, QueueError> {
+        let mut total = None;
+        for queue in &self.partitions {
+            if let Some(lag) = queue.lag().await? {
+                total = Some(total.unwrap_or(0) + lag);
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// `items` ordered newest first by their stream entry id (`<ms>-<seq>`), the first `count`.
+fn newest_first<T>(mut items: Vec<T>, id: impl Fn(&T) -> &str, count: usize) -> Vec<T> {
+    items.sort_by_key(|item| std::cmp::Reverse(entry_order(id(item))));
+    items.truncate(count);
+    items
+}
+
+/// An entry id as the pair of numbers it orders by; an unreadable one sorts last.
+fn entry_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// A reply as `T`; a reply of another shape is a protocol error.
+fn parse<T: FromRedisValue>(value: Value) -> Result<T, QueueError> {
+    redis::from_redis_value(value).map_err(|e| QueueError::Protocol(e.to_string()))
+}
+
+fn protocol(what: &str) -> QueueError {
+    QueueError::Protocol(what.to_owned())
+}
+
+/// A list of lists of texts (an empty Lua table may come back as nil or an empty map).
+fn texts(value: Value) -> Result<Vec<Vec<String>>, QueueError> {
+    match value {
+        Value::Nil | Value::Map(_) => Ok(Vec::new()),
+        other => parse(other),
+    }
+}
+
+/// A terminal state `{ key, time, name, JSON, … }` a call left for a progress node.
+fn node_change(node: &[String]) -> Result<Change, QueueError> {
+    let [key, time, fields @ ..] = node else { return Err(protocol("a deferred node update")) };
+    let key = Key::parse(key).map_err(|e| QueueError::Protocol(format!("deferred node key: {e}")))?;
+    let time_ms = time.parse().map_err(|_| protocol("a deferred node update's time"))?;
+    let mut object = serde_json::Map::new();
+    for pair in fields.chunks_exact(2) {
+        let value = serde_json::from_str(&pair[1]).map_err(|_| protocol("a deferred node field"))?;
+        object.insert(pair[0].clone(), value);
+    }
+    let update = Update::from_json(&serde_json::Value::Object(object))
+        .map_err(|e| QueueError::Protocol(format!("deferred node update: {e}")))?;
+    Ok(Change { key, update, time_ms })
+}
+
 fn entries(ids: impl IntoIterator<Item = redis::streams::StreamId>) -> Vec<Entry> {
     ids.into_iter()
         .filter_map(|entry| {
@@ -627,4 +1016,38 @@ fn entries(ids: impl IntoIterator<Item = redis::streams::StreamId>) -> Vec<Entry
             Some(Entry { entry_id: entry.id, request_id })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_merge_newest_first_by_entry_id_not_by_text() {
+        let ids = vec!["9-0", "10-0", "10-2", "1700000000000-1", "bad"];
+        let merged = newest_first(ids, |id| id, 4);
+        assert_eq!(merged, vec!["1700000000000-1", "10-2", "10-0", "9-0"]);
+    }
+
+    #[test]
+    fn an_idempotency_key_and_the_id_it_gets_share_a_partition() {
+        let layout = QueueLayout::new("c", "requests", "g").with_partitions(8).tagged(true);
+        for key in ["a", "order-17", "x/y"] {
+            let id = layout.new_id(Some(key));
+            assert_eq!(layout.partition_of(&id), layout.partition_of(key), "{key} → {id}");
+            let names = layout.partition(layout.partition_of(key));
+            assert_eq!(names.idem(key), format!("c:idem:{}{key}", names.tag));
+            assert_eq!(names.record(&id), format!("c:req:{}{id}", names.tag));
+        }
+        assert_eq!(QueueLayout::new("c", "requests", "g").with_partitions(0).partitions, 1);
+    }
+
+    #[test]
+    fn one_redis_keeps_one_dead_letter_stream_and_the_first_stream_name() {
+        let layout = QueueLayout::new("c", "requests", "g").with_partitions(3);
+        let names = layout.all();
+        assert_eq!(names[0].stream, "c:requests");
+        assert_eq!(names[2].stream, "c:requests:2");
+        assert!(names.iter().all(|n| n.dead() == "c:dead" && n.record("r") == "c:req:r"));
+    }
 }

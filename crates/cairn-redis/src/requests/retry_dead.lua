@@ -3,10 +3,10 @@
 local id = ARGV[4]
 local k = rkey(id)
 local state = redis.call('HGET', k, 'state')
-if not state then return { 'missing', '' } end
-if state ~= 'dead' then return { 'not_dead', state } end
+if not state then return answer({ 'missing', '' }) end
+if state ~= 'dead' then return answer({ 'not_dead', state }) end
 redis.call('HSET', k, 'state', 'queued', 'attempts', 0, 'cancel', '0')
 redis.call('HDEL', k, 'finished_ms', 'error', 'result', 'owner')
 local entry = redis.call('XADD', STREAM, '*', 'id', id)
 redis.call('HSET', k, 'entry_id', entry)
-return { 'queued', entry }
+return answer({ 'queued', entry })

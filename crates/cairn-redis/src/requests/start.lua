@@ -33,4 +33,4 @@ for i = 6, #ARGV, 2 do
   out[#out + 1] = { entry, verdict, attempts, err, record }
 end
 flush()
-return out
+return answer(out)

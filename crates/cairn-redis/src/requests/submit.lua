@@ -3,6 +3,8 @@
 --       nfields progress name/JSON pairs, then nstreams and nstreams name/source pairs (source:
 --       the base key of a finished upload to take, or '' for a stream already stored at the
 --       request's own key), then the record's field/value pairs.
+-- KEYS[1]: the partition's stream. With TAGGED (a cluster) the caller passes no progress key and
+-- applies the update itself after a 'created', and the stream is registered with its group.
 -- One atomic step: the record exists, its progress node holds the fields given (applied as the
 -- progress store applies any update), its streams are the request's (uploads renamed to
 -- P:req:<id>:s:<name>, no expiry) and the entry is in the stream, or none of these happened.
@@ -12,11 +14,11 @@
 -- stream name, detail}).
 local id, idem, fp, ttl, registry = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 if idem ~= '' then
-  local existing = redis.call('GET', P .. KEY_IDEM .. idem)
+  local existing = redis.call('GET', P .. KEY_IDEM .. PT .. idem)
   if existing then
     local known = redis.call('HGET', rkey(existing), 'fingerprint')
-    if known == fp then return { 'existing', existing, '' } end
-    if known then return { 'conflict', existing, '' } end
+    if known == fp then return answer({ 'existing', existing, '' }) end
+    if known then return answer({ 'conflict', existing, '' }) end
     -- the record is gone (purged): the key is free again
   end
 end
@@ -27,8 +29,8 @@ for i = 0, ns - 1 do
   local name, source = ARGV[s0 + 1 + 2 * i], ARGV[s0 + 2 + 2 * i]
   if source ~= '' then
     local m = redis.call('HMGET', source, 'offset', 'length')
-    if not m[1] then return { 'stream_missing', name, '' } end
-    if m[1] ~= m[2] then return { 'stream_incomplete', name, m[1] .. '/' .. (m[2] or '?') } end
+    if not m[1] then return answer({ 'stream_missing', name, '' }) end
+    if m[1] ~= m[2] then return answer({ 'stream_incomplete', name, m[1] .. '/' .. (m[2] or '?') }) end
   end
 end
 local fields = {}
@@ -61,6 +63,6 @@ local entry = redis.call('XADD', STREAM, '*', unpack(entry_fields))
 fields[#fields + 1] = 'entry_id'
 fields[#fields + 1] = entry
 redis.call('HSET', rkey(id), unpack(fields))
-if idem ~= '' then redis.call('SET', P .. KEY_IDEM .. idem, id, 'PX', ttl) end
-redis.call('SADD', registry, STREAM)
-return { 'created', id, entry }
+if idem ~= '' then redis.call('SET', P .. KEY_IDEM .. PT .. idem, id, 'PX', ttl) end
+if not TAGGED then redis.call('SADD', registry, STREAM) end
+return answer({ 'created', id, entry })

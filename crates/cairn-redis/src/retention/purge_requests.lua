@@ -1,5 +1,5 @@
 -- Deletes finished request records past their retention, oldest first, at most ARGV[3] of them.
---   KEYS[1] the finished index: a zset of finished request ids scored by finished_ms (written by
+--   KEYS[1] the finished index (of one partition on a Redis Cluster): a zset of finished request ids scored by finished_ms (written by
 --           the request functions at every terminal transition)
 --   ARGV[1] prefix (of the records and idempotency keys), ARGV[2] cutoff (ms: records finished
 --   at or before it go), ARGV[3] limit
@@ -13,10 +13,13 @@
 -- Returns {purged, examined}.
 local P, cutoff, limit, dead_cutoff = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local index = KEYS[1]
+-- A partition's index on a Redis Cluster carries its hash tag (`{p3}`); its records and
+-- idempotency claims carry the same one (keys.rs, `requests`).
+local PT = string.match(index, '{[^}]*}') or ''
 local ids = redis.call('ZRANGEBYSCORE', index, '-inf', cutoff, 'LIMIT', 0, limit)
 local purged = 0
 for _, id in ipairs(ids) do
-  local k = P .. KEY_RECORD .. id
+  local k = P .. KEY_RECORD .. PT .. id
   local v = redis.call('HMGET', k, 'state', 'finished_ms', 'idempotency_key', 'streams')
   local finished = tonumber(v[2])
   if not v[1] or not TERMINAL_STATES[v[1]] then
@@ -41,7 +44,7 @@ for _, id in ipairs(ids) do
     end
     redis.call('DEL', k)
     if v[3] and v[3] ~= '' then
-      local idem = P .. KEY_IDEM .. v[3]
+      local idem = P .. KEY_IDEM .. PT .. v[3]
       if redis.call('GET', idem) == id then redis.call('DEL', idem) end
     end
     redis.call('ZREM', index, id)
