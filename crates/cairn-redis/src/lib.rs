@@ -219,7 +219,7 @@ impl RedisConfig {
     /// The shared, reconnecting connection for short commands and scripts. Connects lazily, so a
     /// service starts (and reports not-ready) while Redis is away. One Redis only: with
     /// `CAIRN_REDIS_CLUSTER=true` it is refused, naming the variable, for the parts of Cairn that
-    /// do not run on a cluster yet (the request queue, retention); the others take
+    /// do not run on a cluster yet; the others (the stores, retention) take
     /// [`connection`](Self::connection).
     pub fn manager(&self) -> Result<ConnectionManager, redis::RedisError> {
         self.single_only()?;
@@ -286,10 +286,14 @@ pub async fn ping(conn: &mut impl redis::aio::ConnectionLike) -> Result<(), Stri
     }
 }
 
-/// The readiness check of a service that needs Redis: [`ping`] on its shared connection.
-pub struct RedisReady(pub ConnectionManager);
+/// The readiness check of a service that needs Redis: [`ping`] on its shared connection (on a
+/// [`RedisConnection`] to a cluster, every master must answer).
+pub struct RedisReady<C = ConnectionManager>(pub C);
 
-impl cairn_runtime::Readiness for RedisReady {
+impl<C> cairn_runtime::Readiness for RedisReady<C>
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
     fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { ping(&mut self.0.clone()).await })
     }

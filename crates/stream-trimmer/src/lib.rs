@@ -2,7 +2,9 @@
 //! policy without ever removing an entry a consumer group has not received and acknowledged,
 //! removes idle consumers that own nothing, purges finished request records and progress trees
 //! past their retention, and reports stream lengths, group lag and pending counts as metrics.
-//! Several replicas may run; a lease in Redis lets one act at a time.
+//! Several replicas may run; a lease in Redis lets one act at a time. It runs on one Redis or on
+//! a Redis Cluster, per partition of the request queue (`CAIRN_REQUEST_PARTITIONS`, the same as
+//! every other service's).
 
 pub mod policy;
 pub mod trimmer;
@@ -12,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cairn_redis::RedisConfig;
+use cairn_redis::requests::{QueueConfig, QueueLayout};
 use cairn_redis::streams::{Lease, Purger, Streams, TrimPolicy};
+use cairn_redis::{RedisConfig, RedisConnection};
 use cairn_runtime::{Admin, LogConfig, parse_duration, serve_admin};
-use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +39,10 @@ const REPORTS_BUFFER: usize = 64;
 pub struct Config {
     #[command(flatten)]
     pub redis: RedisConfig,
+    /// The request queue's stream, group and partitions: whose finished requests are purged,
+    /// and which streams are its partitions (each gets the policy of the stream's name).
+    #[command(flatten)]
+    pub queue: QueueConfig,
     #[command(flatten)]
     pub log: LogConfig,
     /// Admin HTTP listen address (`/healthz`, `/readyz`, `/metrics`).
@@ -146,6 +152,11 @@ impl Config {
     pub fn lease_key(&self) -> String {
         cairn_redis::keys::retention::lease(&self.redis.prefix)
     }
+
+    /// The request queue's layout under the key prefix (tagged later, by the connection).
+    pub fn queue_layout(&self) -> QueueLayout {
+        self.queue.layout(&self.redis.prefix)
+    }
 }
 
 fn default_instance_name() -> String {
@@ -159,7 +170,7 @@ fn default_instance_name() -> String {
 pub struct App {
     config: Config,
     deps: Arc<Deps>,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     admin: TcpListener,
     reports: broadcast::Sender<Arc<TrimReport>>,
 }
@@ -167,13 +178,12 @@ pub struct App {
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         cairn_runtime::metrics_handle();
-        let redis = config.redis.manager().context("invalid Redis settings")?;
-        let prefix = config.redis.prefix.clone();
+        let redis = config.redis.connection().context("invalid Redis settings")?;
         let instance = config.name.clone().unwrap_or_else(default_instance_name);
         let lease = Lease::new(redis.clone(), config.lease_key(), instance, config.lease_ttl());
         let deps = Arc::new(Deps::new(
-            Streams::new(redis.clone(), prefix.clone()),
-            Purger::new(redis.clone(), prefix),
+            Streams::new(redis.clone(), config.redis.prefix.clone()),
+            Purger::for_layout(redis.clone(), &config.queue_layout()),
             lease,
             config.policies(),
             config.settings(),

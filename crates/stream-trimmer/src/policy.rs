@@ -110,6 +110,16 @@ impl Policies {
         let glob = || self.rules.iter().find(|r| r.is_glob() && glob_match(&r.pattern, name));
         exact.or_else(glob).map_or(&self.default, |rule| &rule.policy)
     }
+
+    /// The policy of a partition's stream named `name` (`requests:2` on one Redis, `requests{p2}`
+    /// or `dead{p2}` on a Redis Cluster): a rule for exactly its own name, else the policy of
+    /// `base`, the name of the stream it is a partition of (`requests`, `dead`).
+    pub fn for_partition(&self, name: &str, base: &str) -> &TrimPolicy {
+        match self.rules.iter().find(|r| !r.is_glob() && r.pattern == name) {
+            Some(rule) => &rule.policy,
+            None => self.for_stream(base),
+        }
+    }
 }
 
 /// `*` matches any run of characters (also none, also `:`); everything else matches itself.
@@ -215,5 +225,19 @@ mod tests {
         let default_only = Policies::new(vec![rule("dead=keep")], parse_spec("maxlen:10000").unwrap());
         assert_eq!(default_only.for_stream("requests").max_len, Some(10_000));
         assert!(default_only.for_stream("dead").keeps_all());
+    }
+
+    #[test]
+    fn a_partition_gets_the_policy_of_its_stream_unless_named_itself() {
+        let rule = |t: &str| parse_rule(t).unwrap();
+        let policies = Policies::new(
+            vec![rule("requests=maxlen:5"), rule("dead=keep"), rule("requests{p2}=maxlen:7"), rule("*=maxlen:9")],
+            parse_spec("maxlen:10000").unwrap(),
+        );
+        assert_eq!(policies.for_partition("requests:1", "requests").max_len, Some(5));
+        assert_eq!(policies.for_partition("requests{p1}", "requests").max_len, Some(5));
+        assert_eq!(policies.for_partition("requests{p2}", "requests").max_len, Some(7));
+        assert!(policies.for_partition("dead{p0}", "dead").keeps_all());
+        assert_eq!(policies.for_stream("requests{p1}").max_len, Some(9), "by its own name a pattern matches");
     }
 }

@@ -4,8 +4,14 @@
 //! as far as its policy and its consumer groups allow, removes idle consumers that own nothing,
 //! and purges finished request records and progress trees past their retention — each purge
 //! bounded per run so a run never holds Redis for long.
+//!
+//! The request queue's partitions are retained alike: a partition's stream (`requests:2` on one
+//! Redis, `requests{p2}` and `dead{p2}` on a Redis Cluster) gets the policy of the stream it is
+//! a partition of unless a rule names it, and finished requests are purged from every
+//! partition's index in turn, sharing the run's purge limit.
 
 use cairn_progress::now_ms;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +58,9 @@ pub struct Deps {
     pub lease: Lease,
     pub policies: Policies,
     pub settings: Settings,
+    /// The stream keys of the request queue's partitions, each with the name of the stream it
+    /// is a partition of (`requests`, `dead`), whose policy it gets.
+    partition_streams: HashMap<String, String>,
     /// Position in the old progress roots where the last run stopped looking.
     roots_offset: Mutex<usize>,
 }
@@ -64,7 +73,23 @@ impl Deps {
         policies: Policies,
         settings: Settings,
     ) -> Self {
-        Self { streams, purger, lease, policies, settings, roots_offset: Mutex::new(0) }
+        let layout = purger.layout();
+        let dead = cairn_redis::keys::requests::dead(&layout.prefix);
+        let dead = streams.name_of(&dead).unwrap_or("dead").to_owned();
+        let mut partition_streams = HashMap::new();
+        for names in layout.all() {
+            partition_streams.insert(names.stream.clone(), layout.stream.clone());
+            partition_streams.insert(names.dead(), dead.clone());
+        }
+        Self { streams, purger, lease, policies, settings, partition_streams, roots_offset: Mutex::new(0) }
+    }
+
+    /// The policy of the stream `key`, named `name` under the prefix.
+    fn policy(&self, key: &str, name: &str) -> TrimPolicy {
+        match self.partition_streams.get(key) {
+            Some(base) => *self.policies.for_partition(name, base),
+            None => *self.policies.for_stream(name),
+        }
     }
 }
 
@@ -176,7 +201,7 @@ async fn trim_streams(deps: &Deps, now_ms: i64, report: &mut TrimReport) {
             report.errors.push(format!("{key}: outside the key prefix"));
             continue;
         };
-        let policy = *deps.policies.for_stream(&name);
+        let policy = deps.policy(&key, &name);
         match deps.streams.safe_trim(&key, &policy, now_ms).await {
             Ok(Some(outcome)) => {
                 record_stream(&name, &outcome);
@@ -236,26 +261,37 @@ fn record_stream(name: &str, outcome: &TrimOutcome) {
     }
 }
 
+/// Purges finished requests from every partition's index, a chunk of each in turn, so that a
+/// busy partition cannot use the whole purge limit of a run while another's finished requests
+/// wait.
 async fn purge_requests(deps: &Deps, now_ms: i64, report: &mut TrimReport) {
     let cutoff = now_ms.saturating_sub(millis(deps.settings.request_retention));
     let dead_cutoff = deps.settings.dead_retention.map(|retention| now_ms.saturating_sub(millis(retention)));
     let mut budget = deps.settings.purge_limit;
-    while budget > 0 {
-        let chunk = budget.min(REQUEST_CHUNK);
-        match deps.purger.purge_requests(cutoff, dead_cutoff, chunk).await {
-            Ok(done) => {
-                report.records_purged += done.purged;
-                budget -= (done.examined as usize).min(budget);
-                if (done.examined as usize) < chunk {
-                    break;
-                }
-            }
-            Err(error) => {
-                warn!(%error, "cannot purge finished requests");
-                report.errors.push(format!("request purge: {error}"));
+    // Partitions whose index may still hold requests past the cutoff.
+    let mut pending = deps.purger.partitions();
+    while budget > 0 && !pending.is_empty() {
+        let mut next = Vec::with_capacity(pending.len());
+        for partition in pending {
+            if budget == 0 {
                 break;
             }
+            let chunk = budget.min(REQUEST_CHUNK);
+            match deps.purger.purge_requests(&partition, cutoff, dead_cutoff, chunk).await {
+                Ok(done) => {
+                    report.records_purged += done.purged;
+                    budget -= (done.examined as usize).min(budget);
+                    if done.examined as usize >= chunk {
+                        next.push(partition);
+                    }
+                }
+                Err(error) => {
+                    warn!(partition = partition.partition, %error, "cannot purge finished requests");
+                    report.errors.push(format!("request purge of partition {}: {error}", partition.partition));
+                }
+            }
         }
+        pending = next;
     }
     if report.records_purged > 0 {
         metrics::counter!("cairn_trimmer_purged_total", "kind" => "request").increment(report.records_purged);

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::output::Output;
 
 pub async fn streams(redis: &RedisConfig, out: Output) -> anyhow::Result<()> {
-    let conn = redis.manager().context("invalid Redis settings")?;
+    let conn = redis.connection().context("invalid Redis settings")?;
     let streams = Streams::new(conn, redis.prefix.clone());
     let keys = streams.registered().await.with_context(|| {
         format!(

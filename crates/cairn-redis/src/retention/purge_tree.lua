@@ -6,7 +6,8 @@
 -- whose upload is gone (expired, deleted or used by a request) counts as finished whatever its
 -- status: an abandoned upload's node stays `running` for ever otherwise.
 -- With TAGGED (a cluster) the index is in another slot: the root node's own update time, which
--- every write to the tree moves, stands for its score (the caller found the root in the index).
+-- every write to the tree moves, stands for its score (the caller found the root in the index);
+-- so is an upload's key, which the caller looks for: ARGV[5] '1' when the upload is gone.
 do
   local root = ARGV[2]
   local score
@@ -27,8 +28,15 @@ do
     unindex_root(root)
     return deferred(0)
   end
-  local abandoned = string.sub(root, 1, 9) == '_uploads.'
-    and redis.call('EXISTS', P .. ':upload:' .. string.sub(root, 10)) == 0
+  local abandoned = false
+  if string.sub(root, 1, 9) == '_uploads.' then
+    if TAGGED then
+      -- The upload's key is in its partition's slot: the caller looked (ARGV[5] '1': gone).
+      abandoned = ARGV[5] == '1'
+    else
+      abandoned = redis.call('EXISTS', P .. ':upload:' .. string.sub(root, 10)) == 0
+    end
+  end
   local finished = abandoned or (status and TERMINAL[status])
   if parent_of(root) or not score or score > tonumber(ARGV[4]) or not finished then
     return deferred(-1)

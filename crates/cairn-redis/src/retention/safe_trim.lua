@@ -1,14 +1,17 @@
 -- Trims one stream by its policy without removing any entry a consumer group has not both
 -- received and acknowledged (docs/contract.md §4). Everything happens in this one script, so no XREADGROUP,
 -- XCLAIM or XAUTOCLAIM can run between computing the safe point and trimming.
---   KEYS[1] the stream, KEYS[2] the stream registry (a set of stream keys)
+--   KEYS[1] the stream, KEYS[2] the stream registry (a set of stream keys) on one Redis; on a
+--           Redis Cluster the registry is in another slot, so it is not given and the caller
+--           unregisters a missing stream itself (streams::Streams::safe_trim)
 --   ARGV[1] the age bound as an id ('' none): entries older than it are past the maximum age
 --   ARGV[2] the maximum length ('' none)
 --   ARGV[3] '1' exact, '0' approximate (MINID ~: whole macro nodes only, never past the id)
 -- The policy's target is the larger of the two MINIDs. The safe point is the minimum, over the
 -- groups, of the oldest pending id and the successor of the last delivered id; the stream is
 -- trimmed to MINID min(target, safe).
--- Returns {status} for 'missing' (the key is gone: unregistered) and 'wrongtype', else
+-- Returns {status} for 'missing' (the key is gone: unregistered, if KEYS[2] is given) and
+-- 'wrongtype', else
 -- {'ok', trimmed, length, first, last, target, safe, applied, capped, groups} with '' for
 -- "none", capped 1 when safety kept entries the policy would have removed, and per group
 -- {name, consumers, pending, last_delivered, oldest_pending, lag (-1 unknown)}.
@@ -16,7 +19,7 @@ local stream, registry = KEYS[1], KEYS[2]
 local age_target, max_len, exact = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 
 if redis.call('EXISTS', stream) == 0 then
-  redis.call('SREM', registry, stream)
+  if registry then redis.call('SREM', registry, stream) end
   return { 'missing' }
 end
 if redis.call('TYPE', stream).ok ~= 'stream' then return { 'wrongtype' } end

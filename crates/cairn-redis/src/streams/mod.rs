@@ -7,6 +7,11 @@
 //! ids then dangle in the PEL and `XAUTOCLAIM` drops them), so [`Streams::safe_trim`] computes
 //! the safe point — the minimum over groups of the oldest pending id and the successor of the
 //! last delivered id — and trims to the lower of it and the policy's target, all in one script.
+//!
+//! On a Redis Cluster every retention call touches one key's slot: a stream, a finished index
+//! (one per request partition, [`Purger::partitions`]), a tree, the lease. What lies in another
+//! slot — the registry when a stream has vanished, the roots index of a purged tree — is written
+//! by commands of their own right after the call (docs/contract.md §8).
 
 pub mod lease;
 pub mod purge;
@@ -15,13 +20,12 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::ConnectionManager;
 
 pub use lease::{Lease, LeaseState};
 pub use purge::{Purger, RequestPurge};
 
-use crate::keys;
 use crate::library::{Function, LIBRARY};
+use crate::{RedisConnection, keys};
 
 // Retention's Lua (retention/*.lua) is part of the library (crate::library).
 static SAFE_TRIM: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("retention_safe_trim"));
@@ -120,16 +124,16 @@ pub struct RemovedConsumer {
     pub idle_ms: u64,
 }
 
-/// The streams of one key prefix.
+/// The streams of one key prefix, on one Redis or on a Redis Cluster.
 #[derive(Clone)]
 pub struct Streams {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
 }
 
 impl Streams {
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
-        Self { conn, prefix: prefix.into() }
+    pub fn new(conn: impl Into<RedisConnection>, prefix: impl Into<String>) -> Self {
+        Self { conn: conn.into(), prefix: prefix.into() }
     }
 
     pub fn prefix(&self) -> &str {
@@ -156,14 +160,43 @@ impl Streams {
 
     /// Trims `key` by `policy` as far as every consumer group allows (see the module docs).
     /// `Ok(None)` when the stream no longer exists; it is then removed from the registry.
+    ///
+    /// On one Redis the script removes it, in the call that finds it gone. On a cluster the
+    /// registry is in another slot: it is removed right after, then the stream is looked for
+    /// once more, because whoever makes a stream writes it before registering it. One made again
+    /// in between (a reply stream, the feed of a reused tree root) is registered again and
+    /// trimmed as it is now, so a live stream never stays out of the registry.
     pub async fn safe_trim(
         &self,
         key: &str,
         policy: &TrimPolicy,
         now_ms: i64,
     ) -> Result<Option<TrimOutcome>, StreamError> {
+        let trimmed = self.trim_call(key, policy, now_ms).await?;
+        if trimmed.is_some() || !self.conn.is_cluster() {
+            return Ok(trimmed);
+        }
+        let mut conn = self.conn.clone();
+        let _: () = redis::cmd("SREM").arg(self.registry()).arg(key).query_async(&mut conn).await?;
+        let exists: bool = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?;
+        if !exists {
+            return Ok(None);
+        }
+        let _: () = redis::cmd("SADD").arg(self.registry()).arg(key).query_async(&mut conn).await?;
+        self.trim_call(key, policy, now_ms).await
+    }
+
+    /// One call of `retention/safe_trim.lua`; with the registry as its second key on one Redis.
+    async fn trim_call(
+        &self,
+        key: &str,
+        policy: &TrimPolicy,
+        now_ms: i64,
+    ) -> Result<Option<TrimOutcome>, StreamError> {
+        let registry = self.registry();
+        let keys: &[&str] = if self.conn.is_cluster() { &[key] } else { &[key, &registry] };
         let reply: Value = SAFE_TRIM
-            .prepare_invoke_with_keys(&[key, &self.registry()])
+            .prepare_invoke_with_keys(keys)
             .arg(policy.age_target(now_ms).unwrap_or_default())
             .arg(policy.max_len.map(|n| n.to_string()).unwrap_or_default())
             .arg(if policy.exact { "1" } else { "0" })
