@@ -186,8 +186,11 @@ pub async fn trim_once(deps: &Deps, now_ms: i64) -> Result<TrimReport, StreamErr
     Ok(report)
 }
 
+/// Trims the registered streams and the request queue's own: those are known from its layout,
+/// and on a Redis Cluster a partition's dead-letter stream is made by a call that cannot
+/// register it (another slot), so it is trimmed whether or not it is registered.
 async fn trim_streams(deps: &Deps, now_ms: i64, report: &mut TrimReport) {
-    let keys = match deps.streams.registered().await {
+    let registered = match deps.streams.registered().await {
         Ok(keys) => keys,
         Err(error) => {
             warn!(%error, "cannot read the stream registry");
@@ -195,6 +198,10 @@ async fn trim_streams(deps: &Deps, now_ms: i64, report: &mut TrimReport) {
             return;
         }
     };
+    let mut keys: Vec<String> = deps.partition_streams.keys().cloned().collect();
+    keys.extend(registered.iter().cloned());
+    keys.sort();
+    keys.dedup();
     for key in keys {
         let Some(name) = deps.streams.name_of(&key).map(str::to_owned) else {
             warn!(%key, prefix = deps.streams.prefix(), "registered stream is outside the key prefix; skipped");
@@ -204,12 +211,23 @@ async fn trim_streams(deps: &Deps, now_ms: i64, report: &mut TrimReport) {
         let policy = deps.policy(&key, &name);
         match deps.streams.safe_trim(&key, &policy, now_ms).await {
             Ok(Some(outcome)) => {
+                if registered.binary_search(&key).is_err() {
+                    // Made by a call that could not register it: registered now, so `cairn
+                    // streams` lists it.
+                    if let Err(error) = deps.streams.register(&key).await {
+                        warn!(stream = %name, %error, "cannot register stream");
+                        report.errors.push(format!("{name} registration: {error}"));
+                    }
+                }
                 record_stream(&name, &outcome);
                 report.streams.push(StreamReport { stream: name.clone(), key: key.clone(), policy, outcome });
             }
             Ok(None) => {
-                debug!(stream = %name, "registered stream is gone; unregistered");
-                report.unregistered.push(name);
+                // A partition's stream not made yet is no news.
+                if registered.binary_search(&key).is_ok() {
+                    debug!(stream = %name, "registered stream is gone; unregistered");
+                    report.unregistered.push(name);
+                }
                 continue;
             }
             Err(error) => {

@@ -158,6 +158,13 @@ impl Streams {
         Ok(keys)
     }
 
+    /// Adds `key` to the registry (whoever makes a stream registers it; this is for a stream made
+    /// by a call that could not, in another slot of a Redis Cluster).
+    pub async fn register(&self, key: &str) -> Result<(), StreamError> {
+        let _: () = redis::cmd("SADD").arg(self.registry()).arg(key).query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
     /// Trims `key` by `policy` as far as every consumer group allows (see the module docs).
     /// `Ok(None)` when the stream no longer exists; it is then removed from the registry.
     ///
@@ -182,7 +189,7 @@ impl Streams {
         if !exists {
             return Ok(None);
         }
-        let _: () = redis::cmd("SADD").arg(self.registry()).arg(key).query_async(&mut conn).await?;
+        self.register(key).await?;
         self.trim_call(key, policy, now_ms).await
     }
 
