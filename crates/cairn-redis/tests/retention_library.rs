@@ -109,13 +109,20 @@ async fn retention_calls_touch_one_slot_each_and_partitions_are_purged_one_by_on
     assert_eq!(a.acquire_or_renew().await.unwrap(), LeaseState::Renewed);
     assert!(a.release().await.unwrap());
 
-    let layout = QueueLayout::new(&t.prefix, "requests", "processors").with_partitions(3).tagged(t.is_cluster());
+    let layout =
+        QueueLayout::new(&t.prefix, "requests", "processors").with_partitions(3).tagged(t.is_cluster());
     let streams = Streams::new(conn.clone(), t.prefix.clone());
     let registry = streams.registry();
     for names in layout.all() {
         for i in 0..3 {
-            let _: String =
-                redis::cmd("XADD").arg(&names.stream).arg("*").arg("i").arg(i).query_async(&mut admin).await.unwrap();
+            let _: String = redis::cmd("XADD")
+                .arg(&names.stream)
+                .arg("*")
+                .arg("i")
+                .arg(i)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
         }
         let _: () = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -133,7 +140,8 @@ async fn retention_calls_touch_one_slot_each_and_partitions_are_purged_one_by_on
             .query_async(&mut admin)
             .await
             .unwrap();
-        let _: () = redis::cmd("SADD").arg(&registry).arg(&names.stream).query_async(&mut admin).await.unwrap();
+        let _: () =
+            redis::cmd("SADD").arg(&registry).arg(&names.stream).query_async(&mut admin).await.unwrap();
     }
     // A registered stream that is gone (on a cluster in another slot than the registry).
     let gone = keys::requests::replies(&t.prefix, "gone");
@@ -182,7 +190,8 @@ async fn retention_calls_touch_one_slot_each_and_partitions_are_purged_one_by_on
             .unwrap();
         let _: () = redis::cmd("SET").arg(&idem).arg(&id).query_async(&mut admin).await.unwrap();
         let _: () = redis::cmd("SET").arg(&stream).arg("x").query_async(&mut admin).await.unwrap();
-        let _: () = redis::cmd("ZADD").arg(names.finished()).arg(5).arg(&id).query_async(&mut admin).await.unwrap();
+        let _: () =
+            redis::cmd("ZADD").arg(names.finished()).arg(5).arg(&id).query_async(&mut admin).await.unwrap();
         gone_keys.extend([names.record(&id), idem, stream]);
     }
     let mut purged = 0;

@@ -265,6 +265,13 @@ mod tests {
         assert_eq!(config.default_policy, TrimPolicy { max_len: Some(10_000), ..TrimPolicy::default() });
         assert!(config.policies.is_empty());
         assert_eq!(config.lease_key(), "cairn:trimmer:lease");
+        assert_eq!(
+            config.queue_layout(),
+            cairn_redis::requests::QueueLayout::new("cairn", "requests", "processors")
+        );
+        let partitioned = Config::try_parse_from(["stream-trimmer", "--request-partitions=3"]).unwrap();
+        assert_eq!(partitioned.queue_layout().all()[2].stream, "cairn:requests:2");
+        assert!(Config::try_parse_from(["stream-trimmer", "--request-partitions=0"]).is_err());
     }
 
     #[test]

@@ -231,7 +231,12 @@ mod tests {
     fn a_partition_gets_the_policy_of_its_stream_unless_named_itself() {
         let rule = |t: &str| parse_rule(t).unwrap();
         let policies = Policies::new(
-            vec![rule("requests=maxlen:5"), rule("dead=keep"), rule("requests{p2}=maxlen:7"), rule("*=maxlen:9")],
+            vec![
+                rule("requests=maxlen:5"),
+                rule("dead=keep"),
+                rule("requests{p2}=maxlen:7"),
+                rule("*=maxlen:9"),
+            ],
             parse_spec("maxlen:10000").unwrap(),
         );
         assert_eq!(policies.for_partition("requests:1", "requests").max_len, Some(5));

@@ -305,7 +305,9 @@ async fn purge_requests(deps: &Deps, now_ms: i64, report: &mut TrimReport) {
                 }
                 Err(error) => {
                     warn!(partition = partition.partition, %error, "cannot purge finished requests");
-                    report.errors.push(format!("request purge of partition {}: {error}", partition.partition));
+                    report
+                        .errors
+                        .push(format!("request purge of partition {}: {error}", partition.partition));
                 }
             }
         }

@@ -139,8 +139,13 @@ impl Requests {
         let mut all = HashSet::new();
         let indexes: HashSet<String> = self.layout().all().iter().map(|names| names.finished()).collect();
         for index in indexes {
-            let members: Vec<String> =
-                redis::cmd("ZRANGE").arg(index).arg(0).arg(-1).query_async(&mut self.conn.clone()).await.unwrap();
+            let members: Vec<String> = redis::cmd("ZRANGE")
+                .arg(index)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut self.conn.clone())
+                .await
+                .unwrap();
             all.extend(members);
         }
         all
@@ -189,7 +194,8 @@ async fn finished_records_past_retention_go_with_their_index_entries_and_idempot
     let reused = requests.finished(RequestState::Succeeded, Some("order-2"), old).await;
     let other = requests.submit(None, now).await;
     let mut conn = requests.conn.clone();
-    let _: () = redis::cmd("SET").arg(requests.idem("order-2")).arg(&other).query_async(&mut conn).await.unwrap();
+    let _: () =
+        redis::cmd("SET").arg(requests.idem("order-2")).arg(&other).query_async(&mut conn).await.unwrap();
     // Unfinished or recent: all stay.
     let running = requests.submit(None, old).await;
     requests.start(&running, old).await;
@@ -212,7 +218,8 @@ async fn finished_records_past_retention_go_with_their_index_entries_and_idempot
     expected.insert(requests.reply_stream());
     assert_eq!(queue, expected);
     if t.partitions == 1 && !t.is_cluster() {
-        let before: HashSet<String> = ["requests", "dead", "replies:r1"].into_iter().map(|s| t.key(s)).collect();
+        let before: HashSet<String> =
+            ["requests", "dead", "replies:r1"].into_iter().map(|s| t.key(s)).collect();
         assert_eq!(queue, before, "one partition on one Redis: the keys of old");
     }
     // On a cluster a feed's key carries its root in braces (`pf:{_requests.<id>}`).
@@ -333,14 +340,22 @@ async fn dead_letter_streams_of_every_partition_keep_the_dead_retention(t: &Targ
         // Old entries fill whole macro nodes (an approximate trim removes nothing less).
         for i in 0..250 {
             let id = format!("{}-{i}", now - 3 * HOUR_MS);
-            let _: String = redis::cmd("XADD").arg(key).arg(id).arg("id").arg(i).query_async(&mut conn).await.unwrap();
+            let _: String =
+                redis::cmd("XADD").arg(key).arg(id).arg("id").arg(i).query_async(&mut conn).await.unwrap();
         }
-        let _: String =
-            redis::cmd("XADD").arg(key).arg(format!("{}-0", now - 1_000)).arg("id").arg("recent").query_async(&mut conn).await.unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg(key)
+            .arg(format!("{}-0", now - 1_000))
+            .arg("id")
+            .arg("recent")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 
     let report = trim_once(&keep.deps(), now).await.unwrap();
-    let members: HashSet<String> = redis::cmd("SMEMBERS").arg(&registry).query_async(&mut conn).await.unwrap();
+    let members: HashSet<String> =
+        redis::cmd("SMEMBERS").arg(&registry).query_async(&mut conn).await.unwrap();
     for key in &dead_streams {
         let name = t.name(key);
         let stream = report.stream(name).unwrap_or_else(|| panic!("{name} is found: {report:?}"));
@@ -560,13 +575,7 @@ async fn an_abandoned_uploads_tree_goes_once_its_upload_is_gone(t: &Target) {
     let mut conn = t.connection();
     // The upload's key is in its partition's slot on a cluster, not in its tree's.
     let upload = BlobStore::new(t.connection(), &t.layout()).upload_key("alive");
-    let _: () = redis::cmd("HSET")
-        .arg(upload)
-        .arg("offset")
-        .arg(4)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let _: () = redis::cmd("HSET").arg(upload).arg("offset").arg(4).query_async(&mut conn).await.unwrap();
     let app = t.trimmer(&["--progress-retention=1h"]).await;
     let report = trim_once(&app.deps(), now).await.unwrap();
     assert_eq!(report.trees_purged, 1, "{report:?}");

@@ -89,7 +89,8 @@ async fn every_partition_of_the_request_stream_keeps_its_unacked_entries_under_i
         let mut sent = Vec::new();
         for i in 0..6 {
             let id = queues.new_id_in(Some(p));
-            let record = RequestRecord::queued(id.clone(), Submission::new("echo", json!({"i": i})), 3, now_ms());
+            let record =
+                RequestRecord::queued(id.clone(), Submission::new("echo", json!({"i": i})), 3, now_ms());
             let outcome = queue.submit(&record, None, 60_000, None).await.unwrap();
             let cairn_redis::requests::SubmitOutcome::Created { entry_id } = outcome else {
                 panic!("{outcome:?}")
@@ -98,8 +99,13 @@ async fn every_partition_of_the_request_stream_keeps_its_unacked_entries_under_i
         }
         let stream = &queue.names().stream;
         assert_eq!(read(&mut conn, stream, "processors", "c1", 4).await, sent[..4]);
-        let _: () =
-            redis::cmd("XACK").arg(stream).arg("processors").arg(&sent[..2]).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("XACK")
+            .arg(stream)
+            .arg("processors")
+            .arg(&sent[..2])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         entries.push(sent);
     }
 
@@ -113,7 +119,11 @@ async fn every_partition_of_the_request_stream_keeps_its_unacked_entries_under_i
         assert_eq!((trimmed.policy.max_len, trimmed.policy.exact), (Some(0), true), "{name}");
         assert_eq!(trimmed.outcome.trimmed, 2, "only the acked entries of {name} go");
         assert!(trimmed.outcome.capped, "{name}");
-        assert_eq!(trimmed.outcome.safe.as_deref(), Some(sent[2].as_str()), "{name}: the oldest pending entry");
+        assert_eq!(
+            trimmed.outcome.safe.as_deref(),
+            Some(sent[2].as_str()),
+            "{name}: the oldest pending entry"
+        );
         assert_eq!(ids(&mut conn, stream).await, sent[2..], "{name}");
         let group = &trimmed.outcome.groups[0];
         assert_eq!((group.pending, group.lag), (2, Some(2)), "{name}");
@@ -123,8 +133,13 @@ async fn every_partition_of_the_request_stream_keeps_its_unacked_entries_under_i
     for (queue, sent) in queues.partitions().iter().zip(&entries) {
         let stream = &queue.names().stream;
         assert_eq!(read(&mut conn, stream, "processors", "c1", 10).await, sent[4..]);
-        let _: () =
-            redis::cmd("XACK").arg(stream).arg("processors").arg(&sent[2..]).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("XACK")
+            .arg(stream)
+            .arg("processors")
+            .arg(&sent[2..])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
     let report = trim_once(&app.deps(), now_ms()).await.unwrap();
     assert!(report.capped().is_empty(), "{report:?}");

@@ -161,7 +161,8 @@ impl Streams {
     /// Adds `key` to the registry (whoever makes a stream registers it; this is for a stream made
     /// by a call that could not, in another slot of a Redis Cluster).
     pub async fn register(&self, key: &str) -> Result<(), StreamError> {
-        let _: () = redis::cmd("SADD").arg(self.registry()).arg(key).query_async(&mut self.conn.clone()).await?;
+        let _: () =
+            redis::cmd("SADD").arg(self.registry()).arg(key).query_async(&mut self.conn.clone()).await?;
         Ok(())
     }
 

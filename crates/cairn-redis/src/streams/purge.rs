@@ -137,12 +137,12 @@ impl Purger {
         }
         let mut reply: redis::Value = invocation.invoke_async(&mut self.conn.clone()).await?;
         if tagged {
-            reply = crate::progress::write_deferred(&mut self.conn.clone(), prefix, reply)
-                .await
-                .map_err(|error| match error {
+            reply = crate::progress::write_deferred(&mut self.conn.clone(), prefix, reply).await.map_err(
+                |error| match error {
                     StoreError::Redis(e) | StoreError::Rejected(e) => StreamError::Redis(e),
                     other => StreamError::Protocol(other.to_string()),
-                })?;
+                },
+            )?;
         }
         let removed: i64 = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
         Ok(u64::try_from(removed).ok())

@@ -76,7 +76,8 @@ impl Target {
 
     /// A key's name under the prefix, as the trimmer reports it.
     pub fn name<'a>(&self, key: &'a str) -> &'a str {
-        key.strip_prefix(&format!("{}:", self.prefix)).unwrap_or_else(|| panic!("{key} is not under the prefix"))
+        key.strip_prefix(&format!("{}:", self.prefix))
+            .unwrap_or_else(|| panic!("{key} is not under the prefix"))
     }
 
     /// The request queue's layout, tagged on a cluster.
