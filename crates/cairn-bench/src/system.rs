@@ -12,13 +12,13 @@ use anyhow::Context as _;
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 
-use super::round;
+use crate::stats::round;
 
 /// Clock ticks per second of `/proc/*/stat` times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
 const CLOCK_TICKS: f64 = 100.0;
 
 /// Cores, and the Redis version when Redis answers.
-pub(super) async fn machine(redis_url: &str) -> Value {
+pub(crate) async fn machine(redis_url: &str) -> Value {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let version = match Probe::new(redis_url).await {
         Ok(mut probe) => probe.info("server").await.ok().and_then(|info| field(&info, "redis_version")),
@@ -31,13 +31,13 @@ pub(super) async fn machine(redis_url: &str) -> Value {
 }
 
 /// Samples CPU and script time; see [`Sample::since`].
-pub(super) struct Probe {
+pub(crate) struct Probe {
     redis: ConnectionManager,
     rabbitmq: Option<u32>,
 }
 
 /// Cumulative counters at one instant.
-pub(super) struct Sample {
+pub(crate) struct Sample {
     at: Instant,
     bench_s: Option<f64>,
     redis_s: Option<f64>,
@@ -48,7 +48,7 @@ pub(super) struct Sample {
 }
 
 impl Probe {
-    pub(super) async fn new(redis_url: &str) -> anyhow::Result<Probe> {
+    pub(crate) async fn new(redis_url: &str) -> anyhow::Result<Probe> {
         let client =
             redis::Client::open(redis_url).with_context(|| format!("invalid Redis URL {redis_url:?}"))?;
         let redis = ConnectionManager::new(client)
@@ -65,7 +65,7 @@ impl Probe {
         Ok(cmd.query_async(&mut self.redis).await?)
     }
 
-    pub(super) async fn sample(&mut self) -> anyhow::Result<Sample> {
+    pub(crate) async fn sample(&mut self) -> anyhow::Result<Sample> {
         let info = self.info("cpu commandstats").await?;
         let cpu = |name| field(&info, name).and_then(|v| v.parse::<f64>().ok());
         let redis_s = cpu("used_cpu_user").zip(cpu("used_cpu_sys")).map(|(u, s)| u + s);
@@ -93,7 +93,7 @@ impl Sample {
     /// From `earlier` to this sample: wall time, the average number of cores each process kept
     /// busy, and the number and total time of Redis script calls (how busy Redis's one thread
     /// was running Cairn's Lua).
-    pub(super) fn since(&self, earlier: &Sample) -> Value {
+    pub(crate) fn since(&self, earlier: &Sample) -> Value {
         let wall = self.at.duration_since(earlier.at).as_secs_f64();
         let cores =
             |now: Option<f64>, then: Option<f64>| now.zip(then).map(|(n, t)| round((n - t) / wall, 2));
@@ -122,7 +122,7 @@ impl Sample {
     }
 
     /// Microseconds Redis spent in scripts since `earlier`.
-    pub(super) fn script_usec_since(&self, earlier: &Sample) -> u64 {
+    pub(crate) fn script_usec_since(&self, earlier: &Sample) -> u64 {
         self.script_usec.saturating_sub(earlier.script_usec)
     }
 }
@@ -130,7 +130,7 @@ impl Sample {
 /// CPU microseconds each process spent per item (message, update or call) during a measurement,
 /// from the figures [`Sample::since`] gives: what one item costs where, which says whether a
 /// rate can fit on the machine's cores at all.
-pub(super) fn us_per_item(cpu: &Value, items: u64) -> Value {
+pub(crate) fn us_per_item(cpu: &Value, items: u64) -> Value {
     let per = |cores: &str| -> Option<f64> {
         let busy_s = cpu[cores].as_f64()? * cpu["wall_s"].as_f64()?;
         (items > 0).then(|| round(busy_s / items as f64 * 1e6, 1))
