@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use cairn_testkit::wait_until;
+use cairn_testkit::{hex, sha256_hex, test_bytes, wait_until};
 use common::{Options, Stack, WAIT};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
@@ -46,26 +46,6 @@ impl Handler for Sha {
         }
         .boxed()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex(&Sha256::digest(data))
-}
-
-fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// A handlers file naming `names`, for the ingress (it reads only the names).

@@ -2,15 +2,13 @@
 //! about shards/replicas of them (its `/metrics` says which), and when one is killed with
 //! SIGKILL its shards move to the others within the lease, with per-key order kept.
 
-use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use cairn_progress::Key;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
-use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
+use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess, free_port, wait_until};
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel};
 use serde_json::json;
@@ -22,30 +20,29 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// One aggregator process; killed when dropped.
 struct Replica {
-    child: Child,
+    process: ServiceProcess,
     admin: String,
+    _logs: tempfile::TempDir,
 }
 
 impl Replica {
     fn start(ns: &RedisNamespace, vhost: &AmqpVhost, name: &str) -> Replica {
         let admin = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(BIN)
-            .args([
-                "--grpc-addr=127.0.0.1:0",
-                &format!("--admin-addr={admin}"),
-                &format!("--redis-url={}", ns.url),
-                &format!("--key-prefix={}", ns.prefix),
-                &format!("--amqp-url={}", vhost.url),
-                &format!("--shards={SHARDS}"),
-                "--lease-ttl=1500ms",
-                &format!("--name={name}"),
-                "--grace=5s",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the aggregator binary starts");
-        Replica { child, admin }
+        let args = [
+            "--grpc-addr=127.0.0.1:0",
+            &format!("--admin-addr={admin}"),
+            &format!("--redis-url={}", ns.url),
+            &format!("--key-prefix={}", ns.prefix),
+            &format!("--amqp-url={}", vhost.url),
+            &format!("--shards={SHARDS}"),
+            "--lease-ttl=1500ms",
+            &format!("--name={name}"),
+            "--grace=5s",
+        ];
+        let logs = tempfile::tempdir().expect("a log directory");
+        let mut process = ServiceProcess::new(name, BIN, &args, BTreeMap::new(), logs.path());
+        process.start();
+        Replica { process, admin, _logs: logs }
     }
 
     /// The shards this replica's `/metrics` says it owns; empty while it cannot answer.
@@ -60,20 +57,13 @@ impl Replica {
     }
 
     fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
+        self.process.kill();
     }
-}
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// The end of its log, for a failure message.
+    fn log_tail(&self) -> String {
+        format!("{}:\n{}", self.process.name(), self.process.log_tail(20))
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A plain HTTP/1.0 GET (the admin port closes the connection after the answer).
@@ -103,7 +93,8 @@ async fn wait_for_spread(replicas: &[&Replica], most: usize) -> Vec<BTreeSet<u16
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the shards never spread over the replicas: {owned:?}"
+            "the shards never spread over the replicas: {owned:?}; {}",
+            { replicas.iter().map(|replica| replica.log_tail()).collect::<Vec<_>>().join("\n") }
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
