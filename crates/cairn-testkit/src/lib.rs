@@ -28,7 +28,7 @@ mod tls;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-pub use amqp::AmqpVhost;
+pub use amqp::{AmqpVhost, publish_progress};
 pub use data::{hex, sha256_hex, test_bytes};
 pub use process::{
     ServiceProcess, Signal, cpu_seconds, free_addr, free_port, process_exists, rss_kib, signal_process,

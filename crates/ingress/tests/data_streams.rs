@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use cairn_testkit::{hex, sha256_hex, test_bytes, wait_until};
-use common::{Options, Stack, WAIT};
+use common::{Options, Stack, WAIT, handlers_file};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use redis::AsyncCommands as _;
@@ -46,16 +46,6 @@ impl Handler for Sha {
         }
         .boxed()
     }
-}
-
-/// A handlers file naming `names`, for the ingress (it reads only the names).
-fn handlers_file(names: &[&str]) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("handlers.toml");
-    let text: String = names.iter().map(|name| format!("[handlers.{name}]\nkind = \"echo\"\n\n")).collect();
-    std::fs::write(&path, text).unwrap();
-    let path = path.to_str().unwrap().to_owned();
-    (dir, path)
 }
 
 async fn stack(extra: &[(&str, &str)]) -> (Stack, tempfile::TempDir) {

@@ -8,9 +8,8 @@ use std::time::Duration;
 use cairn_progress::Key;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
-use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess, free_port, wait_until};
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel};
+use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess, free_port, publish_progress, wait_until};
+use lapin::BasicProperties;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -100,22 +99,6 @@ async fn wait_for_spread(replicas: &[&Replica], most: usize) -> Vec<BTreeSet<u16
     }
 }
 
-async fn publish(channel: &Channel, routing_key: &str, body: &[u8]) {
-    let confirm = channel
-        .basic_publish(
-            "progress".into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_the_shards_and_a_killed_ones_move_within_the_lease() {
     let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
@@ -140,7 +123,8 @@ async fn replicas_share_the_shards_and_a_killed_ones_move_within_the_lease() {
         }
         for k in 0..keys {
             let body = json!({"seq": step, "progress": f64::from(step) / f64::from(steps - 1)}).to_string();
-            publish(&channel, &format!("_t.o.k{k}"), body.as_bytes()).await;
+            let persistent = BasicProperties::default().with_delivery_mode(2);
+            publish_progress(&channel, &format!("_t.o.k{k}"), body.as_bytes(), persistent).await;
         }
     }
     let survivors: Vec<&Replica> = replicas[1..].iter().collect();
