@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::stats::round;
 
-/// Clock ticks per second of `/proc/*/stat` times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+/// Clock ticks per second of `/proc/stat` times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
 const CLOCK_TICKS: f64 = 100.0;
 
 /// Cores, and the Redis version when Redis answers.
@@ -79,9 +79,9 @@ impl Probe {
         }
         Ok(Sample {
             at: Instant::now(),
-            bench_s: process_cpu_s("self"),
+            bench_s: cairn_testkit::cpu_seconds(std::process::id()),
             redis_s,
-            rabbitmq_s: self.rabbitmq.and_then(|pid| process_cpu_s(&pid.to_string())),
+            rabbitmq_s: self.rabbitmq.and_then(cairn_testkit::cpu_seconds),
             machine_s: machine_cpu_s(),
             script_calls,
             script_usec,
@@ -148,22 +148,6 @@ fn stat(stats: &str, name: &str) -> u64 {
     stats.split(',').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(0)
 }
 
-/// User plus system CPU seconds of `/proc/{pid}/stat`.
-fn process_cpu_s(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / CLOCK_TICKS)
-}
-
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
-    // Field 3 (state) is the first; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
 /// Busy CPU seconds of the whole machine, all cores (`/proc/stat`, everything but idle and
 /// iowait).
 fn machine_cpu_s() -> Option<f64> {
@@ -201,8 +185,6 @@ mod tests {
         let stats = field(info, "cmdstat_evalsha").unwrap();
         assert_eq!((stat(&stats, "calls"), stat(&stats, "usec")), (10, 250));
         assert_eq!(stat(&stats, "missing"), 0);
-        let proc_stat = "2960 (beam smp) S 1 2960 2960 0 -1 4194560 100 0 0 0 700 55 0 0 20 0 30 0";
-        assert_eq!(parse_cpu_ticks(proc_stat), Some(755));
         let machine = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 50 2 25 500 10 0 1 1 0 0\n";
         assert_eq!(parse_machine_ticks(machine), Some(161));
     }

@@ -24,7 +24,6 @@ use cairn_redis::{ProgressStore, RedisConfig};
 use cairn_testkit::{
     AmqpVhost, RedisCluster, RedisNamespace, ServiceProcess, free_port, unique_name, wait_until,
 };
-use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel};
 use rand::Rng;
 use serde_json::{Value, json};
@@ -225,19 +224,9 @@ async fn publish_progress(channel: Channel, model: Arc<Mutex<Tree>>) {
                     "weight": 1 + s,
                 });
                 let update = Update::from_json(&body).unwrap();
-                let confirm = channel
-                    .basic_publish(
-                        "progress".into(),
-                        key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        body.to_string().as_bytes(),
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                assert!(confirm.is_ack(), "the broker took update {step} of {key}");
+                let persistent = BasicProperties::default().with_delivery_mode(2);
+                cairn_testkit::publish_progress(&channel, &key, body.to_string().as_bytes(), persistent)
+                    .await;
                 model.lock().unwrap().apply(&Key::parse(&key).unwrap(), &update, 0);
             }
         }
