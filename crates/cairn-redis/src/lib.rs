@@ -143,7 +143,7 @@ impl RedisConfig {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
                 "CAIRN_REDIS_CLUSTER=true: this service does not run on a Redis Cluster yet \
-                 (the request queue and retention need one Redis; docs/contract.md §8)",
+                 (it needs one Redis so far; docs/contract.md §8)",
             )));
         }
         Ok(())
@@ -286,9 +286,10 @@ pub async fn ping(conn: &mut impl redis::aio::ConnectionLike) -> Result<(), Stri
     }
 }
 
-/// The readiness check of a service that needs Redis: [`ping`] on its shared connection (on a
-/// [`RedisConnection`] to a cluster, every master must answer).
-pub struct RedisReady<C = ConnectionManager>(pub C);
+/// The readiness check of a service that needs Redis: [`ping`] on its shared connection, a
+/// [`RedisConnection`] (one Redis or a cluster, where PING goes to every master) or a
+/// [`ConnectionManager`].
+pub struct RedisReady<C = RedisConnection>(pub C);
 
 impl<C> cairn_runtime::Readiness for RedisReady<C>
 where
