@@ -286,10 +286,14 @@ pub async fn ping(conn: &mut impl redis::aio::ConnectionLike) -> Result<(), Stri
     }
 }
 
-/// The readiness check of a service that needs Redis: [`ping`] on its shared connection.
-pub struct RedisReady(pub ConnectionManager);
+/// The readiness check of a service that needs Redis: [`ping`] on its shared connection, a
+/// [`ConnectionManager`] or a [`RedisConnection`] (one Redis or a cluster).
+pub struct RedisReady<C = RedisConnection>(pub C);
 
-impl cairn_runtime::Readiness for RedisReady {
+impl<C> cairn_runtime::Readiness for RedisReady<C>
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
     fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { ping(&mut self.0.clone()).await })
     }
