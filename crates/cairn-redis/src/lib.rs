@@ -287,7 +287,8 @@ pub async fn ping(conn: &mut impl redis::aio::ConnectionLike) -> Result<(), Stri
 }
 
 /// The readiness check of a service that needs Redis: [`ping`] on its shared connection, a
-/// [`ConnectionManager`] or a [`RedisConnection`] (one Redis or a cluster).
+/// [`RedisConnection`] (one Redis or a cluster, where PING goes to every master) or a
+/// [`ConnectionManager`].
 pub struct RedisReady<C = RedisConnection>(pub C);
 
 impl<C> cairn_runtime::Readiness for RedisReady<C>
