@@ -1,6 +1,7 @@
-//! request-processor: runs requests from the Redis stream's consumer group through handlers,
-//! keeps their leases alive while they run, stores their outcomes (fenced by lease ownership),
-//! reclaims the requests of dead processors and reports every request's lifecycle as progress.
+//! request-processor: runs requests from the consumer group of every partition of the request
+//! stream through handlers, on one Redis or a Redis Cluster; keeps their leases alive while they
+//! run, stores their outcomes (fenced by lease ownership), reclaims the requests of dead
+//! processors and reports every request's lifecycle as progress.
 
 pub mod handler;
 pub mod handlers;
@@ -15,11 +16,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use cairn_amqp::{AmqpConfig, ProgressPublisher, PublisherConfig};
 use cairn_error::Retries;
-use cairn_redis::RedisConfig;
-use cairn_redis::requests::{QueueConfig, QueueLayout, QueueNames, RequestQueue};
+use cairn_redis::requests::{QueueConfig, QueueLayout, RequestQueues};
+use cairn_redis::{RedisConfig, RedisConnection};
 use cairn_requests::{Backoff, LeaseSettings};
 use cairn_runtime::{Admin, LogConfig, parse_duration, serve_admin};
-use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -55,7 +55,7 @@ pub struct Config {
     /// This processor's consumer name; unique per process (default: host, pid and a random tag).
     #[arg(long, env = "CAIRN_PROCESSOR_NAME")]
     pub name: Option<String>,
-    /// Requests run at once.
+    /// Requests run at once, across every partition of the request queue.
     #[arg(long, env = "CAIRN_PROCESSOR_CONCURRENCY", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
@@ -90,12 +90,9 @@ impl Config {
         Ok(lease)
     }
 
+    /// The request queue's layout: its stream, group and partitions (every one is read).
     pub fn queue_layout(&self) -> QueueLayout {
         self.queue.layout(&self.redis.prefix)
-    }
-
-    pub fn queue_names(&self) -> QueueNames {
-        self.queue_layout().partition(0)
     }
 }
 
@@ -110,7 +107,7 @@ fn default_consumer_name() -> String {
 pub struct App {
     config: Config,
     deps: Arc<worker::Deps>,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     admin: TcpListener,
 }
 
@@ -129,8 +126,9 @@ impl App {
     pub async fn build_with_handlers(config: Config, handlers: HandlerSet) -> anyhow::Result<App> {
         cairn_runtime::metrics_handle();
         let lease = config.lease()?;
-        let redis = config.redis.manager().context("invalid Redis settings")?;
-        let queue = RequestQueue::new(redis.clone(), config.queue_names());
+        // One Redis or a cluster: the queue's keys are tagged by partition on a cluster.
+        let redis = config.redis.connection().context("invalid Redis settings")?;
+        let queues = RequestQueues::new(redis.clone(), config.queue_layout());
         let amqp = config.amqp.endpoint().context("invalid AMQP settings")?;
         let mut publisher_config = PublisherConfig::new(amqp, config.amqp.exchange.clone());
         publisher_config.max_pending = config.progress_buffer_keys as usize;
@@ -150,9 +148,8 @@ impl App {
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on CAIRN_PROCESSOR_ADMIN_ADDR={}", config.admin_addr))?;
-        let committer = worker::Committer::start(queue.clone(), settings.consumer.clone());
-        let blobs = cairn_redis::BlobStore::new(redis.clone(), &config.queue_layout());
-        let deps = Arc::new(worker::Deps { queue, blobs, handlers, publisher, settings, committer });
+        let blobs = cairn_redis::BlobStore::new(redis.clone(), queues.layout());
+        let deps = Arc::new(worker::Deps { queues, blobs, handlers, publisher, settings });
         Ok(App { config, deps, redis, admin })
     }
 
@@ -176,8 +173,8 @@ impl App {
         let admin_server = tokio::spawn(serve_admin(admin, admin_router, admin_stop.clone()));
         let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            // The group must exist before the first read; wait for Redis to come up.
-            let delay = match deps.queue.ensure_group().await {
+            // Every partition's group must exist before the first read; wait for Redis to come up.
+            let delay = match deps.queues.ensure_groups().await {
                 Ok(()) => break,
                 Err(error) => {
                     let delay = retries.failed();
@@ -190,7 +187,14 @@ impl App {
                 () = tokio::time::sleep(delay) => {}
             }
         }
-        info!(consumer = %deps.settings.consumer, stream = %deps.queue.names().stream, "request-processor starting");
+        let layout = deps.queues.layout();
+        info!(
+            consumer = %deps.settings.consumer,
+            stream = %layout.stream,
+            partitions = layout.partitions,
+            cluster = layout.tagged,
+            "request-processor starting"
+        );
         worker::run(deps, config.redis.clone(), shutdown, config.grace).await;
         admin_stop.cancel();
         let _ = admin_server.await;

@@ -521,7 +521,8 @@ impl RequestQueue {
         Ok(known.map(|known| (existing, known == fingerprint)))
     }
 
-    /// New entries for `consumer`, waiting up to `block_ms`. Give it a dedicated connection.
+    /// New entries for `consumer`, waiting up to `block_ms` (0: answers at once, never
+    /// `BLOCK 0`). Give it a dedicated connection.
     pub async fn read_new<C: ConnectionLike + Send>(
         &self,
         conn: &mut C,
@@ -529,8 +530,10 @@ impl RequestQueue {
         count: usize,
         block_ms: usize,
     ) -> Result<Vec<Entry>, QueueError> {
-        let options =
-            StreamReadOptions::default().group(&self.names.group, consumer).count(count).block(block_ms);
+        let mut options = StreamReadOptions::default().group(&self.names.group, consumer).count(count);
+        if block_ms > 0 {
+            options = options.block(block_ms);
+        }
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg(&options)
             .arg("STREAMS")

@@ -1,6 +1,6 @@
-//! Heartbeats: every in-flight run's lease is renewed each `heartbeat_interval`, carrying the
-//! progress its handler last reported; a run whose lease was lost, or whose cancellation was
-//! requested, is told to stop.
+//! Heartbeats, one loop per partition: every in-flight run's lease is renewed each
+//! `heartbeat_interval`, carrying the progress its handler last reported; a run whose lease was
+//! lost, or whose cancellation was requested, is told to stop.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,20 +11,20 @@ use cairn_redis::requests::{Heartbeat, QueueError, Renewal};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::Deps;
 use super::registry::{Registry, Stop};
+use super::{Deps, Partition};
 use cairn_progress::now_ms;
 
-/// Renews the leases of this processor's runs in Redis until `stop` fires.
-pub(super) async fn heartbeat_loop(deps: Arc<Deps>, registry: Registry, stop: CancellationToken) {
+/// Renews the leases of this processor's runs of one partition in Redis until `stop` fires.
+pub(super) async fn heartbeat_loop(deps: Arc<Deps>, partition: Arc<Partition>, stop: CancellationToken) {
     let every = deps.settings.lease.heartbeat_interval;
     let renew = |running: Vec<Renewal>| {
-        let deps = deps.clone();
-        async move { deps.queue.heartbeat(&deps.settings.consumer, &running, now_ms()).await }
+        let (deps, partition) = (deps.clone(), partition.clone());
+        async move { partition.queue.heartbeat(&deps.settings.consumer, &running, now_ms()).await }
     };
     // a renewal shows on the node too (coalesced with the run's reports)
     let renewed = |key: Key| deps.publisher.publish(key, Update::new().field("heartbeat_ms", now_ms()));
-    beat(every, &registry, &stop, renew, renewed).await;
+    beat(every, &partition.registry, &stop, renew, renewed).await;
 }
 
 /// The loop itself, over any lease store: `renew` answers one [`Heartbeat`] per renewal, and

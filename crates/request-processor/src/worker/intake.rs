@@ -59,13 +59,51 @@ pub(super) fn take_permits(
     first: OwnedSemaphorePermit,
 ) -> Vec<OwnedSemaphorePermit> {
     let mut batch = vec![first];
+    top_up(permits, &mut batch);
+    batch
+}
+
+/// Adds free permits to `batch`, without waiting, until it holds [`MAX_BATCH`] or none is free.
+pub(super) fn top_up(permits: &Arc<Semaphore>, batch: &mut Vec<OwnedSemaphorePermit>) {
     while batch.len() < MAX_BATCH {
         match permits.clone().try_acquire_owned() {
             Ok(permit) => batch.push(permit),
             Err(_) => break,
         }
     }
-    batch
+}
+
+/// How a partition's reader holds the processor's permits (its one concurrency limit) while
+/// its blocking read waits for entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Holding {
+    /// The only partition: its reader blocks holding every free permit, so one read takes as
+    /// many entries as can start (no other reader needs them meanwhile).
+    All,
+    /// One partition of several: its reader blocks holding one permit, so a reader waiting on
+    /// an idle partition never keeps the permits a busy one needs. Once an entry arrived it
+    /// takes the permits free then and reads more without waiting.
+    One,
+}
+
+impl Holding {
+    pub(super) fn of(partitions: usize) -> Holding {
+        if partitions > 1 { Holding::One } else { Holding::All }
+    }
+
+    /// Of the permits `held`, how many the blocking read keeps (it reads as many entries).
+    pub(super) fn while_blocked(self, held: usize) -> usize {
+        match self {
+            Holding::All => held,
+            Holding::One => held.min(1),
+        }
+    }
+
+    /// Whether a blocking read that brought `read` entries is followed by a read without
+    /// waiting, with the permits free by then.
+    pub(super) fn reads_more(self, read: usize) -> bool {
+        self == Holding::One && read > 0
+    }
 }
 
 /// Whether the read failed because the consumer group is gone (Redis came back without our
@@ -138,6 +176,41 @@ mod tests {
         assert_eq!(many.available_permits(), 1000 - MAX_BATCH);
         drop(batch);
         assert_eq!(many.available_permits(), 1000);
+    }
+
+    #[test]
+    fn one_partition_blocks_with_every_permit() {
+        let holding = Holding::of(1);
+        assert_eq!(holding, Holding::All);
+        assert_eq!(holding.while_blocked(64), 64);
+        assert!(!holding.reads_more(64), "what one read brought is all it could start");
+    }
+
+    /// Three partitions, eight permits: the readers of two idle partitions each wait holding one
+    /// permit, and the busy partition's reader, its first entry read, runs the other six.
+    #[test]
+    fn readers_of_idle_partitions_leave_the_permits_to_a_busy_one() {
+        let holding = Holding::of(3);
+        assert_eq!(holding, Holding::One);
+        let permits = Arc::new(Semaphore::new(8));
+        let blocked = |permits: &Arc<Semaphore>| {
+            let first = permits.clone().try_acquire_owned().expect("a permit is free");
+            let mut batch = take_permits(permits, first);
+            batch.truncate(holding.while_blocked(batch.len()));
+            batch
+        };
+        let idle_a = blocked(&permits);
+        let idle_b = blocked(&permits);
+        assert_eq!((idle_a.len(), idle_b.len()), (1, 1));
+        let mut busy = blocked(&permits);
+        assert_eq!(busy.len(), 1, "the busy reader reads one entry first");
+        assert!(holding.reads_more(1));
+        assert!(!holding.reads_more(0), "an empty read is followed by nothing");
+        top_up(&permits, &mut busy);
+        assert_eq!(busy.len(), 6, "every permit the idle readers do not hold");
+        assert_eq!(permits.available_permits(), 0);
+        drop(idle_a);
+        assert_eq!(permits.available_permits(), 1, "an idle reader's read ended: its permit is free");
     }
 
     #[test]

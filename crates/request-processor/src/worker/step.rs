@@ -8,17 +8,19 @@ use cairn_redis::requests::{Commit, Entry};
 use cairn_requests::{RequestRecord, RequestState};
 use tracing::{debug, warn};
 
-use super::Deps;
 use super::attempt::run_attempt;
 use super::commit::commit_with_retry;
 use super::outcome::{Restart, Then, Verdict, after_backoff, after_commit, decide};
 use super::registry::{RunSignals, Stop};
 use super::report::report;
+use super::{Deps, Partition};
 use cairn_progress::now_ms;
 
-/// Runs attempt number `attempt` of `entry` and stores its outcome (fenced by our lease).
+/// Runs attempt number `attempt` of `entry` (of `partition`) and stores its outcome (fenced by
+/// our lease).
 pub(super) async fn handle_attempt(
     deps: &Deps,
+    partition: &Partition,
     entry: &Entry,
     record: &mut RequestRecord,
     attempt: u32,
@@ -37,7 +39,7 @@ pub(super) async fn handle_attempt(
         }
     };
     let commit = Commit { entry: entry.clone(), state, result, error };
-    let then = after_commit(state, commit_with_retry(&deps.committer, &commit, &signals.cancel).await);
+    let then = after_commit(state, commit_with_retry(&partition.committer, &commit, &signals.cancel).await);
     if !matches!(then, Then::Abandoned(_)) {
         debug!(
             request = %entry.request_id,
@@ -55,6 +57,7 @@ pub(super) async fn handle_attempt(
 /// Runs a request's attempts until it ends here, or stops because its lease or the process ends.
 pub(super) async fn run_request(
     deps: &Deps,
+    partition: &Partition,
     entry: &Entry,
     mut record: RequestRecord,
     mut attempt: u32,
@@ -66,7 +69,7 @@ pub(super) async fn run_request(
         cairn_runtime::telemetry::traceparent(&tracing::Span::current(), record.traceparent.as_deref());
     loop {
         record.traceparent.clone_from(&trace);
-        if handle_attempt(deps, entry, &mut record, attempt, &signals).await != Then::RetryAfterBackoff {
+        if handle_attempt(deps, partition, entry, &mut record, attempt, &signals).await != Then::RetryAfterBackoff {
             return;
         }
         let delay = deps.settings.backoff.delay_with_rng(attempt, &mut rand::rng());
@@ -74,7 +77,7 @@ pub(super) async fn run_request(
             debug!(request = %entry.request_id, ?reason, "run stopped while backing off");
             return;
         }
-        let started = deps.queue.start(&deps.settings.consumer, std::slice::from_ref(entry), now_ms()).await;
+        let started = partition.queue.start(&deps.settings.consumer, std::slice::from_ref(entry), now_ms()).await;
         match started.map(|mut starts| after_backoff(starts.pop())) {
             Ok(Restart::Run { attempt: next, record: stored }) => {
                 attempt = next;
