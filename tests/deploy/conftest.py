@@ -27,7 +27,7 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 # schemas); the oldest one the manifests promise to work on. The native preStop `sleep` action
 # is on by default since 1.30.
 K8S_VERSION = "1.32.0"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-cluster")
 
 # Service binary -> (crate directory, the port its /healthz /readyz /metrics answer on).
 SERVICES = {

@@ -350,26 +350,53 @@ def assert_trigger_auth_resolves(objects, trigger):
         assert secret is not None and ref["key"] in (secret.get("data") or {}), f"missing Secret key {ref}"
 
 
-def test_prod_scales_processors_on_group_lag():
-    objects = rendered("prod")
+def partition_streams(prefix: str, stream: str, partitions: int, cluster: bool) -> list[str]:
+    """The request stream of each partition, as cairn_redis::keys::requests::stream_in names them."""
+    if cluster:
+        return [f"{prefix}:{stream}{{p{n}}}" for n in range(partitions)]
+    return [f"{prefix}:{stream}" if n == 0 else f"{prefix}:{stream}:{n}" for n in range(partitions)]
+
+
+def test_partition_stream_names_follow_the_rust_key_layout():
+    """The names above are the ones keys.rs's own test pins (`stream_in`), so a change there fails here."""
+    keys_rs = (REPO / "crates" / "cairn-redis" / "src" / "keys.rs").read_text()
+    assert 'stream_in("c", "requests", "", 2), "c:requests:2"' in keys_rs
+    assert 'stream_in("c", "requests", &tag, 2), "c:requests{p2}"' in keys_rs
+    assert partition_streams("c", "requests", 3, False) == ["c:requests", "c:requests:1", "c:requests:2"]
+    assert partition_streams("c", "requests", 3, True)[2] == "c:requests{p2}"
+
+
+@pytest.mark.parametrize("overlay_name", ["prod", "prod-cluster"])
+def test_prod_scales_processors_on_group_lag(overlay_name):
+    """One lag trigger per request stream partition the processors read, on the stream names the
+    services derive from their configuration (one Redis: redis-streams; a cluster:
+    redis-cluster-streams)."""
+    objects = rendered(overlay_name)
     scaled = scaled_object_of(objects, "request-processor")
     assert scaled["spec"].get("minReplicaCount", 0) >= 1, "scale-to-zero would leave pending requests unreclaimed"
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis-streams"
-    meta = trigger["metadata"]
     config = container_env(objects, pod_spec(cairn_deployments(objects)["request-processor"])["containers"][0])
     defaults = rust_defaults()
-    prefix = config.get("CAIRN_KEY_PREFIX") or defaults["CAIRN_KEY_PREFIX"]
-    stream = config.get("CAIRN_REQUEST_STREAM") or defaults["CAIRN_REQUEST_STREAM"]
-    group = config.get("CAIRN_REQUEST_GROUP") or defaults["CAIRN_REQUEST_GROUP"]
-    assert meta["stream"] == f"{prefix}:{stream}", "the trigger watches another stream than the processors read"
-    assert meta["consumerGroup"] == group
-    assert "lagCount" in meta and "activationLagCount" in meta, "lag-based trigger needs lagCount and activationLagCount"
+    setting = lambda name: config.get(name) or defaults[name]  # noqa: E731
+    cluster = setting("CAIRN_REDIS_CLUSTER") == "true"
+    partitions = int(setting("CAIRN_REQUEST_PARTITIONS"))
+    expected = partition_streams(setting("CAIRN_KEY_PREFIX"), setting("CAIRN_REQUEST_STREAM"), partitions, cluster)
+    kind = "redis-cluster-streams" if cluster else "redis-streams"
+    triggers = scaled["spec"]["triggers"]
+    assert all(t["type"] == kind for t in triggers), f"{overlay_name}: triggers must all be {kind}"
+    assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(expected), \
+        "the triggers watch other streams than the processors read"
     known = {"stream", "consumerGroup", "lagCount", "activationLagCount", "pendingEntriesCount", "streamLength",
-             "address", "host", "port", "enableTLS", "unsafeSsl", "databaseIndex", "addressFromEnv",
-             "hostFromEnv", "portFromEnv", "usernameFromEnv", "passwordFromEnv"}
-    assert set(meta) <= known, f"unknown redis-streams parameters: {set(meta) - known}"
-    assert_trigger_auth_resolves(objects, trigger)
+             "enableTLS", "unsafeSsl", "usernameFromEnv", "passwordFromEnv"}
+    if cluster:
+        known |= {"addresses", "hosts", "ports"}
+    else:
+        known |= {"address", "host", "port", "databaseIndex", "addressFromEnv", "hostFromEnv", "portFromEnv"}
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        assert meta["consumerGroup"] == setting("CAIRN_REQUEST_GROUP")
+        assert "lagCount" in meta and "activationLagCount" in meta, "lag-based trigger needs lagCount and activationLagCount"
+        assert set(meta) <= known, f"unknown {kind} parameters: {set(meta) - known}"
+        assert_trigger_auth_resolves(objects, trigger)
 
 
 def test_prod_scales_aggregators_on_shard_backlog():
@@ -401,7 +428,7 @@ def rust_defaults() -> dict[str, str]:
         for var, default in re.findall(r'env\s*=\s*"(CAIRN_[A-Z_]+)",\s*default_value_t\s*=\s*(\d+)\b', text):
             out.setdefault(var, default)
     for var in ("CAIRN_KEY_PREFIX", "CAIRN_REQUEST_STREAM", "CAIRN_REQUEST_GROUP", "CAIRN_PROGRESS_QUEUE",
-                "CAIRN_PROGRESS_SHARDS"):
+                "CAIRN_PROGRESS_SHARDS", "CAIRN_REQUEST_PARTITIONS", "CAIRN_REDIS_CLUSTER"):
         assert var in out, f"no default for {var} found in crates/*/src"
     return out
 
@@ -543,7 +570,7 @@ def test_prod_uses_external_datastores_from_ignored_secrets():
     aggregators = scaled_object_of(objects, "progress-aggregator")
     assert aggregators["spec"]["minReplicaCount"] > 1, "one aggregator alone has no failover"
     for real in ("k8s/overlays/prod/secrets.env", "k8s/overlays/prod/keda-redis.env",
-                 "k8s/overlays/prod/keda-rabbitmq.env"):
+                 "k8s/overlays/prod/keda-rabbitmq.env", "k8s/overlays/prod-cluster/keda-redis-cluster.env"):
         assert (REPO / f"{real}.example").is_file(), f"{real}.example is missing"
         ignored = subprocess.run(["git", "check-ignore", "-q", real], cwd=REPO)
         assert ignored.returncode == 0, f"{real} is not git-ignored: real credentials could be committed"

@@ -42,6 +42,7 @@ mod progress;
 mod requests;
 mod soak;
 mod stats;
+mod system;
 mod upload;
 
 use clap::Parser;

@@ -4,19 +4,25 @@
 //! (2) one processor draining a pre-filled stream of `echo` requests (its reports applied by the
 //!     aggregator);
 //! (3) end-to-end REST throughput with concurrent keep-alive connections, each request waited for.
+//!
+//! With `--partitions N` every service runs the request queue in N partitions (one processor
+//! reads them all); the drain also reports the CPU microseconds one request costs in this
+//! process and in Redis, which must not grow with N (this 2-core machine cannot show a
+//! speed-up, only that partitioning adds no cost).
 
 use cairn_progress::now_ms;
 use std::time::{Duration, Instant};
 
 use cairn_redis::RedisConfig;
-use cairn_redis::requests::{QueueNames, RequestQueue};
-use cairn_requests::{RequestRecord, Submission, new_request_id};
+use cairn_redis::requests::{QueueLayout, RequestQueues};
+use cairn_requests::{RequestRecord, Submission};
 use cairn_testkit::{AmqpVhost, RedisNamespace};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::stats::percentile_ms;
+use crate::system::{Probe, us_per_item};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -39,6 +45,9 @@ pub struct Args {
     /// bearer token on every call), right after the one with auth off, and report the cost.
     #[arg(long)]
     compare_auth: bool,
+    /// Partitions of the request queue (CAIRN_REQUEST_PARTITIONS of every service).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    partitions: u16,
 }
 
 /// The secret of the auth-on measurement.
@@ -60,9 +69,14 @@ impl Stack {
         concurrency: u32,
         processor: bool,
         auth: bool,
+        partitions: u16,
     ) -> anyhow::Result<Stack> {
         let cancel = CancellationToken::new();
-        let mut common = vec![format!("--redis-url={}", ns.url), format!("--key-prefix={}", ns.prefix)];
+        let mut common = vec![
+            format!("--redis-url={}", ns.url),
+            format!("--key-prefix={}", ns.prefix),
+            format!("--request-partitions={partitions}"),
+        ];
         if auth {
             common.push(format!("--auth-jwt-secret={BENCH_SECRET}"));
         }
@@ -93,7 +107,9 @@ impl Stack {
         tasks.push(tokio::spawn(ingress.run(cancel.clone())));
 
         if processor {
-            tasks.push(tokio::spawn(start_processor(ns, vhost, concurrency, cancel.clone(), auth).await?));
+            tasks.push(tokio::spawn(
+                start_processor(ns, vhost, concurrency, cancel.clone(), auth, partitions).await?,
+            ));
         }
         let stack = Stack { base, cancel, tasks };
         stack.wait_ready().await?;
@@ -125,6 +141,7 @@ async fn start_processor(
     concurrency: u32,
     cancel: CancellationToken,
     auth: bool,
+    partitions: u16,
 ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + use<>> {
     let mut args = vec![
         "request-processor".to_owned(),
@@ -133,6 +150,7 @@ async fn start_processor(
         format!("--key-prefix={}", ns.prefix),
         format!("--amqp-url={}", vhost.url),
         format!("--concurrency={concurrency}"),
+        format!("--request-partitions={partitions}"),
     ];
     if auth {
         args.push(format!("--auth-jwt-secret={BENCH_SECRET}"));
@@ -167,23 +185,23 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     // aggregator (without one, no queue is bound and every report would come back unroutable).
     {
         let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
-        let stack = Stack::start(&ns, &vhost, args.concurrency, false, false).await?;
+        let stack = Stack::start(&ns, &vhost, args.concurrency, false, false, args.partitions).await?;
         let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
-        let names = QueueNames::new(&ns.prefix, "requests", "processors");
-        let queue = RequestQueue::new(config.manager()?, names.clone());
-        queue.ensure_group().await?;
+        let layout = QueueLayout::new(&ns.prefix, "requests", "processors").with_partitions(args.partitions);
+        let queues = RequestQueues::new(config.connection()?, layout.clone());
+        queues.ensure_groups().await?;
         let filled = Instant::now();
         let mut pending = futures::stream::FuturesUnordered::new();
         for i in 0..args.drain {
-            let queue = queue.clone();
+            let queues = queues.clone();
             pending.push(async move {
                 let record = RequestRecord::queued(
-                    new_request_id(),
+                    queues.new_id(None),
                     Submission::new("echo", json!({"i": i})),
                     3,
                     now_ms(),
                 );
-                queue.submit(&record, None, 60_000, None).await
+                queues.of(&record.id).submit(&record, None, 60_000, None).await
             });
             if pending.len() >= 256 {
                 use futures::StreamExt;
@@ -198,12 +216,15 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
         }
         eprintln!("pre-filled {} requests in {:.1} s", args.drain, filled.elapsed().as_secs_f64());
         let cancel = CancellationToken::new();
+        let mut probe = Probe::new(&ns.url).await?;
+        let before = probe.sample().await?;
         let started = Instant::now();
-        let processor =
-            tokio::spawn(start_processor(&ns, &vhost, args.concurrency, cancel.clone(), false).await?);
+        let processor = tokio::spawn(
+            start_processor(&ns, &vhost, args.concurrency, cancel.clone(), false, args.partitions).await?,
+        );
         let mut conn = config.manager()?;
         loop {
-            let (read, pending): (u64, u64) = group_progress(&mut conn, &names).await?;
+            let (read, pending): (u64, u64) = group_progress(&mut conn, &layout).await?;
             if read as usize >= args.drain && pending == 0 {
                 break;
             }
@@ -214,8 +235,15 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let elapsed = started.elapsed();
+        let cpu = probe.sample().await?.since(&before);
+        let per_request = us_per_item(&cpu, args.drain as u64);
         let rate = args.drain as f64 / elapsed.as_secs_f64();
-        eprintln!("drain: {rate:.0} requests/s");
+        eprintln!(
+            "drain: {rate:.0} requests/s over {} partition(s); CPU µs per request: {per_request}",
+            args.partitions
+        );
+        report.insert("processor_drain_cpu".into(), cpu);
+        report.insert("processor_drain_cpu_us_per_request".into(), per_request);
         report.insert("processor_drain_requests_per_s".into(), json!(rate.round()));
         report.insert("processor_drain_s".into(), json!((elapsed.as_secs_f64() * 1000.0).round() / 1000.0));
         cancel.cancel();
@@ -227,6 +255,7 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
         "params".into(),
         json!({"round_trips": args.round_trips, "drain": args.drain, "connections": args.connections,
                "duration_s": args.duration.as_secs_f64(), "concurrency": args.concurrency,
+               "partitions": args.partitions,
                "progress_reporting": "on (processor bursts to the aggregator over AMQP)"}),
     );
     Ok(Value::Object(report))
@@ -238,7 +267,7 @@ async fn full_stack(args: &Args, auth: bool) -> anyhow::Result<serde_json::Map<S
     let mut report = serde_json::Map::new();
     {
         let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
-        let stack = Stack::start(&ns, &vhost, args.concurrency, true, auth).await?;
+        let stack = Stack::start(&ns, &vhost, args.concurrency, true, auth, args.partitions).await?;
         let mut headers = reqwest::header::HeaderMap::new();
         if auth {
             let config =
@@ -316,10 +345,23 @@ async fn full_stack(args: &Args, auth: bool) -> anyhow::Result<serde_json::Map<S
     Ok(report)
 }
 
-/// `entries-read` and `pending` of the processors' group.
+/// `entries-read` and `pending` of the processors' group, summed over every partition.
 async fn group_progress(
     conn: &mut redis::aio::ConnectionManager,
-    names: &QueueNames,
+    layout: &QueueLayout,
+) -> anyhow::Result<(u64, u64)> {
+    let (mut read, mut pending) = (0, 0);
+    for names in layout.all() {
+        let (r, p) = partition_progress(conn, &names).await?;
+        read += r;
+        pending += p;
+    }
+    Ok((read, pending))
+}
+
+async fn partition_progress(
+    conn: &mut redis::aio::ConnectionManager,
+    names: &cairn_redis::requests::QueueNames,
 ) -> anyhow::Result<(u64, u64)> {
     let groups: Vec<std::collections::HashMap<String, redis::Value>> =
         redis::cmd("XINFO").arg("GROUPS").arg(&names.stream).query_async(conn).await?;

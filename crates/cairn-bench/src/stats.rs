@@ -26,3 +26,9 @@ mod tests {
         assert!(percentile_ms(&[], 0.5).is_nan());
     }
 }
+
+/// `x` rounded to `digits` decimals.
+pub fn round(x: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (x * scale).round() / scale
+}

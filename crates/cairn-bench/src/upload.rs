@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess};
+use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess, free_addr};
 use clap::Parser as _;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
@@ -75,10 +75,6 @@ async fn receiver(sink: Arc<Sink>, cancel: CancellationToken) -> anyhow::Result<
         async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await },
     );
     Ok(addr)
-}
-
-fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], cairn_testkit::free_port()))
 }
 
 async fn wait_ready(url: &str) -> anyhow::Result<()> {

@@ -7,6 +7,9 @@
 //! - the upstream saw each (request, attempt) at most once, and the attempt that succeeded;
 //! - every progress tree equals the reference model fed the same updates;
 //! - no process's resident memory passed a bound.
+//!
+//! It runs twice: on one Redis with one request partition, and on a Redis Cluster of three
+//! masters with the request queue in three partitions (docs/contract.md §8).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,8 +21,9 @@ use cairn_progress::model::Tree;
 use cairn_progress::update::Update;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
-use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess, free_port, wait_until};
-use lapin::options::BasicPublishOptions;
+use cairn_testkit::{
+    AmqpVhost, RedisCluster, RedisNamespace, ServiceProcess, free_port, unique_name, wait_until,
+};
 use lapin::{BasicProperties, Channel};
 use rand::Rng;
 use serde_json::{Value, json};
@@ -66,6 +70,39 @@ async fn upstream(effects: Effects) -> u16 {
     port
 }
 
+/// Where the stack keeps its data: a prefix of its own on the shared Redis, or a Redis Cluster of
+/// its own with the request queue in partitions.
+struct Store {
+    config: RedisConfig,
+    partitions: u16,
+    _namespace: Option<RedisNamespace>,
+    _cluster: Option<RedisCluster>,
+}
+
+impl Store {
+    fn single() -> Store {
+        let ns = RedisNamespace::new();
+        let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
+        Store { config, partitions: 1, _namespace: Some(ns), _cluster: None }
+    }
+
+    async fn cluster(partitions: u16) -> Store {
+        let cluster = RedisCluster::new().await;
+        let config = RedisConfig::cluster(cluster.url(), unique_name("chaos"));
+        Store { config, partitions, _namespace: None, _cluster: Some(cluster) }
+    }
+
+    /// The variables that point a service at this store.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CAIRN_REDIS_URL", self.config.url.clone()),
+            ("CAIRN_KEY_PREFIX", self.config.prefix.clone()),
+            ("CAIRN_REDIS_CLUSTER", self.config.cluster.to_string()),
+            ("CAIRN_REQUEST_PARTITIONS", self.partitions.to_string()),
+        ]
+    }
+}
+
 struct Stack {
     processes: Vec<ServiceProcess>,
     /// Base URLs of the ingress replicas.
@@ -73,20 +110,19 @@ struct Stack {
 }
 
 impl Stack {
-    fn start(ns: &RedisNamespace, vhost: &AmqpVhost, dir: &std::path::Path, upstream: u16) -> Stack {
+    fn start(store: &Store, vhost: &AmqpVhost, dir: &std::path::Path, upstream: u16) -> Stack {
         let handlers = dir.join("handlers.toml");
         std::fs::write(
             &handlers,
             format!("[handlers.work]\nkind = \"http\"\nurl = \"http://127.0.0.1:{upstream}/work\"\ntimeout = \"10s\"\n"),
         )
         .unwrap();
-        let base = BTreeMap::from([
-            ("CAIRN_REDIS_URL", ns.url.clone()),
-            ("CAIRN_KEY_PREFIX", ns.prefix.clone()),
+        let mut base = BTreeMap::from([
             ("CAIRN_AMQP_URL", vhost.url.clone()),
             ("CAIRN_LOG", "warn".to_owned()),
             ("CAIRN_HANDLERS_FILE", handlers.display().to_string()),
         ]);
+        base.extend(store.env());
         let aggregator_ports = [free_port(), free_port()];
         let ingress_ports = [free_port(), free_port()];
         let mut processes = Vec::new();
@@ -188,19 +224,9 @@ async fn publish_progress(channel: Channel, model: Arc<Mutex<Tree>>) {
                     "weight": 1 + s,
                 });
                 let update = Update::from_json(&body).unwrap();
-                let confirm = channel
-                    .basic_publish(
-                        "progress".into(),
-                        key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        body.to_string().as_bytes(),
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                assert!(confirm.is_ack(), "the broker took update {step} of {key}");
+                let persistent = BasicProperties::default().with_delivery_mode(2);
+                cairn_testkit::publish_progress(&channel, &key, body.to_string().as_bytes(), persistent)
+                    .await;
                 model.lock().unwrap().apply(&Key::parse(&key).unwrap(), &update, 0);
             }
         }
@@ -248,11 +274,20 @@ async fn state(client: &reqwest::Client, ingress: &[String], id: &str) -> Option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stack_that_loses_a_random_process_every_few_seconds_loses_nothing() {
-    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
+    chaos(Store::single()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_with_partitioned_requests_it_loses_nothing_either() {
+    chaos(Store::cluster(3).await).await;
+}
+
+async fn chaos(store: Store) {
+    let vhost = AmqpVhost::new().await;
     let dir = tempfile::tempdir().unwrap();
     let effects: Effects = Arc::default();
     let upstream_port = upstream(effects.clone()).await;
-    let mut stack = Stack::start(&ns, &vhost, dir.path(), upstream_port);
+    let mut stack = Stack::start(&store, &vhost, dir.path(), upstream_port);
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
     for base in stack.ingress.clone() {
         let ready = wait_until("an ingress replica ready", Duration::from_secs(30), || {
@@ -290,7 +325,9 @@ async fn a_stack_that_loses_a_random_process_every_few_seconds_loses_nothing() {
     progress.await.unwrap();
     stack.revive();
     eprintln!(
-        "chaos: {} requests accepted, {} refused, kills {kills:?}, max RSS {max_rss} KiB",
+        "chaos ({} partition(s), cluster {}): {} requests accepted, {} refused, kills {kills:?}, max RSS {max_rss} KiB",
+        store.partitions,
+        store.config.cluster,
         accepted.len(),
         refused.len()
     );
@@ -342,8 +379,7 @@ async fn a_stack_that_loses_a_random_process_every_few_seconds_loses_nothing() {
     }
 
     // A request's node ends as its record.
-    let config = RedisConfig::new(ns.url.clone(), ns.prefix.clone());
-    let store = ProgressStore::new(config.manager().unwrap(), ns.prefix.clone());
+    let store = ProgressStore::new(store.config.connection().unwrap(), store.config.prefix.clone());
     for id in records.keys() {
         let key = Key::parse(&format!("_requests.{id}")).unwrap();
         let node = store.get(&key, &ReadOptions::default()).await.unwrap();

@@ -1,14 +1,13 @@
 //! One trace from ingress through the processor and its handler to the aggregator, exported over
 //! OTLP/gRPC by the real `cairn dev` process to a small OTLP receiver in this test.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
+use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess, free_addr, hex, wait_until};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -70,14 +69,6 @@ impl TraceService for Collector {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 /// The `http` handler's upstream: answers 200 and keeps the `traceparent` it was sent.
 async fn upstream(seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
     let app = axum::Router::new().route(
@@ -121,30 +112,28 @@ async fn one_trace_spans_ingress_processor_handler_and_aggregator() {
     let ns = RedisNamespace::new();
     let vhost = AmqpVhost::new().await;
     let (ingress, grpc, aggregator_admin) = (free_addr(), free_addr(), free_addr());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .arg("dev")
-        .env("CAIRN_REDIS_URL", &ns.url)
-        .env("CAIRN_KEY_PREFIX", &ns.prefix)
-        .env("CAIRN_AMQP_URL", &vhost.url)
-        .env("CAIRN_HANDLERS_FILE", &handlers)
-        .env("CAIRN_INGRESS_ADDR", ingress.to_string())
-        .env("CAIRN_INGRESS_ADMIN_ADDR", free_addr().to_string())
-        .env("CAIRN_AGGREGATOR_GRPC_ADDR", grpc.to_string())
-        .env("CAIRN_AGGREGATOR_URL", format!("http://{grpc}"))
-        .env("CAIRN_AGGREGATOR_ADMIN_ADDR", aggregator_admin.to_string())
-        .env("CAIRN_PROCESSOR_ADMIN_ADDR", free_addr().to_string())
-        .env("CAIRN_TRIMMER_ADMIN_ADDR", free_addr().to_string())
-        .env("CAIRN_PUBLIC_URL", format!("http://{ingress}"))
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env_remove("OTEL_SERVICE_NAME")
-        .env_remove("OTEL_TRACES_SAMPLER")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    // The environment is exactly this (no `OTEL_SERVICE_NAME` or sampler from the caller's).
+    let env = [
+        ("CAIRN_REDIS_URL", ns.url.clone()),
+        ("CAIRN_KEY_PREFIX", ns.prefix.clone()),
+        ("CAIRN_AMQP_URL", vhost.url.clone()),
+        ("CAIRN_HANDLERS_FILE", handlers.display().to_string()),
+        ("CAIRN_INGRESS_ADDR", ingress.to_string()),
+        ("CAIRN_INGRESS_ADMIN_ADDR", free_addr().to_string()),
+        ("CAIRN_AGGREGATOR_GRPC_ADDR", grpc.to_string()),
+        ("CAIRN_AGGREGATOR_URL", format!("http://{grpc}")),
+        ("CAIRN_AGGREGATOR_ADMIN_ADDR", aggregator_admin.to_string()),
+        ("CAIRN_PROCESSOR_ADMIN_ADDR", free_addr().to_string()),
+        ("CAIRN_TRIMMER_ADMIN_ADDR", free_addr().to_string()),
+        ("CAIRN_PUBLIC_URL", format!("http://{ingress}")),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    let env: BTreeMap<String, String> =
+        env.into_iter().map(|(name, value)| (name.to_owned(), value)).collect();
+    let mut cairn = ServiceProcess::new("cairn-dev", env!("CARGO_BIN_EXE_cairn"), &["dev"], env, dir.path());
+    cairn.start();
 
     let http = reqwest::Client::new();
     let base = format!("http://{ingress}");
@@ -158,7 +147,7 @@ async fn one_trace_spans_ingress_processor_handler_and_aggregator() {
         }
     })
     .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}; cairn dev's log ends:\n{}", cairn.log_tail(30)));
 
     let reply = http
         .post(format!("{base}/v1/requests"))
@@ -219,7 +208,6 @@ async fn one_trace_spans_ingress_processor_handler_and_aggregator() {
         );
     }
 
-    child.start_kill().unwrap();
-    let _ = child.wait().await;
+    cairn.kill();
     stop.cancel();
 }

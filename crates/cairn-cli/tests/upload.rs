@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Multipart, State};
+use cairn_testkit::{Signal, hex, sha256_hex, test_bytes};
 use common::{Stack, WAIT};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -68,23 +69,6 @@ async fn stack_with_receiver() -> (Stack, Inbox) {
     (stack, inbox)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `len` bytes that differ from file to file (xorshift from `seed`).
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn write(root: &Path, rel: &str, data: &[u8]) {
     let path = root.join(rel);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -103,9 +87,9 @@ async fn files_in_nested_folders_arrive_whole_with_their_paths() {
     let root = dir.path();
     let mut expected = BTreeMap::new();
     let mut add = |rel: String, seed: u64, len: usize| {
-        let data = content(seed, len);
+        let data = test_bytes(len, seed);
         write(root, &rel, &data);
-        expected.insert(rel, hex(&Sha256::digest(&data)));
+        expected.insert(rel, sha256_hex(&data));
     };
     // two files are there before the command starts
     add("before.bin".into(), 1, 40_000);
@@ -137,8 +121,7 @@ async fn files_in_nested_folders_arrive_whole_with_their_paths() {
     .await
     .unwrap();
     // `q` (or SIGTERM) finishes what is queued and exits
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    cairn_testkit::signal_process(child.id().unwrap(), Signal::TERM).unwrap();
     let output = tokio::time::timeout(WAIT, child.wait_with_output()).await.unwrap().unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert_eq!(output.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
@@ -220,9 +203,9 @@ async fn a_killed_upload_resumes_and_delivers_the_file_once() {
     let (proxy, counted) = counting_proxy(stack.base.trim_start_matches("http://").to_owned()).await;
     let dir = tempfile::tempdir().unwrap();
     let size: u64 = 16 << 20;
-    let data = content(99, size as usize);
+    let data = test_bytes(size as usize, 99);
     write(dir.path(), "big/large.bin", &data);
-    let sha256 = hex(&Sha256::digest(&data));
+    let sha256 = sha256_hex(&data);
     let args = [
         "upload",
         dir.path().to_str().unwrap(),
@@ -285,7 +268,7 @@ async fn a_killed_upload_resumes_and_delivers_the_file_once() {
 async fn submit_with_files_sends_multipart_streams() {
     let (stack, inbox) = stack_with_receiver().await;
     let dir = tempfile::tempdir().unwrap();
-    let data = content(7, 300_000);
+    let data = test_bytes(300_000, 7);
     write(dir.path(), "photo.jpg", &data);
     let file = format!("file={}", dir.path().join("photo.jpg").display());
     let run =
@@ -294,7 +277,7 @@ async fn submit_with_files_sends_multipart_streams() {
     assert_eq!(view["state"], "succeeded", "{view}");
     let received = inbox.lock().unwrap().clone();
     assert_eq!(received.len(), 1);
-    assert_eq!(received[0].sha256, hex(&Sha256::digest(&data)));
+    assert_eq!(received[0].sha256, sha256_hex(&data));
     assert_eq!(received[0].payload, json!({"path": "p"}));
 
     // a missing file and a repeated name are usage errors naming them

@@ -3,6 +3,8 @@
 //! serde_json refuses numbers beyond f64 (`1e400`) with a bare "number out of range at line 1
 //! column 17". Users need the field name, so on that error the body is walked a second time
 //! with a visitor that records the burst element and update field it was in when parsing failed.
+//! serde_json's `Error` has no code telling that error from other syntax errors, and its text is
+//! not a contract, so the error is recognised by what the body holds where parsing stopped.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -32,9 +34,7 @@ pub(crate) const OUT_OF_RANGE: &str = "number is out of range; values must be fi
 
 pub(crate) fn parse(bytes: &[u8]) -> Result<Value, ParseError> {
     serde_json::from_slice(bytes).map_err(|err| {
-        if err.to_string().starts_with("number out of range")
-            || non_finite_at(bytes, err.line(), err.column())
-        {
+        if err.is_syntax() && bad_number_at(bytes, err.line(), err.column()) {
             ParseError::OutOfRange(locate(bytes))
         } else {
             ParseError::Syntax(err.to_string())
@@ -42,22 +42,42 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Value, ParseError> {
     })
 }
 
-/// Whether the parser stopped at `NaN` or an infinity (which some encoders write although JSON
-/// has no such numbers): then the field gets named like any other number out of range.
-fn non_finite_at(bytes: &[u8], line: usize, column: usize) -> bool {
-    if line == 0 {
-        return false;
-    }
-    let line_start = if line == 1 {
-        0
-    } else {
-        match bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(line - 2) {
-            Some((at, _)) => at + 1,
-            None => return false,
-        }
+/// Whether parsing stopped at a number an f64 cannot hold: a literal beyond f64's range (serde_json
+/// stops right after it), or `NaN` or an infinity, which some encoders write although JSON has no
+/// such numbers (serde_json stops at, or just after, its first byte). Then the field gets named.
+fn bad_number_at(bytes: &[u8], line: usize, column: usize) -> bool {
+    let Some(at) = offset(bytes, line, column) else { return false };
+    out_of_range_before(bytes, at) || non_finite_at(bytes, at)
+}
+
+/// The byte offset of serde_json's `line` (from 1) and `column` (bytes consumed on that line).
+fn offset(bytes: &[u8], line: usize, column: usize) -> Option<usize> {
+    let line_start = match line {
+        0 => return None,
+        1 => 0,
+        _ => bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(line - 2)?.0 + 1,
     };
-    // serde_json points at, or just after, the first byte it could not take.
-    let at = line_start + column;
+    Some(line_start + column)
+}
+
+/// Whether the bytes just before `at` end a number literal that is a value of its own (not the
+/// inside of a string) and overflows an f64.
+fn out_of_range_before(bytes: &[u8], at: usize) -> bool {
+    let is_number_byte = |b: &u8| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E');
+    let Some(before) = bytes.get(..at) else { return false };
+    let start = before.iter().rposition(|b| !is_number_byte(b)).map_or(0, |i| i + 1);
+    let starts_a_value =
+        start == 0 || matches!(before[start - 1], b'[' | b',' | b':' | b' ' | b'\t' | b'\n' | b'\r');
+    let literal = &before[start..];
+    starts_a_value
+        && !literal.is_empty()
+        && std::str::from_utf8(literal)
+            .ok()
+            .and_then(|text| text.parse::<f64>().ok())
+            .is_some_and(f64::is_infinite)
+}
+
+fn non_finite_at(bytes: &[u8], at: usize) -> bool {
     (at.saturating_sub(2)..=at).any(|start| {
         let rest = bytes.get(start..).unwrap_or_default();
         [&b"NaN"[..], b"Infinity", b"-Infinity", b"+Infinity", b"-NaN"]
@@ -185,6 +205,30 @@ mod tests {
             ParseError::Syntax(detail) => assert!(detail.contains("EOF"), "{detail}"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn only_numbers_out_of_range_are_out_of_range() {
+        for body in [
+            "{\"a\": \"1e400",
+            "{\"a\": \"x\"\n\"1e400\"}",
+            "[1, 2 3]",
+            "{\"a\": 1e30 }x",
+            "{\"a\": 1e-400, }",
+            "",
+        ] {
+            assert!(
+                matches!(parse(body.as_bytes()), Err(ParseError::Syntax(_))),
+                "{body}: {:?}",
+                parse(body.as_bytes())
+            );
+        }
+        assert_eq!(parse(b"[1e-400]").unwrap(), serde_json::json!([0.0]), "underflow is zero, not an error");
+        assert_eq!(out_of_range(&format!("{{\"big\": 1{}}}", "0".repeat(400))).field.as_deref(), Some("big"));
+        assert_eq!(out_of_range("{\"a\": 1,\n \"b\":\n-1.5E+400}").field.as_deref(), Some("b"));
+        assert_eq!(out_of_range("{\"e\": 1e99999999999999999999}").field.as_deref(), Some("e"));
+        assert_eq!(out_of_range("{\"n\": NaN}").field.as_deref(), Some("n"));
+        assert_eq!(out_of_range("{\"n\": -Infinity}").field.as_deref(), Some("n"));
     }
 
     #[test]

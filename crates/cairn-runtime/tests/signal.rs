@@ -11,9 +11,8 @@ async fn sigterm_cancels_every_shutdown_token() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!first.is_cancelled());
 
-    let status =
-        std::process::Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status().unwrap();
-    assert!(status.success());
+    use rustix::process::{Signal, getpid, kill_process};
+    kill_process(getpid(), Signal::TERM).expect("SIGTERM sent");
 
     tokio::time::timeout(Duration::from_secs(5), async {
         first.cancelled().await;

@@ -9,6 +9,24 @@ const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
 /// How long [`AmqpVhost::close_connections`] waits for the API to list a connection.
 const LIST_CONNECTIONS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Publishes `body` to the `progress` exchange under `routing_key` through a confirming channel
+/// (as [`AmqpVhost::progress_publisher`]'s), and fails the test unless the broker confirms it.
+pub async fn publish_progress(
+    channel: &lapin::Channel,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
+    let options = lapin::options::BasicPublishOptions::default();
+    let confirm = channel
+        .basic_publish("progress".into(), routing_key.into(), options, body, properties)
+        .await
+        .unwrap_or_else(|e| panic!("cannot publish to {routing_key}: {e}"))
+        .await
+        .unwrap_or_else(|e| panic!("no confirm of the message to {routing_key}: {e}"));
+    assert!(confirm.is_ack(), "the broker refused the message to {routing_key}");
+}
+
 /// A RabbitMQ virtual host of its own, created through the management API and deleted on drop
 /// (with every exchange, queue and connection in it).
 ///

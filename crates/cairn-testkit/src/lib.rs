@@ -3,9 +3,9 @@
 //! on drop), a throw-away `redis-server` process for tests that kill or restart Redis, a private
 //! Redis Cluster of three masters on loopback, a fresh RabbitMQ vhost per test (deleted on drop,
 //! with management-API helpers to drop connections and read queues), a RabbitMQ node of its own
-//! and generated certificates for TLS tests, service processes to kill and restart, a TCP proxy
-//! that cuts a shared server off from the code under test, unique names
-//! and a polling `wait_until` used instead of sleeps.
+//! and generated certificates for TLS tests, service processes to signal, kill and restart, a TCP proxy
+//! that cuts a shared server off from the code under test, unique names, deterministic test
+//! bytes and their digests, and a polling `wait_until` used instead of sleeps.
 //!
 //! Fixtures panic with a message naming the problem (and the environment variable to set) when
 //! setup fails: a test without its environment should fail right there, loudly.
@@ -16,6 +16,7 @@
 //! needs the `rabbitmq_management` plugin.
 
 mod amqp;
+mod data;
 mod process;
 mod rabbitmq_node;
 mod redis_cluster;
@@ -27,8 +28,11 @@ mod tls;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-pub use amqp::AmqpVhost;
-pub use process::{ServiceProcess, free_port, rss_kib};
+pub use amqp::{AmqpVhost, publish_progress};
+pub use data::{hex, sha256_hex, test_bytes};
+pub use process::{
+    ServiceProcess, Signal, cpu_seconds, free_addr, free_port, process_exists, rss_kib, signal_process,
+};
 pub use rabbitmq_node::RabbitNode;
 pub use redis_cluster::RedisCluster;
 pub use redis_namespace::RedisNamespace;

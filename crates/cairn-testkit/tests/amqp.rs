@@ -117,3 +117,31 @@ async fn vhosts_are_isolated() {
     let missing = tokio::spawn(async move { b.get_message("only-in-a").await });
     assert!(missing.await.is_err(), "the queue does not exist in the other vhost");
 }
+
+#[tokio::test]
+async fn progress_messages_reach_the_progress_exchange_confirmed() {
+    use lapin::options::QueueBindOptions;
+
+    let vhost = AmqpVhost::new().await;
+    let (_connection, channel) = vhost.progress_publisher().await;
+    channel
+        .queue_declare("seen".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            "seen".into(),
+            "progress".into(),
+            "_t.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let properties = BasicProperties::default().with_delivery_mode(2);
+    cairn_testkit::publish_progress(&channel, "_t.job", br#"{"progress": 0.5}"#, properties).await;
+    let message = vhost.get_message("seen").await.expect("the message, confirmed before the call returned");
+    assert_eq!(message["routing_key"], "_t.job");
+    assert_eq!(message["payload"], r#"{"progress": 0.5}"#);
+    assert_eq!(message["properties"]["delivery_mode"], 2);
+}

@@ -1,8 +1,8 @@
 //! The handler names this deployment offers, so a submission naming an unknown handler is refused
 //! at the door instead of dying in a processor. They come from the processors' handlers file
 //! (`CAIRN_HANDLERS_FILE`), read with the processor's parser (`cairn_runtime::handlers_file`):
-//! the ingress accepts a file only if its structure is what the processor expects, and keeps the
-//! names. What depends on the processor's host (the programs) only the processor checks.
+//! the ingress accepts a file only if the processor would, and keeps the names. What depends on
+//! the processor's host (the programs) only the processor checks.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -58,6 +58,18 @@ mod tests {
         assert!(parse("[other]\nx = 1").unwrap_err().contains("no [handlers.NAME] table"));
         assert!(parse("[handlers]").unwrap_err().contains("no handlers defined"));
         assert!(parse("[handlers.echo").unwrap_err().starts_with("invalid TOML"));
+        // A handler's own settings too, as the processor refuses them.
+        assert_eq!(
+            parse("[handlers.h]\nkind = \"http\"\nurl = \"ftp://a\"").unwrap_err(),
+            "handlers.h.url: \"ftp://a\": unsupported scheme \"ftp\"; use http://"
+        );
+        assert_eq!(
+            parse("[handlers.c]\nkind = \"command\"\nprogram = \"x\"\nenv = { CAIRN_PAYLOAD = \"\" }")
+                .unwrap_err(),
+            "handlers.c.env.CAIRN_PAYLOAD: reserved: the processor sets it for each request"
+        );
+        // Not whether the program exists: that is the processor's host's business.
+        assert!(parse("[handlers.c]\nkind = \"command\"\nprogram = \"/nonexistent/x\"").is_ok());
         let missing = load(Some(Path::new("/nonexistent/handlers.toml"))).unwrap_err().to_string();
         assert!(missing.starts_with("cannot read handlers file /nonexistent/handlers.toml"), "{missing}");
     }

@@ -6,8 +6,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use cairn_testkit::wait_until;
-use common::{Options, Stack, WAIT};
+use cairn_testkit::{hex, sha256_hex, test_bytes, wait_until};
+use common::{Options, Stack, WAIT, handlers_file};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use redis::AsyncCommands as _;
@@ -46,36 +46,6 @@ impl Handler for Sha {
         }
         .boxed()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex(&Sha256::digest(data))
-}
-
-fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-/// A handlers file naming `names`, for the ingress (it reads only the names).
-fn handlers_file(names: &[&str]) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("handlers.toml");
-    let text: String = names.iter().map(|name| format!("[handlers.{name}]\nkind = \"echo\"\n\n")).collect();
-    std::fs::write(&path, text).unwrap();
-    let path = path.to_str().unwrap().to_owned();
-    (dir, path)
 }
 
 async fn stack(extra: &[(&str, &str)]) -> (Stack, tempfile::TempDir) {

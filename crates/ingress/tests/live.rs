@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cairn_progress::{Key, Update};
 use common::{Options, Stack, WAIT};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
@@ -151,17 +151,7 @@ async fn amqp(stack: &Stack) -> lapin::Channel {
 
 async fn publish_amqp(channel: &lapin::Channel, routing_key: &str, body: &Value) {
     let props = BasicProperties::default().with_content_type("application/json".into());
-    let confirm = channel
-        .basic_publish(
-            "progress".into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body.to_string().as_bytes(),
-            props,
-        )
-        .await
-        .expect("publish");
-    assert!(confirm.await.expect("confirm").is_ack());
+    cairn_testkit::publish_progress(channel, routing_key, body.to_string().as_bytes(), props).await;
 }
 
 const EVENT_WAIT: Duration = Duration::from_secs(10);

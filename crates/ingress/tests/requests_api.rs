@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cairn_progress::Update;
 use cairn_testkit::{RedisServer, wait_until};
-use common::{Options, Reply, Stack, WAIT};
+use common::{Options, Reply, Stack, WAIT, handlers_file};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use redis::AsyncCommands as _;
@@ -65,15 +65,6 @@ impl Handler for ReportThenBlock {
         }
         .boxed()
     }
-}
-
-/// A handlers file naming `names` (the ingress reads only the names), in a temporary directory.
-fn handlers_file(names: &[&str]) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let path = dir.path().join("handlers.toml");
-    let text: String = names.iter().map(|name| format!("[handlers.{name}]\nkind = \"echo\"\n\n")).collect();
-    std::fs::write(&path, text).expect("write handlers file");
-    (dir, path.to_str().expect("UTF-8 path").to_owned())
 }
 
 async fn xlen(stack: &Stack, key: &str) -> u64 {

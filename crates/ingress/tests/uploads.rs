@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cairn_redis::BlobStore;
-use cairn_testkit::wait_until;
+use cairn_testkit::{test_bytes, wait_until};
 use common::{Options, Stack, WAIT};
 use futures::TryStreamExt as _;
 use redis::AsyncCommands as _;
@@ -39,19 +39,6 @@ async fn tus_client(args: &[&str]) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("client.py printed {stdout:?}: {e}"))
-}
-
-/// Deterministic bytes that do not repeat within a chunk.
-fn test_bytes(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn upload_id(url: &str) -> String {
@@ -95,7 +82,7 @@ async fn tuspy_uploads_resume_from_the_server_offset_and_checksums_are_enforced(
     let stack = Stack::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("data.bin");
-    let data = test_bytes(5 * MIB);
+    let data = test_bytes(5 * MIB, 1);
     std::fs::write(&file, &data).unwrap();
     let file = file.to_str().unwrap();
     let store = dir.path().join("urls.json");
@@ -164,7 +151,7 @@ async fn tuspy_uploads_resume_from_the_server_offset_and_checksums_are_enforced(
 
     // 4. A wrong checksum is refused with 460 and its bytes are dropped.
     let other = dir.path().join("other.bin");
-    std::fs::write(&other, test_bytes(300_000)).unwrap();
+    std::fs::write(&other, test_bytes(300_000, 2)).unwrap();
     let refused = tus_client(&["upload", &endpoint, other.to_str().unwrap(), "--checksum", "wrong"]).await;
     assert_eq!(refused["error_status"], 460, "{refused}");
     let refused_id = upload_id(refused["url"].as_str().unwrap());
@@ -263,7 +250,7 @@ async fn an_expired_upload_is_gone_with_its_bytes() {
     let stack = Stack::with(Options::default().arg("--upload-expiry", "2s")).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("data.bin");
-    std::fs::write(&file, test_bytes(600_000)).unwrap();
+    std::fs::write(&file, test_bytes(600_000, 3)).unwrap();
     let endpoint = format!("{}/v1/uploads", stack.base);
     let partial = tus_client(&[
         "upload",

@@ -8,9 +8,8 @@ use cairn_proto::v1::progress_client::ProgressClient;
 use cairn_proto::v1::{DeleteRequest, GetRequest, UpdateRequest};
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
-use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
+use cairn_testkit::{AmqpVhost, RedisNamespace, publish_progress, wait_until};
 use clap::Parser;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use progress_aggregator::consumer::{ERROR_HEADER, TIME_HEADER};
@@ -94,19 +93,7 @@ async fn publish(channel: &Channel, routing_key: &str, body: &[u8], headers: Opt
     if let Some(headers) = headers {
         properties = properties.with_headers(headers);
     }
-    let confirm = channel
-        .basic_publish(
-            "progress".into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack(), "broker confirmed the message");
+    publish_progress(channel, routing_key, body, properties).await;
 }
 
 async fn progress_of(store: &ProgressStore, k: &str) -> Option<f64> {

@@ -7,10 +7,9 @@ use std::time::Duration;
 use cairn_progress::Key;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
-use cairn_testkit::{AmqpVhost, RedisCluster, unique_name, wait_until};
+use cairn_testkit::{AmqpVhost, RedisCluster, publish_progress, unique_name, wait_until};
 use clap::Parser as _;
 use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
 use progress_aggregator::{App, Config};
 use tokio_util::sync::CancellationToken;
 
@@ -49,19 +48,7 @@ async fn updates_over_amqp_land_in_a_cluster() {
         let channel = channel.clone();
         async move {
             let properties = BasicProperties::default().with_content_type("application/json".into());
-            let confirm = channel
-                .basic_publish(
-                    "progress".into(),
-                    routing_key.into(),
-                    BasicPublishOptions::default(),
-                    body.as_bytes(),
-                    properties,
-                )
-                .await
-                .expect("publish")
-                .await
-                .expect("confirm");
-            assert!(confirm.is_ack());
+            publish_progress(&channel, routing_key, body.as_bytes(), properties).await;
         }
     };
     publish("_c.job.a", r#"{"progress": 0.5}"#.to_owned()).await;

@@ -2,17 +2,14 @@
 //! about shards/replicas of them (its `/metrics` says which), and when one is killed with
 //! SIGKILL its shards move to the others within the lease, with per-key order kept.
 
-use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use cairn_progress::Key;
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
-use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel};
+use cairn_testkit::{AmqpVhost, RedisNamespace, ServiceProcess, free_port, publish_progress, wait_until};
+use lapin::BasicProperties;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -22,30 +19,29 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// One aggregator process; killed when dropped.
 struct Replica {
-    child: Child,
+    process: ServiceProcess,
     admin: String,
+    _logs: tempfile::TempDir,
 }
 
 impl Replica {
     fn start(ns: &RedisNamespace, vhost: &AmqpVhost, name: &str) -> Replica {
         let admin = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(BIN)
-            .args([
-                "--grpc-addr=127.0.0.1:0",
-                &format!("--admin-addr={admin}"),
-                &format!("--redis-url={}", ns.url),
-                &format!("--key-prefix={}", ns.prefix),
-                &format!("--amqp-url={}", vhost.url),
-                &format!("--shards={SHARDS}"),
-                "--lease-ttl=1500ms",
-                &format!("--name={name}"),
-                "--grace=5s",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the aggregator binary starts");
-        Replica { child, admin }
+        let args = [
+            "--grpc-addr=127.0.0.1:0",
+            &format!("--admin-addr={admin}"),
+            &format!("--redis-url={}", ns.url),
+            &format!("--key-prefix={}", ns.prefix),
+            &format!("--amqp-url={}", vhost.url),
+            &format!("--shards={SHARDS}"),
+            "--lease-ttl=1500ms",
+            &format!("--name={name}"),
+            "--grace=5s",
+        ];
+        let logs = tempfile::tempdir().expect("a log directory");
+        let mut process = ServiceProcess::new(name, BIN, &args, BTreeMap::new(), logs.path());
+        process.start();
+        Replica { process, admin, _logs: logs }
     }
 
     /// The shards this replica's `/metrics` says it owns; empty while it cannot answer.
@@ -60,20 +56,13 @@ impl Replica {
     }
 
     fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
+        self.process.kill();
     }
-}
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// The end of its log, for a failure message.
+    fn log_tail(&self) -> String {
+        format!("{}:\n{}", self.process.name(), self.process.log_tail(20))
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A plain HTTP/1.0 GET (the admin port closes the connection after the answer).
@@ -103,26 +92,11 @@ async fn wait_for_spread(replicas: &[&Replica], most: usize) -> Vec<BTreeSet<u16
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the shards never spread over the replicas: {owned:?}"
+            "the shards never spread over the replicas: {owned:?}; {}",
+            { replicas.iter().map(|replica| replica.log_tail()).collect::<Vec<_>>().join("\n") }
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-async fn publish(channel: &Channel, routing_key: &str, body: &[u8]) {
-    let confirm = channel
-        .basic_publish(
-            "progress".into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +123,8 @@ async fn replicas_share_the_shards_and_a_killed_ones_move_within_the_lease() {
         }
         for k in 0..keys {
             let body = json!({"seq": step, "progress": f64::from(step) / f64::from(steps - 1)}).to_string();
-            publish(&channel, &format!("_t.o.k{k}"), body.as_bytes()).await;
+            let persistent = BasicProperties::default().with_delivery_mode(2);
+            publish_progress(&channel, &format!("_t.o.k{k}"), body.as_bytes(), persistent).await;
         }
     }
     let survivors: Vec<&Replica> = replicas[1..].iter().collect();

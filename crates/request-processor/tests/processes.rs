@@ -3,15 +3,17 @@
 //! running command, and a Redis restart under load.
 
 use cairn_progress::now_ms;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cairn_redis::RedisConfig;
 use cairn_redis::requests::{QueueNames, RequestQueue, SubmitOutcome};
 use cairn_requests::{RequestRecord, RequestState, Submission, new_request_id};
-use cairn_testkit::{AmqpVhost, RedisNamespace, RedisServer, wait_until};
+use cairn_testkit::{
+    AmqpVhost, RedisNamespace, RedisServer, ServiceProcess, Signal, process_exists, sha256_hex, test_bytes,
+    wait_until,
+};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_request-processor");
@@ -79,34 +81,34 @@ env = {{ PIDFILE = "{pidfile}" }}
         World { redis_url, prefix, amqp_url: vhost.url.clone(), dir, queue, _ns: ns, _vhost: vhost }
     }
 
-    fn processor(&self, name: &str, extra: &[&str]) -> Processor {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let mut command = Command::new(BIN);
+    /// A processor named `name`, started, its output in `{name}.log` of the test's directory.
+    /// Dropped, it is killed with the commands it runs (a host going away takes its children with
+    /// it).
+    fn processor(&self, name: &str, extra: &[&str]) -> ServiceProcess {
+        let handlers = self.dir.path().join("handlers.toml");
+        let mut args = Vec::new();
         // Fast leases by default; a test's own flags replace these.
         for (flag, value) in
             [("--heartbeat-interval", "200ms"), ("--lease-timeout", "1s"), ("--retry-backoff", "50ms")]
         {
             if !extra.contains(&flag) {
-                command.args([flag, value]);
+                args.extend([flag, value]);
             }
         }
-        command
-            .args([
-                "--redis-url",
-                &self.redis_url,
-                "--key-prefix",
-                &self.prefix,
-                "--amqp-url",
-                &self.amqp_url,
-            ])
-            .args(["--admin-addr", "127.0.0.1:0", "--name", name])
-            .arg("--handlers")
-            .arg(self.dir.path().join("handlers.toml"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        Processor { child: command.spawn().expect("processor starts") }
+        args.extend([
+            "--redis-url",
+            &self.redis_url,
+            "--key-prefix",
+            &self.prefix,
+            "--amqp-url",
+            &self.amqp_url,
+        ]);
+        args.extend(["--admin-addr", "127.0.0.1:0", "--name", name]);
+        args.extend(["--handlers", handlers.to_str().expect("a UTF-8 temporary path")]);
+        args.extend(extra);
+        let mut processor = ServiceProcess::new(name, BIN, &args, BTreeMap::new(), self.dir.path());
+        processor.start();
+        processor
     }
 
     async fn submit(&self, handler: &str, max_attempts: u32) -> String {
@@ -169,51 +171,6 @@ env = {{ PIDFILE = "{pidfile}" }}
     }
 }
 
-struct Processor {
-    child: Child,
-}
-
-impl Processor {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends `signal` to the processor and to its handlers' process groups (a host going away
-    /// takes its children with it; a paused host pauses them too).
-    fn signal_tree(&mut self, signal: &str) {
-        // Only a child not yet reaped keeps its pid: never signal a pid that may be reused.
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        if signal == "KILL" {
-            // Freeze it first, so it cannot start another handler between listing and killing.
-            signal_pid("STOP", &self.pid().to_string());
-        }
-        let children = Command::new("pgrep").args(["-P", &self.pid().to_string()]).output().unwrap();
-        let children = String::from_utf8_lossy(&children.stdout).to_string();
-        if signal == "CONT" {
-            signal_pid(signal, &self.pid().to_string());
-        }
-        for child in children.split_whitespace() {
-            signal_pid(signal, &format!("-{child}"));
-        }
-        if signal != "CONT" {
-            signal_pid(signal, &self.pid().to_string());
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        while std::time::Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
 impl Drop for World {
     fn drop(&mut self) {
         // Keep the processors' logs of a failed test for the person reading the failure.
@@ -223,22 +180,6 @@ impl Drop for World {
             eprintln!("processor logs kept in {}", kept.display());
         }
     }
-}
-
-impl Drop for Processor {
-    fn drop(&mut self) {
-        self.signal_tree("CONT");
-        self.signal_tree("KILL");
-        let _ = self.child.wait();
-    }
-}
-
-fn signal_pid(signal: &str, target: &str) {
-    let _ = Command::new("kill").args([&format!("-{signal}"), "--", target]).status();
-}
-
-fn alive(pid: &str) -> bool {
-    Command::new("kill").args(["-0", pid]).status().map(|s| s.success()).unwrap_or(false)
 }
 
 #[tokio::test]
@@ -259,7 +200,7 @@ async fn kill_9_mid_request_completes_every_request_exactly_once_elsewhere() {
     })
     .await
     .unwrap();
-    doomed.signal_tree("KILL");
+    doomed.signal_tree(Signal::KILL);
     assert!(doomed.wait_exit(Duration::from_secs(5)).is_some(), "killed");
     let _survivor = world.processor("survivor", &["--concurrency", "16"]);
     world.wait_all(&ids, RequestState::Succeeded, WAIT).await;
@@ -290,7 +231,7 @@ async fn sigterm_drains_in_flight_work_and_exits_0() {
     .await
     .unwrap();
     let later = world.submit("echo", 3).await;
-    signal_pid("TERM", &processor.pid().to_string());
+    processor.signal(Signal::TERM);
     let status = processor.wait_exit(Duration::from_secs(30));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit 0 after draining");
     world.wait_all(&ids, RequestState::Succeeded, Duration::from_secs(1)).await;
@@ -311,14 +252,14 @@ async fn a_processor_paused_past_its_lease_cannot_commit_late() {
     })
     .await
     .unwrap();
-    paused.signal_tree("STOP");
+    paused.signal_tree(Signal::STOP);
     let _other = world.processor("other", &[]);
     world.wait_all(std::slice::from_ref(&id), RequestState::Succeeded, WAIT).await;
     let record = world.queue.record(&id).await.unwrap().unwrap();
     assert_eq!(record.owner.as_deref(), Some("other"));
     assert_eq!(record.attempts, 2, "the second attempt ran elsewhere");
 
-    paused.signal_tree("CONT");
+    paused.signal_tree(Signal::CONT);
     // The paused run's handler finishes now and its commit is refused by the lease fence.
     let log = world.dir.path().join("paused.log");
     wait_until("the late commit is refused", WAIT, || async {
@@ -361,13 +302,15 @@ async fn canceling_a_running_command_kills_it_within_a_heartbeat() {
     let id = world.submit("hang", 3).await;
     let pidfile = world.dir.path().join(format!("hang.pid.{id}"));
     wait_until("the command runs", WAIT, || async { pidfile.exists() }).await.unwrap();
-    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
-    assert!(alive(&pid));
+    let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(process_exists(pid));
     world.queue.cancel(&id, now_ms()).await.unwrap();
     let started = std::time::Instant::now();
     world.wait_all(std::slice::from_ref(&id), RequestState::Canceled, Duration::from_secs(10)).await;
     assert!(started.elapsed() < Duration::from_secs(5), "canceled within about one heartbeat (200 ms)");
-    wait_until("its process is gone", Duration::from_secs(5), || async { !alive(&pid) }).await.unwrap();
+    wait_until("its process is gone", Duration::from_secs(5), || async { !process_exists(pid) })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -428,7 +371,7 @@ async fn a_processor_restarted_with_its_name_drains_its_own_pending_entries() {
     })
     .await
     .unwrap();
-    first.signal_tree("KILL");
+    first.signal_tree(Signal::KILL);
     assert!(first.wait_exit(Duration::from_secs(5)).is_some(), "killed");
     assert!(world.pending_of("same").await > 0, "the killed life left entries pending");
     let _second = world.processor("same", &["--concurrency", "8"]);
@@ -468,23 +411,6 @@ async fn submit_with_stream(world: &World, handler: &str, name: &str, data: &[u8
     let outcome = world.queue.submit_with_streams(&record, None, 60_000, None, &[source]).await.unwrap();
     assert!(matches!(outcome, SubmitOutcome::Created { .. }), "{outcome:?}");
     id
-}
-
-fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What the upstream of the `upload` handler saw: per attempt, the bytes of the `data` part.
@@ -580,7 +506,7 @@ async fn a_processor_killed_mid_transfer_leaves_the_retry_the_whole_stream() {
     })
     .await
     .unwrap();
-    doomed.signal_tree("KILL");
+    doomed.signal_tree(Signal::KILL);
     assert!(doomed.wait_exit(Duration::from_secs(5)).is_some(), "killed");
     let cut_at = upstream.first_attempt.load(Ordering::SeqCst);
     assert!(cut_at < data.len() as u64, "the kill landed mid-transfer ({cut_at} bytes)");

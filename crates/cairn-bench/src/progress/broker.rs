@@ -16,8 +16,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use serde_json::{Map, Value, json};
 
-use super::system::{Probe, us_per_item};
 use super::{Args, Publisher, connect, properties, queue_len, rate, redis_url, round, single_message};
+use crate::system::{Probe, us_per_item};
 
 const EXCHANGE: &str = "bench";
 const QUEUE: &str = "bench.broker";

@@ -14,8 +14,8 @@ use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
-use super::system::{Probe, us_per_item};
 use super::{Aggregator, Args, percentile_ms, round};
+use crate::system::{Probe, us_per_item};
 
 /// Time given to every caller to be spawned before the clock starts.
 const START_DELAY: Duration = Duration::from_millis(100);

@@ -10,7 +10,6 @@ mod grpc;
 mod queue;
 mod read;
 mod siblings;
-mod system;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -149,7 +148,7 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     only.dedup();
     let started = Instant::now();
     let mut report = Map::new();
-    report.insert("machine".into(), system::machine(&redis_url()).await);
+    report.insert("machine".into(), crate::system::machine(&redis_url()).await);
     for measurement in &only {
         let phase = Instant::now();
         eprintln!("cairn-bench: measuring ({measurement:?})");
@@ -221,10 +220,7 @@ fn params(args: &Args, only: &[Measurement]) -> Value {
 }
 
 /// `x` rounded to `digits` decimals, for a readable report.
-fn round(x: f64, digits: i32) -> f64 {
-    let scale = 10f64.powi(digits);
-    (x * scale).round() / scale
-}
+use crate::stats::round;
 
 fn rate(count: u64, elapsed: Duration) -> f64 {
     round(count as f64 / elapsed.as_secs_f64(), 0)

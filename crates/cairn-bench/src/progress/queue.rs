@@ -20,11 +20,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use progress_aggregator::consumer::TIME_HEADER;
 use serde_json::{Map, Value, json};
 
-use super::system::{Probe, us_per_item};
 use super::{
     Aggregator, Args, DEAD_LETTER_QUEUE, DRAIN_TIMEOUT, EXCHANGE, MARKER_BODY, MARKER_KEY, Publisher,
     connect, key, properties, queue_len, rate, round, single_message, store, wait_for_key,
 };
+use crate::system::{Probe, us_per_item};
 
 /// One message to pre-fill.
 struct Message {

@@ -17,8 +17,8 @@ use cairn_redis::progress::{Change, ReadOptions};
 use cairn_testkit::RedisNamespace;
 use serde_json::{Map, Value, json};
 
-use super::system::Probe;
 use super::{Args, key, round, store};
+use crate::system::Probe;
 
 const FEW_SIBLINGS: u64 = 10;
 const BUILD_BATCH: u64 = 2_000;

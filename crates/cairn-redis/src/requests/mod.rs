@@ -38,6 +38,9 @@ static COMMIT: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_
 static CANCEL: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_cancel"));
 static RETRY_DEAD: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("requests_retry_dead"));
 
+/// Writes a call on a Redis Cluster left to the queue that failed (`write`: `node` or `reply`).
+pub const DEFERRED_FAILED: &str = "cairn_requests_deferred_failed_total";
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("redis is unavailable: {0}")]
@@ -46,8 +49,8 @@ pub enum QueueError {
     Record { id: String, detail: String },
     #[error("unexpected reply from a request script: {0}")]
     Protocol(String),
-    /// A terminal state or a first update could not be written to the request's progress node
-    /// (a Redis Cluster, where the node is written after the request's own step).
+    /// A terminal state could not be shown on the request's progress node (a Redis Cluster,
+    /// where the node is written after the request's own step).
     #[error("cannot write the request's progress node: {0}")]
     Progress(#[from] StoreError),
 }
@@ -378,16 +381,30 @@ impl RequestQueue {
         let Ok([result, nodes, replies]) = <[Value; 3]>::try_from(parts) else {
             return Err(protocol("a tagged call's reply has the wrong number of parts"));
         };
-        let nodes: Vec<Vec<String>> = texts(nodes)?;
-        let replies: Vec<Vec<String>> = texts(replies)?;
-        if !nodes.is_empty() {
-            let changes = nodes.iter().map(|node| node_change(node)).collect::<Result<Vec<_>, _>>()?;
-            self.progress.apply(&changes).await?;
+        // The call's own step is stored: what follows is told, never undone. A failure here is
+        // logged, not returned, so no caller repeats a step that happened; the node then waits
+        // for the processor's own report and the waiter for its polling fallback.
+        let (nodes, replies) = (texts(nodes)?, texts(replies)?);
+        if !nodes.is_empty()
+            && let Err(error) = self.show_on_nodes(&nodes).await
+        {
+            tracing::warn!(%error, nodes = nodes.len(), "cannot show request states on their progress nodes");
+            metrics::counter!(DEFERRED_FAILED, "write" => "node").increment(1);
         }
-        if !replies.is_empty() {
-            self.send_replies(&replies).await?;
+        if !replies.is_empty()
+            && let Err(error) = self.send_replies(&replies).await
+        {
+            tracing::warn!(%error, replies = replies.len(), "cannot send replies; waiters poll instead");
+            metrics::counter!(DEFERRED_FAILED, "write" => "reply").increment(1);
         }
         parse(result)
+    }
+
+    /// Applies terminal states `{ key, time, name, JSON, … }` a call left for progress nodes.
+    async fn show_on_nodes(&self, nodes: &[Vec<String>]) -> Result<(), QueueError> {
+        let changes = nodes.iter().map(|node| node_change(node)).collect::<Result<Vec<_>, _>>()?;
+        self.progress.apply(&changes).await?;
+        Ok(())
     }
 
     /// Sends `{ reply stream, id, state, time }` replies as common.lua's `reply` does on one Redis:
@@ -494,7 +511,12 @@ impl RequestQueue {
                         update: update.clone(),
                         time_ms: record.created_ms,
                     };
-                    self.progress.apply(&[change]).await?;
+                    // Queued is stored: a node that cannot be written now shows the request
+                    // from the processor's first report on.
+                    if let Err(error) = self.progress.apply(&[change]).await {
+                        tracing::warn!(%error, request = %record.id, "cannot write a new request's progress node");
+                        metrics::counter!(DEFERRED_FAILED, "write" => "node").increment(1);
+                    }
                 }
                 Ok(SubmitOutcome::Created { entry_id })
             }

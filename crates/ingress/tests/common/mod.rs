@@ -481,3 +481,12 @@ pub async fn socket_io_clients() -> std::path::PathBuf {
         .await;
     dir
 }
+
+/// A handlers file naming `names` (the ingress reads only the names), in a temporary directory.
+pub fn handlers_file(names: &[&str]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("handlers.toml");
+    let text: String = names.iter().map(|name| format!("[handlers.{name}]\nkind = \"echo\"\n\n")).collect();
+    std::fs::write(&path, text).expect("write handlers file");
+    (dir, path.to_str().expect("UTF-8 path").to_owned())
+}

@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::http::parse_output;
 use crate::handler::{Context, Handler, HandlerError};
-use cairn_runtime::handlers_file::ConfigError;
+use cairn_runtime::handlers_file::{self, CommandArg, ConfigError};
 
 /// The exit status by which a program says its input is wrong (not worth retrying).
 pub const EXIT_INPUT_WRONG: i32 = 2;
@@ -50,72 +50,42 @@ const STDERR_TAIL_BYTES: usize = 1024;
 /// Above this, the payload is not put in `CAIRN_PAYLOAD`: Linux refuses an environment string
 /// over 128 KiB, and the program would not start at all.
 const MAX_ENV_PAYLOAD_BYTES: usize = 64 * 1024;
-/// Environment variables the processor sets itself; the configuration may not override them.
-const RESERVED_ENV: [&str; 7] = [
-    "CAIRN_STREAMS_DIR",
-    "CAIRN_PAYLOAD",
-    "CAIRN_REQUEST_ID",
-    "CAIRN_ATTEMPT",
-    "CAIRN_PROGRESS_KEY",
-    "CAIRN_PROGRESS_URL",
-    "TRACEPARENT",
-];
 
 pub struct CommandHandler {
     program: PathBuf,
-    args: Vec<Arg>,
+    args: Vec<CommandArg>,
     timeout: Option<Duration>,
     env: BTreeMap<String, String>,
 }
 
-/// One configured argument.
-#[derive(Debug, Clone, PartialEq)]
-enum Arg {
-    Literal(String),
-    /// `{name}`, or `{name:raw}` to let a value start with `-`.
-    Field {
-        name: String,
-        raw: bool,
-    },
-}
-
 impl CommandHandler {
     /// Checks that `program` is an executable file and that the placeholders in `args` are well
-    /// formed. A relative `program` is taken from the current directory, never searched in `PATH`.
+    /// formed (the handlers file's rule, [`CommandArg::parse`]). A relative `program` is taken
+    /// from the current directory, never searched in `PATH`.
     pub fn new(program: impl Into<PathBuf>, args: Vec<String>) -> Result<Self, ConfigError> {
+        Self::with_args(program, handlers_file::command_args(args)?)
+    }
+
+    /// [`CommandHandler::new`] with arguments already parsed, as the handlers file gives them.
+    pub(crate) fn with_args(program: impl Into<PathBuf>, args: Vec<CommandArg>) -> Result<Self, ConfigError> {
         let program = program.into();
         let program = std::path::absolute(&program)
             .map_err(|e| ConfigError::invalid("program", format!("{}: {e}", program.display())))?;
         check_executable(&program).map_err(|message| ConfigError::invalid("program", message))?;
-        let args =
-            args.into_iter().enumerate().map(|(i, arg)| parse_arg(arg, i)).collect::<Result<_, _>>()?;
         Ok(Self { program, args, timeout: None, env: BTreeMap::new() })
     }
 
     /// Kills the program when an attempt runs longer; by default only cancellation stops it.
     pub fn with_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
-        if timeout.is_zero() {
-            return Err(ConfigError::invalid("timeout", "must be longer than 0s"));
-        }
-        self.timeout = Some(timeout);
+        self.timeout = Some(handlers_file::check_timeout(timeout)?);
         Ok(self)
     }
 
-    /// Adds environment variables; the ones the processor sets itself are refused.
+    /// Adds environment variables; the ones the processor sets itself
+    /// ([`handlers_file::RESERVED_ENV`]) are refused, as the handlers file refuses them.
     pub fn with_env(mut self, env: BTreeMap<String, String>) -> Result<Self, ConfigError> {
-        for (name, value) in env {
-            let field = format!("env.{name}");
-            if name.is_empty() || name.contains(['=', '\0']) {
-                return Err(ConfigError::invalid(field, "not a valid environment variable name"));
-            }
-            if RESERVED_ENV.contains(&name.as_str()) {
-                return Err(ConfigError::invalid(field, "reserved: the processor sets it for each request"));
-            }
-            if value.contains('\0') {
-                return Err(ConfigError::invalid(field, "must not contain a NUL character"));
-            }
-            self.env.insert(name, value);
-        }
+        handlers_file::check_env(&env)?;
+        self.env.extend(env);
         Ok(self)
     }
 
@@ -124,8 +94,10 @@ impl CommandHandler {
         self.args
             .iter()
             .map(|arg| match arg {
-                Arg::Literal(text) => Ok(text.clone()),
-                Arg::Field { name, raw } => field_value(ctx, name, *raw).map_err(HandlerError::Permanent),
+                CommandArg::Literal(text) => Ok(text.clone()),
+                CommandArg::Field { name, raw } => {
+                    field_value(ctx, name, *raw).map_err(HandlerError::Permanent)
+                }
             })
             .collect()
     }
@@ -323,31 +295,6 @@ fn check_executable(program: &Path) -> Result<(), String> {
         return Err(format!("{shown} is not executable (chmod +x it)"));
     }
     Ok(())
-}
-
-fn parse_arg(arg: String, index: usize) -> Result<Arg, ConfigError> {
-    let Some(inner) = arg.strip_prefix('{').and_then(|a| a.strip_suffix('}')) else {
-        return Ok(Arg::Literal(arg));
-    };
-    let (name, modifier) = match inner.split_once(':') {
-        Some((name, modifier)) => (name, Some(modifier)),
-        None => (inner, None),
-    };
-    let is_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !is_name {
-        return Ok(Arg::Literal(arg));
-    }
-    let raw = match modifier {
-        None => false,
-        Some("raw") => true,
-        Some(other) => {
-            return Err(ConfigError::invalid(
-                format!("args[{index}]"),
-                format!("unknown placeholder modifier {other:?} in {arg:?}; only {{{name}:raw}} exists"),
-            ));
-        }
-    };
-    Ok(Arg::Field { name: name.to_owned(), raw })
 }
 
 fn field_value(ctx: &Context, name: &str, raw: bool) -> Result<String, String> {
@@ -675,18 +622,6 @@ mod tests {
     }
 
     #[test]
-    fn placeholders_are_whole_arguments() {
-        let parse = |arg: &str| parse_arg(arg.into(), 0);
-        assert_eq!(parse("{width}").unwrap(), Arg::Field { name: "width".into(), raw: false });
-        assert_eq!(parse("{in-put_2:raw}").unwrap(), Arg::Field { name: "in-put_2".into(), raw: true });
-        for literal in ["width", "--width={width}", "{}", "{a b}", "{\"json\": 1}", "{width"] {
-            assert_eq!(parse(literal).unwrap(), Arg::Literal(literal.into()));
-        }
-        let e = parse("{width:rwa}").unwrap_err().to_string();
-        assert!(e.starts_with("args[0]: unknown placeholder modifier \"rwa\""), "{e}");
-    }
-
-    #[test]
     fn rejects_unusable_settings() {
         let e = CommandHandler::new("/nonexistent/tool", vec![]).err().unwrap().to_string();
         assert_eq!(e, "program: /nonexistent/tool does not exist");
@@ -699,6 +634,8 @@ mod tests {
         assert_eq!(e.to_string(), "env.A=B: not a valid environment variable name");
         let e = echo().with_timeout(Duration::ZERO).err().unwrap();
         assert_eq!(e.to_string(), "timeout: must be longer than 0s");
+        let e = CommandHandler::new("/bin/echo", vec!["{width:rwa}".into()]).err().unwrap().to_string();
+        assert!(e.starts_with("args[0]: unknown placeholder modifier \"rwa\""), "{e}");
     }
 
     #[test]

@@ -30,9 +30,10 @@
 //! Durations take a unit: `500ms`, `30s`, `5m`, `1h`. Everything is checked when the file is
 //! loaded — unknown keys, bad durations, a `program` that does not exist or is not executable —
 //! and each error names the handler and the field, e.g.
-//! `handlers.convert.timeout: invalid duration "soon": …`. The file's structure is checked by
-//! `cairn_runtime::handlers_file`, which the ingress reads it with too; this module builds the
-//! handlers and checks what depends on this host (the program) and on the handler (URLs, args).
+//! `handlers.convert.timeout: invalid duration "soon": …`. Everything but the program is checked
+//! by `cairn_runtime::handlers_file`, which the ingress reads the file with too, so both refuse
+//! the same files; this module builds the handlers and checks what depends on this host (the
+//! program).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -69,9 +70,9 @@ pub fn default_handlers() -> HandlerSet {
 fn build(spec: HandlerSpec, base_dir: &Path) -> Result<Arc<dyn crate::handler::Handler>, ConfigError> {
     Ok(match spec {
         HandlerSpec::Echo => Arc::new(Echo),
-        HandlerSpec::Http { url, timeout } => Arc::new(HttpHandler::new(&url, timeout)?),
+        HandlerSpec::Http { url, timeout } => Arc::new(HttpHandler::with_url(url, timeout)?),
         HandlerSpec::Command { program, args, timeout, env } => {
-            let mut handler = CommandHandler::new(base_dir.join(program), args)?.with_env(env)?;
+            let mut handler = CommandHandler::with_args(base_dir.join(program), args)?.with_env(env)?;
             if let Some(timeout) = timeout {
                 handler = handler.with_timeout(timeout)?;
             }
@@ -163,6 +164,28 @@ mod tests {
 
         let e = error("[handlers.t]\nkind = \"http\"");
         assert_eq!(e, "handlers.t.url: missing");
+    }
+
+    /// The ingress reads the file with the shared parser alone: everything but the program must
+    /// be refused there, with the processor's own message.
+    #[test]
+    fn what_the_processor_refuses_the_shared_parser_refuses_alike() {
+        let bad = [
+            "[handlers.x]\nkind = \"ftp\"",
+            "[handlers.h]\nkind = \"http\"\nurl = \"https://example.com\"",
+            "[handlers.h]\nkind = \"http\"\nurl = \"ftp://example.com\"",
+            "[handlers.h]\nkind = \"http\"\nurl = \"not a url\"",
+            "[handlers.h]\nkind = \"http\"\nurl = \"http://a\"\ntimeout = \"0s\"",
+            "[handlers.c]\nkind = \"command\"\nprogram = \"/bin/true\"\nargs = [\"{x:rwa}\"]",
+            "[handlers.c]\nkind = \"command\"\nprogram = \"/bin/true\"\nenv = { TRACEPARENT = \"x\" }",
+            "[handlers.c]\nkind = \"command\"\nprogram = \"/bin/true\"\nenv = { \"A=B\" = \"x\" }",
+            "[handlers.c]\nkind = \"command\"\nprogram = \"/bin/true\"\ntimeout = \"0s\"",
+        ];
+        for text in bad {
+            let shared = spec::parse(text).err().map(|e| e.to_string());
+            assert!(shared.is_some(), "the shared parser accepts {text:?}");
+            assert_eq!(Some(error(text)), shared, "{text}");
+        }
     }
 
     #[test]

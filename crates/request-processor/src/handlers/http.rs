@@ -20,7 +20,7 @@ use reqwest::{StatusCode, Url};
 use serde_json::Value;
 
 use crate::handler::{Context, Handler, HandlerError};
-use cairn_runtime::handlers_file::ConfigError;
+use cairn_runtime::handlers_file::{self, ConfigError};
 
 /// A successful answer's body becomes the stored result; larger ones fail the request.
 const MAX_RESULT_BYTES: usize = 1 << 20;
@@ -34,39 +34,21 @@ pub struct HttpHandler {
 }
 
 impl HttpHandler {
-    /// `timeout` bounds each attempt: connecting, sending and reading the whole answer.
+    /// `timeout` bounds each attempt: connecting, sending and reading the whole answer. `url` and
+    /// `timeout` are checked as the handlers file checks them ([`handlers_file::http_url`]).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, ConfigError> {
-        let parsed =
-            Url::parse(url).map_err(|e| ConfigError::invalid("url", format!("invalid URL {url:?}: {e}")))?;
-        match parsed.scheme() {
-            "http" => {}
-            "https" => {
-                return Err(ConfigError::invalid(
-                    "url",
-                    format!(
-                        "{url:?}: this build has no TLS support; use http:// (behind a TLS proxy if needed)"
-                    ),
-                ));
-            }
-            other => {
-                return Err(ConfigError::invalid(
-                    "url",
-                    format!("{url:?}: unsupported scheme {other:?}; use http://"),
-                ));
-            }
-        }
-        if parsed.host_str().is_none_or(str::is_empty) {
-            return Err(ConfigError::invalid("url", format!("{url:?} has no host")));
-        }
-        if timeout.is_zero() {
-            return Err(ConfigError::invalid("timeout", "must be longer than 0s"));
-        }
+        Self::with_url(handlers_file::http_url(url)?, timeout)
+    }
+
+    /// [`HttpHandler::new`] with a URL the handlers file already checked.
+    pub(crate) fn with_url(url: Url, timeout: Duration) -> Result<Self, ConfigError> {
+        let timeout = handlers_file::check_timeout(timeout)?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ConfigError::invalid("url", format!("cannot build an HTTP client: {e}")))?;
-        Ok(Self { url: parsed, timeout, client })
+        Ok(Self { url, timeout, client })
     }
 
     pub fn url(&self) -> &Url {

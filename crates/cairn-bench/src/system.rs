@@ -12,13 +12,13 @@ use anyhow::Context as _;
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 
-use super::round;
+use crate::stats::round;
 
-/// Clock ticks per second of `/proc/*/stat` times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+/// Clock ticks per second of `/proc/stat` times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
 const CLOCK_TICKS: f64 = 100.0;
 
 /// Cores, and the Redis version when Redis answers.
-pub(super) async fn machine(redis_url: &str) -> Value {
+pub(crate) async fn machine(redis_url: &str) -> Value {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let version = match Probe::new(redis_url).await {
         Ok(mut probe) => probe.info("server").await.ok().and_then(|info| field(&info, "redis_version")),
@@ -31,13 +31,13 @@ pub(super) async fn machine(redis_url: &str) -> Value {
 }
 
 /// Samples CPU and script time; see [`Sample::since`].
-pub(super) struct Probe {
+pub(crate) struct Probe {
     redis: ConnectionManager,
     rabbitmq: Option<u32>,
 }
 
 /// Cumulative counters at one instant.
-pub(super) struct Sample {
+pub(crate) struct Sample {
     at: Instant,
     bench_s: Option<f64>,
     redis_s: Option<f64>,
@@ -48,7 +48,7 @@ pub(super) struct Sample {
 }
 
 impl Probe {
-    pub(super) async fn new(redis_url: &str) -> anyhow::Result<Probe> {
+    pub(crate) async fn new(redis_url: &str) -> anyhow::Result<Probe> {
         let client =
             redis::Client::open(redis_url).with_context(|| format!("invalid Redis URL {redis_url:?}"))?;
         let redis = ConnectionManager::new(client)
@@ -65,7 +65,7 @@ impl Probe {
         Ok(cmd.query_async(&mut self.redis).await?)
     }
 
-    pub(super) async fn sample(&mut self) -> anyhow::Result<Sample> {
+    pub(crate) async fn sample(&mut self) -> anyhow::Result<Sample> {
         let info = self.info("cpu commandstats").await?;
         let cpu = |name| field(&info, name).and_then(|v| v.parse::<f64>().ok());
         let redis_s = cpu("used_cpu_user").zip(cpu("used_cpu_sys")).map(|(u, s)| u + s);
@@ -79,9 +79,9 @@ impl Probe {
         }
         Ok(Sample {
             at: Instant::now(),
-            bench_s: process_cpu_s("self"),
+            bench_s: cairn_testkit::cpu_seconds(std::process::id()),
             redis_s,
-            rabbitmq_s: self.rabbitmq.and_then(|pid| process_cpu_s(&pid.to_string())),
+            rabbitmq_s: self.rabbitmq.and_then(cairn_testkit::cpu_seconds),
             machine_s: machine_cpu_s(),
             script_calls,
             script_usec,
@@ -93,7 +93,7 @@ impl Sample {
     /// From `earlier` to this sample: wall time, the average number of cores each process kept
     /// busy, and the number and total time of Redis script calls (how busy Redis's one thread
     /// was running Cairn's Lua).
-    pub(super) fn since(&self, earlier: &Sample) -> Value {
+    pub(crate) fn since(&self, earlier: &Sample) -> Value {
         let wall = self.at.duration_since(earlier.at).as_secs_f64();
         let cores =
             |now: Option<f64>, then: Option<f64>| now.zip(then).map(|(n, t)| round((n - t) / wall, 2));
@@ -122,7 +122,7 @@ impl Sample {
     }
 
     /// Microseconds Redis spent in scripts since `earlier`.
-    pub(super) fn script_usec_since(&self, earlier: &Sample) -> u64 {
+    pub(crate) fn script_usec_since(&self, earlier: &Sample) -> u64 {
         self.script_usec.saturating_sub(earlier.script_usec)
     }
 }
@@ -130,7 +130,7 @@ impl Sample {
 /// CPU microseconds each process spent per item (message, update or call) during a measurement,
 /// from the figures [`Sample::since`] gives: what one item costs where, which says whether a
 /// rate can fit on the machine's cores at all.
-pub(super) fn us_per_item(cpu: &Value, items: u64) -> Value {
+pub(crate) fn us_per_item(cpu: &Value, items: u64) -> Value {
     let per = |cores: &str| -> Option<f64> {
         let busy_s = cpu[cores].as_f64()? * cpu["wall_s"].as_f64()?;
         (items > 0).then(|| round(busy_s / items as f64 * 1e6, 1))
@@ -146,22 +146,6 @@ fn field(info: &str, name: &str) -> Option<String> {
 /// `calls=…` from a `cmdstat_*` line (`calls=3,usec=20,usec_per_call=6.67,…`).
 fn stat(stats: &str, name: &str) -> u64 {
     stats.split(',').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(0)
-}
-
-/// User plus system CPU seconds of `/proc/{pid}/stat`.
-fn process_cpu_s(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / CLOCK_TICKS)
-}
-
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
-    // Field 3 (state) is the first; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
 }
 
 /// Busy CPU seconds of the whole machine, all cores (`/proc/stat`, everything but idle and
@@ -201,8 +185,6 @@ mod tests {
         let stats = field(info, "cmdstat_evalsha").unwrap();
         assert_eq!((stat(&stats, "calls"), stat(&stats, "usec")), (10, 250));
         assert_eq!(stat(&stats, "missing"), 0);
-        let proc_stat = "2960 (beam smp) S 1 2960 2960 0 -1 4194560 100 0 0 0 700 55 0 0 20 0 30 0";
-        assert_eq!(parse_cpu_ticks(proc_stat), Some(755));
         let machine = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 50 2 25 500 10 0 1 1 0 0\n";
         assert_eq!(parse_machine_ticks(machine), Some(161));
     }
