@@ -482,7 +482,9 @@ impl Requests {
         }
         // The request holds its copies now: the uploads they came from are used up.
         for (_, upload) in &copied {
-            if let Err(error) = bounded("delete upload", self.blobs.delete(&self.blobs.upload_key(upload))).await {
+            if let Err(error) =
+                bounded("delete upload", self.blobs.delete(&self.blobs.upload_key(upload))).await
+            {
                 warn!(request = %id, upload = %upload, %error, "cannot delete an upload the request copied; it expires");
             }
         }

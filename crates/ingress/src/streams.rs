@@ -204,7 +204,8 @@ pub(crate) async fn copy_upload(
         let mut fields = vec![("length", info.offset.to_string())];
         fields.extend(info.fields.get("metadata").map(|metadata| ("metadata", metadata.clone())));
         blob_call(blobs.create(&target, &fields, now_ms(), Some(expire_at))).await?;
-        let mut writer = BlobWriter::new(blobs.clone(), target.clone(), 0, WriteMode::Direct, Some(expire_at));
+        let mut writer =
+            BlobWriter::new(blobs.clone(), target.clone(), 0, WriteMode::Direct, Some(expire_at));
         let mut chunks = std::pin::pin!(blobs.read(&source));
         loop {
             match tokio::time::timeout(crate::requests::REDIS_TIMEOUT, chunks.try_next()).await {

@@ -645,7 +645,8 @@ mod cluster {
         let events =
             sse.until(EVENT_WAIT, |ev| node(ev, "_t.job.a").is_some_and(|a| a["status"] == "finished")).await;
         let last = events.last().unwrap();
-        let keys: Vec<&str> = last.data.as_array().unwrap().iter().map(|n| n["key"].as_str().unwrap()).collect();
+        let keys: Vec<&str> =
+            last.data.as_array().unwrap().iter().map(|n| n["key"].as_str().unwrap()).collect();
         assert_eq!(keys, ["_t.job", "_t.job.a"]);
         assert!(events.iter().all(|ev| node(ev, "_t.other.a").is_none()), "{events:?}");
         assert!(close(&node(last, "_t.job").unwrap()["progress"], 0.5));
@@ -702,7 +703,8 @@ mod cluster {
             .spawn()
             .expect("node runs");
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = tokio::time::timeout(EVENT_WAIT, lines.next_line()).await.expect("ready in time").unwrap();
+        let first =
+            tokio::time::timeout(EVENT_WAIT, lines.next_line()).await.expect("ready in time").unwrap();
         assert_eq!(first.as_deref(), Some(r#"{"ready":true}"#));
         publish_amqp(&channel, "_portal.job1.task1", &json!({"progress": 0.5, "status": "running"})).await;
         publish_amqp(&channel, "_portal.job1.task1", &json!({"progress": 1, "status": "finished"})).await;

@@ -697,7 +697,9 @@ mod cluster {
         // Newest first across the partitions' dead-letter streams, whole or a letter a page.
         let newest_first: Vec<String> = dead.iter().rev().cloned().collect();
         let letters = all_items(&stack, "/v1/dead-letters?limit=1000").await;
-        let entry_of = |letter: &Value| (letter["id"].as_str().unwrap().to_owned(), letter["entry_id"].as_str().unwrap().to_owned());
+        let entry_of = |letter: &Value| {
+            (letter["id"].as_str().unwrap().to_owned(), letter["entry_id"].as_str().unwrap().to_owned())
+        };
         let letter_entries: BTreeMap<String, String> = letters.iter().map(entry_of).collect();
         let listed: Vec<String> = letters.iter().map(|letter| entry_of(letter).0).collect();
         assert_same_order(&listed, &newest_first, &letter_entries);
@@ -708,7 +710,8 @@ mod cluster {
 
         // The oldest, retried, dies again and is the newest letter; it is listed twice now.
         let oldest = &dead[0];
-        let retry = stack.send(stack.request(Method::POST, &format!("/v1/dead-letters/{oldest}/retry"))).await;
+        let retry =
+            stack.send(stack.request(Method::POST, &format!("/v1/dead-letters/{oldest}/retry"))).await;
         assert_eq!((retry.status, &retry.json), (202, &json!({"id": oldest, "state": "queued"})));
         wait_until("the retry dies again", WAIT, || async {
             stack.request_state(oldest, Some(1)).await.json["state"] == "dead"
@@ -727,7 +730,8 @@ mod cluster {
         let stack = Stack::with(Options::default().on_cluster()).await;
         let mut submitted = Vec::new();
         for n in 0..MAX_TRIES {
-            submitted.push(id_of(&stack.submit(&json!({"handler": "echo", "payload": {"n": n}}), None).await));
+            submitted
+                .push(id_of(&stack.submit(&json!({"handler": "echo", "payload": {"n": n}}), None).await));
             let used: BTreeSet<u16> = submitted.iter().map(|id| partition(&stack, id)).collect();
             if used.len() == usize::from(CLUSTER_PARTITIONS) && submitted.len() >= 7 {
                 break;

@@ -161,7 +161,8 @@ impl Stack {
     /// An aggregator, the processor `options` ask for and an ingress, on one prefix and vhost;
     /// the ingress is ready.
     pub async fn with(options: Options) -> Stack {
-        let store = if options.cluster { Store::cluster().await } else { Store::Single(RedisNamespace::new()) };
+        let store =
+            if options.cluster { Store::cluster().await } else { Store::Single(RedisNamespace::new()) };
         let vhost = AmqpVhost::new().await;
         let config = progress_aggregator::Config::try_parse_from(
             cairn_testkit::aggregator_args_with(&store.args(), &vhost)
@@ -368,7 +369,8 @@ impl Stack {
     /// The stack's request queue, laid out as its services lay it out.
     pub fn queues(&self) -> RequestQueues {
         let partitions = if self.is_cluster() { CLUSTER_PARTITIONS } else { 1 };
-        let layout = QueueLayout::new(self.store.prefix(), "requests", "processors").with_partitions(partitions);
+        let layout =
+            QueueLayout::new(self.store.prefix(), "requests", "processors").with_partitions(partitions);
         RequestQueues::new(self.connection(), layout)
     }
 
