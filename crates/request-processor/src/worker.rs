@@ -196,7 +196,11 @@ async fn read_partition(readers: Arc<Readers>, partition: Arc<Partition>) {
             next_reclaim = Instant::now() + reclaim_every;
             match queue.reclaim(consumer, lease_ms, batch.len()).await {
                 Ok(entries) if !entries.is_empty() => {
-                    info!(partition = index, entries = entries.len(), "reclaimed requests whose lease ran out");
+                    info!(
+                        partition = index,
+                        entries = entries.len(),
+                        "reclaimed requests whose lease ran out"
+                    );
                     metrics::counter!("cairn_requests_reclaimed_total").increment(entries.len() as u64);
                     dispatch(deps, &partition, tasks, entries, batch).await;
                     continue;

@@ -70,7 +70,11 @@ impl World {
         World::with(config, None, Some(cluster)).await
     }
 
-    async fn with(config: RedisConfig, namespace: Option<RedisNamespace>, cluster: Option<RedisCluster>) -> World {
+    async fn with(
+        config: RedisConfig,
+        namespace: Option<RedisNamespace>,
+        cluster: Option<RedisCluster>,
+    ) -> World {
         let vhost = AmqpVhost::new().await;
         let dir = tempfile::tempdir().unwrap();
         let handlers = format!(
@@ -254,7 +258,8 @@ async fn requests_in_every_partition_run_once_with_two_processors(world: World) 
     world.open_gate();
     let admin_port = free_port();
     let admin_addr = format!("127.0.0.1:{admin_port}");
-    let a = world.processor("a", &[("CAIRN_PROCESSOR_CONCURRENCY", "4"), ("CAIRN_PROCESSOR_ADMIN_ADDR", &admin_addr)]);
+    let a = world
+        .processor("a", &[("CAIRN_PROCESSOR_CONCURRENCY", "4"), ("CAIRN_PROCESSOR_ADMIN_ADDR", &admin_addr)]);
     let _b = world.processor("b", &[("CAIRN_PROCESSOR_CONCURRENCY", "4")]);
     // Ready means Redis answers, also on a cluster (PING reaches every master).
     let readyz = format!("http://{admin_addr}/readyz");

@@ -69,7 +69,9 @@ pub(super) async fn run_request(
         cairn_runtime::telemetry::traceparent(&tracing::Span::current(), record.traceparent.as_deref());
     loop {
         record.traceparent.clone_from(&trace);
-        if handle_attempt(deps, partition, entry, &mut record, attempt, &signals).await != Then::RetryAfterBackoff {
+        if handle_attempt(deps, partition, entry, &mut record, attempt, &signals).await
+            != Then::RetryAfterBackoff
+        {
             return;
         }
         let delay = deps.settings.backoff.delay_with_rng(attempt, &mut rand::rng());
@@ -77,7 +79,8 @@ pub(super) async fn run_request(
             debug!(request = %entry.request_id, ?reason, "run stopped while backing off");
             return;
         }
-        let started = partition.queue.start(&deps.settings.consumer, std::slice::from_ref(entry), now_ms()).await;
+        let started =
+            partition.queue.start(&deps.settings.consumer, std::slice::from_ref(entry), now_ms()).await;
         match started.map(|mut starts| after_backoff(starts.pop())) {
             Ok(Restart::Run { attempt: next, record: stored }) => {
                 attempt = next;
