@@ -12,6 +12,12 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     (sorted[rank - 1].as_secs_f64() * 1e6).round() / 1e3
 }
 
+/// `x` rounded to `digits` decimals.
+pub fn round(x: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (x * scale).round() / scale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -25,10 +31,4 @@ mod tests {
         assert_eq!(percentile_ms(&sorted[..1], 0.5), 1.0);
         assert!(percentile_ms(&[], 0.5).is_nan());
     }
-}
-
-/// `x` rounded to `digits` decimals.
-pub fn round(x: f64, digits: i32) -> f64 {
-    let scale = 10f64.powi(digits);
-    (x * scale).round() / scale
 }

@@ -749,7 +749,10 @@ mod cluster {
         let canceled = &submitted[1];
         let reply = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{canceled}"))).await;
         assert_eq!(reply.status, 200, "{}", reply.json);
-        assert_eq!(all_pages(&stack, "/v1/requests?state=canceled&limit=5").await, [canceled.clone()]);
+        assert_eq!(
+            all_pages(&stack, "/v1/requests?state=canceled&limit=5").await,
+            std::slice::from_ref(canceled)
+        );
         for (n, id) in submitted.iter().enumerate() {
             let payload = stack.get(&format!("/v1/requests/{id}/payload")).await;
             assert_eq!((payload.status, payload.json), (200, json!({"n": n})));
