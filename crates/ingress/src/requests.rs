@@ -470,7 +470,8 @@ impl Requests {
             self.report_stream(&record.progress_key, &info.name, info.bytes, Some(info.bytes)).await;
         }
         let progress_key = record.progress_key.clone();
-        let outcome = self.store_record(record, wait, &sources).await;
+        let copied_uploads: Vec<&str> = copied.iter().map(|(_, upload)| upload.as_str()).collect();
+        let outcome = self.store_record(record, wait, &sources, &copied_uploads).await;
         let stored = match &outcome {
             Ok(Submitted::Queued(_)) => true,
             Ok(Submitted::Known(view)) => view.record.id == id,
@@ -478,15 +479,6 @@ impl Requests {
         };
         if !stored {
             self.drop_streams(&id, &progress_key, &inline).await;
-            return outcome;
-        }
-        // The request holds its copies now: the uploads they came from are used up.
-        for (_, upload) in &copied {
-            if let Err(error) =
-                bounded("delete upload", self.blobs.delete(&self.blobs.upload_key(upload))).await
-            {
-                warn!(request = %id, upload = %upload, %error, "cannot delete an upload the request copied; it expires");
-            }
         }
         outcome
     }
@@ -523,12 +515,14 @@ impl Requests {
         }
     }
 
-    /// Stores a new record (with its streams) and answers as a submission does.
+    /// Stores a new record (with its streams) and answers as a submission does. Once it is
+    /// stored, before any wait, the uploads in `copied` (copied into its streams) are deleted.
     async fn store_record(
         &self,
         record: RequestRecord,
         wait: Option<Duration>,
         streams: &[StreamSource],
+        copied: &[&str],
     ) -> Result<Submitted, RequestsError> {
         let id = record.id.clone();
         let waiter = wait.map(|_| self.waiters.register(&id));
@@ -547,6 +541,12 @@ impl Requests {
             SubmitOutcome::Created { entry_id } => {
                 info!(request = %id, handler = %record.handler, entry = %entry_id, streams = record.streams.len(), "request queued");
                 metrics::counter!("cairn_requests_submitted_total").increment(1);
+                for upload in copied {
+                    let key = self.blobs.upload_key(upload);
+                    if let Err(error) = bounded("delete upload", self.blobs.delete(&key)).await {
+                        warn!(request = %id, %upload, %error, "cannot delete an upload the request copied; it expires");
+                    }
+                }
                 let record = match (wait, &waiter) {
                     (Some(wait), Some(waiter)) => self.wait_terminal(record, waiter, wait).await,
                     _ => record,

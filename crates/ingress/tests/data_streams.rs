@@ -296,12 +296,14 @@ async fn uploads_of_any_partition_become_streams_on_a_cluster() {
         .find(|key| layout.partition_of(key) != layout.partition_of(&upload_id))
         .unwrap();
     let keyed = json!({"handler": "sha", "streams": {"data": upload_id}, "idempotency_key": idempotency_key});
-    let reply = stack.submit(&keyed, Some(30)).await;
-    assert_eq!(reply.status, 200, "{}", reply.json);
-    assert_eq!(sha(&reply, "data"), json!(sha256_hex(&data)));
-    let keyed_request = reply.json["id"].as_str().unwrap().to_owned();
+    let accepted = stack.submit(&keyed, None).await;
+    assert_eq!(accepted.status, 202, "{}", accepted.json);
+    let keyed_request = accepted.json["id"].as_str().unwrap().to_owned();
+    assert!(upload_gone(&stack, &upload_id).await, "the copied upload is deleted once the request is stored");
     assert_eq!(layout.partition_of(&keyed_request), layout.partition_of(&idempotency_key));
-    assert!(upload_gone(&stack, &upload_id).await, "the copied upload is deleted");
+    let reply = stack.request_state(&keyed_request, Some(30)).await;
+    assert_eq!(reply.json["state"], "succeeded", "{}", reply.json);
+    assert_eq!(sha(&reply, "data"), json!(sha256_hex(&data)));
     let again = stack.submit(&keyed, None).await;
     assert_eq!((again.status, &again.json["id"]), (200, &json!(keyed_request)), "{}", again.json);
     let used = stack.submit(&json!({"handler": "sha", "streams": {"data": upload_id}}), None).await;
