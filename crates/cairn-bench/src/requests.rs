@@ -72,11 +72,7 @@ impl Stack {
         partitions: u16,
     ) -> anyhow::Result<Stack> {
         let cancel = CancellationToken::new();
-        let mut common = vec![
-            format!("--redis-url={}", ns.url),
-            format!("--key-prefix={}", ns.prefix),
-            format!("--request-partitions={partitions}"),
-        ];
+        let mut common = vec![format!("--redis-url={}", ns.url), format!("--key-prefix={}", ns.prefix)];
         if auth {
             common.push(format!("--auth-jwt-secret={BENCH_SECRET}"));
         }
@@ -100,6 +96,7 @@ impl Stack {
             "--addr=127.0.0.1:0".into(),
             "--admin-addr=127.0.0.1:0".into(),
             format!("--aggregator-url=http://{grpc}"),
+            format!("--request-partitions={partitions}"),
         ];
         args.extend(common.iter().cloned());
         let ingress = ingress::App::build(ingress::Config::try_parse_from(args)?).await?;

@@ -19,8 +19,9 @@ pub(crate) use sse::router as sse_router;
 pub struct LiveConfig {
     #[command(flatten)]
     pub live: cairn_live::LiveArgs,
-    /// Browser origins (`https://app.example.com`, comma-separated, `*` for any) allowed to open
-    /// a cross-site WebSocket; same-origin and non-browser clients need no entry.
+    /// Browser origins (`https://app.example.com`, comma-separated, `*` for any) allowed to make
+    /// cross-site calls (WebSocket, socket.io, and any call but GET and HEAD); same-origin and
+    /// non-browser clients need no entry.
     #[arg(long = "allowed-origins", env = "CAIRN_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 }

@@ -55,7 +55,8 @@ async fn upgrade(
 }
 
 /// Same-origin (the `Origin`'s host is the `Host` asked for), no `Origin` (not a browser), or
-/// listed.
+/// listed. Guards the WebSocket and socket.io upgrades and every call but GET and HEAD
+/// (`auth.rs`).
 pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return Ok(()) };
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
@@ -67,7 +68,7 @@ pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<()
     }
     Err(ApiError::new(
         ErrorKind::Forbidden,
-        format!("cross-site WebSocket from origin {origin:?} refused: list it in CAIRN_ALLOWED_ORIGINS"),
+        format!("cross-site call from origin {origin:?} refused: list it in CAIRN_ALLOWED_ORIGINS"),
     ))
 }
 

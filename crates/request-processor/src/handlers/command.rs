@@ -11,8 +11,9 @@
 //! `CAIRN_PROGRESS_KEY`, `CAIRN_PROGRESS_URL` (so a script can
 //! `curl -d '{"progress":0.5}' "$CAIRN_PROGRESS_URL"`), `TRACEPARENT` when the request carries
 //! one, `CAIRN_STREAMS_DIR` (a private temporary directory holding one file per data stream,
-//! named as the stream; removed after the run), and the configured `env` on top of the
-//! processor's own environment.
+//! named as the stream; removed after the run), and the configured `env`. Of the processor's own
+//! environment it inherits only what `inherited` lists (PATH, HOME, the locale, …): nothing
+//! that could hold a secret.
 //!
 //! Outcome:
 //! - exit status 0: success; stdout is the result (JSON if it parses, else the trimmed text as a
