@@ -142,8 +142,8 @@ impl RedisConfig {
         if self.cluster {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
-                "CAIRN_REDIS_CLUSTER=true: this service does not run on a Redis Cluster yet \
-                 (it needs one Redis so far; docs/contract.md §8)",
+                "CAIRN_REDIS_CLUSTER=true: this needs one Redis, not a Redis Cluster \
+                 (docs/contract.md §8)",
             )));
         }
         Ok(())
@@ -218,9 +218,8 @@ impl RedisConfig {
 
     /// The shared, reconnecting connection for short commands and scripts. Connects lazily, so a
     /// service starts (and reports not-ready) while Redis is away. One Redis only: with
-    /// `CAIRN_REDIS_CLUSTER=true` it is refused, naming the variable, for the parts of Cairn that
-    /// do not run on a cluster yet; the others (the stores, retention) take
-    /// [`connection`](Self::connection).
+    /// `CAIRN_REDIS_CLUSTER=true` it is refused, naming the variable; the services take
+    /// [`connection`](Self::connection), which works on both.
     pub fn manager(&self) -> Result<ConnectionManager, redis::RedisError> {
         self.single_only()?;
         let config = ConnectionManagerConfig::new()

@@ -395,7 +395,10 @@ pub fn default_progress_key(id: &str) -> Key {
     }
 }
 
-/// A fresh random request id, formatted as a version 4 UUID (lowercase, 8-4-4-4-12 hex).
+/// A fresh random request id, formatted as a version 4 UUID (lowercase, 8-4-4-4-12 hex), in no
+/// particular partition of the request queue. Services take a new request's id from the queue's
+/// layout (`cairn_redis::requests::QueueLayout::new_id`), which draws these until one falls in
+/// the partition it needs.
 pub fn new_request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }

@@ -82,10 +82,18 @@ fn env_or(name: &str, default: &str) -> String {
 /// picked by the OS, this prefix and vhost, one shard, a 5 s grace; `progress-aggregator` first
 /// (the program name clap expects). Append flags to add or override settings.
 pub fn aggregator_args(ns: &RedisNamespace, vhost: &AmqpVhost) -> Vec<String> {
+    let redis = ["--redis-url", &ns.url, "--key-prefix", &ns.prefix].map(String::from);
+    aggregator_args_with(&redis, vhost)
+}
+
+/// [`aggregator_args`] with the Redis flags given (`--redis-url`, `--key-prefix` and, for a
+/// [`RedisCluster`], `--redis-cluster true`).
+pub fn aggregator_args_with(redis: &[String], vhost: &AmqpVhost) -> Vec<String> {
     let args = ["progress-aggregator", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"];
-    let stores = ["--redis-url", &ns.url, "--key-prefix", &ns.prefix, "--amqp-url", &vhost.url];
+    let amqp = ["--amqp-url", &vhost.url];
     let behaviour = ["--shards", "1", "--grace", "5s"];
-    args.iter().chain(&stores).chain(&behaviour).map(|arg| (*arg).to_owned()).collect()
+    let fixed = |args: &[&str]| args.iter().map(|arg| (*arg).to_owned()).collect::<Vec<_>>();
+    [fixed(&args), redis.to_vec(), fixed(&amqp), fixed(&behaviour)].concat()
 }
 
 #[cfg(test)]

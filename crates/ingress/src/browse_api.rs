@@ -5,9 +5,10 @@
 //!
 //! They read what the progress store and the request queue already keep, without an index of
 //! their own: roots from the `P:proots` sorted set (score: the root's latest update time),
-//! requests from the request stream read backwards, each entry joined with its record `P:req:<id>`.
-//! An entry whose record is gone (purged) or names a newer entry (a dead request queued again) is
-//! skipped, so every request appears once, at its latest submission.
+//! requests from the request streams read backwards (every partition's, merged newest first by
+//! entry id), each entry joined with its record `P:req:<id>`. An entry whose record is gone
+//! (purged) or names a newer entry (a dead request queued again) is skipped, so every request
+//! appears once, at its latest submission.
 
 use axum::extract::{Query, State};
 use axum::routing::get;
@@ -16,10 +17,9 @@ use cairn_error::ServiceError;
 use cairn_progress::Key;
 use cairn_redis::ProgressStore;
 use cairn_redis::progress::ReadOptions;
-use cairn_redis::requests::{Entry, QueueNames, RequestQueue};
+use cairn_redis::requests::{Entry, RequestQueues};
 use cairn_requests::{RequestRecord, RequestState};
 use futures::future::join_all;
-use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::warn;
@@ -27,7 +27,7 @@ use tracing::warn;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::progress_api::bounded;
-use crate::requests::REDIS_TIMEOUT;
+use crate::requests::{REDIS_TIMEOUT, through_ties};
 use crate::requests_api::RequestId;
 
 const DEFAULT_LIMIT: u32 = 50;
@@ -42,18 +42,16 @@ const MAX_HANDLER_LEN: usize = 256;
 
 #[derive(Clone)]
 struct Browse {
-    queue: RequestQueue,
+    queues: RequestQueues,
     store: ProgressStore,
 }
 
-pub(crate) fn router(redis: ConnectionManager, names: QueueNames) -> Router {
-    let store = ProgressStore::new(redis.clone(), names.prefix.clone());
-    let queue = RequestQueue::new(redis, names);
+pub(crate) fn router(queues: RequestQueues, store: ProgressStore) -> Router {
     Router::new()
         .route("/v1/trees", get(trees))
         .route("/v1/requests", get(requests))
         .route("/v1/requests/{id}/payload", get(payload))
-        .with_state(Browse { queue, store })
+        .with_state(Browse { queues, store })
 }
 
 #[derive(Deserialize)]
@@ -170,9 +168,11 @@ impl Filter {
     }
 }
 
-/// `GET /v1/requests?state=S&handler=H&limit=N&after=<entry id>`: requests newest first, each
-/// as `GET /v1/requests/{id}` shows it (without progress); `next` continues after the last entry
-/// looked at, `null` once the stream is exhausted.
+/// `GET /v1/requests?state=S&handler=H&limit=N&after=<entry id>`: requests newest first across
+/// partitions, each as `GET /v1/requests/{id}` shows it (without progress); `next` continues
+/// after the last entry looked at, `null` once the streams are exhausted. Entries of different
+/// partitions can share an entry id; a page never ends between them, so it may hold a few more
+/// than `limit`.
 #[utoipa::path(get, path = "/v1/requests", tag = "browse", params(("state" = Option<String>, Query, description = "Only this state"), ("handler" = Option<String>, Query, description = "Only this handler"), ("limit" = Option<String>, Query, description = "1-1000"), ("after" = Option<String>, Query, description = "Entry id to continue after")), responses((status = 200, description = "Requests, newest first", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn requests(
     State(browse): State<Browse>,
@@ -192,25 +192,35 @@ async fn requests(
             )));
         }
     };
+    // Up to this many entries of other partitions can share the last entry id of a batch.
+    let ties = usize::from(browse.queues.layout().partitions) - 1;
     let (mut items, mut scanned) = (Vec::new(), 0);
     let exhausted = loop {
-        let batch = SCAN_BATCH.min(MAX_SCANNED - scanned);
-        let entries = timed("request stream", browse.queue.newest(cursor.as_deref(), batch)).await?;
+        let batch = SCAN_BATCH.min(MAX_SCANNED.saturating_sub(scanned)).max(1);
+        let fetched = timed("request stream", browse.queues.newest(cursor.as_deref(), batch + ties)).await?;
+        let fetched_all = fetched.len() < batch + ties;
+        let fetched_len = fetched.len();
+        let entries = through_ties(fetched, batch, |entry| &entry.entry_id);
+        let read_all = fetched_all && entries.len() == fetched_len;
         let ids: Vec<&str> = entries.iter().map(|entry| entry.request_id.as_str()).collect();
-        let records = timed("request records", browse.queue.records(&ids)).await?;
-        let read_all = entries.len() < batch;
+        let records = timed("request records", browse.queues.records(&ids)).await?;
+        // Once the page is full, only the entries sharing its last entry id come along.
+        let mut full_at: Option<&str> = None;
         for (Entry { entry_id, .. }, record) in entries.iter().zip(records) {
+            if full_at.is_some_and(|last| last != entry_id) {
+                break;
+            }
             scanned += 1;
             cursor = Some(entry_id.clone());
             let Some(record) = record else { continue };
             if record.entry_id.as_deref() == Some(entry_id) && filter.keeps(&record) {
                 items.push(record.to_json());
                 if items.len() == limit {
-                    break;
+                    full_at = Some(entry_id);
                 }
             }
         }
-        if items.len() == limit {
+        if items.len() >= limit {
             break false;
         }
         if read_all {
@@ -232,11 +242,11 @@ async fn payload(
     RequestId(id): RequestId,
 ) -> Result<Json<Value>, ApiError> {
     if !caller.grant.is_admin() {
-        let read = browse.queue.record_field(&id, cairn_requests::fields::PROGRESS_KEY);
+        let read = browse.queues.record_field(&id, cairn_requests::fields::PROGRESS_KEY);
         let key = timed("request progress key", read).await?;
         caller.grant.read(&key.ok_or(ApiError::missing_request(id.clone()))?)?;
     }
-    let read = browse.queue.record_field(&id, cairn_requests::fields::PAYLOAD);
+    let read = browse.queues.record_field(&id, cairn_requests::fields::PAYLOAD);
     let stored = timed("request payload", read).await?;
     let stored = stored.ok_or(ApiError::missing_request(id.clone()))?;
     serde_json::from_str(&stored).map(Json).map_err(|error| {

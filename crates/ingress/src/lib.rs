@@ -2,7 +2,8 @@
 //! onto the services behind it: SCA's progress API (`/status/{key}`, `/health`), where every
 //! progress read and write is a `cairn.v1.Progress` call to the progress aggregator, and the
 //! request API (`/v1/requests`, `/v1/dead-letters`), which submits requests to the Redis request
-//! queue and answers waiting clients from this replica's own reply stream. Ingress keeps no
+//! queue (each to its partition, `CAIRN_REQUEST_PARTITIONS`; one Redis or a Redis Cluster) and
+//! answers waiting clients from this replica's own reply stream. Ingress keeps no
 //! state of its own beyond those waiters, so it scales freely. It answers `/healthz` and
 //! `/readyz` on its public port too, where load balancers probe; `/metrics` only on its admin
 //! port.
@@ -34,11 +35,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use axum::Router;
 use cairn_error::Retries;
-use cairn_redis::requests::{QueueConfig, QueueLayout, QueueNames, RequestQueue};
-use cairn_redis::{ProgressStore, RedisConfig};
+use cairn_redis::requests::{QueueConfig, QueueLayout, QueueNames, RequestQueues};
+use cairn_redis::{ProgressStore, RedisConfig, RedisConnection};
 use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
 use cairn_runtime::{Admin, LogConfig, parse_duration};
-use redis::aio::ConnectionManager;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
@@ -209,7 +209,7 @@ pub struct App {
     listener: TcpListener,
     admin: TcpListener,
     aggregator: Aggregator,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     requests: Arc<requests::Requests>,
     uploads: Arc<uploads::Uploads>,
     waiters: Arc<replies::Waiters>,
@@ -226,8 +226,8 @@ pub struct App {
 
 impl App {
     /// Binds the listener, reads the handler names and prepares the aggregator channel and the
-    /// Redis connection. Both connect lazily, so the ingress starts (and reports not-ready) while
-    /// either is away.
+    /// Redis connection (one Redis, or a Redis Cluster with `CAIRN_REDIS_CLUSTER=true`). Both
+    /// connect lazily, so the ingress starts (and reports not-ready) while either is away.
     pub async fn build(config: Config) -> anyhow::Result<App> {
         // Install the recorder before the first request records anything.
         cairn_runtime::metrics_handle();
@@ -238,9 +238,10 @@ impl App {
         let gate = auth::Gate::new(verifier, config.rate_limit(), config.live.allowed_origins.clone());
         let handlers =
             handler_names::load(config.handlers.as_deref()).context("invalid CAIRN_HANDLERS_FILE")?;
-        let redis = config.redis.manager().context("invalid Redis settings")?;
+        let redis = config.redis.connection().context("invalid Redis settings")?;
         let replica = config.replica.clone().unwrap_or_else(random_replica);
         let names = config.queue_names();
+        let queues = RequestQueues::new(redis.clone(), config.queue_layout());
         let settings = requests::Settings {
             default_max_attempts: config.default_max_attempts,
             max_lag: config.max_lag,
@@ -255,7 +256,7 @@ impl App {
         let waiters = Arc::new(replies::Waiters::default());
         let draining = CancellationToken::new();
         let requests = Arc::new(requests::Requests::new(
-            RequestQueue::new(redis.clone(), names),
+            queues,
             ProgressStore::new(redis.clone(), config.redis.prefix.clone()),
             cairn_redis::BlobStore::new(redis.clone(), &config.queue_layout()),
             waiters.clone(),
@@ -329,7 +330,10 @@ impl App {
             .merge(requests_api::router(self.requests.clone()))
             .merge(uploads_api::router(self.uploads.clone()))
             .merge(admin)
-            .merge(browse_api::router(self.redis.clone(), self.config.queue_names()))
+            .merge(browse_api::router(
+                self.requests.queues().clone(),
+                ProgressStore::new(self.redis.clone(), self.config.redis.prefix.clone()),
+            ))
             .merge(ui::router())
             .merge(openapi::router())
             .fallback(error::route_not_found)

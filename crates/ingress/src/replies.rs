@@ -3,8 +3,9 @@
 //! Each ingress replica has a reply stream of its own, `{prefix}:replies:{replica}`, named in the
 //! records it submits; the processor's commit script `XADD`s `{id, state}` there when a request
 //! ends. One reader per replica follows only that stream (no replica reads or deletes another's
-//! replies) on a dedicated connection, because `XREAD BLOCK` would stall every command queued
-//! behind it on the shared one, and wakes the [`Waiters`] registered for the id.
+//! replies) on a dedicated connection (on a Redis Cluster, a cluster connection of its own), because
+//! `XREAD BLOCK` would stall every command queued behind it on the shared one, and wakes the
+//! [`Waiters`] registered for the id.
 //!
 //! Replies are at most once: one `XADD`ed while the reader reconnects may be missed. A waiter
 //! therefore also re-reads the record on a timer, and every waiter is woken after a reconnect.
@@ -15,9 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_error::Retries;
-use cairn_redis::RedisConfig;
 use cairn_redis::requests::RequestQueue;
-use redis::aio::MultiplexedConnection;
+use cairn_redis::{RedisConfig, RedisConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -122,13 +122,13 @@ pub async fn run_reader(
 ) {
     let mut last_id = format!("{}-0", cairn_progress::now_ms());
     let mut retries = Retries::doubling(FIRST_RETRY, MAX_RETRY);
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<RedisConnection> = None;
     info!(stream = %stream, "reading replies");
     while !shutdown.is_cancelled() {
         if conn.is_none() {
             let connected = tokio::select! {
                 () = shutdown.cancelled() => return,
-                connected = redis.dedicated() => connected,
+                connected = redis.dedicated_connection() => connected,
             };
             match connected {
                 Ok(reader) => {

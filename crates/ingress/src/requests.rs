@@ -16,9 +16,9 @@ use cairn_redis::BlobStore;
 use cairn_redis::ProgressStore;
 use cairn_redis::progress::{Change, ReadOptions};
 use cairn_redis::requests::{
-    CancelOutcome, DeadLetter, RequestQueue, RetryOutcome, StreamSource, SubmitOutcome,
+    CancelOutcome, DeadLetter, RequestQueues, RetryOutcome, StreamSource, SubmitOutcome,
 };
-use cairn_requests::{RequestRecord, RequestState, StreamInfo, Submission, SubmitError, new_request_id};
+use cairn_requests::{RequestRecord, RequestState, StreamInfo, Submission, SubmitError};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -217,9 +217,10 @@ pub enum Canceled {
     Signaled,
 }
 
-/// The request core: queue, progress store, waiters and the group-lag cache of one replica.
+/// The request core: queue (all its partitions), progress store, waiters and the group-lag cache
+/// of one replica.
 pub struct Requests {
-    queue: RequestQueue,
+    queues: RequestQueues,
     store: ProgressStore,
     blobs: BlobStore,
     waiters: Arc<Waiters>,
@@ -250,7 +251,7 @@ struct LagSample {
 
 impl Requests {
     pub fn new(
-        queue: RequestQueue,
+        queues: RequestQueues,
         store: ProgressStore,
         blobs: BlobStore,
         waiters: Arc<Waiters>,
@@ -259,7 +260,7 @@ impl Requests {
         draining: CancellationToken,
     ) -> Requests {
         Requests {
-            queue,
+            queues,
             store,
             blobs,
             waiters,
@@ -275,9 +276,14 @@ impl Requests {
         &self.settings
     }
 
-    /// Creates the consumer group unless it exists.
+    /// The request queue, every partition.
+    pub fn queues(&self) -> &RequestQueues {
+        &self.queues
+    }
+
+    /// Creates the consumer group of every partition unless it exists.
     pub async fn ensure_group(&self) -> Result<(), RequestsError> {
-        bounded("ensure_group", self.queue.ensure_group()).await
+        bounded("ensure_group", self.queues.ensure_groups()).await
     }
 
     /// Whether `grant` may see (read, watch, cancel) request `id`: it must read the request's
@@ -361,7 +367,7 @@ impl Requests {
         self.check_backpressure().await?;
         if let Some(key) = &submission.idempotency_key {
             let fingerprint = submission.fingerprint();
-            match bounded("idempotency", self.queue.idempotent(key, &fingerprint)).await? {
+            match bounded("idempotency", self.queues.idempotent(key, &fingerprint)).await? {
                 Some((existing, true)) => {
                     return Ok(Prepared::Answered(Box::new(self.known(&existing, wait).await?)));
                 }
@@ -397,7 +403,7 @@ impl Requests {
             }
             uploads.push((StreamInfo { name: name.clone(), bytes: info.offset }, upload.clone()));
         }
-        let id = new_request_id();
+        let id = self.new_id(submission.idempotency_key.as_deref(), &uploads);
         let record = RequestRecord::queued(id, submission, self.settings.default_max_attempts, now_ms());
         if !uploads.is_empty() {
             stream_node(&record.progress_key, &uploads[0].0.name)?;
@@ -408,20 +414,51 @@ impl Requests {
     /// Stores and queues a prepared request with its streams: `inline` ones already written at
     /// the request's stream keys (a multipart body's parts), and the uploads it names. Inline
     /// streams are removed again if the request is not stored.
+    ///
+    /// The submission's own step takes an upload over (renames it to the request's stream key)
+    /// when both are in one slot: always on one Redis, and on a Redis Cluster for an upload of
+    /// the request's partition. An upload of another partition (a request with several uploads,
+    /// or with an idempotency key) is copied to the request's stream key first, expiring like an
+    /// inline stream until the request is stored, and deleted once it is.
     pub(crate) async fn queue_new(
         &self,
         new: NewRequest,
-        inline: Vec<StreamInfo>,
+        mut inline: Vec<StreamInfo>,
         wait: Option<Duration>,
         traceparent: Option<String>,
     ) -> Result<Submitted, RequestsError> {
         let NewRequest { mut record, uploads, .. } = new;
         record.traceparent = traceparent;
         let id = record.id.clone();
+        let (taken, copied): (Vec<_>, Vec<_>) =
+            uploads.into_iter().partition(|(_, upload)| !self.must_copy(&id, upload));
+        for (info, upload) in &copied {
+            match crate::streams::copy_upload(self, &id, &info.name, upload).await {
+                Ok(()) => inline.push(info.clone()),
+                Err(error) => {
+                    self.drop_streams(&id, &record.progress_key, &inline).await;
+                    return match (error, record.idempotency_key.as_deref()) {
+                        // Another submission with this key took the upload meanwhile: its repeat.
+                        (error @ RequestsError::UploadMissing { .. }, Some(key)) => {
+                            match bounded("idempotency", self.queues.idempotent(key, &record.fingerprint))
+                                .await?
+                            {
+                                Some((existing, true)) => self.known(&existing, wait).await,
+                                Some((_, false)) => {
+                                    Err(RequestsError::IdempotencyConflict { key: key.to_owned() })
+                                }
+                                None => Err(error),
+                            }
+                        }
+                        (error, _) => Err(error),
+                    };
+                }
+            }
+        }
         let mut sources: Vec<StreamSource> =
             inline.iter().map(|s| StreamSource { name: s.name.clone(), upload: None }).collect();
         let mut streams = inline.clone();
-        for (info, upload) in &uploads {
+        for (info, upload) in &taken {
             sources
                 .push(StreamSource { name: info.name.clone(), upload: Some(self.blobs.upload_key(upload)) });
             streams.push(info.clone());
@@ -429,11 +466,12 @@ impl Requests {
         streams.sort_by(|a, b| a.name.cmp(&b.name));
         record.streams = streams;
         // An upload's bytes all arrived before the request: its stream node says so first.
-        for (info, _) in &uploads {
+        for (info, _) in taken.iter().chain(&copied) {
             self.report_stream(&record.progress_key, &info.name, info.bytes, Some(info.bytes)).await;
         }
         let progress_key = record.progress_key.clone();
-        let outcome = self.store_record(record, wait, &sources).await;
+        let copied_uploads: Vec<&str> = copied.iter().map(|(_, upload)| upload.as_str()).collect();
+        let outcome = self.store_record(record, wait, &sources, &copied_uploads).await;
         let stored = match &outcome {
             Ok(Submitted::Queued(_)) => true,
             Ok(Submitted::Known(view)) => view.record.id == id,
@@ -443,6 +481,13 @@ impl Requests {
             self.drop_streams(&id, &progress_key, &inline).await;
         }
         outcome
+    }
+
+    /// Whether upload `upload` is in another slot than the request `id`'s streams, so the
+    /// submission cannot take it over itself: on a Redis Cluster, in another partition.
+    fn must_copy(&self, id: &str, upload: &str) -> bool {
+        let layout = self.queues.layout();
+        layout.tagged && layout.partition_of(upload) != layout.partition_of(id)
     }
 
     /// Removes streams written for a request that was not stored, and their progress nodes
@@ -470,12 +515,14 @@ impl Requests {
         }
     }
 
-    /// Stores a new record (with its streams) and answers as a submission does.
+    /// Stores a new record (with its streams) and answers as a submission does. Once it is
+    /// stored, before any wait, the uploads in `copied` (copied into its streams) are deleted.
     async fn store_record(
         &self,
         record: RequestRecord,
         wait: Option<Duration>,
         streams: &[StreamSource],
+        copied: &[&str],
     ) -> Result<Submitted, RequestsError> {
         let id = record.id.clone();
         let waiter = wait.map(|_| self.waiters.register(&id));
@@ -487,13 +534,19 @@ impl Requests {
         let reply_to = Some(self.settings.reply_stream.as_str());
         let outcome = bounded(
             "submit",
-            self.queue.submit_with_streams(&record, reply_to, ttl_ms, Some(&waiting), streams),
+            self.queues.of(&id).submit_with_streams(&record, reply_to, ttl_ms, Some(&waiting), streams),
         )
         .await?;
         match outcome {
             SubmitOutcome::Created { entry_id } => {
                 info!(request = %id, handler = %record.handler, entry = %entry_id, streams = record.streams.len(), "request queued");
                 metrics::counter!("cairn_requests_submitted_total").increment(1);
+                for upload in copied {
+                    let key = self.blobs.upload_key(upload);
+                    if let Err(error) = bounded("delete upload", self.blobs.delete(&key)).await {
+                        warn!(request = %id, %upload, %error, "cannot delete an upload the request copied; it expires");
+                    }
+                }
                 let record = match (wait, &waiter) {
                     (Some(wait), Some(waiter)) => self.wait_terminal(record, waiter, wait).await,
                     _ => record,
@@ -539,6 +592,19 @@ impl Requests {
         &self.blobs
     }
 
+    /// A new request's id, from the queue's layout: in the partition of its idempotency key (the
+    /// key's claim and the request share a slot), else in the partition of its first upload (on a
+    /// Redis Cluster the submission then takes that upload over in its own step), else wherever
+    /// it falls.
+    fn new_id(&self, idempotency_key: Option<&str>, uploads: &[(StreamInfo, String)]) -> String {
+        match (idempotency_key, uploads.first()) {
+            (None, Some((_, upload))) => {
+                self.queues.new_id_in(Some(self.queues.layout().partition_of(upload)))
+            }
+            (key, _) => self.queues.new_id(key),
+        }
+    }
+
     fn check_handler(&self, name: &str) -> Result<(), RequestsError> {
         if self.handlers.contains(name) {
             return Ok(());
@@ -574,7 +640,7 @@ impl Requests {
     /// The group's lag. A stream or group that does not exist (Redis lost its data, or started
     /// after this replica) is made again, with no lag.
     async fn read_lag(&self) -> Result<u64, RequestsError> {
-        if let Some(lag) = bounded("lag", self.queue.lag()).await? {
+        if let Some(lag) = bounded("lag", self.queues.lag()).await? {
             return Ok(lag);
         }
         debug!("the request group's lag is unknown; making sure the group exists");
@@ -613,7 +679,7 @@ impl Requests {
                 () = tokio::time::sleep(nap) => {}
                 () = self.draining.cancelled() => return record,
             }
-            match bounded("record", self.queue.record(&record.id)).await {
+            match bounded("record", self.queues.record(&record.id)).await {
                 Ok(Some(latest)) => record = latest,
                 // Purged while we waited: what we have is all there is.
                 Ok(None) => return record,
@@ -624,7 +690,7 @@ impl Requests {
     }
 
     async fn record(&self, id: &str) -> Result<RequestRecord, RequestsError> {
-        bounded("record", self.queue.record(id))
+        bounded("record", self.queues.record(id))
             .await?
             .ok_or_else(|| RequestsError::Missing { id: id.to_owned() })
     }
@@ -657,7 +723,7 @@ impl Requests {
     /// Cancels a request: a queued one never runs (its progress node says so at once), a running
     /// one is signalled to its processor.
     pub async fn cancel(&self, id: &str) -> Result<Canceled, RequestsError> {
-        match bounded("cancel", self.queue.cancel(id, now_ms())).await? {
+        match bounded("cancel", self.queues.cancel(id, now_ms())).await? {
             CancelOutcome::Missing => Err(RequestsError::Missing { id: id.to_owned() }),
             CancelOutcome::AlreadyFinished(state) => {
                 Err(RequestsError::AlreadyFinished { id: id.to_owned(), state })
@@ -682,9 +748,15 @@ impl Requests {
         }
     }
 
-    /// Up to `limit` dead letters after the entry id `after` (`-` for the first), oldest first.
+    /// Up to `limit` dead letters older than the entry id `after` (`-`: from the newest), newest
+    /// first across partitions. A page ends after every letter that shares its last entry id
+    /// ([`through_ties`]), so it may hold a few more than `limit`.
     pub async fn dead_letters(&self, after: &str, limit: usize) -> Result<Vec<DeadLetter>, RequestsError> {
-        bounded("dead letters", self.queue.dead_letters(after, limit)).await
+        let layout = self.queues.layout();
+        // One Redis keeps one dead-letter stream; a cluster one per partition.
+        let streams = if layout.tagged { usize::from(layout.partitions) } else { 1 };
+        let letters = bounded("dead letters", self.queues.dead_letters(after, limit + streams - 1)).await?;
+        Ok(through_ties(letters, limit, |letter| &letter.entry_id))
     }
 
     /// A dead request; any other state is [`RequestsError::NotDeadLetter`].
@@ -705,7 +777,7 @@ impl Requests {
         // Before the retry, so the processor's report of the new run comes after it.
         let update = RequestState::Queued.progress_update().msg("queued again from the dead letters");
         self.report(&record.progress_key, update).await?;
-        match bounded("retry dead", self.queue.retry_dead(id, now_ms())).await? {
+        match bounded("retry dead", self.queues.retry_dead(id, now_ms())).await? {
             RetryOutcome::Queued { entry_id } => {
                 info!(request = %id, entry = %entry_id, "dead request queued again");
                 Ok(())
@@ -718,7 +790,8 @@ impl Requests {
     /// Removes this replica's reply stream (at shutdown); replies still on their way recreate it
     /// and it expires on its own.
     pub async fn drop_reply_stream(&self) {
-        if bounded("drop replies", self.queue.drop_replies(&self.settings.reply_stream)).await.is_err() {
+        let Some(queue) = self.queues.partitions().first() else { return };
+        if bounded("drop replies", queue.drop_replies(&self.settings.reply_stream)).await.is_err() {
             debug!(stream = %self.settings.reply_stream, "reply stream not removed at shutdown");
         }
     }
@@ -756,6 +829,19 @@ fn upload_of(_streams: &[StreamInfo], sources: &[StreamSource], name: &str) -> S
         .and_then(|key| key.rsplit(':').next())
         .unwrap_or_default()
         .to_owned()
+}
+
+/// The first `n` of `items` (newest first by stream entry id) and those right after them that
+/// share the `n`th one's entry id. The streams of different partitions can give two entries one
+/// id, and a page that ended between them would lose the rest to a cursor that continues with
+/// the entries older than that id.
+pub(crate) fn through_ties<T>(mut items: Vec<T>, n: usize, id: impl Fn(&T) -> &str) -> Vec<T> {
+    if n == 0 || items.len() <= n {
+        return items;
+    }
+    let end = n + items[n..].iter().take_while(|item| id(item) == id(&items[n - 1])).count();
+    items.truncate(end);
+    items
 }
 
 /// An error of the Redis layers by its kind: Redis being away (retryable) versus a reply that
@@ -820,6 +906,17 @@ mod tests {
         assert_eq!(shown_progress(Some((Some(0.7), 250)), &record), Some(0.7), "the node is newer");
         assert_eq!(shown_progress(Some((None, 250)), &record), Some(0.6), "the node has no progress");
         assert_eq!(shown_progress(None, &record), Some(0.6), "no node at all");
+    }
+
+    #[test]
+    fn a_page_never_ends_between_entries_sharing_an_id() {
+        let ids = ["9-0", "8-0", "8-0", "8-0", "7-1", "7-0"];
+        let page = |n| through_ties(ids.to_vec(), n, |id| id);
+        assert_eq!(page(1), ["9-0"]);
+        assert_eq!(page(2), ["9-0", "8-0", "8-0", "8-0"], "ties of the last one come along");
+        assert_eq!(page(4), ["9-0", "8-0", "8-0", "8-0"]);
+        assert_eq!(page(5), ["9-0", "8-0", "8-0", "8-0", "7-1"]);
+        assert_eq!(page(9), ids, "short of n: all of it");
     }
 
     #[test]

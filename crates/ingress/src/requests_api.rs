@@ -141,8 +141,9 @@ struct PageParams {
     limit: Option<String>,
 }
 
-/// `GET /v1/dead-letters?after=<entry id>&limit=N`: newest first (`after` pages to older ones); `next` is the cursor of the
-/// following page, `null` once a page comes back short.
+/// `GET /v1/dead-letters?after=<entry id>&limit=N`: newest first across partitions (`after` pages
+/// to older ones); `next` is the cursor of the following page, `null` once a page comes back
+/// short. A page ends after every letter sharing its last entry id, so it may hold a few more.
 #[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", params(("after" = Option<String>, Query, description = "Entry id to page after"), ("limit" = Option<String>, Query, description = "1-1000 (default 100)")), responses((status = 200, description = "`{\"items\": […], \"next\": …}`", body = Object), (status = 400, description = "Bad input; the message names it", body = Object), (status = 401, description = "Missing or bad token", body = Object), (status = 403, description = "Outside the token's scopes, or a cross-site browser", body = Object), (status = 429, description = "Over the rate limit", body = Object), (status = 503, description = "A dependency is away or the limit of waiters is reached; retry", body = Object)))]
 async fn dead_letters(
     State(requests): State<Arc<Requests>>,
@@ -163,7 +164,7 @@ async fn dead_letters(
     };
     let letters = requests.dead_letters(after, limit as usize).await?;
     let next =
-        (letters.len() == limit as usize).then(|| letters.last().map(|l| l.entry_id.clone())).flatten();
+        (letters.len() >= limit as usize).then(|| letters.last().map(|l| l.entry_id.clone())).flatten();
     let items: Vec<Value> = letters.into_iter().map(dead_letter_json).collect();
     Ok(Json(json!({ "items": items, "next": next })))
 }

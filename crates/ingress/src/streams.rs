@@ -1,3 +1,5 @@
+//! Data streams written at a request's own stream keys before it is stored.
+//!
 //! Multipart submissions: `POST /v1/requests` with `multipart/form-data`, a part named `request`
 //! holding the JSON submission first, then one part per data stream (the part's name is the
 //! stream's name). Each part goes to Redis chunk by chunk as it arrives (the ingress holds at
@@ -5,15 +7,20 @@
 //! submission is checked before any stream is read, so a refused one costs no storage; a stream
 //! over its limit is answered 413 naming it, after the rest of the body is read and discarded
 //! up to a bound.
+//!
+//! Uploads in another slot: on a Redis Cluster an upload of another partition than its request's
+//! cannot be renamed into the request by the submission's step, so it is copied the same way,
+//! chunk by chunk ([`copy_upload`]).
 
 use cairn_auth::Grant;
 use std::time::Duration;
 
 use axum::body::Body;
-use cairn_redis::blobs::{BlobWriter, WriteMode};
+use cairn_redis::blobs::{BlobError, BlobWriter, WriteMode};
 use cairn_requests::{
     MAX_STREAMS, MAX_SUBMISSION_BYTES, StreamInfo, Submission, SubmitError, check_stream_name,
 };
+use futures::TryStreamExt as _;
 use tokio::time::Instant;
 
 use crate::requests::{NewRequest, Prepared, Requests, RequestsError, Submitted, stream_node};
@@ -128,7 +135,7 @@ async fn receive(
     let settings = requests.settings();
     let record = &new.record;
     let mut total = new.upload_bytes;
-    let expire_at = now_ms() + i64::try_from(settings.stream_expiry.as_millis()).unwrap_or(i64::MAX / 2);
+    let expire_at = stream_expire_at(requests);
     while let Some(mut field) = multipart.next_field().await.map_err(bad_multipart)? {
         let name = field.name().unwrap_or("").to_owned();
         check_stream_name(&name).map_err(RequestsError::BadStreams)?;
@@ -170,6 +177,60 @@ async fn receive(
         requests.report_stream(&record.progress_key, &name, bytes, Some(bytes)).await;
     }
     Ok(())
+}
+
+/// Until when a stream written for a request that is not stored yet may stay: its keys expire
+/// then unless the submission's step, which persists its request's streams, stored it.
+fn stream_expire_at(requests: &Requests) -> i64 {
+    now_ms() + i64::try_from(requests.settings().stream_expiry.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+/// Copies the finished upload `upload` to the data stream `name` of request `id`, a chunk at a
+/// time: for a request whose streams are in another slot than the upload (a Redis Cluster,
+/// another partition). The copy expires as a multipart stream does until its request is stored;
+/// one that fails is removed. An upload gone meanwhile is [`RequestsError::UploadMissing`].
+pub(crate) async fn copy_upload(
+    requests: &Requests,
+    id: &str,
+    name: &str,
+    upload: &str,
+) -> Result<(), RequestsError> {
+    let blobs = requests.blobs();
+    let (source, target) = (blobs.upload_key(upload), blobs.stream_key(id, name));
+    let missing = || RequestsError::UploadMissing { name: name.to_owned(), upload: upload.to_owned() };
+    let copy = async {
+        let info = blob_call(blobs.info(&source)).await?.ok_or_else(missing)?;
+        let expire_at = stream_expire_at(requests);
+        let mut fields = vec![("length", info.offset.to_string())];
+        fields.extend(info.fields.get("metadata").map(|metadata| ("metadata", metadata.clone())));
+        blob_call(blobs.create(&target, &fields, now_ms(), Some(expire_at))).await?;
+        let mut writer =
+            BlobWriter::new(blobs.clone(), target.clone(), 0, WriteMode::Direct, Some(expire_at));
+        let mut chunks = std::pin::pin!(blobs.read(&source));
+        loop {
+            match tokio::time::timeout(crate::requests::REDIS_TIMEOUT, chunks.try_next()).await {
+                Ok(Ok(Some(chunk))) => blob_call(writer.write(chunk)).await?,
+                Ok(Ok(None)) => break,
+                Ok(Err(BlobError::Missing)) => return Err(missing()),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, upload, "cannot read an upload to copy");
+                    return Err(RequestsError::Unavailable);
+                }
+                Err(_) => return Err(RequestsError::Unavailable),
+            }
+        }
+        let bytes = blob_call(writer.finish()).await?;
+        if bytes != info.offset {
+            // Only a deletion changes a finished upload: it went away while it was read.
+            return Err(missing());
+        }
+        Ok(())
+    };
+    let copied = copy.await;
+    if copied.is_err() {
+        let _ = blob_call(blobs.delete(&target)).await;
+    }
+    copied
 }
 
 /// Reads and drops the rest of a refused body, up to [`DISCARD_BOUND`].

@@ -49,9 +49,14 @@ impl Handler for Sha {
 }
 
 async fn stack(extra: &[(&str, &str)]) -> (Stack, tempfile::TempDir) {
+    stack_with(Options::default(), extra).await
+}
+
+/// [`stack`] with `options` (on a Redis Cluster, say).
+async fn stack_with(options: Options, extra: &[(&str, &str)]) -> (Stack, tempfile::TempDir) {
     let (dir, handlers) = handlers_file(&["echo", "sha"]);
     let processor = HandlerSet::new().with("echo", Echo).with("sha", Sha);
-    let mut options = Options::default().handlers(processor).arg("--handlers", &handlers);
+    let mut options = options.handlers(processor).arg("--handlers", &handlers);
     for (flag, value) in extra {
         options = options.arg(flag, value);
     }
@@ -226,5 +231,89 @@ async fn finished_uploads_become_streams_and_a_repeat_finds_its_request() {
     let reply = stack.submit(&json!({"handler": "sha", "streams": {"half": partial}}), None).await;
     assert_eq!(reply.status, 409, "{}", reply.json);
     assert!(reply.error().contains("\"half\"") && reply.error().contains("0 of 10"), "{}", reply.error());
+    stack.stop().await;
+}
+
+/// Whether upload `id` is gone (HEAD answers 404).
+async fn upload_gone(stack: &Stack, id: &str) -> bool {
+    let head = stack
+        .request(Method::HEAD, &format!("/v1/uploads/{id}"))
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    head.status() == 404
+}
+
+/// On a Redis Cluster (three partitions, one slot each) an upload becomes a data stream whatever
+/// its partition: a request with no idempotency key is put in its first upload's partition and
+/// takes that upload over in its submission's step; an upload of another partition (a second
+/// one, or one of a request that an idempotency key places) is copied into the request's streams,
+/// which then keep no expiry, and deleted. Multipart streams work there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_of_any_partition_become_streams_on_a_cluster() {
+    let (stack, _dir) = stack_with(Options::default().on_cluster(), &[]).await;
+    let queues = stack.queues();
+    let layout = queues.layout();
+    let blobs = cairn_redis::BlobStore::new(stack.connection(), layout);
+    let sha = |reply: &common::Reply, name: &str| reply.json["result"][name]["sha256"].clone();
+
+    // Two uploads in different partitions (more than a chunk each: the copy goes chunk by chunk).
+    let first = test_bytes(300_000, 21);
+    let first_id = upload(&stack, &first).await;
+    let mut second = Vec::new();
+    let mut second_id = String::new();
+    for seed in 0..60 {
+        second = test_bytes(600_000 + seed, 22 + seed as u64);
+        second_id = upload(&stack, &second).await;
+        if layout.partition_of(&second_id) != layout.partition_of(&first_id) {
+            break;
+        }
+    }
+    assert_ne!(layout.partition_of(&second_id), layout.partition_of(&first_id));
+    let submission = json!({"handler": "sha", "streams": {"a": first_id, "b": second_id}});
+    let reply = stack.submit(&submission, Some(30)).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    assert_eq!((sha(&reply, "a"), sha(&reply, "b")), (json!(sha256_hex(&first)), json!(sha256_hex(&second))));
+    let request = reply.json["id"].as_str().unwrap().to_owned();
+    assert_eq!(layout.partition_of(&request), layout.partition_of(&first_id), "the first upload's partition");
+    assert!(upload_gone(&stack, &first_id).await && upload_gone(&stack, &second_id).await, "both used up");
+    let key = reply.json["progress_key"].as_str().unwrap();
+    whole_stream_node(&stack, &format!("{key}.streams.a"), first.len() as u64).await;
+    whole_stream_node(&stack, &format!("{key}.streams.b"), second.len() as u64).await;
+    let mut conn = stack.connection();
+    for name in ["a", "b"] {
+        let ttl: i64 = conn.pttl(blobs.stream_key(&request, name)).await.unwrap();
+        assert_eq!(ttl, -1, "stream {name} belongs to its request and does not expire");
+    }
+
+    // An idempotency key in another partition than the upload: copied too, and a repeat finds
+    // the request.
+    let data = test_bytes(50_000, 31);
+    let upload_id = upload(&stack, &data).await;
+    let idempotency_key = (0..)
+        .map(|n| format!("up-{n}"))
+        .find(|key| layout.partition_of(key) != layout.partition_of(&upload_id))
+        .unwrap();
+    let keyed = json!({"handler": "sha", "streams": {"data": upload_id}, "idempotency_key": idempotency_key});
+    let accepted = stack.submit(&keyed, None).await;
+    assert_eq!(accepted.status, 202, "{}", accepted.json);
+    let keyed_request = accepted.json["id"].as_str().unwrap().to_owned();
+    assert!(upload_gone(&stack, &upload_id).await, "the copied upload is deleted once the request is stored");
+    assert_eq!(layout.partition_of(&keyed_request), layout.partition_of(&idempotency_key));
+    let reply = stack.request_state(&keyed_request, Some(30)).await;
+    assert_eq!(reply.json["state"], "succeeded", "{}", reply.json);
+    assert_eq!(sha(&reply, "data"), json!(sha256_hex(&data)));
+    let again = stack.submit(&keyed, None).await;
+    assert_eq!((again.status, &again.json["id"]), (200, &json!(keyed_request)), "{}", again.json);
+    let used = stack.submit(&json!({"handler": "sha", "streams": {"data": upload_id}}), None).await;
+    assert_eq!(used.status, 400, "{}", used.json);
+
+    // A multipart stream is written at its request's keys, in the request's slot.
+    let inline = test_bytes(70_000, 41);
+    let form = multipart(&json!({"handler": "sha"}), &[("file", inline.clone())]);
+    let reply = submit_multipart(&stack, form, Some(30)).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    assert_eq!(sha(&reply, "file"), json!(sha256_hex(&inline)));
     stack.stop().await;
 }

@@ -622,3 +622,102 @@ async fn socket_io_clients_1_7_and_4_receive_updates_for_amqp_progress() {
         stack.publish("_portal.job1.task1", json!({"progress": 0, "status": "waiting"})).await;
     }
 }
+
+/// The live feed on a Redis Cluster of three masters (every tree's change log in its root's slot,
+/// the request queue in three partitions): SSE and socket.io as on one Redis.
+mod cluster {
+    use super::*;
+
+    #[tokio::test]
+    async fn sse_follows_a_tree_a_requests_lifecycle_and_resumes_on_a_cluster() {
+        let stack = Stack::with(Options::with_processor().on_cluster()).await;
+        stack.publish("_t.job.a", json!({"progress": 0.5, "status": "running"})).await;
+        stack.publish("_t.job.b", json!({"progress": 0})).await;
+        let mut sse = Sse::open(&stack.base, "/status/_t.job/events", None).await;
+        let snapshot = sse.next_within(EVENT_WAIT).await.unwrap();
+        assert_eq!(snapshot.event, "snapshot");
+        let get = stack.get("/status/_t.job?depth=8").await;
+        assert_eq!(without_age(snapshot.data.clone()), without_age(get.json));
+
+        // Another tree (another slot) changes too; only this one's changes arrive, parents first.
+        stack.publish("_t.other.a", json!({"progress": 0.3})).await;
+        stack.publish("_t.job.a", json!({"progress": 1, "status": "finished"})).await;
+        let events =
+            sse.until(EVENT_WAIT, |ev| node(ev, "_t.job.a").is_some_and(|a| a["status"] == "finished")).await;
+        let last = events.last().unwrap();
+        let keys: Vec<&str> =
+            last.data.as_array().unwrap().iter().map(|n| n["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["_t.job", "_t.job.a"]);
+        assert!(events.iter().all(|ev| node(ev, "_t.other.a").is_none()), "{events:?}");
+        assert!(close(&node(last, "_t.job").unwrap()["progress"], 0.5));
+
+        // Resuming after that event through another replica delivers exactly what was missed.
+        drop(sse);
+        stack.publish("_t.job.b", json!({"progress": 0.4})).await;
+        let stop = CancellationToken::new();
+        let second = stack.another_ingress(&stop).await;
+        let mut resumed = Sse::open(&second, "/status/_t.job/events", Some(&last.id)).await;
+        let missed = resumed.next_within(EVENT_WAIT).await.unwrap();
+        assert_eq!(missed.event, "update", "{missed:?}");
+        let keys: Vec<&str> =
+            missed.data.as_array().unwrap().iter().map(|n| n["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["_t.job", "_t.job.b"]);
+        // An update through the first replica reaches the second's subscriber.
+        stack.publish("_t.job.b", json!({"progress": 0.9})).await;
+        resumed.until(EVENT_WAIT, |ev| node(ev, "_t.job.b").is_some_and(|b| b["progress"] == 0.9)).await;
+        stop.cancel();
+
+        // A request's node, watched before it exists, shows its lifecycle to the end.
+        let mut life = Sse::open(&stack.base, "/status/_life.r1/events", None).await;
+        let reply = stack
+            .submit(&json!({"handler": "echo", "payload": {"x": 1}, "progress_key": "_life.r1"}), None)
+            .await;
+        assert_eq!(reply.status, 202, "{}", reply.json);
+        assert_eq!(life.next_within(EVENT_WAIT).await.unwrap().event, "snapshot");
+        life.until(EVENT_WAIT * 2, |ev| {
+            let n = if ev.event == "snapshot" { Some(&ev.data) } else { node(ev, "_life.r1") };
+            n.is_some_and(|n| n["status"] == "finished")
+        })
+        .await;
+    }
+
+    /// A current socket.io client joined to a tree root receives `update` arrays for updates
+    /// published over AMQP, as SCA's producers publish them. Needs Node and the npm packages of
+    /// `tests/socketio` (installed here when missing).
+    #[tokio::test]
+    async fn a_socket_io_client_receives_updates_on_a_cluster() {
+        use std::process::Stdio;
+
+        use tokio::io::AsyncBufReadExt as _;
+
+        let dir = common::socket_io_clients().await;
+        let stack = Stack::with(Options::default().on_cluster()).await;
+        stack.publish("_portal.job1.task1", json!({"progress": 0, "status": "waiting"})).await;
+        let channel = amqp(&stack).await;
+        let mut child = tokio::process::Command::new("node")
+            .arg("client.js")
+            .args(["sio4", &stack.base, "_portal.job1", "_portal.job1.task1"])
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first =
+            tokio::time::timeout(EVENT_WAIT, lines.next_line()).await.expect("ready in time").unwrap();
+        assert_eq!(first.as_deref(), Some(r#"{"ready":true}"#));
+        publish_amqp(&channel, "_portal.job1.task1", &json!({"progress": 0.5, "status": "running"})).await;
+        publish_amqp(&channel, "_portal.job1.task1", &json!({"progress": 1, "status": "finished"})).await;
+        let mut updates = Vec::new();
+        while let Some(line) =
+            tokio::time::timeout(EVENT_WAIT, lines.next_line()).await.expect("a line in time").unwrap()
+        {
+            let event: Value = serde_json::from_str(&line).unwrap();
+            assert!(event.get("error").is_none(), "{event}");
+            updates.push(event);
+        }
+        assert!(child.wait().await.unwrap().success(), "{updates:?}");
+        let last = &updates.last().unwrap()["update"];
+        assert_eq!(last[0]["key"], "_portal.job1", "parents first: {last}");
+    }
+}

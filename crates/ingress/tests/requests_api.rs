@@ -543,3 +543,230 @@ async fn terminal_states_reach_the_node_without_rabbitmq() {
     .await;
     stack.stop().await;
 }
+
+/// The request API on a Redis Cluster of three masters, the request queue in three partitions
+/// (one slot each): the same answers as on one Redis, whichever partition a request falls in.
+mod cluster {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use common::CLUSTER_PARTITIONS;
+
+    /// Most submissions a test makes to see requests in more than one partition; the chance of
+    /// 60 random ids in one of three partitions is 3⁻⁵⁹.
+    const MAX_TRIES: usize = 60;
+
+    fn partition(stack: &Stack, id: &str) -> u16 {
+        stack.queues().layout().partition_of(id)
+    }
+
+    /// The stream entry id of each request's latest submission, by id (from its record).
+    async fn entries(stack: &Stack, ids: &[String]) -> BTreeMap<String, String> {
+        let wanted: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let records = stack.queues().records(&wanted).await.expect("records");
+        ids.iter()
+            .zip(records)
+            .map(|(id, record)| (id.clone(), record.and_then(|r| r.entry_id).expect("a queued record")))
+            .collect()
+    }
+
+    /// Every item of the listing `path` (which names a `limit`), following `next` to the end.
+    async fn all_items(stack: &Stack, path: &str) -> Vec<Value> {
+        let mut items = Vec::new();
+        let mut page_path = path.to_owned();
+        loop {
+            let page = stack.get(&page_path).await;
+            assert_eq!(page.status, 200, "{page_path}: {}", page.json);
+            items.extend(page.json["items"].as_array().expect("items").iter().cloned());
+            match page.json["next"].as_str() {
+                Some(next) => page_path = format!("{path}&after={next}"),
+                None => return items,
+            }
+        }
+    }
+
+    /// The ids of every item of the listing `path`.
+    async fn all_pages(stack: &Stack, path: &str) -> Vec<String> {
+        let items = all_items(stack, path).await;
+        items.iter().map(|item| item["id"].as_str().expect("id").to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn requests_in_every_partition_run_and_answer_their_waiting_clients() {
+        // Polling is off (once an hour): only the reply can end a wait in time.
+        let options = Options::with_processor().on_cluster().arg("--reply-poll-interval", "1h");
+        let stack = Stack::with(options).await;
+        let mut partitions = BTreeSet::new();
+        for n in 0..MAX_TRIES {
+            let reply = stack.submit(&json!({"handler": "echo", "payload": n}), Some(10)).await;
+            assert_eq!(reply.status, 200, "{}", reply.json);
+            assert_eq!((&reply.json["state"], &reply.json["result"]), (&json!("succeeded"), &json!(n)));
+            partitions.insert(partition(&stack, &id_of(&reply)));
+            if partitions.len() == usize::from(CLUSTER_PARTITIONS) {
+                break;
+            }
+        }
+        assert_eq!(partitions.len(), usize::from(CLUSTER_PARTITIONS), "{partitions:?}");
+
+        // Accepted, then a long poll answered by the reply; the node is finished (in its tree's slot).
+        let accepted = stack.submit(&json!({"handler": "echo", "payload": "hi"}), None).await;
+        assert_eq!(accepted.status, 202, "{}", accepted.json);
+        let id = id_of(&accepted);
+        let done = stack.request_state(&id, Some(10)).await;
+        assert_eq!((&done.json["state"], &done.json["result"]), (&json!("succeeded"), &json!("hi")));
+        wait_until("the progress node is finished", WAIT, || async {
+            stack.get(&format!("/status/_requests.{id}")).await.json["status"] == "finished"
+        })
+        .await
+        .expect("progress reported");
+
+        // An idempotency key names one request, in the key's partition.
+        let body = json!({"handler": "echo", "payload": {"order": 7}, "idempotency_key": "order-7"});
+        let replies = futures::future::join_all((0..8).map(|_| stack.submit(&body, None))).await;
+        let first = id_of(&replies[0]);
+        assert!(replies.iter().all(|reply| id_of(reply) == first), "one id for one key");
+        assert_eq!(partition(&stack, &first), stack.queues().layout().partition_of("order-7"));
+        let conflict =
+            stack.submit(&json!({"handler": "echo", "payload": 8, "idempotency_key": "order-7"}), None).await;
+        assert_eq!(conflict.status, 409, "{}", conflict.json);
+        assert_eq!(stack.request_state(&first, Some(10)).await.json["state"], "succeeded");
+    }
+
+    #[tokio::test]
+    async fn a_canceled_queued_request_on_a_cluster_never_runs() {
+        let mut stack = Stack::with(Options::default().on_cluster()).await;
+        let mut queued = Vec::new();
+        for _ in 0..MAX_TRIES {
+            queued.push(id_of(&stack.submit(&json!({"handler": "echo", "payload": 1}), None).await));
+            let used: BTreeSet<u16> = queued.iter().map(|id| partition(&stack, id)).collect();
+            if used.len() > 1 {
+                break;
+            }
+        }
+        // The first and the last are in different partitions: cancel both.
+        let canceled = [queued[0].clone(), queued[queued.len() - 1].clone()];
+        for id in &canceled {
+            let reply = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{id}"))).await;
+            assert_eq!((reply.status, &reply.json), (200, &json!({"id": id, "state": "canceled"})));
+            let node = stack.get(&format!("/status/_requests.{id}")).await;
+            assert_eq!((&node.json["status"], &node.json["state"]), (&json!("canceled"), &json!("canceled")));
+            let again = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{id}"))).await;
+            assert_eq!(again.status, 409, "{}", again.json);
+        }
+
+        stack.start_processor(request_processor::handlers::default_handlers()).await;
+        for id in queued.iter().filter(|id| !canceled.contains(id)) {
+            let view = stack.request_state(id, Some(10)).await;
+            assert_eq!(view.json["state"], "succeeded", "{}", view.json);
+        }
+        // A request queued after the canceled ones, in each partition, finishing means the
+        // canceled entries were delivered (and only acknowledged).
+        let mut later = BTreeSet::new();
+        for _ in 0..MAX_TRIES {
+            let reply = stack.submit(&json!({"handler": "echo", "payload": 2}), Some(10)).await;
+            assert_eq!(reply.json["state"], "succeeded", "{}", reply.json);
+            later.insert(partition(&stack, &id_of(&reply)));
+            if canceled.iter().all(|id| later.contains(&partition(&stack, id))) {
+                break;
+            }
+        }
+        for id in &canceled {
+            let view = stack.request_state(id, None).await;
+            assert_eq!((&view.json["state"], &view.json["attempts"]), (&json!("canceled"), &json!(0)));
+        }
+    }
+
+    #[tokio::test]
+    async fn dead_letters_of_every_partition_are_listed_newest_first_and_retried() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let (_dir, handlers) = handlers_file(&["echo", "nope"]);
+        let processor = HandlerSet::new().with("echo", Echo).with("nope", Nope(runs.clone()));
+        let options = Options::default().on_cluster().handlers(processor).arg("--handlers", &handlers);
+        let stack = Stack::with(options).await;
+        let mut dead = Vec::new();
+        for n in 0..MAX_TRIES {
+            let reply = stack.submit(&json!({"handler": "nope", "payload": n}), Some(10)).await;
+            assert_eq!((reply.status, &reply.json["state"]), (200, &json!("dead")), "{}", reply.json);
+            dead.push(id_of(&reply));
+            let used: BTreeSet<u16> = dead.iter().map(|id| partition(&stack, id)).collect();
+            if used.len() > 1 && dead.len() >= 3 {
+                break;
+            }
+        }
+
+        // Newest first across the partitions' dead-letter streams, whole or a letter a page.
+        let newest_first: Vec<String> = dead.iter().rev().cloned().collect();
+        let letters = all_items(&stack, "/v1/dead-letters?limit=1000").await;
+        let entry_of = |letter: &Value| {
+            (letter["id"].as_str().unwrap().to_owned(), letter["entry_id"].as_str().unwrap().to_owned())
+        };
+        let letter_entries: BTreeMap<String, String> = letters.iter().map(entry_of).collect();
+        let listed: Vec<String> = letters.iter().map(|letter| entry_of(letter).0).collect();
+        assert_same_order(&listed, &newest_first, &letter_entries);
+        let paged = all_pages(&stack, "/v1/dead-letters?limit=1").await;
+        assert_eq!(paged, listed);
+        let letter = stack.get(&format!("/v1/dead-letters/{}", dead[0])).await;
+        assert_eq!((letter.status, &letter.json["state"]), (200, &json!("dead")));
+
+        // The oldest, retried, dies again and is the newest letter; it is listed twice now.
+        let oldest = &dead[0];
+        let retry =
+            stack.send(stack.request(Method::POST, &format!("/v1/dead-letters/{oldest}/retry"))).await;
+        assert_eq!((retry.status, &retry.json), (202, &json!({"id": oldest, "state": "queued"})));
+        wait_until("the retry dies again", WAIT, || async {
+            stack.request_state(oldest, Some(1)).await.json["state"] == "dead"
+                && runs.load(Ordering::SeqCst) as usize == dead.len() + 1
+        })
+        .await
+        .expect("the retried request runs and dies");
+        let listed = all_pages(&stack, "/v1/dead-letters?limit=2").await;
+        assert_eq!(listed.len(), dead.len() + 1, "{listed:?}");
+        assert_eq!(&listed[0], oldest, "the retry's letter is the newest");
+        assert_eq!(&listed[listed.len() - 1], oldest, "its first letter is still the oldest");
+    }
+
+    #[tokio::test]
+    async fn requests_of_every_partition_are_listed_newest_first_and_paged() {
+        let stack = Stack::with(Options::default().on_cluster()).await;
+        let mut submitted = Vec::new();
+        for n in 0..MAX_TRIES {
+            submitted
+                .push(id_of(&stack.submit(&json!({"handler": "echo", "payload": {"n": n}}), None).await));
+            let used: BTreeSet<u16> = submitted.iter().map(|id| partition(&stack, id)).collect();
+            if used.len() == usize::from(CLUSTER_PARTITIONS) && submitted.len() >= 7 {
+                break;
+            }
+        }
+        let newest_first: Vec<String> = submitted.iter().rev().cloned().collect();
+        let listed = all_pages(&stack, "/v1/requests?limit=1000").await;
+        assert_same_order(&listed, &newest_first, &entries(&stack, &submitted).await);
+        for limit in [1, 2, 3] {
+            let paged = all_pages(&stack, &format!("/v1/requests?limit={limit}")).await;
+            assert_eq!(paged, listed, "pages of {limit}");
+        }
+
+        // Filters, reads by id and the payload reach each request's partition.
+        let canceled = &submitted[1];
+        let reply = stack.send(stack.request(Method::DELETE, &format!("/v1/requests/{canceled}"))).await;
+        assert_eq!(reply.status, 200, "{}", reply.json);
+        assert_eq!(
+            all_pages(&stack, "/v1/requests?state=canceled&limit=5").await,
+            std::slice::from_ref(canceled)
+        );
+        for (n, id) in submitted.iter().enumerate() {
+            let payload = stack.get(&format!("/v1/requests/{id}/payload")).await;
+            assert_eq!((payload.status, payload.json), (200, json!({"n": n})));
+        }
+    }
+
+    /// `listed` holds the ids of `expected` once each, in its order but for ids whose entries
+    /// (`entry`, by id) share an entry id: entries of two partitions' streams can, and then
+    /// either may come first.
+    fn assert_same_order(listed: &[String], expected: &[String], entry: &BTreeMap<String, String>) {
+        let sorted = |ids: &[String]| ids.iter().cloned().collect::<BTreeSet<_>>();
+        assert_eq!(sorted(listed), sorted(expected), "the same requests");
+        assert_eq!(listed.len(), expected.len(), "each once: {listed:?}");
+        let entries = |ids: &[String]| ids.iter().map(|id| entry[id].clone()).collect::<Vec<_>>();
+        assert_eq!(entries(listed), entries(expected), "newest first: {listed:?}");
+    }
+}

@@ -167,7 +167,7 @@ impl QueueLayout {
     pub fn new_id_in(&self, partition: Option<u16>) -> String {
         let target = partition.map(|p| p % self.partitions);
         loop {
-            let id = uuid::Uuid::new_v4().to_string();
+            let id = cairn_requests::new_request_id();
             if target.is_none_or(|p| self.partition_of(&id) == p) {
                 return id;
             }

@@ -1,11 +1,15 @@
 //! Spawns an aggregator, request processors and an ingress in-process, on port 0, against the
-//! real Redis and RabbitMQ, each stack in its own Redis key prefix and RabbitMQ vhost.
+//! real Redis and RabbitMQ, each stack in its own Redis key prefix and RabbitMQ vhost, or on a
+//! Redis Cluster of its own (three masters, the request queue in [`CLUSTER_PARTITIONS`]
+//! partitions: [`Options::on_cluster`]).
 
 #![allow(dead_code)] // Each test binary uses its own part of the harness.
 
 use std::time::Duration;
 
-use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
+use cairn_redis::requests::{QueueLayout, RequestQueues};
+use cairn_redis::{RedisConfig, RedisConnection};
+use cairn_testkit::{AmqpVhost, RedisCluster, RedisNamespace, unique_name, wait_until};
 use clap::Parser as _;
 use redis::aio::ConnectionManager;
 use request_processor::HandlerSet;
@@ -17,6 +21,55 @@ use tokio_util::sync::CancellationToken;
 
 /// Bound on every wait: start-up and each HTTP call.
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Partitions of the request queue of a stack on a Redis Cluster.
+pub const CLUSTER_PARTITIONS: u16 = 3;
+
+/// Where a stack keeps its data.
+enum Store {
+    /// A key prefix of its own on the shared Redis, deleted on drop.
+    Single(RedisNamespace),
+    /// A Redis Cluster of its own, stopped on drop.
+    Cluster { cluster: RedisCluster, prefix: String },
+}
+
+impl Store {
+    async fn cluster() -> Store {
+        Store::Cluster { cluster: RedisCluster::new().await, prefix: unique_name("c") }
+    }
+
+    fn prefix(&self) -> &str {
+        match self {
+            Store::Single(ns) => &ns.prefix,
+            Store::Cluster { prefix, .. } => prefix,
+        }
+    }
+
+    fn config(&self) -> RedisConfig {
+        match self {
+            Store::Single(ns) => RedisConfig::new(ns.url.clone(), ns.prefix.clone()),
+            Store::Cluster { cluster, prefix } => RedisConfig::cluster(cluster.url(), prefix.clone()),
+        }
+    }
+
+    /// The Redis flags of every service.
+    fn args(&self) -> Vec<String> {
+        let config = self.config();
+        let mut args = vec!["--redis-url".to_owned(), config.url, "--key-prefix".to_owned(), config.prefix];
+        if config.cluster {
+            args.extend(["--redis-cluster".to_owned(), "true".to_owned()]);
+        }
+        args
+    }
+
+    /// The request queue's flags of the services that use it (the ingress and the processors).
+    fn queue_args(&self) -> Vec<String> {
+        match self {
+            Store::Single(_) => Vec::new(),
+            Store::Cluster { .. } => vec!["--request-partitions".to_owned(), CLUSTER_PARTITIONS.to_string()],
+        }
+    }
+}
 
 /// A running ingress (and the aggregator and processors behind it, when there are some); all
 /// stop when dropped, and the key prefix and vhost are deleted.
@@ -34,7 +87,7 @@ pub struct Stack {
     ingress: Option<JoinHandle<anyhow::Result<()>>>,
     /// The aggregator and the processors.
     services: Vec<JoinHandle<anyhow::Result<()>>>,
-    ns: RedisNamespace,
+    store: Store,
     vhost: Option<AmqpVhost>,
     shared_args: Vec<String>,
 }
@@ -48,6 +101,9 @@ pub struct Options {
     pub ingress_args: Vec<String>,
     /// Flags every service gets (the aggregator, processors and the ingress), such as auth's.
     pub shared_args: Vec<String>,
+    /// On a Redis Cluster of the stack's own, the request queue in [`CLUSTER_PARTITIONS`]
+    /// partitions, instead of a prefix of the shared Redis.
+    pub cluster: bool,
 }
 
 impl Options {
@@ -69,6 +125,12 @@ impl Options {
 
     pub fn arg(mut self, flag: &str, value: &str) -> Options {
         self.ingress_args.extend([flag.to_owned(), value.to_owned()]);
+        self
+    }
+
+    /// The stack on a Redis Cluster of its own ([`Options::cluster`]).
+    pub fn on_cluster(mut self) -> Options {
+        self.cluster = true;
         self
     }
 }
@@ -99,10 +161,11 @@ impl Stack {
     /// An aggregator, the processor `options` ask for and an ingress, on one prefix and vhost;
     /// the ingress is ready.
     pub async fn with(options: Options) -> Stack {
-        let ns = RedisNamespace::new();
+        let store =
+            if options.cluster { Store::cluster().await } else { Store::Single(RedisNamespace::new()) };
         let vhost = AmqpVhost::new().await;
         let config = progress_aggregator::Config::try_parse_from(
-            cairn_testkit::aggregator_args(&ns, &vhost)
+            cairn_testkit::aggregator_args_with(&store.args(), &vhost)
                 .into_iter()
                 .chain(options.shared_args.iter().cloned()),
         )
@@ -114,7 +177,7 @@ impl Stack {
         let url = format!("http://{grpc_addr}");
         let ingress_args: Vec<String> =
             options.ingress_args.iter().chain(&options.shared_args).cloned().collect();
-        let mut stack = Stack::ingress(ns, &url, "5s", &ingress_args, cancel).await;
+        let mut stack = Stack::ingress(store, &url, "5s", &ingress_args, cancel).await;
         stack.shared_args = options.shared_args;
         stack.services.push(aggregator);
         stack.vhost = Some(vhost);
@@ -130,19 +193,19 @@ impl Stack {
     /// An ingress pointed at `aggregator_url`, which need not answer, with calls to it bounded by
     /// `request_timeout` (`1s`, `500ms`).
     pub async fn without_aggregator(aggregator_url: &str, request_timeout: &str) -> Stack {
-        Stack::ingress(RedisNamespace::new(), aggregator_url, request_timeout, &[], CancellationToken::new())
-            .await
+        let store = Store::Single(RedisNamespace::new());
+        Stack::ingress(store, aggregator_url, request_timeout, &[], CancellationToken::new()).await
     }
 
     /// An ingress alone (no aggregator, no processor) on a prefix of the Redis at `redis_url`,
     /// which need not answer.
     pub async fn ingress_on(redis_url: &str, args: &[String]) -> Stack {
-        let ns = RedisNamespace::with_url(redis_url);
-        Stack::ingress(ns, "http://127.0.0.1:1", "5s", args, CancellationToken::new()).await
+        let store = Store::Single(RedisNamespace::with_url(redis_url));
+        Stack::ingress(store, "http://127.0.0.1:1", "5s", args, CancellationToken::new()).await
     }
 
     async fn ingress(
-        ns: RedisNamespace,
+        store: Store,
         aggregator_url: &str,
         request_timeout: &str,
         args: &[String],
@@ -160,13 +223,11 @@ impl Stack {
             request_timeout,
             "--grace",
             "5s",
-            "--redis-url",
-            &ns.url,
-            "--key-prefix",
-            &ns.prefix,
         ]
         .map(String::from)
         .to_vec();
+        argv.extend(store.args());
+        argv.extend(store.queue_args());
         argv.extend_from_slice(args);
         let config = ingress::Config::try_parse_from(argv).expect("valid ingress config");
         let app = ingress::App::build(config).await.expect("ingress builds");
@@ -185,7 +246,7 @@ impl Stack {
             cancel,
             ingress: Some(ingress),
             services: Vec::new(),
-            ns,
+            store,
             vhost: None,
             shared_args: Vec::new(),
         }
@@ -205,10 +266,6 @@ impl Stack {
         let config = request_processor::Config::try_parse_from(
             [
                 "request-processor",
-                "--redis-url",
-                &self.ns.url,
-                "--key-prefix",
-                &self.ns.prefix,
                 "--amqp-url",
                 amqp_url,
                 "--public-url",
@@ -224,6 +281,8 @@ impl Stack {
             ]
             .map(String::from)
             .into_iter()
+            .chain(self.store.args())
+            .chain(self.store.queue_args())
             .chain(self.shared_args.iter().cloned()),
         )
         .expect("valid processor config");
@@ -256,11 +315,11 @@ impl Stack {
             &self.aggregator_url,
             "--grace",
             "5s",
-            "--redis-url",
-            &self.ns.url,
-            "--key-prefix",
-            &self.ns.prefix,
-        ];
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain(self.store.args())
+        .chain(self.store.queue_args());
         let config = ingress::Config::try_parse_from(argv).expect("valid ingress config");
         let app = ingress::App::build(config).await.expect("ingress builds");
         let base = format!("http://{}", app.local_addr());
@@ -278,14 +337,41 @@ impl Stack {
         base
     }
 
-    /// The stack's key prefix and Redis.
+    /// The stack's key prefix and Redis (a stack on the shared Redis).
     pub fn ns(&self) -> &RedisNamespace {
-        &self.ns
+        match &self.store {
+            Store::Single(ns) => ns,
+            Store::Cluster { .. } => panic!("a stack on a Redis Cluster has no RedisNamespace: use queues()"),
+        }
     }
 
-    /// A connection to the stack's Redis, for looking at keys directly.
+    /// A connection to the stack's Redis, for looking at keys directly (a stack on the shared
+    /// Redis).
     pub async fn redis(&self) -> ConnectionManager {
-        self.ns.connection().await
+        self.ns().connection().await
+    }
+
+    /// Whether the stack runs on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.store, Store::Cluster { .. })
+    }
+
+    /// The stack's Redis settings (one Redis or its cluster).
+    pub fn redis_config(&self) -> RedisConfig {
+        self.store.config()
+    }
+
+    /// A connection to the stack's Redis or cluster, as its services have one.
+    pub fn connection(&self) -> RedisConnection {
+        self.store.config().connection().expect("valid redis settings")
+    }
+
+    /// The stack's request queue, laid out as its services lay it out.
+    pub fn queues(&self) -> RequestQueues {
+        let partitions = if self.is_cluster() { CLUSTER_PARTITIONS } else { 1 };
+        let layout =
+            QueueLayout::new(self.store.prefix(), "requests", "processors").with_partitions(partitions);
+        RequestQueues::new(self.connection(), layout)
     }
 
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
