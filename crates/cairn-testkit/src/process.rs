@@ -146,10 +146,13 @@ impl ServiceProcess {
 
     /// Whether the process was started and has not exited.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
+        let Some(child) = self.child.as_mut() else { return false };
+        if matches!(child.try_wait(), Ok(None)) {
+            return true;
         }
+        // It exited by itself: reaped, so it can be started again.
+        self.child = None;
+        false
     }
 
     /// How many times the process was started.
@@ -393,5 +396,19 @@ mod tests {
         process.signal_tree(Signal::KILL);
         let status = process.wait_exit(Duration::from_secs(10)).expect("killed");
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    }
+
+    #[test]
+    fn a_process_that_exits_by_itself_can_be_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut process =
+            ServiceProcess::new("short", "/bin/sh", &["-c", "echo ran"], BTreeMap::new(), dir.path());
+        process.start();
+        wait_for("it exits", || !process.is_running());
+        process.start();
+        wait_for("it exits again", || !process.is_running());
+        assert_eq!(process.starts(), 2);
+        let log = std::fs::read_to_string(process.log()).unwrap();
+        assert_eq!(log.matches("ran").count(), 2, "{log}");
     }
 }
