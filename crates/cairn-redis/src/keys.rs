@@ -104,8 +104,8 @@ pub mod progress {
 /// The request queue's keys.
 ///
 /// The queue is split in `CAIRN_REQUEST_PARTITIONS` partitions, each a stream of its own; a
-/// request belongs to the partition [`partition_of`] its id (or its idempotency key) gives. On a
-/// Redis Cluster every key of a partition carries the partition's hash tag ([`partition_tag`],
+/// request belongs to the partition [`partition_of`](requests::partition_of) its id (or its idempotency key) gives. On a
+/// Redis Cluster every key of a partition carries the partition's hash tag ([`partition_tag`](requests::partition_tag),
 /// `{p3}`), so the stream, the records of its requests, their data streams, the idempotency
 /// claims, the finished index and the dead letters of a partition share one slot and each
 /// request function touches one slot. On one Redis the tag is empty and every key keeps the

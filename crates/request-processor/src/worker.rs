@@ -2,7 +2,7 @@
 //! queue, run them through handlers, keep their leases alive, store outcomes, and reclaim the
 //! entries of dead processors.
 //!
-//! Each partition is worked on its own ([`Partition`]): a reader with its own blocking
+//! Each partition is worked on its own (`Partition`): a reader with its own blocking
 //! connection, its own reclaim (`XAUTOCLAIM`), heartbeats and group commit, and its own registry
 //! of in-flight runs (entry ids are unique only within a partition's stream). What the
 //! partitions share is one concurrency limit: `concurrency` permits, each held by a run or by a
@@ -12,7 +12,7 @@
 //! call); a run whose lease was lost stops without storing anything; at most `concurrency` runs
 //! are in flight, and nothing is read that cannot start at once, so shutdown leaves nothing of
 //! ours pending once in-flight runs finish. A reader waiting on an idle partition holds at most
-//! one permit when there are several ([`intake::Holding`]), so idle partitions never starve a
+//! one permit when there are several (`intake::Holding`), so idle partitions never starve a
 //! busy one.
 //!
 //! This file is the loop; each concern is a submodule: `intake` (reader connection, its
