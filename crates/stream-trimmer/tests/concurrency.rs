@@ -1,21 +1,23 @@
 //! The trimmer under load: producers, two in-process request processors, a "ghost" consumer
 //! that takes entries and never answers (so the processors must reclaim them), a probe that
-//! scans the pending list with XAUTOCLAIM, and the trimmer every 200 ms with `maxlen 10` exact.
-//! Every request produced must succeed, and no pending entry may ever be trimmed away.
+//! scans the pending lists with XAUTOCLAIM, and the trimmer every 200 ms with `maxlen 10` exact.
+//! Every request produced must succeed, and no pending entry may ever be trimmed away. It runs on
+//! one Redis with one and with three request partitions, and on a Redis Cluster of three masters
+//! with three partitions (each partition's stream its own slot, trimmed on its own).
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_progress::now_ms;
-use cairn_redis::RedisConfig;
-use cairn_redis::requests::{QueueNames, RequestQueue, SubmitOutcome};
-use cairn_requests::{RequestRecord, RequestState, Submission, new_request_id};
-use cairn_testkit::{AmqpVhost, RedisNamespace, wait_until};
+use cairn_redis::requests::SubmitOutcome;
+use cairn_requests::{RequestRecord, RequestState, Submission};
+use cairn_testkit::{AmqpVhost, wait_until};
 use clap::Parser;
-use common::{metrics, trimmer};
+use common::{Target, metrics};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply};
 use serde_json::json;
 use stream_trimmer::trim_once;
@@ -23,14 +25,13 @@ use tokio_util::sync::CancellationToken;
 
 const LOAD: Duration = Duration::from_secs(5);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn trimming_under_load_never_loses_a_request() {
-    let (ns, vhost) = (RedisNamespace::new(), AmqpVhost::new().await);
-    let names = QueueNames::new(&ns.prefix, "requests", "processors");
-    let stream = names.stream.clone();
-    let queue =
-        RequestQueue::new(RedisConfig::new(ns.url.clone(), ns.prefix.clone()).manager().unwrap(), names);
-    queue.ensure_group().await.unwrap();
+on_redis_and_cluster!(trimming_under_load_never_loses_a_request);
+
+async fn trimming_under_load_never_loses_a_request(target: &Target) {
+    let vhost = AmqpVhost::new().await;
+    let queues = target.queues();
+    queues.ensure_groups().await.unwrap();
+    let streams: Vec<String> = queues.partitions().iter().map(|q| q.names().stream.clone()).collect();
     let stop_services = CancellationToken::new();
     let _stop_services = stop_services.clone().drop_guard();
 
@@ -38,8 +39,10 @@ async fn trimming_under_load_never_loses_a_request() {
     for name in ["p1", "p2"] {
         let config = request_processor::Config::try_parse_from([
             "request-processor".to_owned(),
-            format!("--redis-url={}", ns.url),
-            format!("--key-prefix={}", ns.prefix),
+            format!("--redis-url={}", target.config.url),
+            format!("--redis-cluster={}", target.is_cluster()),
+            format!("--key-prefix={}", target.prefix),
+            format!("--request-partitions={}", target.partitions),
             format!("--amqp-url={}", vhost.url),
             "--admin-addr=127.0.0.1:0".into(),
             format!("--name={name}"),
@@ -51,7 +54,7 @@ async fn trimming_under_load_never_loses_a_request() {
         let app = request_processor::App::build(config).await.unwrap();
         processors.push(tokio::spawn(app.run(stop_services.clone())));
     }
-    let trimmer = trimmer(&ns, &["--interval=200ms", "--policy=requests=maxlen:10,exact"]).await;
+    let trimmer = target.trimmer(&["--interval=200ms", "--policy=requests=maxlen:10,exact"]).await;
     let deps = trimmer.deps();
     let mut reports = trimmer.subscribe();
     let trimmer_run = tokio::spawn(trimmer.run(stop_services.clone()));
@@ -69,18 +72,18 @@ async fn trimming_under_load_never_loses_a_request() {
     let started = Instant::now();
     let producers: Vec<_> = (0..2)
         .map(|_| {
-            let (queue, stop) = (queue.clone(), stop_load.clone());
+            let (queues, stop) = (queues.clone(), stop_load.clone());
             tokio::spawn(async move {
                 let mut ids = Vec::new();
                 while !stop.is_cancelled() {
-                    let id = new_request_id();
+                    let id = queues.new_id(None);
                     let record = RequestRecord::queued(
                         id.clone(),
                         Submission::new("echo", json!({"id": id})),
                         3,
                         now_ms(),
                     );
-                    let outcome = queue.submit(&record, None, 60_000, None).await.unwrap();
+                    let outcome = queues.of(&id).submit(&record, None, 60_000, None).await.unwrap();
                     assert!(matches!(outcome, SubmitOutcome::Created { .. }));
                     ids.push(id);
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -89,13 +92,17 @@ async fn trimming_under_load_never_loses_a_request() {
             })
         })
         .collect();
-    // Takes a few entries now and then and never answers: they stay pending until a processor
-    // reclaims them after the lease timeout, while the trimmer runs every 200 ms.
+    // Takes a few entries of one partition after another now and then and never answers: they
+    // stay pending until a processor reclaims them after the lease timeout, while the trimmer
+    // runs every 200 ms. (One stream per read: on a cluster the partitions are in other slots.)
     let ghost = {
-        let (mut conn, stream, stop) = (ns.connection().await, stream.clone(), stop_load.clone());
+        let (mut conn, streams, stop) = (target.connection(), streams.clone(), stop_load.clone());
         tokio::spawn(async move {
-            let mut taken = 0;
-            while !stop.is_cancelled() {
+            let mut taken = BTreeSet::new();
+            for stream in streams.iter().cycle() {
+                if stop.is_cancelled() {
+                    break;
+                }
                 // Blocked like the processors, it gets its turn when entries arrive.
                 let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
                     .arg("GROUP")
@@ -106,42 +113,45 @@ async fn trimming_under_load_never_loses_a_request() {
                     .arg("BLOCK")
                     .arg(200)
                     .arg("STREAMS")
-                    .arg(&stream)
+                    .arg(stream)
                     .arg(">")
                     .query_async(&mut conn)
                     .await
                     .unwrap();
-                taken += reply.map_or(0, |r| r.keys.iter().map(|k| k.ids.len()).sum());
+                let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
+                taken.extend(entries.map(|e| (stream.clone(), e.id)));
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
             taken
         })
     };
-    // Scans the whole pending list without claiming anything (min idle 1 h): XAUTOCLAIM reports
-    // the ids of pending entries that are no longer in the stream.
+    // Scans every partition's pending list without claiming anything (min idle 1 h): XAUTOCLAIM
+    // reports the ids of pending entries that are no longer in the stream.
     let probe = {
-        let (mut conn, stream, stop) = (ns.connection().await, stream.clone(), stop_services.clone());
+        let (mut conn, streams, stop) = (target.connection(), streams.clone(), stop_services.clone());
         tokio::spawn(async move {
             let mut deleted = Vec::new();
             while !stop.is_cancelled() {
-                let mut cursor = "0-0".to_owned();
-                loop {
-                    let reply: StreamAutoClaimReply = redis::AsyncCommands::xautoclaim_options(
-                        &mut conn,
-                        &stream,
-                        "processors",
-                        "probe",
-                        3_600_000,
-                        &cursor,
-                        StreamAutoClaimOptions::default().count(1000),
-                    )
-                    .await
-                    .unwrap();
-                    deleted.extend(reply.deleted_ids);
-                    if reply.next_stream_id == "0-0" {
-                        break;
+                for stream in &streams {
+                    let mut cursor = "0-0".to_owned();
+                    loop {
+                        let reply: StreamAutoClaimReply = redis::AsyncCommands::xautoclaim_options(
+                            &mut conn,
+                            stream,
+                            "processors",
+                            "probe",
+                            3_600_000,
+                            &cursor,
+                            StreamAutoClaimOptions::default().count(1000),
+                        )
+                        .await
+                        .unwrap();
+                        deleted.extend(reply.deleted_ids.into_iter().map(|id| format!("{stream} {id}")));
+                        if reply.next_stream_id == "0-0" {
+                            break;
+                        }
+                        cursor = reply.next_stream_id;
                     }
-                    cursor = reply.next_stream_id;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -157,27 +167,35 @@ async fn trimming_under_load_never_loses_a_request() {
     }
     let ghost_taken = ghost.await.unwrap();
     assert!(produced.len() > 200, "only {} requests in {:?}", produced.len(), started.elapsed());
-    assert!(ghost_taken > 0, "the ghost consumer took entries");
+    assert!(!ghost_taken.is_empty(), "the ghost consumer took entries");
+    for queue in queues.partitions() {
+        let in_partition = produced.iter().filter(|id| queues.of(id).names() == queue.names()).count();
+        assert!(in_partition > 20, "only {in_partition} requests in {}", queue.names().stream);
+    }
 
     wait_until("every request produced has succeeded", Duration::from_secs(90), || async {
-        let mut done = 0;
-        for id in &produced {
-            if queue.record(id).await.unwrap().is_some_and(|r| r.state == RequestState::Succeeded) {
-                done += 1;
-            }
-        }
-        done == produced.len()
+        let refs: Vec<&str> = produced.iter().map(String::as_str).collect();
+        let records = queues.records(&refs).await.unwrap();
+        records.iter().all(|r| r.as_ref().is_some_and(|r| r.state == RequestState::Succeeded))
     })
     .await
     .unwrap();
     for id in &produced {
-        let record = queue.record(id).await.unwrap().unwrap();
+        let record = queues.record(id).await.unwrap().unwrap();
         assert_eq!(record.result, Some(json!({"id": id})), "{id}");
     }
 
-    // With everything acked, a run trims the stream down to the policy.
+    // The ghost never acked: its entries were done by the processors only after they reclaimed
+    // them, and nothing of theirs is pending any more.
+    let mut conn = target.connection();
+    for stream in &streams {
+        let pending: redis::streams::StreamPendingReply =
+            redis::cmd("XPENDING").arg(stream).arg("processors").query_async(&mut conn).await.unwrap();
+        assert_eq!(pending.count(), 0, "{stream} still has pending entries");
+    }
+
+    // With everything acked, a run trims every partition's stream down to the policy.
     let report = trim_once(&deps, now_ms()).await.unwrap();
-    let final_length = report.stream("requests").map(|s| s.outcome.length);
     stop_services.cancel();
     let deleted = probe.await.unwrap();
     trimmer_run.await.unwrap().unwrap();
@@ -187,8 +205,10 @@ async fn trimming_under_load_never_loses_a_request() {
     counting.abort();
 
     eprintln!(
-        "produced {}, ghost took {ghost_taken}, trimmed {} while loaded",
+        "produced {} in {} partitions, ghost took {}, trimmed {} while loaded",
         produced.len(),
+        target.partitions,
+        ghost_taken.len(),
         trimmed.load(Ordering::SeqCst)
     );
     assert!(deleted.is_empty(), "pending entries were trimmed away: {deleted:?}");
@@ -198,12 +218,11 @@ async fn trimming_under_load_never_loses_a_request() {
         "processors found trimmed pending entries:\n{page}"
     );
     assert!(
-        page.lines().any(|l| l.starts_with("cairn_requests_reclaimed_total") && !l.ends_with(" 0")),
-        "the ghost's entries were reclaimed by the processors:\n{page}"
-    );
-    assert!(
         trimmed.load(Ordering::SeqCst) + report.trimmed() > produced.len() as u64 / 2,
-        "the trimmer kept the stream short while the load ran"
+        "the trimmer kept the streams short while the load ran"
     );
-    assert_eq!(final_length, Some(10));
+    for stream in &streams {
+        let length = report.streams.iter().find(|s| &s.key == stream).map(|s| s.outcome.length);
+        assert_eq!(length, Some(10), "{stream} after the last run");
+    }
 }
