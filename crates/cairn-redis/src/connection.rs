@@ -3,7 +3,11 @@
 //! of its key's slot, follows `MOVED`/`ASK` and sends `FUNCTION LOAD` to every master
 //! (docs/contract.md §8).
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
@@ -17,13 +21,35 @@ pub enum RedisConnection {
     Single(ConnectionManager),
     /// One Redis, a connection of one blocking reader's own.
     Dedicated(MultiplexedConnection),
-    Cluster(ClusterConnection),
+    /// A cluster connection, with the client it came from when kept to say why no node
+    /// answers ([`ready`](Self::ready)).
+    Cluster(ClusterConnection, Option<Arc<ClusterClient>>),
 }
 
 impl RedisConnection {
     /// Whether this is a Redis Cluster (the hash-tagged key layout).
     pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisConnection::Cluster(_))
+        matches!(self, RedisConnection::Cluster(..))
+    }
+
+    /// Whether Redis answers PING (the readiness check), and if not, why.
+    ///
+    /// A cluster connection made in the background answers every command with "no connections
+    /// found" when it reaches no node, which says nothing of the cause. Then one connection to
+    /// the seeds is tried, and its error (a certificate refused, a password wrong, a port
+    /// closed) is the answer.
+    pub async fn ready(&self) -> Result<(), String> {
+        let error = match crate::ping(&mut self.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        let RedisConnection::Cluster(_, Some(client)) = self else { return Err(error) };
+        let config = ClusterConfig::new().set_connection_timeout(Duration::from_secs(2));
+        match tokio::time::timeout(crate::PING_TIMEOUT, client.get_async_connection_with_config(config)).await
+        {
+            Ok(Err(why)) => Err(format!("redis: {why}")),
+            _ => Err(error),
+        }
     }
 }
 
@@ -41,7 +67,7 @@ impl From<MultiplexedConnection> for RedisConnection {
 
 impl From<ClusterConnection> for RedisConnection {
     fn from(conn: ClusterConnection) -> Self {
-        RedisConnection::Cluster(conn)
+        RedisConnection::Cluster(conn, None)
     }
 }
 
@@ -50,7 +76,7 @@ impl ConnectionLike for RedisConnection {
         match self {
             RedisConnection::Single(conn) => conn.req_packed_command(cmd),
             RedisConnection::Dedicated(conn) => conn.req_packed_command(cmd),
-            RedisConnection::Cluster(conn) => conn.req_packed_command(cmd),
+            RedisConnection::Cluster(conn, _) => conn.req_packed_command(cmd),
         }
     }
 
@@ -63,7 +89,7 @@ impl ConnectionLike for RedisConnection {
         match self {
             RedisConnection::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
             RedisConnection::Dedicated(conn) => conn.req_packed_commands(pipeline, offset, count),
-            RedisConnection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(conn, _) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -71,7 +97,7 @@ impl ConnectionLike for RedisConnection {
         match self {
             RedisConnection::Single(conn) => conn.get_db(),
             RedisConnection::Dedicated(conn) => conn.get_db(),
-            RedisConnection::Cluster(conn) => conn.get_db(),
+            RedisConnection::Cluster(conn, _) => conn.get_db(),
         }
     }
 }

@@ -125,7 +125,9 @@ impl RedisConfig {
         let config = redis::cluster::ClusterConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(Duration::from_secs(10));
-        Ok(self.cluster_client()?.get_pending_async_connection_with_config(config).into())
+        let client = self.cluster_client()?;
+        let conn = client.get_pending_async_connection_with_config(config);
+        Ok(RedisConnection::Cluster(conn, Some(std::sync::Arc::new(client))))
     }
 
     /// A connection of its own for one blocking reader, to one Redis or to a cluster (where each
@@ -285,17 +287,13 @@ pub async fn ping(conn: &mut impl redis::aio::ConnectionLike) -> Result<(), Stri
     }
 }
 
-/// The readiness check of a service that needs Redis: [`ping`] on its shared connection, a
-/// [`RedisConnection`] (one Redis or a cluster, where PING goes to every master) or a
-/// [`ConnectionManager`].
-pub struct RedisReady<C = RedisConnection>(pub C);
+/// The readiness check of a service that needs Redis: [`RedisConnection::ready`] on its shared
+/// connection (one Redis, or a cluster, where PING goes to every master).
+pub struct RedisReady(pub RedisConnection);
 
-impl<C> cairn_runtime::Readiness for RedisReady<C>
-where
-    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
-{
+impl cairn_runtime::Readiness for RedisReady {
     fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { ping(&mut self.0.clone()).await })
+        Box::pin(self.0.ready())
     }
 
     fn name(&self) -> &str {
@@ -304,7 +302,7 @@ where
 }
 
 /// How long a readiness probe waits for Redis's answer.
-const PING_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,5 @@
 use std::fs::File;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,9 +17,21 @@ const MASTERS: usize = 3;
 /// (`cluster_state:ok` on every node) when [`RedisCluster::new`] returns. Dropping it kills the
 /// processes and removes their directories. The binaries are `redis-server` and `redis-cli` on
 /// `PATH` unless `CAIRN_TEST_REDIS_SERVER` / `CAIRN_TEST_REDIS_CLI` name others.
+///
+/// [`RedisCluster::with_tls`] makes one that speaks TLS only, on its client ports and its
+/// cluster bus (`tls-cluster yes`), as managed Redis Clusters with in-transit encryption do.
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<Node>,
+    tls: Option<Tls>,
+}
+
+/// The server certificate, its key and the CA that signed it (PEM files).
+#[derive(Debug, Clone)]
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
 }
 
 #[derive(Debug)]
@@ -26,14 +39,27 @@ struct Node {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    tls: Option<Tls>,
 }
 
 impl RedisCluster {
     /// A running cluster of three masters covering all 16 384 slots.
     pub async fn new() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A running cluster of three masters that accept only TLS, with the certificate of
+    /// `certs` (for `127.0.0.1`); its nodes talk TLS to each other too. Clients trust
+    /// [`TestCerts::ca_file`](crate::TestCerts::ca_file).
+    pub async fn with_tls(certs: &crate::TestCerts) -> Self {
+        let tls = Tls { cert: certs.cert_file(), key: certs.key_file(), ca: certs.ca_file() };
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Tls>) -> Self {
         let mut last_error = None;
         for _ in 0..ATTEMPTS {
-            match Self::start().await {
+            match Self::start(tls.clone()).await {
                 Ok(cluster) => return cluster,
                 Err(e) => last_error = Some(e),
             }
@@ -47,19 +73,30 @@ impl RedisCluster {
         self.urls().join(",")
     }
 
-    /// One URL per master.
+    /// One URL per master: `redis://127.0.0.1:{port}`, or `rediss://` for a TLS cluster.
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|node| format!("redis://127.0.0.1:{}", node.port)).collect()
+        self.nodes.iter().map(Node::url).collect()
     }
 
-    async fn start() -> anyhow::Result<Self> {
-        let mut cluster = RedisCluster { nodes: Vec::new() };
+    /// How many keys each master holds (`DBSIZE`), in the order of [`urls`](Self::urls).
+    pub async fn key_counts(&self) -> Vec<u64> {
+        let mut counts = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let size =
+                node.query("DBSIZE", &[]).await.unwrap_or_else(|e| panic!("DBSIZE on {}: {e:#}", node.url()));
+            counts.push(size.parse().unwrap_or_else(|e| panic!("DBSIZE answered {size:?}: {e}")));
+        }
+        counts
+    }
+
+    async fn start(tls: Option<Tls>) -> anyhow::Result<Self> {
+        let mut cluster = RedisCluster { nodes: Vec::new(), tls: tls.clone() };
         for _ in 0..MASTERS {
             let dir = tempfile::Builder::new()
                 .prefix("cairn-redis-cluster-")
                 .tempdir()
                 .context("cannot create a temporary directory for redis-server")?;
-            let mut node = Node { port: crate::free_port(), dir, child: None };
+            let mut node = Node { port: crate::free_port(), dir, child: None, tls: tls.clone() };
             node.spawn()?;
             cluster.nodes.push(node);
         }
@@ -75,7 +112,11 @@ impl RedisCluster {
     fn create(&self) -> anyhow::Result<()> {
         let cli = crate::env_or("CAIRN_TEST_REDIS_CLI", "redis-cli");
         let addresses = self.nodes.iter().map(|node| format!("127.0.0.1:{}", node.port));
-        let output = Command::new(&cli)
+        let mut command = Command::new(&cli);
+        if let Some(tls) = &self.tls {
+            command.arg("--tls").arg("--cacert").arg(&tls.ca);
+        }
+        let output = command
             .args(["--cluster", "create"])
             .args(addresses)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -117,13 +158,30 @@ impl RedisCluster {
 }
 
 impl Node {
+    fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let binary = crate::env_or("CAIRN_TEST_REDIS_SERVER", "redis-server");
         let dir = self.dir.path();
         let stderr = File::create(dir.join("stderr.log"))?;
-        let child = Command::new(&binary)
-            .arg("--port")
-            .arg(self.port.to_string())
+        let mut command = Command::new(&binary);
+        match &self.tls {
+            None => command.arg("--port").arg(self.port.to_string()),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .args(["--tls-auth-clients", "no", "--tls-cluster", "yes"]),
+        };
+        let child = command
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--cluster-enabled", "yes", "--cluster-config-file"])
             .arg(dir.join("nodes.conf"))
@@ -172,7 +230,15 @@ impl Node {
     /// One command on this node alone (no cluster redirection), its answer as text.
     async fn query(&self, command: &str, args: &[&str]) -> anyhow::Result<String> {
         let attempt = async {
-            let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?;
+            let client = match &self.tls {
+                None => redis::Client::open(self.url())?,
+                Some(tls) => {
+                    install_crypto_provider();
+                    let root_cert = Some(std::fs::read(&tls.ca)?);
+                    let certs = redis::TlsCertificates { client_tls: None, root_cert };
+                    redis::Client::build_with_tls(self.url(), certs)?
+                }
+            };
             let mut con = client.get_multiplexed_async_connection().await?;
             let text: String = redis::cmd(command).arg(args).query_async(&mut con).await?;
             anyhow::Ok(text)
@@ -186,6 +252,13 @@ impl Node {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
+}
+
+/// rustls with ring, as cairn-redis installs it, whichever other provider is linked. (Deprecated
+/// only for lacking post-quantum key exchange.)
+#[allow(deprecated)]
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 impl Drop for Node {

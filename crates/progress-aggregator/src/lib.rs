@@ -114,7 +114,7 @@ struct Ready {
 impl Readiness for Ready {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         async move {
-            cairn_redis::ping(&mut self.redis.clone()).await?;
+            self.redis.ready().await?;
             if !self.amqp.load(Ordering::SeqCst) {
                 return Err("rabbitmq: not consuming".into());
             }

@@ -2,7 +2,8 @@
 //! RabbitMQ node with a TLS listener, both of this test's own, serving a certificate signed by a
 //! CA the test made. With `CAIRN_REDIS_TLS_CA_FILE` / `CAIRN_AMQP_TLS_CA_FILE` naming that CA,
 //! progress published over `amqps://` is applied by the aggregator to Redis over `rediss://`;
-//! without the CA the handshake is refused, saying why.
+//! without the CA the handshake is refused, saying why. A Redis Cluster that speaks only TLS
+//! (client ports and cluster bus) serves the aggregator through `rediss://` seeds and that CA.
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,9 +12,11 @@ use cairn_amqp::{Endpoint, ProgressPublisher, PublisherConfig};
 use cairn_progress::{Key, Update};
 use cairn_redis::progress::ReadOptions;
 use cairn_redis::{ProgressStore, RedisConfig};
-use cairn_testkit::{RabbitNode, RedisServer, TestCerts, unique_name, wait_until};
+use cairn_testkit::{
+    AmqpVhost, RabbitNode, RedisCluster, RedisServer, TestCerts, publish_progress, unique_name, wait_until,
+};
 use clap::Parser;
-use lapin::ConnectionProperties;
+use lapin::{BasicProperties, ConnectionProperties};
 use progress_aggregator::{App, Config};
 use tokio_util::sync::CancellationToken;
 
@@ -104,6 +107,75 @@ async fn redis_over_tls_without_the_ca_is_refused_naming_the_certificate() {
         error.to_lowercase().contains("certificate"),
         "the readiness error names the certificate: {error}"
     );
+}
+
+#[tokio::test]
+async fn a_redis_cluster_over_tls_serves_the_aggregator_with_the_configured_ca() {
+    let certs = TestCerts::new();
+    let cluster = RedisCluster::with_tls(&certs).await;
+    assert!(cluster.urls().iter().all(|url| url.starts_with("rediss://")), "{}", cluster.url());
+    let vhost = AmqpVhost::new().await;
+    let prefix = unique_name("tlsc");
+    let ca = certs.ca_file().display().to_string();
+    let config = Config::try_parse_from([
+        "progress-aggregator",
+        "--grpc-addr=127.0.0.1:0",
+        "--admin-addr=127.0.0.1:0",
+        &format!("--redis-url={}", cluster.url()),
+        "--redis-cluster=true",
+        &format!("--redis-tls-ca-file={ca}"),
+        &format!("--key-prefix={prefix}"),
+        &format!("--amqp-url={}", vhost.url),
+        "--shards=1",
+        "--grace=5s",
+    ])
+    .expect("valid config");
+    let app = App::build(config).await.expect("aggregator builds");
+    let ready = format!("http://{}/readyz", app.admin_addr());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(app.run(cancel.clone()));
+    wait_until("aggregator ready on the TLS cluster", WAIT, || {
+        let ready = ready.clone();
+        async move { cairn_runtime::healthcheck(&ready).await.is_ok() }
+    })
+    .await
+    .expect("the aggregator connects to the cluster over TLS");
+
+    // Twelve trees: their slots fall on every master, so each node's connection is TLS.
+    let (_amqp, channel) = vhost.progress_publisher().await;
+    let burst: Vec<String> =
+        (0..12).map(|i| format!(r#"{{"key": "_s.t{i}.step", "progress": 0.5}}"#)).collect();
+    let properties = BasicProperties::default().with_content_type("application/json".into());
+    publish_progress(&channel, "_s", format!("[{}]", burst.join(",")).as_bytes(), properties).await;
+
+    let config = RedisConfig::cluster(cluster.url(), prefix.clone()).with_tls_ca_file(certs.ca_file());
+    let store = ProgressStore::new(config.connection().expect("TLS cluster client"), prefix.clone());
+    wait_until("every tree applied over TLS", WAIT, || async {
+        for i in 0..12 {
+            let key = Key::parse(&format!("_s.t{i}")).expect("key");
+            let node = store.get(&key, &ReadOptions::default()).await.expect("read over rediss://");
+            if node.and_then(|n| n.progress()) != Some(0.5) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .expect("progress published over AMQP reaches every master over rediss://");
+    let counts = cluster.key_counts().await;
+    assert!(counts.iter().all(|&n| n > 0), "every master holds trees, read over TLS: {counts:?}");
+
+    // The nodes present a certificate of an unknown CA: without the CA file, no connection, and
+    // the readiness check says why (not just that no node was found).
+    let untrusted = RedisConfig::cluster(cluster.url(), prefix).connection().expect("a lazy client");
+    let error = untrusted.ready().await.expect_err("an unknown CA is refused");
+    assert!(
+        error.to_lowercase().contains("certificate"),
+        "the readiness error names the certificate: {error}"
+    );
+
+    cancel.cancel();
+    task.await.expect("aggregator task").expect("aggregator run");
 }
 
 #[tokio::test]
