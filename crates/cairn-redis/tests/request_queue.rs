@@ -238,3 +238,43 @@ async fn a_canceled_queued_request_is_answered_and_shown(target: &Target) {
     assert_eq!(queue.start("p1", &entries, 2_000).await.unwrap(), vec![Start::Skip]);
     assert_eq!(queues.lag().await.unwrap(), Some(0));
 }
+
+/// On a cluster a finished entry is acked only once its reply (and node) are written: when that
+/// fails — or its processor dies first — the entry stays pending, and the processor that
+/// reclaims it finds the request finished, tells again and acks.
+#[tokio::test]
+async fn on_a_cluster_an_entry_is_acked_only_after_what_its_step_left_is_written() {
+    let target = Target::cluster().await;
+    let queues = queues(&target);
+    queues.ensure_groups().await.unwrap();
+    let reply_stream = cairn_redis::keys::requests::replies(&target.prefix, "replica-3");
+    let record = submit(&queues, Some(&reply_stream)).await;
+    let queue = queues.of(&record.id);
+    let entries = read_all(&target, queue, "p1").await;
+    assert!(matches!(queue.start("p1", &entries, 2_000).await.unwrap()[..], [Start::Run { .. }]));
+
+    // The reply stream's key holds a string: the reply cannot be written.
+    let mut conn = target.connection();
+    let _: () = conn.set(&reply_stream, "not a stream").await.unwrap();
+    let commit =
+        Commit { entry: entries[0].clone(), state: RequestState::Succeeded, result: None, error: None };
+    assert_eq!(queue.commit("p1", &[commit], 3_000).await.unwrap(), vec![true]);
+    let stored = queues.records(&[record.id.as_str()]).await.unwrap().remove(0).unwrap();
+    assert_eq!(stored.state, RequestState::Succeeded);
+    let pending: redis::streams::StreamPendingReply =
+        conn.xpending(&queue.names().stream, &queue.names().group).await.unwrap();
+    assert_eq!(pending.count(), 1, "the entry waits for its reply");
+
+    // Once the reply can be written, whoever reclaims the entry answers and acks it.
+    let _: () = conn.del(&reply_stream).await.unwrap();
+    let reclaimed = queue.reclaim("p2", 0, 10).await.unwrap();
+    assert_eq!(reclaimed, entries);
+    assert_eq!(queue.start("p2", &reclaimed, 4_000).await.unwrap(), vec![Start::Skip]);
+    let pending: redis::streams::StreamPendingReply =
+        conn.xpending(&queue.names().stream, &queue.names().group).await.unwrap();
+    assert_eq!(pending.count(), 0);
+    assert_eq!(node_status(&target, &record.progress_key).await.as_deref(), Some("finished"));
+    let mut dedicated = target.config.dedicated_connection().await.unwrap();
+    let replies = RequestQueue::read_replies(&mut dedicated, &reply_stream, "0", 10, 1).await.unwrap();
+    assert_eq!(replies.into_iter().map(|(_, id)| id).collect::<Vec<_>>(), vec![record.id.clone()]);
+}

@@ -1,7 +1,8 @@
 -- Stores outcomes, fenced by lease ownership: a consumer that lost the entry to another can
 -- neither store a result nor ack. ARGV: prefix, stream, group, consumer, now, then per outcome:
--- entry, id, state ('succeeded' 'dead' 'canceled' terminal: stored, answered, acked; 'failed':
--- a retry follows, nothing acked), result JSON ('' none), error ('' none).
+-- entry, id, state ('succeeded' 'dead' 'canceled' terminal: stored, answered, acked — on a
+-- cluster by the caller, after it answered; 'failed': a retry follows, nothing acked), result
+-- JSON ('' none), error ('' none).
 -- Returns 1 per stored outcome, 0 per refused one.
 local consumer, now = ARGV[4], tonumber(ARGV[5])
 local out = {}

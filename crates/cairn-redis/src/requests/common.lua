@@ -13,9 +13,12 @@
 -- key the caller declares, and empty on one Redis (keys.rs, `requests`). With a tag (TAGGED) a
 -- call touches its partition's slot only: what lives elsewhere (the request's progress node, the
 -- replica's reply stream, the registry) is returned to the caller, which writes it after the
--- call (`answer`); the streams of a partition are registered when its group is made.
+-- call (`answer`); the streams of a partition are registered when its group is made. So that a
+-- caller killed before those writes loses nothing, a finished entry is then acked by the caller
+-- after them, not by the call: until then it stays pending, and whichever processor reclaims it
+-- finds the record finished and tells again (`retell`).
 local STREAM, GROUP, PT
-local DEFERRED_NODES, DEFERRED_REPLIES = {}, {}
+local DEFERRED_NODES, DEFERRED_REPLIES, DEFERRED_ACKS = {}, {}, {}
 local function rkey(id) return P .. KEY_RECORD .. PT .. id end
 
 -- The consumer that holds the entry's lease, or nil when the entry is not pending at all.
@@ -99,12 +102,26 @@ local function finish(id, entry, state, now, result, err)
   if result and result ~= '' then args[5] = 'result'; args[6] = result end
   if err and err ~= '' then args[#args + 1] = 'error'; args[#args + 1] = err end
   redis.call('HSET', rkey(id), unpack(args))
-  redis.call('XACK', STREAM, GROUP, entry)
+  if TAGGED then
+    DEFERRED_ACKS[#DEFERRED_ACKS + 1] = entry
+  else
+    redis.call('XACK', STREAM, GROUP, entry)
+  end
   if state == 'dead' then
     redis.call('XADD', P .. KEY_DEAD .. PT, '*', 'id', id, 'error', err or '', 'time', now)
     if not TAGGED then redis.call('SADD', P .. KEY_STREAMS, P .. KEY_DEAD) end
   end
   reply(id, state, now)
+end
+
+-- On a cluster, the step for an entry whose request is already finished in `state`: its node's
+-- terminal state and its reply again (the step that finished it may have been cut off before
+-- its caller wrote them; both are idempotent), then the ack, all left to the caller.
+local function retell(id, entry, state, now)
+  show_terminal(id, state, now)
+  local to = redis.call('HGET', rkey(id), 'reply_to')
+  if to and to ~= '' then DEFERRED_REPLIES[#DEFERRED_REPLIES + 1] = { to, id, state, now } end
+  DEFERRED_ACKS[#DEFERRED_ACKS + 1] = entry
 end
 
 -- Starts a call of a request function: `begin` (prefix, layout, per-call state), then stream
@@ -113,13 +130,14 @@ local function begin_requests(args, keys)
   begin(args[1], keys)
   STREAM, GROUP = keys[1], args[3]
   PT = TAGGED and string.match(keys[1], '{[^}]*}') or ''
-  REFRESHED, DEFERRED_NODES, DEFERRED_REPLIES = {}, {}, {}
+  REFRESHED, DEFERRED_NODES, DEFERRED_REPLIES, DEFERRED_ACKS = {}, {}, {}, {}
 end
 
--- A request function's reply: `result`, or with TAGGED `{ result, nodes, replies }`, the
--- terminal states to show on progress nodes ({ key, time, name, JSON, … }) and the replies to
--- send ({ reply stream, id, state, time }) that the call left to its caller.
+-- A request function's reply: `result`, or with TAGGED `{ result, nodes, replies, acks }`, the
+-- terminal states to show on progress nodes ({ key, time, name, JSON, … }), the replies to
+-- send ({ reply stream, id, state, time }) and then the entries to ack that the call left to its
+-- caller.
 local function answer(result)
   if not TAGGED then return result end
-  return { result, DEFERRED_NODES, DEFERRED_REPLIES }
+  return { result, DEFERRED_NODES, DEFERRED_REPLIES, DEFERRED_ACKS }
 end

@@ -369,7 +369,8 @@ impl RequestQueue {
 
     /// Calls a request function; on a cluster also writes what it left to its caller (`answer`
     /// in common.lua): first the terminal states on progress nodes, then the replies, so a
-    /// replica woken by its reply reads the node as final.
+    /// replica woken by its reply reads the node as final, and last the acks of the entries those
+    /// belong to.
     async fn call<T: FromRedisValue>(&self, invocation: &Invocation) -> Result<T, QueueError> {
         let reply: Value = invocation.invoke_async(&mut self.conn.clone()).await?;
         if !self.tagged() {
@@ -378,26 +379,45 @@ impl RequestQueue {
         let Value::Array(parts) = reply else {
             return Err(protocol("a tagged call's reply is not an array"));
         };
-        let Ok([result, nodes, replies]) = <[Value; 3]>::try_from(parts) else {
+        let Ok([result, nodes, replies, acks]) = <[Value; 4]>::try_from(parts) else {
             return Err(protocol("a tagged call's reply has the wrong number of parts"));
         };
-        // The call's own step is stored: what follows is told, never undone. A failure here is
-        // logged, not returned, so no caller repeats a step that happened; the node then waits
-        // for the processor's own report and the waiter for its polling fallback.
+        // The call's own step is stored: what follows is told, never undone, and a failure is
+        // logged, not returned, so no caller repeats a step that happened. Entries stay pending
+        // until what they left is written: if that fails (or this process dies first), the
+        // processor that reclaims one tells it again (`retell` in common.lua).
         let (nodes, replies) = (texts(nodes)?, texts(replies)?);
+        let acks: Vec<String> =
+            redis::from_redis_value(acks).map_err(|_| protocol("a tagged call's acks"))?;
+        let mut told = true;
         if !nodes.is_empty()
             && let Err(error) = self.show_on_nodes(&nodes).await
         {
             tracing::warn!(%error, nodes = nodes.len(), "cannot show request states on their progress nodes");
             metrics::counter!(DEFERRED_FAILED, "write" => "node").increment(1);
+            told = false;
         }
         if !replies.is_empty()
             && let Err(error) = self.send_replies(&replies).await
         {
             tracing::warn!(%error, replies = replies.len(), "cannot send replies; waiters poll instead");
             metrics::counter!(DEFERRED_FAILED, "write" => "reply").increment(1);
+            told = false;
+        }
+        if told
+            && !acks.is_empty()
+            && let Err(error) = self.ack(&acks).await
+        {
+            tracing::warn!(%error, entries = acks.len(), "cannot ack finished entries; a reclaim acks them");
+            metrics::counter!(DEFERRED_FAILED, "write" => "ack").increment(1);
         }
         parse(result)
+    }
+
+    /// Acks entries of this partition's stream.
+    async fn ack(&self, entries: &[String]) -> Result<(), QueueError> {
+        let _: u64 = self.conn.clone().xack(&self.names.stream, &self.names.group, entries).await?;
+        Ok(())
     }
 
     /// Applies terminal states `{ key, time, name, JSON, … }` a call left for progress nodes.

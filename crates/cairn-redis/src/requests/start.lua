@@ -1,8 +1,9 @@
 -- Starts attempts. ARGV: prefix, stream, group, consumer, now, then (entry, id) pairs.
 -- Per entry returns {entry, verdict, attempts, error, record}: 'run' (attempts incremented, state
 -- running; `record` is the request's hash as HGETALL gives it, empty for the other verdicts),
--- 'skip' (terminal or unknown: acked), 'canceled', 'dead' (no attempts left: dead-lettered), or
--- 'lost' (the lease belongs to another consumer).
+-- 'skip' (terminal or unknown: acked; on a cluster a terminal one is told again, `retell`),
+-- 'canceled', 'dead' (no attempts left: dead-lettered), or 'lost' (the lease belongs to another
+-- consumer).
 local consumer, now = ARGV[4], tonumber(ARGV[5])
 local out = {}
 for i = 6, #ARGV, 2 do
@@ -12,6 +13,9 @@ for i = 6, #ARGV, 2 do
   local verdict, attempts, err, record = 'run', tonumber(v[2]) or 0, '', {}
   if owner_of(entry) ~= consumer then
     verdict = 'lost'
+  elseif v[1] and TERMINAL_STATES[v[1]] and TAGGED then
+    retell(id, entry, v[1], now)
+    verdict = 'skip'
   elseif not v[1] or TERMINAL_STATES[v[1]] then
     redis.call('XACK', STREAM, GROUP, entry)
     verdict = 'skip'
