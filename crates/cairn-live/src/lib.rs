@@ -169,7 +169,9 @@ impl Live {
         settings: Settings,
         shutdown: CancellationToken,
     ) -> Live {
-        metrics::gauge!(SUBSCRIBERS_GAUGE).set(0.0);
+        // Listed in /metrics from the start; added to, not set, so another Live in the same
+        // process (tests, `cairn dev`) never resets what this one counts.
+        metrics::gauge!(SUBSCRIBERS_GAUGE).increment(0.0);
         let inner = Arc::new(Inner {
             feed: Feed::new(conn, redis.prefix.clone()),
             settings,

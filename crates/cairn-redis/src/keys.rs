@@ -137,6 +137,12 @@ pub mod requests {
         format!("{prefix}:{stream}")
     }
 
+    /// How many partitions the request queue named `stream` was made with (a string), so that a
+    /// service configured with another number can tell before it loses sight of requests.
+    pub fn partitions(prefix: &str, stream: &str) -> String {
+        format!("{prefix}:{stream}:partitions")
+    }
+
     /// The stream of partition `partition` in the layout of `tag` (empty on one Redis).
     pub fn stream_in(prefix: &str, stream: &str, tag: &str, partition: u16) -> String {
         match (tag.is_empty(), partition) {

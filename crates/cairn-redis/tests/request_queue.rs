@@ -23,6 +23,7 @@ on_redis_and_cluster!(
     idempotency_keys_find_their_request_in_its_partition,
     dead_letters_and_listings_merge_across_partitions,
     a_canceled_queued_request_is_answered_and_shown,
+    the_partition_count_changes_only_when_no_request_is_unfinished,
 );
 
 const PARTITIONS: u16 = 4;
@@ -277,4 +278,43 @@ async fn on_a_cluster_an_entry_is_acked_only_after_what_its_step_left_is_written
     let mut dedicated = target.config.dedicated_connection().await.unwrap();
     let replies = RequestQueue::read_replies(&mut dedicated, &reply_stream, "0", 10, 1).await.unwrap();
     assert_eq!(replies.into_iter().map(|(_, id)| id).collect::<Vec<_>>(), vec![record.id.clone()]);
+}
+
+async fn the_partition_count_changes_only_when_no_request_is_unfinished(target: &Target) {
+    let queues = queues(target);
+    let key = cairn_redis::keys::requests::partitions(&target.prefix, "requests");
+    assert_eq!(queues.check_partitions().await.unwrap(), None, "the first count is recorded");
+    let recorded: String = target.connection().get(&key).await.unwrap();
+    assert_eq!(recorded, PARTITIONS.to_string());
+    queues.prepare().await.unwrap();
+
+    let two = RequestQueues::new(
+        target.connection(),
+        QueueLayout::new(&target.prefix, "requests", "processors").with_partitions(2),
+    );
+    let refused = |error: cairn_redis::requests::QueueError, unfinished: u64| {
+        let text = error.to_string();
+        assert!(
+            matches!(error, cairn_redis::requests::QueueError::PartitionsChanged { configured: 2, recorded: 4, unfinished: u, .. } if u == unfinished),
+            "{text}"
+        );
+        assert!(text.contains("CAIRN_REQUEST_PARTITIONS=4"), "{text}");
+    };
+    // Queued, then delivered and running: unfinished either way.
+    let record = submit(&queues, None).await;
+    refused(two.prepare().await.unwrap_err(), 1);
+    let queue = queues.of(&record.id);
+    let entries = read_all(target, queue, "p1").await;
+    queue.start("p1", &entries, 2_000).await.unwrap();
+    refused(two.check_partitions().await.unwrap_err(), 1);
+    let recorded: String = target.connection().get(&key).await.unwrap();
+    assert_eq!(recorded, "4", "a refused count is not recorded");
+
+    let commit =
+        Commit { entry: entries[0].clone(), state: RequestState::Succeeded, result: None, error: None };
+    assert_eq!(queue.commit("p1", &[commit], 3_000).await.unwrap(), vec![true]);
+    assert_eq!(two.check_partitions().await.unwrap(), Some(4), "nothing unfinished: the change is taken");
+    let recorded: String = target.connection().get(&key).await.unwrap();
+    assert_eq!(recorded, "2");
+    assert_eq!(two.check_partitions().await.unwrap(), None);
 }

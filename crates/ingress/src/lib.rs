@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use axum::Router;
 use cairn_error::Retries;
-use cairn_redis::requests::{QueueConfig, QueueLayout, QueueNames, RequestQueues};
+use cairn_redis::requests::{QueueConfig, QueueError, QueueLayout, QueueNames, RequestQueues};
 use cairn_redis::{ProgressStore, RedisConfig, RedisConnection};
 use cairn_requests::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
 use cairn_runtime::{Admin, LogConfig, parse_duration};
@@ -361,7 +361,8 @@ impl App {
             "ingress starting"
         );
         let background = CancellationToken::new();
-        let group = tokio::spawn(ensure_group(requests.clone(), background.clone()));
+        let (refused, mut refusal) = tokio::sync::oneshot::channel();
+        let group = tokio::spawn(prepare_queue(requests.clone(), refused, background.clone()));
         let reader = tokio::spawn(replies::run_reader(
             config.redis.clone(),
             requests.settings().reply_stream.clone(),
@@ -380,6 +381,14 @@ impl App {
                 admin_stop.cancel();
                 result.context("ingress server task failed")?;
                 anyhow::bail!("ingress server stopped by itself");
+            }
+            Ok(error) = &mut refusal => {
+                background.cancel();
+                live_stop.cancel();
+                stop.cancel();
+                admin_stop.cancel();
+                let _ = tokio::join!(server, reader, admin_server);
+                return Err(error.into());
             }
             () = shutdown.cancelled() => {}
         }
@@ -401,15 +410,31 @@ impl App {
     }
 }
 
-/// Creates the request group, retrying with backoff until Redis answers or `stop` fires.
-async fn ensure_group(requests: Arc<requests::Requests>, stop: CancellationToken) {
+/// Prepares the request queue ([`RequestQueues::prepare`]), retrying with backoff until Redis
+/// answers or `stop` fires; a partition count the queue refuses goes to `refused`, for `run` to
+/// stop on.
+async fn prepare_queue(
+    requests: Arc<requests::Requests>,
+    refused: tokio::sync::oneshot::Sender<QueueError>,
+    stop: CancellationToken,
+) {
     let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        let delay = match requests.ensure_group().await {
-            Ok(()) => return,
-            Err(error) => {
+        let prepared = tokio::time::timeout(Duration::from_secs(5), requests.queues().prepare()).await;
+        let delay = match prepared {
+            Ok(Ok(())) => return,
+            Ok(Err(error @ QueueError::PartitionsChanged { .. })) => {
+                let _ = refused.send(error);
+                return;
+            }
+            Ok(Err(error)) => {
                 let delay = retries.failed();
                 warn!(%error, retry_in = ?delay, "cannot create the request group yet");
+                delay
+            }
+            Err(_) => {
+                let delay = retries.failed();
+                warn!(retry_in = ?delay, "cannot create the request group yet: redis did not answer");
                 delay
             }
         };

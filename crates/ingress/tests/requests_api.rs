@@ -770,3 +770,27 @@ mod cluster {
         assert_eq!(entries(listed), entries(expected), "newest first: {listed:?}");
     }
 }
+
+/// An ingress configured with another partition count than the queue was made with stops, naming
+/// both, while a request is unfinished: with another count its id would lead to another partition.
+#[tokio::test]
+async fn an_ingress_with_another_partition_count_stops_while_requests_are_unfinished() {
+    let stack = Stack::start().await;
+    stack.queues().prepare().await.unwrap();
+    let queued = stack.submit(&json!({"handler": "echo", "payload": 1}), None).await;
+    assert_eq!(queued.status, 202, "{}", queued.json);
+    let app = stack.build_ingress(&["--request-partitions", "4"]).await;
+    let stopped = tokio::time::timeout(WAIT, app.run(tokio_util::sync::CancellationToken::new()))
+        .await
+        .expect("the ingress stops by itself");
+    let error = stopped.expect_err("another partition count is refused").to_string();
+    assert!(
+        error.contains("CAIRN_REQUEST_PARTITIONS=4, but")
+            && error.contains("made with CAIRN_REQUEST_PARTITIONS=1")
+            && error.contains("1 of its requests are not finished"),
+        "{error}"
+    );
+    // The stack's own ingress still takes requests.
+    let another = stack.submit(&json!({"handler": "echo", "payload": 2}), None).await;
+    assert_eq!(another.status, 202, "{}", another.json);
+}

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use cairn_amqp::{AmqpConfig, ProgressPublisher, PublisherConfig};
 use cairn_error::Retries;
-use cairn_redis::requests::{QueueConfig, QueueLayout, RequestQueues};
+use cairn_redis::requests::{QueueConfig, QueueError, QueueLayout, RequestQueues};
 use cairn_redis::{RedisConfig, RedisConnection};
 use cairn_requests::{Backoff, LeaseSettings};
 use cairn_runtime::{Admin, LogConfig, parse_duration, serve_admin};
@@ -173,9 +173,15 @@ impl App {
         let admin_server = tokio::spawn(serve_admin(admin, admin_router, admin_stop.clone()));
         let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            // Every partition's group must exist before the first read; wait for Redis to come up.
-            let delay = match deps.queues.ensure_groups().await {
+            // The partition count must be the queue's and every partition's group must exist
+            // before the first read; wait for Redis to come up.
+            let delay = match deps.queues.prepare().await {
                 Ok(()) => break,
+                Err(error @ QueueError::PartitionsChanged { .. }) => {
+                    admin_stop.cancel();
+                    let _ = admin_server.await;
+                    return Err(error.into());
+                }
                 Err(error) => {
                     let delay = retries.failed();
                     tracing::warn!(%error, retry_in = ?delay, "waiting for redis");

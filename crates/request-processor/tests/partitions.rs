@@ -1,7 +1,9 @@
 //! request-processor with a partitioned request queue (`CAIRN_REQUEST_PARTITIONS=3`), run as
 //! separate OS processes, on the shared Redis (a key prefix of its own) and on a Redis Cluster
 //! of three masters (`CAIRN_REDIS_CLUSTER=true`): every partition is read, a killed processor's
-//! entries in any partition are reclaimed by another, and idle partitions never starve a busy one.
+//! entries in any partition are reclaimed by another, idle partitions never starve a busy one,
+//! and a processor configured with another partition count refuses to start while requests of
+//! the queue's own are unfinished.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -43,6 +45,7 @@ on_redis_and_cluster!(
     requests_in_every_partition_run_once_with_two_processors,
     a_killed_processors_entries_in_every_partition_are_reclaimed_and_finish,
     one_permit_and_idle_partitions_never_starve_the_busy_one,
+    another_partition_count_is_refused_while_requests_are_unfinished,
 );
 
 /// A test's world: Redis (a prefix on the shared one, or a cluster of its own), a vhost, and a
@@ -329,4 +332,39 @@ async fn one_permit_and_idle_partitions_never_starve_the_busy_one(world: World) 
     assert_each(&world.counts("runs"), &ids, 1, "runs");
     assert_each(&world.counts("effects"), &ids, 1, "effects");
     assert_eq!(world.pending_of("single").await, 0);
+}
+
+async fn another_partition_count_is_refused_while_requests_are_unfinished(world: World) {
+    world.queues.prepare().await.unwrap();
+    let id = world.submit(2).await;
+    let mut wrong = world.processor("wrong", &[("CAIRN_REQUEST_PARTITIONS", "2")]);
+    let status = wrong.process.wait_exit(WAIT).expect("the processor stops by itself");
+    assert!(!status.success(), "{status:?}");
+    let log = std::fs::read_to_string(wrong.process.log()).unwrap();
+    assert!(
+        log.contains("CAIRN_REQUEST_PARTITIONS=2")
+            && log.contains("made with CAIRN_REQUEST_PARTITIONS=3")
+            && log.contains("1 of its requests are not finished"),
+        "{log}"
+    );
+
+    // The queue's own count runs it; once nothing is unfinished, the new count is taken.
+    world.open_gate();
+    let _right = world.processor("right", &[]);
+    world.wait_for("success", std::slice::from_ref(&id), |r| r.state == RequestState::Succeeded).await;
+    wait_until("the entry to be acked", WAIT, || async { world.pending_of("right").await == 0 })
+        .await
+        .unwrap();
+    drop(_right);
+    let mut changed = world.processor("changed", &[("CAIRN_REQUEST_PARTITIONS", "2")]);
+    wait_until("the processor to start with 2 partitions", WAIT, || async {
+        std::fs::read_to_string(changed.process.log())
+            .unwrap_or_default()
+            .contains("request-processor starting")
+    })
+    .await
+    .unwrap();
+    assert!(changed.process.is_running());
+    let log = std::fs::read_to_string(changed.process.log()).unwrap();
+    assert!(log.contains("changes its number of partitions"), "{log}");
 }

@@ -53,13 +53,23 @@ pub enum QueueError {
     /// where the node is written after the request's own step).
     #[error("cannot write the request's progress node: {0}")]
     Progress(#[from] StoreError),
+    /// `CAIRN_REQUEST_PARTITIONS` differs from the number the queue was made with while requests
+    /// are unfinished: with another number, their ids would lead to other partitions.
+    #[error(
+        "CAIRN_REQUEST_PARTITIONS={configured}, but the request queue {stream:?} was made with \
+         CAIRN_REQUEST_PARTITIONS={recorded} and {unfinished} of its requests are not finished: \
+         set it to {recorded} in every service, or change it once they have finished"
+    )]
+    PartitionsChanged { stream: String, configured: u16, recorded: u16, unfinished: u64 },
 }
 
 impl cairn_error::ServiceError for QueueError {
     fn kind(&self) -> cairn_error::ErrorKind {
         match self {
             QueueError::Redis(e) => crate::error_kind(e),
-            QueueError::Record { .. } | QueueError::Protocol(_) => cairn_error::ErrorKind::Internal,
+            QueueError::Record { .. } | QueueError::Protocol(_) | QueueError::PartitionsChanged { .. } => {
+                cairn_error::ErrorKind::Internal
+            }
             QueueError::Progress(e) => e.kind(),
         }
     }
@@ -86,7 +96,8 @@ pub struct QueueConfig {
     )]
     pub group: String,
     /// Partitions of the request stream, each read by every processor (on a Redis Cluster each
-    /// its own slot). Every service must use the same number; changing it needs an empty queue.
+    /// its own slot). Every service must use the same number; another one than the queue was
+    /// made with is refused while requests are unfinished ([`RequestQueues::check_partitions`]).
     #[arg(long = "request-partitions", env = "CAIRN_REQUEST_PARTITIONS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub partitions: u16,
@@ -840,21 +851,53 @@ impl RequestQueue {
     /// or when the stream or the group does not exist (Redis lost its data, or the stream was
     /// never made).
     pub async fn lag(&self) -> Result<Option<u64>, QueueError> {
+        Ok(self.group_info().await?.and_then(|info| info.group).and_then(|group| group.lag))
+    }
+
+    /// How many requests of this partition are not done yet: pending for the group (running,
+    /// or waiting for a retry) plus not yet delivered. Where Redis cannot tell the lag (entries
+    /// deleted behind the group's position), any entry after the last delivered one counts as 1.
+    pub async fn unfinished(&self) -> Result<u64, QueueError> {
+        let Some(info) = self.group_info().await? else { return Ok(0) };
+        let Some(group) = info.group else { return Ok(info.length) };
+        let undelivered = match group.lag {
+            Some(lag) => lag,
+            None => {
+                let after: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(&self.names.stream)
+                    .arg(format!("({}", group.last_delivered))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                after.ids.len() as u64
+            }
+        };
+        Ok(group.pending + undelivered)
+    }
+
+    /// The stream's length and this queue's group (`XINFO GROUPS`); `None` when the stream
+    /// does not exist.
+    async fn group_info(&self) -> Result<Option<StreamInfo>, QueueError> {
         // One transaction, so "no stream" is read from EXISTS, never from XINFO's error text.
-        let (exists, groups): (RedisResult<bool>, RedisResult<Value>) = redis::pipe()
-            .atomic()
-            .ignore_errors()
-            .exists(&self.names.stream)
-            .cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&self.names.stream)
-            .query_async(&mut self.conn.clone())
-            .await?;
+        let (exists, length, groups): (RedisResult<bool>, RedisResult<u64>, RedisResult<Value>) =
+            redis::pipe()
+                .atomic()
+                .ignore_errors()
+                .exists(&self.names.stream)
+                .cmd("XLEN")
+                .arg(&self.names.stream)
+                .cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&self.names.stream)
+                .query_async(&mut self.conn.clone())
+                .await?;
         if !exists? {
             return Ok(None);
         }
-        let groups = groups?;
-        let Value::Array(groups) = groups else { return Ok(None) };
+        let mut info = StreamInfo { length: length?, group: None };
+        let Value::Array(groups) = groups? else { return Ok(Some(info)) };
         for group in groups {
             let fields = match group {
                 Value::Array(items) => items,
@@ -862,23 +905,41 @@ impl RequestQueue {
                 _ => continue,
             };
             let mut name = None;
-            let mut lag = None;
+            let mut found = GroupInfo { pending: 0, lag: None, last_delivered: "0-0".to_owned() };
             for pair in fields.chunks_exact(2) {
                 let key: Option<String> = redis::from_redis_value(pair[0].clone()).ok();
+                let value = pair[1].clone();
                 match key.as_deref() {
-                    Some("name") => name = redis::from_redis_value::<String>(pair[1].clone()).ok(),
-                    Some("lag") => {
-                        lag = redis::from_redis_value::<Option<u64>>(pair[1].clone()).ok().flatten()
+                    Some("name") => name = redis::from_redis_value::<String>(value).ok(),
+                    Some("lag") => found.lag = redis::from_redis_value::<Option<u64>>(value).ok().flatten(),
+                    Some("pending") => found.pending = redis::from_redis_value(value).unwrap_or(0),
+                    Some("last-delivered-id") => {
+                        found.last_delivered = redis::from_redis_value(value).unwrap_or_else(|_| "0-0".into())
                     }
                     _ => {}
                 }
             }
             if name.as_deref() == Some(self.names.group.as_str()) {
-                return Ok(lag);
+                info.group = Some(found);
+                break;
             }
         }
-        Ok(None)
+        Ok(Some(info))
     }
+}
+
+/// A request stream as `XLEN` and `XINFO GROUPS` show it.
+struct StreamInfo {
+    length: u64,
+    /// The queue's group, if it exists.
+    group: Option<GroupInfo>,
+}
+
+struct GroupInfo {
+    pending: u64,
+    /// `None` when Redis cannot tell.
+    lag: Option<u64>,
+    last_delivered: String,
 }
 
 /// Every partition of the request queue: routes a request to its partition by id, and lists
@@ -921,6 +982,60 @@ impl RequestQueues {
     /// A new request id in `partition` ([`QueueLayout::new_id_in`]).
     pub fn new_id_in(&self, partition: Option<u16>) -> String {
         self.layout.new_id_in(partition)
+    }
+
+    /// Checks the configured number of partitions against the one the queue was made with
+    /// (`{prefix}:{stream}:partitions`), recording it if none is. Another number is taken (and
+    /// recorded) only when no request of the recorded partitions is unfinished
+    /// ([`RequestQueue::unfinished`]); else [`QueueError::PartitionsChanged`], for the service to
+    /// stop on: ids map to partitions by their number, so a queued or running request would be
+    /// looked for, cancelled or read in the wrong partition. Answers the recorded number it
+    /// replaced, if any.
+    pub async fn check_partitions(&self) -> Result<Option<u16>, QueueError> {
+        let key = keys::requests::partitions(&self.layout.prefix, &self.layout.stream);
+        let configured = self.layout.partitions;
+        let mut conn = self.partitions[0].conn.clone();
+        let recorded: Option<String> =
+            redis::cmd("SET").arg(&key).arg(configured).arg("NX").arg("GET").query_async(&mut conn).await?;
+        let Some(recorded) = recorded else { return Ok(None) };
+        let recorded: u16 = recorded.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+            QueueError::Protocol(format!("{key} holds {recorded:?}, not a partition count"))
+        })?;
+        if recorded == configured {
+            return Ok(None);
+        }
+        let before = RequestQueues::new(
+            self.partitions[0].conn.clone(),
+            self.layout.clone().with_partitions(recorded),
+        );
+        let mut unfinished = 0;
+        for queue in before.partitions() {
+            unfinished += queue.unfinished().await?;
+        }
+        if unfinished > 0 {
+            return Err(QueueError::PartitionsChanged {
+                stream: keys::requests::stream(&self.layout.prefix, &self.layout.stream),
+                configured,
+                recorded,
+                unfinished,
+            });
+        }
+        let _: () = redis::cmd("SET").arg(&key).arg(configured).query_async(&mut conn).await?;
+        Ok(Some(recorded))
+    }
+
+    /// What a service does before it uses the queue: [`Self::check_partitions`] (a refusal,
+    /// [`QueueError::PartitionsChanged`], is for it to stop on), then [`Self::ensure_groups`].
+    pub async fn prepare(&self) -> Result<(), QueueError> {
+        if let Some(recorded) = self.check_partitions().await? {
+            tracing::info!(
+                stream = %self.layout.stream,
+                from = recorded,
+                to = self.layout.partitions,
+                "the request queue changes its number of partitions: none of its requests is unfinished"
+            );
+        }
+        self.ensure_groups().await
     }
 
     /// Every partition's group and registration ([`RequestQueue::ensure_group`]).

@@ -305,6 +305,25 @@ impl Stack {
     /// Another ingress replica on the same Redis prefix (its own reply stream and live reader),
     /// pointed at the same aggregator; stops with this stack or when `stop` fires. Returns its base URL.
     pub async fn another_ingress(&self, stop: &CancellationToken) -> String {
+        let app = self.build_ingress(&[]).await;
+        let base = format!("http://{}", app.local_addr());
+        let stop = stop.clone();
+        let parent = self.cancel.clone();
+        tokio::spawn(async move {
+            let both = CancellationToken::new();
+            let fire = both.clone();
+            tokio::spawn(async move {
+                tokio::select! { () = stop.cancelled() => {}, () = parent.cancelled() => {} }
+                fire.cancel();
+            });
+            app.run(both).await
+        });
+        base
+    }
+
+    /// Another ingress on the same Redis prefix and aggregator with `args` added, built but not
+    /// running.
+    pub async fn build_ingress(&self, args: &[&str]) -> ingress::App {
         let argv = [
             "ingress",
             "--addr",
@@ -319,22 +338,10 @@ impl Stack {
         .map(String::from)
         .into_iter()
         .chain(self.store.args())
-        .chain(self.store.queue_args());
+        .chain(self.store.queue_args())
+        .chain(args.iter().map(|arg| (*arg).to_owned()));
         let config = ingress::Config::try_parse_from(argv).expect("valid ingress config");
-        let app = ingress::App::build(config).await.expect("ingress builds");
-        let base = format!("http://{}", app.local_addr());
-        let stop = stop.clone();
-        let parent = self.cancel.clone();
-        tokio::spawn(async move {
-            let both = CancellationToken::new();
-            let fire = both.clone();
-            tokio::spawn(async move {
-                tokio::select! { () = stop.cancelled() => {}, () = parent.cancelled() => {} }
-                fire.cancel();
-            });
-            app.run(both).await
-        });
-        base
+        ingress::App::build(config).await.expect("ingress builds")
     }
 
     /// The stack's key prefix and Redis (a stack on the shared Redis).
