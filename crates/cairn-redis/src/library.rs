@@ -75,6 +75,7 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
             ("blobs_append", "", include_str!("blobs/append.lua"), NONE),
             ("blobs_stage", "", include_str!("blobs/stage.lua"), NONE),
             ("blobs_commit", "", include_str!("blobs/commit.lua"), NONE),
+            ("blobs_claim", "", include_str!("blobs/claim.lua"), NONE),
         ],
     )
 });

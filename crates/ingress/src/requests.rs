@@ -14,6 +14,7 @@ use cairn_error::{ErrorKind, ServiceError};
 use cairn_progress::{Key, Update};
 use cairn_redis::BlobStore;
 use cairn_redis::ProgressStore;
+use cairn_redis::blobs::{Claim, upload_claimant};
 use cairn_redis::progress::{Change, ReadOptions};
 use cairn_redis::requests::{
     CancelOutcome, DeadLetter, RequestQueues, RetryOutcome, StreamSource, SubmitOutcome,
@@ -432,10 +433,16 @@ impl Requests {
         let id = record.id.clone();
         let (taken, copied): (Vec<_>, Vec<_>) =
             uploads.into_iter().partition(|(_, upload)| !self.must_copy(&id, upload));
+        let claimant = upload_claimant(&id, record.idempotency_key.as_deref());
         for (info, upload) in &copied {
-            match crate::streams::copy_upload(self, &id, &info.name, upload).await {
+            let copy = async {
+                self.claim_upload(&info.name, upload, &claimant).await?;
+                crate::streams::copy_upload(self, &id, &info.name, upload).await
+            };
+            match copy.await {
                 Ok(()) => inline.push(info.clone()),
                 Err(error) => {
+                    self.release_uploads(&copied, &claimant).await;
                     self.drop_streams(&id, &record.progress_key, &inline).await;
                     return match (error, record.idempotency_key.as_deref()) {
                         // Another submission with this key took the upload meanwhile: its repeat.
@@ -478,9 +485,33 @@ impl Requests {
             Err(_) => false,
         };
         if !stored {
+            self.release_uploads(&copied, &claimant).await;
             self.drop_streams(&id, &progress_key, &inline).await;
         }
         outcome
+    }
+
+    /// Claims an upload this submission copies ([`BlobStore::claim`]) until its copy is stored
+    /// or expires: one held by another submission is [`RequestsError::UploadMissing`].
+    async fn claim_upload(&self, name: &str, upload: &str, claimant: &str) -> Result<(), RequestsError> {
+        let hold_ms = u64::try_from(self.settings.stream_expiry.as_millis()).unwrap_or(u64::MAX / 2);
+        let key = self.blobs.upload_key(upload);
+        match bounded("claim upload", self.blobs.claim(&key, claimant, hold_ms)).await? {
+            Claim::Taken => Ok(()),
+            Claim::Missing | Claim::Held(_) => {
+                Err(RequestsError::UploadMissing { name: name.to_owned(), upload: upload.to_owned() })
+            }
+        }
+    }
+
+    /// Gives up this submission's claims on the uploads it was to copy (a failed submission).
+    async fn release_uploads(&self, uploads: &[(StreamInfo, String)], claimant: &str) {
+        for (_, upload) in uploads {
+            let key = self.blobs.upload_key(upload);
+            if let Err(error) = bounded("release upload", self.blobs.release(&key, claimant)).await {
+                warn!(%upload, %error, "cannot release an upload's claim; it lapses");
+            }
+        }
     }
 
     /// Whether upload `upload` is in another slot than the request `id`'s streams, so the

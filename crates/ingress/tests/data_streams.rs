@@ -317,3 +317,70 @@ async fn uploads_of_any_partition_become_streams_on_a_cluster() {
     assert_eq!(sha(&reply, "file"), json!(sha256_hex(&inline)));
     stack.stop().await;
 }
+
+/// On a Redis Cluster the submission that copies an upload of another partition claims it first:
+/// while the claim holds, no other submission copies it or takes it over (each is told the upload
+/// was used), so racing submissions never both get one upload. A claim given up, or lapsed (its
+/// submission died), frees the upload again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_being_copied_is_nobody_elses_on_a_cluster() {
+    let (stack, _dir) = stack_with(Options::default().on_cluster(), &[]).await;
+    let queues = stack.queues();
+    let layout = queues.layout();
+    let blobs = cairn_redis::BlobStore::new(stack.connection(), layout);
+    let data = test_bytes(400_000, 51);
+    let claimed = upload(&stack, &data).await;
+    let key_elsewhere = (0..)
+        .map(|n| format!("claim-{n}"))
+        .find(|key| layout.partition_of(key) != layout.partition_of(&claimed))
+        .unwrap();
+
+    // Another submission is copying it: a copy (a key in another partition) and a takeover (no
+    // key: the request goes to the upload's partition) are both refused, naming the upload.
+    let holder = cairn_redis::blobs::upload_claimant("another-request", None);
+    let upload_key = blobs.upload_key(&claimed);
+    assert_eq!(blobs.claim(&upload_key, &holder, 60_000).await.unwrap(), cairn_redis::blobs::Claim::Taken);
+    for submission in [
+        json!({"handler": "sha", "streams": {"data": claimed}, "idempotency_key": key_elsewhere}),
+        json!({"handler": "sha", "streams": {"data": claimed}}),
+    ] {
+        let refused = stack.submit(&submission, None).await;
+        assert_eq!(refused.status, 400, "{}", refused.json);
+        assert!(refused.error().contains("used by another request"), "{}", refused.error());
+    }
+    assert!(!upload_gone(&stack, &claimed).await, "a refused submission leaves the upload");
+
+    // Given up, it is free: the keyed submission copies it, and the request sees every byte.
+    blobs.release(&upload_key, &holder).await.unwrap();
+    let keyed = json!({"handler": "sha", "streams": {"data": claimed}, "idempotency_key": key_elsewhere});
+    let reply = stack.submit(&keyed, Some(30)).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    assert_eq!(reply.json["result"]["data"]["sha256"], json!(sha256_hex(&data)));
+
+    // A claim whose submission died lapses.
+    let lapsing = upload(&stack, &data).await;
+    let lapsing_key = blobs.upload_key(&lapsing);
+    assert_eq!(blobs.claim(&lapsing_key, &holder, 1).await.unwrap(), cairn_redis::blobs::Claim::Taken);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let reply = stack.submit(&json!({"handler": "sha", "streams": {"data": lapsing}}), Some(30)).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+
+    // Racing submissions that each copy one shared upload: exactly one gets it.
+    let shared_data = test_bytes(900_000, 52);
+    let shared = upload(&stack, &shared_data).await;
+    let mut submissions = Vec::new();
+    for n in 0.. {
+        if submissions.len() == 6 {
+            break;
+        }
+        let key = format!("race-{n}");
+        if layout.partition_of(&key) != layout.partition_of(&shared) {
+            submissions.push(json!({"handler": "sha", "streams": {"data": shared}, "idempotency_key": key}));
+        }
+    }
+    let replies = futures::future::join_all(submissions.iter().map(|s| stack.submit(s, None))).await;
+    let accepted = replies.iter().filter(|r| r.status == 202).count();
+    let refused = replies.iter().filter(|r| r.status == 400).count();
+    assert_eq!((accepted, refused), (1, 5), "{:?}", replies.iter().map(|r| &r.json).collect::<Vec<_>>());
+    stack.stop().await;
+}

@@ -13,6 +13,9 @@
 //! them in one step once the checksum matched, so a refused write leaves the blob as it was.
 //! Readers fetch one chunk at a time ([`BlobStore::read`]).
 //!
+//! An upload a submission copies into a request in another slot is claimed first
+//! (`claimed_by`, `claimed_until` in `B`: [`BlobStore::claim`]), so no other submission gets it.
+//!
 //! Keys: an upload is `P:upload:<id>`; a request's stream `<name>` is `P:req:<id>:s:<name>`
 //! (an upload a request uses is renamed there by the submission's own step). Uploads expire
 //! by Redis TTL (`PEXPIREAT` on all three keys, moved forward by every write); a request's
@@ -32,6 +35,7 @@ use crate::requests::QueueLayout;
 static APPEND: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("blobs_append"));
 static STAGE: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("blobs_stage"));
 static COMMIT: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("blobs_commit"));
+static CLAIM: LazyLock<Function> = LazyLock::new(|| LIBRARY.function("blobs_claim"));
 
 /// Largest chunk stored: big enough that a round trip per chunk is cheap, small enough that a
 /// reader or writer holds little.
@@ -102,6 +106,27 @@ impl BlobInfo {
     pub fn is_complete(&self) -> bool {
         self.length == Some(self.offset)
     }
+}
+
+/// Who claims an upload for a submission ([`BlobStore::claim`]; `upload_claimant` in
+/// requests/common.lua): its idempotency key when it has one, so a repeat racing its first
+/// submission shares the claim, else its request id.
+pub fn upload_claimant(request_id: &str, idempotency_key: Option<&str>) -> String {
+    match idempotency_key {
+        Some(key) if !key.is_empty() => format!("idem:{key}"),
+        _ => format!("req:{request_id}"),
+    }
+}
+
+/// What [`BlobStore::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The upload is the claimant's until it is used, released or the claim lapses.
+    Taken,
+    /// There is no such upload.
+    Missing,
+    /// Another submission holds it.
+    Held(String),
 }
 
 /// The blobs of one key prefix, laid out as its request queue is: on a Redis Cluster a blob's
@@ -231,6 +256,43 @@ impl BlobStore {
         }
         let () = self.conn.clone().hdel(format!("{base}:c"), staged).await?;
         Ok(())
+    }
+
+    /// Claims the upload at `base` for `claimant` ([`upload_claimant`]) for `hold_ms`: the one
+    /// submission that copies it into a request in another slot holds it meanwhile, and no
+    /// other submission copies it or takes it over (the submission's step refuses it).
+    pub async fn claim(&self, base: &str, claimant: &str, hold_ms: u64) -> Result<Claim, BlobError> {
+        let reply: Vec<String> = self.claim_call(base, claimant, hold_ms, "take").await?;
+        match reply.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            ["ok"] => Ok(Claim::Taken),
+            ["missing"] => Ok(Claim::Missing),
+            ["held", holder] => Ok(Claim::Held(holder.to_owned())),
+            _ => Err(BlobError::Protocol(format!("claim answered {reply:?}"))),
+        }
+    }
+
+    /// Gives up `claimant`'s claim on the upload at `base`, if it holds one.
+    pub async fn release(&self, base: &str, claimant: &str) -> Result<(), BlobError> {
+        let _: Vec<String> = self.claim_call(base, claimant, 0, "drop").await?;
+        Ok(())
+    }
+
+    async fn claim_call(
+        &self,
+        base: &str,
+        claimant: &str,
+        hold_ms: u64,
+        mode: &str,
+    ) -> Result<Vec<String>, BlobError> {
+        Ok(CLAIM
+            .prepare_invoke_with_keys(&[base])
+            .arg(&self.layout.prefix)
+            .arg(base)
+            .arg(claimant)
+            .arg(hold_ms)
+            .arg(mode)
+            .invoke_async(&mut self.conn.clone())
+            .await?)
     }
 
     /// Deletes the blob; true if there was one.

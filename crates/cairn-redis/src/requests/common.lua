@@ -124,6 +124,20 @@ local function retell(id, entry, state, now)
   DEFERRED_ACKS[#DEFERRED_ACKS + 1] = entry
 end
 
+-- Redis's own clock in ms (for claims, which every ingress replica must judge alike).
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Who claims an upload for a submission (blobs/claim.lua; `upload_claimant` in blobs.rs):
+-- its idempotency key when it has one, so a repeat racing its first submission shares the
+-- claim and is answered by it, else its request id.
+local function upload_claimant(id, idem)
+  if idem ~= '' then return 'idem:' .. idem end
+  return 'req:' .. id
+end
+
 -- Starts a call of a request function: `begin` (prefix, layout, per-call state), then stream
 -- (KEYS[1]), group and the partition's tag.
 local function begin_requests(args, keys)

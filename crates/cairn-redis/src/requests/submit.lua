@@ -8,6 +8,7 @@
 -- One atomic step: the record exists, its progress node holds the fields given (applied as the
 -- progress store applies any update), its streams are the request's (uploads renamed to
 -- P:req:<id>:s:<name>, no expiry) and the entry is in the stream, or none of these happened.
+-- An upload another submission has claimed (blobs/claim.lua) is as good as gone.
 -- An idempotent repeat or conflict writes nothing, and is answered before any upload is looked
 -- at: a repeat whose uploads were used by the first submission still finds that one.
 -- Returns {outcome, id, entry_id} (for a stream problem: {'stream_missing' | 'stream_incomplete',
@@ -25,11 +26,16 @@ end
 local progress_key, nf = ARGV[9], tonumber(ARGV[11])
 local s0 = 12 + 2 * nf
 local ns = tonumber(ARGV[s0])
+local claimant = upload_claimant(id, idem)
 for i = 0, ns - 1 do
   local name, source = ARGV[s0 + 1 + 2 * i], ARGV[s0 + 2 + 2 * i]
   if source ~= '' then
-    local m = redis.call('HMGET', source, 'offset', 'length')
+    local m = redis.call('HMGET', source, 'offset', 'length', 'claimed_by', 'claimed_until')
     if not m[1] then return answer({ 'stream_missing', name, '' }) end
+    -- another submission is copying it into its request (blobs/claim.lua): it is that one's
+    if m[3] and m[3] ~= claimant and (tonumber(m[4]) or 0) > redis_now_ms() then
+      return answer({ 'stream_missing', name, '' })
+    end
     if m[1] ~= m[2] then return answer({ 'stream_incomplete', name, m[1] .. '/' .. (m[2] or '?') }) end
   end
 end
