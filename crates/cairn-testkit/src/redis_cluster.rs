@@ -78,6 +78,15 @@ impl RedisCluster {
         self.nodes.iter().map(Node::url).collect()
     }
 
+    /// `CONFIG SET name value` on every master.
+    pub async fn config_set(&self, name: &str, value: &str) {
+        for node in &self.nodes {
+            node.query("CONFIG", &["SET", name, value])
+                .await
+                .unwrap_or_else(|e| panic!("CONFIG SET {name} {value} on {}: {e:#}", node.url()));
+        }
+    }
+
     /// How many keys each master holds (`DBSIZE`), in the order of [`urls`](Self::urls).
     pub async fn key_counts(&self) -> Vec<u64> {
         let mut counts = Vec::with_capacity(self.nodes.len());

@@ -2,17 +2,18 @@
 //! consumers each), XACK, XAUTOCLAIM and trim runs with tiny retention, checked after every step
 //! against a model of entries, deliveries and acknowledgements.
 //!
-//! Runs on a `redis-server` of its own with `stream-node-max-entries 3`, so approximate trimming
-//! (whole macro nodes) actually removes entries in streams this small.
+//! Runs on a `redis-server` of its own and on a Redis Cluster of three masters (the stream in
+//! one slot, `safe_trim` called as on a cluster), both with `stream-node-max-entries 3`, so
+//! approximate trimming (whole macro nodes) actually removes entries in streams this small.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cairn_redis::streams::{Streams, TrimPolicy};
-use cairn_testkit::{RedisNamespace, RedisServer};
+use cairn_redis::{RedisConfig, RedisConnection};
+use cairn_testkit::{RedisCluster, RedisNamespace, RedisServer, unique_name};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply};
 
 const GROUPS: [&str; 2] = ["g0", "g1"];
@@ -65,7 +66,7 @@ impl Model {
 }
 
 struct Case {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     streams: Streams,
     key: String,
     model: Model,
@@ -218,10 +219,33 @@ impl Case {
     }
 }
 
+/// Where the cases run: a redis-server, or a cluster, of their own.
+enum Backend {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    /// A connection and a fresh prefix for one case; the prefix's keys on one Redis are deleted
+    /// with the namespace (the cluster goes with the test).
+    async fn case(&self) -> (RedisConnection, String, Option<RedisNamespace>) {
+        match self {
+            Backend::Single(server) => {
+                let ns = RedisNamespace::with_url(server.url());
+                (RedisConnection::from(ns.connection().await), ns.prefix.clone(), Some(ns))
+            }
+            Backend::Cluster(cluster) => {
+                let config = RedisConfig::cluster(cluster.url(), unique_name("m"));
+                let prefix = config.prefix.clone();
+                (config.connection().expect("cluster settings"), prefix, None)
+            }
+        }
+    }
+}
+
 #[test]
-fn trimming_only_ever_removes_entries_every_group_received_and_acked() {
-    let setup = tokio::runtime::Runtime::new().unwrap();
-    let server = setup.block_on(async {
+fn trimming_only_ever_removes_entries_every_group_received_and_acked_on_one_redis() {
+    check_model(|| async {
         let server = RedisServer::new().await;
         let ns = RedisNamespace::with_url(server.url());
         let _: () = redis::cmd("CONFIG")
@@ -231,15 +255,32 @@ fn trimming_only_ever_removes_entries_every_group_received_and_acked() {
             .query_async(&mut ns.connection().await)
             .await
             .unwrap();
-        server
+        Backend::Single(server)
     });
+}
+
+#[test]
+fn trimming_only_ever_removes_entries_every_group_received_and_acked_on_a_redis_cluster() {
+    check_model(|| async {
+        let cluster = RedisCluster::new().await;
+        cluster.config_set("stream-node-max-entries", "3").await;
+        Backend::Cluster(cluster)
+    });
+}
+
+fn check_model<F, Fut>(start: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Backend>,
+{
+    let setup = tokio::runtime::Runtime::new().unwrap();
+    let backend = setup.block_on(start());
     let mut runner = TestRunner::new(ProptestConfig { cases: 32, ..ProptestConfig::default() });
     let result = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let ns = RedisNamespace::with_url(server.url());
-            let mut conn = ns.connection().await;
-            let key = ns.key("stream");
+            let (mut conn, prefix, _namespace) = backend.case().await;
+            let key = format!("{prefix}:stream");
             for group in GROUPS {
                 let _: () = redis::cmd("XGROUP")
                     .arg("CREATE")
@@ -251,7 +292,7 @@ fn trimming_only_ever_removes_entries_every_group_received_and_acked() {
                     .await
                     .unwrap();
             }
-            let streams = Streams::new(conn.clone(), ns.prefix.clone());
+            let streams = Streams::new(conn.clone(), prefix);
             let mut case = Case { conn, streams, key, model: Model::default() };
             for op in &ops {
                 case.apply(op).await?;
@@ -263,7 +304,7 @@ fn trimming_only_ever_removes_entries_every_group_received_and_acked() {
             Ok(())
         })
     });
-    drop(server);
+    drop(backend);
     setup.shutdown_timeout(Duration::from_secs(1));
     if let Err(error) = result {
         panic!("{error}");
