@@ -179,11 +179,31 @@ pub async fn trim_once(deps: &Deps, now_ms: i64) -> Result<TrimReport, StreamErr
         }
     }
     let mut report = TrimReport::idle(lease);
+    check_partitions(deps, &mut report).await;
     trim_streams(deps, now_ms, &mut report).await;
     purge_requests(deps, now_ms, &mut report).await;
     purge_progress(deps, now_ms, &mut report).await;
     metrics::gauge!("cairn_trimmer_last_run_timestamp_seconds").set(now_ms as f64 / 1000.0);
     Ok(report)
+}
+
+/// Reports a `CAIRN_REQUEST_PARTITIONS` other than the count the request queue records: the
+/// run goes on (trimming what it knows beats trimming nothing), but the finished requests of
+/// partitions it does not know are not purged and their streams get the default policy.
+async fn check_partitions(deps: &Deps, report: &mut TrimReport) {
+    let configured = deps.purger.layout().partitions;
+    match deps.purger.recorded_partitions().await {
+        Ok(Some(recorded)) if recorded != configured => {
+            let problem = format!(
+                "CAIRN_REQUEST_PARTITIONS={configured}, but the request queue records {recorded} partitions: \
+                 set it to {recorded} (finished requests of partitions this trimmer does not know are not purged)"
+            );
+            warn!(configured, recorded, "{problem}");
+            report.errors.push(problem);
+        }
+        Ok(_) => {}
+        Err(error) => debug!(%error, "cannot read the request queue's partition count"),
+    }
 }
 
 /// Trims the registered streams and the request queue's own: those are known from its layout,

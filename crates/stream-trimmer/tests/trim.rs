@@ -24,6 +24,7 @@ on_redis_and_cluster!(
     idle_consumers_without_entries_are_removed_and_owners_never,
     metrics_and_admin_port_report_the_streams,
     a_lease_not_renewed_passes_to_another_replica,
+    a_partition_count_other_than_the_queues_is_reported,
 );
 
 /// A stream id as the pair of numbers it orders by (`"1-10"` comes after `"1-9"`, unlike text).
@@ -310,4 +311,24 @@ async fn a_lease_not_renewed_passes_to_another_replica(t: &Target) {
     .await
     .unwrap();
     assert!(!trim_once(&a.deps(), now_ms()).await.unwrap().acted());
+}
+
+async fn a_partition_count_other_than_the_queues_is_reported(t: &Target) {
+    let app = t.trimmer(&[]).await;
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    assert!(report.errors.is_empty(), "nothing recorded, nothing to say: {report:?}");
+    let key = cairn_redis::keys::requests::partitions(&t.prefix, "requests");
+    let mut conn = t.connection();
+    let _: () = redis::cmd("SET").arg(&key).arg(t.partitions).query_async(&mut conn).await.unwrap();
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    assert!(report.errors.is_empty(), "the queue's own count: {report:?}");
+    let other = t.partitions + 2;
+    let _: () = redis::cmd("SET").arg(&key).arg(other).query_async(&mut conn).await.unwrap();
+    let report = trim_once(&app.deps(), now_ms()).await.unwrap();
+    let expected = format!(
+        "CAIRN_REQUEST_PARTITIONS={}, but the request queue records {other} partitions",
+        t.partitions
+    );
+    assert!(report.errors.iter().any(|e| e.contains(&expected)), "{:?}", report.errors);
+    assert!(report.acted(), "the run goes on: {report:?}");
 }

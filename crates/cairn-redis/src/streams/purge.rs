@@ -55,6 +55,14 @@ impl Purger {
         &self.layout
     }
 
+    /// The partition count the request queue records (`RequestQueues::check_partitions`), if
+    /// any; a value that is no count is `None`.
+    pub async fn recorded_partitions(&self) -> Result<Option<u16>, redis::RedisError> {
+        let key = keys::requests::partitions(&self.layout.prefix, &self.layout.stream);
+        let recorded: Option<String> = redis::cmd("GET").arg(key).query_async(&mut self.conn.clone()).await?;
+        Ok(recorded.and_then(|text| text.parse().ok()))
+    }
+
     /// The partitions with a finished index of their own, which [`Self::purge_requests`] takes:
     /// every partition on a cluster; on one Redis the first, whose index the others share.
     pub fn partitions(&self) -> Vec<QueueNames> {
