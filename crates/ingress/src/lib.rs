@@ -420,7 +420,7 @@ async fn prepare_queue(
 ) {
     let mut retries = Retries::doubling(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        let prepared = tokio::time::timeout(Duration::from_secs(5), requests.queues().prepare()).await;
+        let prepared = tokio::time::timeout(requests::REDIS_TIMEOUT, requests.queues().prepare()).await;
         let delay = match prepared {
             Ok(Ok(())) => return,
             Ok(Err(error @ QueueError::PartitionsChanged { .. })) => {

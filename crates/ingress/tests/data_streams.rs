@@ -245,6 +245,18 @@ async fn upload_gone(stack: &Stack, id: &str) -> bool {
     head.status() == 404
 }
 
+/// Idempotency keys `{prefix}-{n}` that fall in another partition than upload `upload`, so a
+/// request they place must copy it.
+fn keys_outside<'a>(
+    layout: &'a cairn_redis::requests::QueueLayout,
+    upload: &'a str,
+    prefix: &'a str,
+) -> impl Iterator<Item = String> + 'a {
+    (0..)
+        .map(move |n| format!("{prefix}-{n}"))
+        .filter(move |key| layout.partition_of(key) != layout.partition_of(upload))
+}
+
 /// On a Redis Cluster (three partitions, one slot each) an upload becomes a data stream whatever
 /// its partition: a request with no idempotency key is put in its first upload's partition and
 /// takes that upload over in its submission's step; an upload of another partition (a second
@@ -291,10 +303,7 @@ async fn uploads_of_any_partition_become_streams_on_a_cluster() {
     // the request.
     let data = test_bytes(50_000, 31);
     let upload_id = upload(&stack, &data).await;
-    let idempotency_key = (0..)
-        .map(|n| format!("up-{n}"))
-        .find(|key| layout.partition_of(key) != layout.partition_of(&upload_id))
-        .unwrap();
+    let idempotency_key = keys_outside(layout, &upload_id, "up").next().unwrap();
     let keyed = json!({"handler": "sha", "streams": {"data": upload_id}, "idempotency_key": idempotency_key});
     let accepted = stack.submit(&keyed, None).await;
     assert_eq!(accepted.status, 202, "{}", accepted.json);
@@ -330,10 +339,7 @@ async fn an_upload_being_copied_is_nobody_elses_on_a_cluster() {
     let blobs = cairn_redis::BlobStore::new(stack.connection(), layout);
     let data = test_bytes(400_000, 51);
     let claimed = upload(&stack, &data).await;
-    let key_elsewhere = (0..)
-        .map(|n| format!("claim-{n}"))
-        .find(|key| layout.partition_of(key) != layout.partition_of(&claimed))
-        .unwrap();
+    let key_elsewhere = keys_outside(layout, &claimed, "claim").next().unwrap();
 
     // Another submission is copying it: a copy (a key in another partition) and a takeover (no
     // key: the request goes to the upload's partition) are both refused, naming the upload.
@@ -368,16 +374,10 @@ async fn an_upload_being_copied_is_nobody_elses_on_a_cluster() {
     // Racing submissions that each copy one shared upload: exactly one gets it.
     let shared_data = test_bytes(900_000, 52);
     let shared = upload(&stack, &shared_data).await;
-    let mut submissions = Vec::new();
-    for n in 0.. {
-        if submissions.len() == 6 {
-            break;
-        }
-        let key = format!("race-{n}");
-        if layout.partition_of(&key) != layout.partition_of(&shared) {
-            submissions.push(json!({"handler": "sha", "streams": {"data": shared}, "idempotency_key": key}));
-        }
-    }
+    let submissions: Vec<Value> = keys_outside(layout, &shared, "race")
+        .take(6)
+        .map(|key| json!({"handler": "sha", "streams": {"data": shared}, "idempotency_key": key}))
+        .collect();
     let replies = futures::future::join_all(submissions.iter().map(|s| stack.submit(s, None))).await;
     let accepted = replies.iter().filter(|r| r.status == 202).count();
     let refused = replies.iter().filter(|r| r.status == 400).count();

@@ -2,8 +2,8 @@
 -- slot (a Redis Cluster, another partition), so no other submission copies or takes it
 -- meanwhile (submit.lua honours the claim too). The claim lapses after `hold` ms (Redis's
 -- clock), so a submission that died holding it blocks nobody for long; the upload is deleted
--- once its request is stored. ARGV: prefix, base key, claimant (`upload_claimant` in keys.rs),
--- hold ms, mode: 'take' or 'drop'.
+-- once its request is stored. ARGV: prefix, base key, claimant (`upload_claimant` in
+-- blobs/mod.rs and requests/common.lua), hold ms, mode: 'take' or 'drop'.
 -- take: {'ok'} (unclaimed, already this claimant's, or the claim lapsed: now this claimant's),
 --       {'missing'}, or {'held', holder}. drop: removes the claim if it is this claimant's; {'ok'}.
 local base, claimant, hold, mode = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]

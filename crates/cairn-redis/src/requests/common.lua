@@ -130,7 +130,7 @@ local function redis_now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Who claims an upload for a submission (blobs/claim.lua; `upload_claimant` in blobs.rs):
+-- Who claims an upload for a submission (blobs/claim.lua; `upload_claimant` in blobs/mod.rs):
 -- its idempotency key when it has one, so a repeat racing its first submission shares the
 -- claim and is answered by it, else its request id.
 local function upload_claimant(id, idem)

@@ -851,15 +851,21 @@ impl RequestQueue {
     /// or when the stream or the group does not exist (Redis lost its data, or the stream was
     /// never made).
     pub async fn lag(&self) -> Result<Option<u64>, QueueError> {
-        Ok(self.group_info().await?.and_then(|info| info.group).and_then(|group| group.lag))
+        match self.group_info().await? {
+            GroupState::Group(group) => Ok(group.lag),
+            GroupState::NoStream | GroupState::NoGroup => Ok(None),
+        }
     }
 
     /// How many requests of this partition are not done yet: pending for the group (running,
     /// or waiting for a retry) plus not yet delivered. Where Redis cannot tell the lag (entries
     /// deleted behind the group's position), any entry after the last delivered one counts as 1.
     pub async fn unfinished(&self) -> Result<u64, QueueError> {
-        let Some(info) = self.group_info().await? else { return Ok(0) };
-        let Some(group) = info.group else { return Ok(info.length) };
+        let group = match self.group_info().await? {
+            GroupState::NoStream => return Ok(0),
+            GroupState::NoGroup => return Ok(self.conn.clone().xlen(&self.names.stream).await?),
+            GroupState::Group(group) => group,
+        };
         let undelivered = match group.lag {
             Some(lag) => lag,
             None => {
@@ -877,27 +883,22 @@ impl RequestQueue {
         Ok(group.pending + undelivered)
     }
 
-    /// The stream's length and this queue's group (`XINFO GROUPS`); `None` when the stream
-    /// does not exist.
-    async fn group_info(&self) -> Result<Option<StreamInfo>, QueueError> {
+    /// This queue's group as `XINFO GROUPS` shows it.
+    async fn group_info(&self) -> Result<GroupState, QueueError> {
         // One transaction, so "no stream" is read from EXISTS, never from XINFO's error text.
-        let (exists, length, groups): (RedisResult<bool>, RedisResult<u64>, RedisResult<Value>) =
-            redis::pipe()
-                .atomic()
-                .ignore_errors()
-                .exists(&self.names.stream)
-                .cmd("XLEN")
-                .arg(&self.names.stream)
-                .cmd("XINFO")
-                .arg("GROUPS")
-                .arg(&self.names.stream)
-                .query_async(&mut self.conn.clone())
-                .await?;
+        let (exists, groups): (RedisResult<bool>, RedisResult<Value>) = redis::pipe()
+            .atomic()
+            .ignore_errors()
+            .exists(&self.names.stream)
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.names.stream)
+            .query_async(&mut self.conn.clone())
+            .await?;
         if !exists? {
-            return Ok(None);
+            return Ok(GroupState::NoStream);
         }
-        let mut info = StreamInfo { length: length?, group: None };
-        let Value::Array(groups) = groups? else { return Ok(Some(info)) };
+        let Value::Array(groups) = groups? else { return Ok(GroupState::NoGroup) };
         for group in groups {
             let fields = match group {
                 Value::Array(items) => items,
@@ -920,19 +921,18 @@ impl RequestQueue {
                 }
             }
             if name.as_deref() == Some(self.names.group.as_str()) {
-                info.group = Some(found);
-                break;
+                return Ok(GroupState::Group(found));
             }
         }
-        Ok(Some(info))
+        Ok(GroupState::NoGroup)
     }
 }
 
-/// A request stream as `XLEN` and `XINFO GROUPS` show it.
-struct StreamInfo {
-    length: u64,
-    /// The queue's group, if it exists.
-    group: Option<GroupInfo>,
+/// A partition's stream and group, as [`RequestQueue::group_info`] finds them.
+enum GroupState {
+    NoStream,
+    NoGroup,
+    Group(GroupInfo),
 }
 
 struct GroupInfo {
